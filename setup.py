@@ -1,0 +1,12 @@
+"""Builds the one native piece: the kernel-ABI shim (see workbench/runtime/_shim.c)."""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "workbench.runtime._shim",
+            sources=["workbench/runtime/_shim.c"],
+            extra_compile_args=["-O2"],
+        )
+    ]
+)

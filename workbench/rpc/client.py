@@ -1,0 +1,570 @@
+"""Client sessions: ``connect``, ``RPCSession``, ``LocalSession``, ``PopenSession``.
+
+    >>> from workbench import rpc, runtime
+    >>> remote = rpc.connect("127.0.0.1", 9091)           # doctest: +SKIP
+    >>> remote.upload("add_one.so")                        # doctest: +SKIP
+    >>> mod = remote.load_module("add_one.so")             # doctest: +SKIP
+    >>> dev = remote.cpu()                                  # doctest: +SKIP
+    >>> a = runtime.tensor(np.arange(4, dtype="float32"), dev)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+from ..errors import (
+    BadRequestError,
+    ConnectionClosedError,
+    DeviceNotFoundError,
+    ProtocolError,
+    RPCError,
+    SessionCrashedError,
+    SessionTimeoutError,
+    code_of,
+    error_from_code,
+)
+from ..runtime.devices import Device, device_name, device_type_code
+from .protocol import (
+    FLAG_NO_REPLY,
+    MAGIC,
+    PREAMBLE,
+    VERSION,
+    Channel,
+    Handle,
+    Kind,
+    PipeChannel,
+    SocketChannel,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger("workbench.rpc.client")
+
+TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+Receiver = Callable[[int, Any], memoryview]
+
+
+class RemoteFunction:
+    """A function living in a session; call it with remote tensors, numbers and strings."""
+
+    def __init__(self, session: "RPCSession", handle: Handle, name: str):
+        self.session = session
+        self._wb_handle = handle
+        self.name = name
+        session._track(self, handle)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.session._request(Kind.CALL, [self._wb_handle, list(args)])
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self.name} on {self.session.address}>"
+
+
+class RemoteModule:
+    """A module loaded in a session: ``mod["name"]`` or ``mod.get_function(name)``."""
+
+    def __init__(self, session: "RPCSession", handle: Handle, names: list[str], entry_name: str | None, path: str):
+        self.session = session
+        self._wb_handle = handle
+        self.function_names = list(names)
+        self.entry_name = entry_name
+        self.path = path
+        self._functions: dict[str, RemoteFunction] = {}
+        session._track(self, handle)
+
+    def get_function(self, name: str) -> RemoteFunction:
+        fn = self._functions.get(name)
+        if fn is None:
+            handle = self.session._request(Kind.MODULE_FUNCTION, [self._wb_handle, name])
+            fn = self._functions[name] = RemoteFunction(self.session, handle, name)
+        return fn
+
+    __getitem__ = get_function
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.entry_name:
+            raise BadRequestError(
+                f"{self.path} has no entry function; call one by name: mod[name](...) with name in {self.function_names}"
+            )
+        return self.get_function(self.entry_name)(*args)
+
+    def time_evaluator(
+        self,
+        func_name: str,
+        dev: Device,
+        number: int = 10,
+        repeat: int = 1,
+        min_repeat_ms: float = 0,
+        limit_zero_time_iterations: int = 100,
+        cooldown_interval_ms: float = 0,
+        repeats_to_cooldown: int = 1,
+        f_preproc: str = "",
+    ) -> Callable[..., Any]:
+        """A function that times ``func_name`` on the device (no network inside the timing).
+
+            >>> timer = mod.time_evaluator("add_one", dev, number=10, repeat=3)  # doctest: +SKIP
+            >>> timer(a, b).mean                                                  # doctest: +SKIP
+        """
+        if func_name is None:
+            raise BadRequestError(f"{self.path} has no entry function; name one of {self.function_names}")
+        return self.session._time_evaluator(
+            self.get_function(func_name), dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+            limit_zero_time_iterations=limit_zero_time_iterations, cooldown_interval_ms=cooldown_interval_ms,
+            repeats_to_cooldown=repeats_to_cooldown, f_preproc=f_preproc,
+        )
+
+    def __repr__(self) -> str:
+        return f"<RemoteModule {self.path} functions={self.function_names} on {self.session.address}>"
+
+
+class RPCSession:
+    """A client session. Do not build it directly: use ``rpc.connect`` (or LocalSession, PopenSession).
+
+    One request is in flight at a time (calls from several threads are
+    serialised). Remote objects are freed when their local objects are
+    collected, and all of them when the session closes.
+    """
+
+    is_remote = True
+
+    def __init__(self, chan: Channel, info: dict[str, Any], address: str, enable_logging: bool = False):
+        self._chan = chan
+        self.info = info
+        self.address = address
+        self._lock = threading.RLock()
+        self._pending_free: list[Handle] = []
+        self._ended: RPCError | None = None
+        self._log = enable_logging
+        self._finalizer = weakref.finalize(self, chan.close)
+
+    # -- plumbing ----------------------------------------------------------------
+    def _track(self, obj: Any, handle: Handle) -> None:
+        weakref.finalize(obj, self._pending_free.append, handle)
+
+    def _ensure_open(self) -> None:
+        if self._ended is not None:
+            raise type(self._ended)(f"this session has ended: {self._ended}", code=self._ended.code)
+
+    def _request(
+        self,
+        kind: int,
+        args: list,
+        *,
+        bulk: bytes | bytearray | memoryview | None = None,
+        file: tuple[Any, int] | None = None,
+        recv: Receiver | None = None,
+    ) -> Any:
+        with self._lock:
+            self._ensure_open()
+            start = time.perf_counter() if self._log else 0.0
+            try:
+                if self._pending_free:
+                    frees, self._pending_free[:] = list(self._pending_free), []
+                    self._chan.send_frame(Kind.FREE, frees, flags=FLAG_NO_REPLY)
+                self._chan.send_frame(kind, args, bulk, file=file)
+                frame = self._chan.recv_frame()
+                if frame.kind == Kind.ERROR:
+                    if frame.bulk_len:
+                        self._chan.discard_bulk(frame.bulk_len)
+                    raise self._error(frame.ctrl)
+                if frame.bulk_len:
+                    if recv is None:
+                        self._chan.discard_bulk(frame.bulk_len)
+                        raise ProtocolError(f"unexpected {frame.bulk_len} bulk bytes in the reply to {Kind(kind).name}")
+                    self._chan.recv_bulk_into(recv(frame.bulk_len, frame.ctrl))
+                elif recv is not None:
+                    recv(0, frame.ctrl)
+            except (ConnectionClosedError, OSError) as exc:
+                self._end(self._lost(exc))
+                raise self._ended from None
+            except (SessionCrashedError, SessionTimeoutError, ProtocolError) as exc:
+                self._end(exc)
+                raise
+            if self._log:
+                log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
+            return frame.ctrl
+
+    def _error(self, ctrl: Any) -> RPCError:
+        if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[1], str):
+            return error_from_code(ctrl[0], ctrl[1])
+        return ProtocolError(f"malformed error reply: {ctrl!r}")
+
+    def _lost(self, exc: BaseException) -> RPCError:
+        if isinstance(exc, socket.timeout):
+            return SessionTimeoutError(f"no answer from {self.address}: {exc}")
+        return ConnectionClosedError(f"the connection to {self.address} was lost: {exc}")
+
+    def _end(self, exc: RPCError) -> None:
+        self._ended = exc
+        self._finalizer()
+
+    # -- lifetime ----------------------------------------------------------------
+    def close(self) -> None:
+        """End the session; the server frees everything it held and removes its workspace."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = ConnectionClosedError("the session was closed by close()")
+            self._finalizer()
+
+    def __enter__(self) -> "RPCSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._ended is None else "closed"
+        return f"<{type(self).__name__} {self.address} ({self.info.get('arch', '?')}) {state}>"
+
+    # -- files -----------------------------------------------------------------
+    def upload(self, data: str | os.PathLike | bytes | bytearray | memoryview, target: str | None = None) -> None:
+        """Upload a local file (path) or bytes into the session workspace as ``target``."""
+        if isinstance(data, (str, os.PathLike)):
+            path = os.fspath(data)
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._request(Kind.UPLOAD, [target or os.path.basename(path)], file=(f, size))
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            if not target:
+                raise ValueError("upload(bytes) needs target=, the remote file name (e.g. target='lib.so')")
+            self._request(Kind.UPLOAD, [target], bulk=data)
+        else:
+            raise TypeError(f"upload takes a file path or bytes, not {type(data).__name__}")
+
+    def _recv_bytes(self, kind: int, path: str) -> bytearray:
+        box: list[bytearray] = []
+
+        def receive(size: int, _value: Any) -> memoryview:
+            box.append(bytearray(size))
+            return memoryview(box[0])
+
+        self._request(kind, [path], recv=receive)
+        return box[0]
+
+    def download(self, path: str) -> bytearray:
+        """The contents of a file in the session workspace."""
+        return self._recv_bytes(Kind.DOWNLOAD, path)
+
+    def remove(self, path: str) -> None:
+        """Remove a file (or directory) from the session workspace."""
+        self._request(Kind.REMOVE, [path])
+
+    def listdir(self, path: str = ".") -> list[str]:
+        """Names in a workspace directory, sorted."""
+        return self._request(Kind.LISTDIR, [path])
+
+    # -- modules and functions -----------------------------------------------------
+    def load_module(self, path: str) -> RemoteModule:
+        """Load an uploaded ``.so``, or a ``.tar`` of objects (linked on the device)."""
+        handle, names, entry = self._request(Kind.LOAD_MODULE, [path])
+        return RemoteModule(self, handle, names, entry, path)
+
+    def download_linked_module(self, path: str) -> bytearray:
+        """Link an uploaded ``.tar`` of objects on the device and download the shared object."""
+        return self._recv_bytes(Kind.LINK_MODULE, path)
+
+    def get_function(self, name: str) -> RemoteFunction:
+        """A function registered on the server (``rpc.register_func``)."""
+        return RemoteFunction(self, self._request(Kind.GET_FUNCTION, [name]), name)
+
+    def system_lib(self) -> RemoteModule:
+        """The module of kernels linked into the server (its --load-library files)."""
+        handle, names, entry = self._request(Kind.SYSTEM_LIB, [])
+        return RemoteModule(self, handle, names, entry, "<system lib>")
+
+    def _time_evaluator(self, fn: RemoteFunction, dev: Device, **options: Any) -> Callable[..., Any]:
+        from ..results import BenchmarkResult
+
+        self._check_device(dev)
+        where = [dev.device_type, dev.device_id]
+
+        def evaluator(*args: Any) -> BenchmarkResult:
+            results = self._request(Kind.TIME_EVAL, [fn._wb_handle, where, dict(options), list(args)])
+            return BenchmarkResult(results, name=fn.name, device=repr(dev), config=options)
+
+        return evaluator
+
+    # -- devices -----------------------------------------------------------------
+    @property
+    def devices(self) -> list[Device]:
+        return [Device(t, i, self) for t, i in self.info.get("devices", [])]
+
+    def _check_device(self, dev: Device) -> None:
+        if dev.session is not self:
+            raise DeviceNotFoundError(f"{dev!r} belongs to another session; use a device of {self.address}")
+
+    def device(self, dev_type: int | str, dev_id: int = 0) -> Device:
+        """A device of this session; a clear error if the server does not have it."""
+        code = device_type_code(dev_type)
+        have = [tuple(d) for d in self.info.get("devices", [])]
+        if (code, dev_id) not in have:
+            raise DeviceNotFoundError(
+                f"{self.address} has no {device_name(code, dev_id)}; it has: "
+                + (", ".join(device_name(*d) for d in have) or "no devices")
+            )
+        return Device(code, dev_id, self)
+
+    def cpu(self, dev_id: int = 0) -> Device:
+        return self.device("cpu", dev_id)
+
+    def cuda(self, dev_id: int = 0) -> Device:
+        return self.device("cuda", dev_id)
+
+    def cl(self, dev_id: int = 0) -> Device:
+        return self.device("cl", dev_id)
+
+    def vulkan(self, dev_id: int = 0) -> Device:
+        return self.device("vulkan", dev_id)
+
+    def metal(self, dev_id: int = 0) -> Device:
+        return self.device("metal", dev_id)
+
+    def rocm(self, dev_id: int = 0) -> Device:
+        return self.device("rocm", dev_id)
+
+    def ext_dev(self, dev_id: int = 0) -> Device:
+        return self.device("ext_dev", dev_id)
+
+    def hexagon(self, dev_id: int = 0) -> Device:
+        return self.device("hexagon", dev_id)
+
+    def webgpu(self, dev_id: int = 0) -> Device:
+        return self.device("webgpu", dev_id)
+
+
+# -- handshake and constructors ------------------------------------------------------
+def client_handshake(
+    chan: Channel,
+    address: str,
+    *,
+    key: str = "",
+    session_timeout: float = 0,
+    token: str | None = None,
+    constructor_args: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Run the client side of the handshake on ``chan``; return the server's session info."""
+    from .worker import auth_proof
+
+    if session_timeout is None or session_timeout < 0:
+        raise ValueError(f"session_timeout must be >= 0 seconds (0: no limit), not {session_timeout!r}")
+    try:
+        chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
+        magic, version, _ = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
+        if magic != MAGIC:
+            raise ProtocolError(
+                f"{address} is not an rpc-workbench server (it answered {magic!r}); "
+                "check the port (a tracker or a TVM server listens elsewhere?)"
+            )
+        frame = chan.recv_frame()
+        if frame.kind == Kind.ERROR:
+            raise error_from_code(*frame.ctrl[:2])
+        hello = frame.ctrl
+        if frame.kind != Kind.HELLO or not isinstance(hello, dict):
+            raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
+        proof = auth_proof(token, hello["nonce"]) if token and hello.get("auth") else None
+        ctor = list(constructor_args) if constructor_args else None
+        chan.send_frame(Kind.CONNECT, {"key": key or "", "timeout": float(session_timeout), "proof": proof, "ctor": ctor})
+        frame = chan.recv_frame()
+        if frame.kind == Kind.ERROR:
+            raise error_from_code(*frame.ctrl[:2])
+        return frame.ctrl
+    except ConnectionClosedError:
+        raise ConnectionClosedError(
+            f"{address} closed the connection during the handshake: is it an rpc-workbench server "
+            "(TVM servers and trackers are not)?"
+        ) from None
+
+
+def connect(
+    url: str,
+    port: int,
+    key: str = "",
+    session_timeout: float = 0,
+    session_constructor_args: Sequence[Any] | None = None,
+    enable_logging: bool = False,
+    *,
+    auth_token: str | None = None,
+    connect_timeout: float = 10.0,
+) -> RPCSession:
+    """Connect to an RPC server.
+
+    ``session_timeout`` (seconds, 0 = none) is enforced by the server: when it
+    expires the session ends and the pending call raises SessionTimeoutError.
+    ``auth_token`` defaults to ``$WORKBENCH_RPC_TOKEN``.
+
+        >>> remote = rpc.connect("127.0.0.1", 9091, session_timeout=60)  # doctest: +SKIP
+    """
+    address = f"{url}:{port}"
+    try:
+        sock = socket.create_connection((url, port), timeout=connect_timeout)
+    except OSError as exc:
+        raise ConnectionRefusedError(
+            f"cannot connect to an RPC server at {address}: {exc.strerror or exc}; is the server running there?"
+        ) from None
+    chan = SocketChannel(sock)
+    try:
+        info = client_handshake(
+            chan, address, key=key, session_timeout=session_timeout,
+            token=auth_token if auth_token is not None else os.environ.get(TOKEN_ENV),
+            constructor_args=session_constructor_args,
+        )
+    except BaseException:
+        chan.close()
+        raise
+    sock.settimeout(None)
+    return RPCSession(chan, info, address, enable_logging)
+
+
+class LocalSession(RPCSession):
+    """The session API served in this process (no network, no worker process).
+
+        >>> remote = rpc.LocalSession()
+        >>> remote.listdir(".")
+        []
+    """
+
+    is_remote = False
+
+    def __init__(self) -> None:
+        from .handler import SessionHandler, device_info
+
+        self._handler = SessionHandler()
+        super().__init__(_NoChannel(), dict(device_info(), key=""), "local")
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, self._handler.close)
+
+    def _request(self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None) -> Any:
+        from .handler import Bulk
+        from .worker import _error_text
+
+        with self._lock:
+            self._ensure_open()
+            frees, self._pending_free[:] = list(self._pending_free), []
+            if frees:
+                self._handler.handle(Kind.FREE, frees, None)
+            incoming = None
+            if bulk is not None:
+                src = memoryview(bulk).cast("B")
+                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None)
+            elif file is not None:
+                f, size = file
+                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None)
+            try:
+                reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+            except RPCError:
+                raise
+            except Exception as exc:
+                raise error_from_code(code_of(exc), _error_text(exc)) from exc
+            value = unpack(pack(reply.value))
+            try:
+                if reply.bulk is not None or reply.file is not None:
+                    if reply.file is not None:
+                        dest = recv(reply.file[1], value)
+                        _read_fully(reply.file[0], dest)
+                    else:
+                        recv(len(reply.bulk), value)[:] = reply.bulk
+                elif recv is not None:
+                    recv(0, value)
+            finally:
+                if reply.file is not None:
+                    reply.file[0].close()
+            return value
+
+
+def _read_fully(f: Any, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise ProtocolError("the file shrank while it was being read")
+        got += n
+
+
+class _NoChannel(Channel):
+    def close(self) -> None:
+        pass
+
+
+def popen_server_command() -> list[str]:
+    """The command of the Python stdio server, a binary for PopenSession."""
+    return [sys.executable, "-m", "workbench.rpc.worker", "--stdio"]
+
+
+class PopenSession(RPCSession):
+    """A session served by a child process over its stdin/stdout.
+
+    ``binary`` is a path to a server executable, a command list, or the bytes of
+    an executable (written to a temporary file first).
+
+        >>> remote = rpc.PopenSession(rpc.popen_server_command())
+        >>> remote.info["arch"] == os.uname().machine
+        True
+        >>> remote.close()
+    """
+
+    def __init__(self, binary: str | os.PathLike | Sequence[str] | bytes | bytearray, *, key: str = "", session_timeout: float = 0):
+        self._tempfile = None
+        if isinstance(binary, (bytes, bytearray)):
+            fd, path = tempfile.mkstemp(prefix="wb-popen-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(binary)
+            os.chmod(path, stat.S_IRWXU)
+            self._tempfile = path
+            cmd = [path]
+        elif isinstance(binary, (str, os.PathLike)):
+            cmd = [os.fspath(binary)]
+        else:
+            cmd = [os.fspath(part) for part in binary]
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            self._remove_tempfile()
+            raise OSError(f"cannot start the server binary {cmd[0]!r}: {exc.strerror or exc}") from None
+        chan = PipeChannel(self._proc.stdout.fileno(), self._proc.stdin.fileno())
+        address = f"popen:{os.path.basename(cmd[0])}[{self._proc.pid}]"
+        try:
+            info = client_handshake(chan, address, key=key, session_timeout=session_timeout, token=os.environ.get(TOKEN_ENV))
+        except BaseException:
+            self._shutdown(self._proc, self._tempfile)
+            raise
+        super().__init__(chan, info, address)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, PopenSession._shutdown, self._proc, self._tempfile)
+
+    def _lost(self, exc: BaseException) -> RPCError:
+        from .serve import death_notice
+
+        try:
+            code = self._proc.wait(2)
+        except subprocess.TimeoutExpired:
+            return super()._lost(exc)
+        notice = death_notice(code)
+        return SessionCrashedError(notice) if notice else super()._lost(exc)
+
+    def _remove_tempfile(self) -> None:
+        if self._tempfile:
+            os.unlink(self._tempfile)
+
+    @staticmethod
+    def _shutdown(proc: subprocess.Popen, tempfile_path: str | None) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if tempfile_path and os.path.exists(tempfile_path):
+            os.unlink(tempfile_path)

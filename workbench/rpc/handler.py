@@ -1,0 +1,281 @@
+"""The serving side of a session: one handler object per client session.
+
+It owns the session's workspace, tensors and loaded modules, and answers the
+protocol's requests. The same class serves a forked server worker, a stdio
+server (PopenSession) and an in-process LocalSession.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import Any, BinaryIO, Callable
+
+from ..errors import BadRequestError, DeviceNotFoundError
+from ..runtime import registry
+from ..runtime.devices import DEVICE_NAMES, device_name
+from ..runtime.ffi import NativeFunction, NativeLibrary
+from ..runtime.modules import link_tar, load_module
+from ..runtime.storage import DeviceTensor
+from ..runtime.timer import python_runner, time_repeats
+from ..runtime.workspace import Workspace
+from .protocol import Ext, Handle, Kind
+
+log = logging.getLogger(__name__)
+
+CPU = 1
+DEVICES: tuple[tuple[int, int], ...] = ((CPU, 0),)
+
+
+def device_info() -> dict[str, Any]:
+    """What this serving side is: published in the handshake (and to the tracker)."""
+    return {
+        "devices": [list(d) for d in DEVICES],
+        "arch": platform.machine(),
+        "system": platform.system(),
+        "cpu_count": os.cpu_count() or 1,
+        "pid": os.getpid(),
+    }
+
+
+class Bulk:
+    """The bulk part of a request: read it into a buffer, or drop it."""
+
+    def __init__(self, size: int, read_into: Callable[[memoryview], None], discard: Callable[[int], None]):
+        self.size = size
+        self._read_into = read_into
+        self._discard = discard
+        self.consumed = False
+
+    def read_into(self, view: memoryview) -> None:
+        if len(view) != self.size:
+            raise BadRequestError(f"expected {len(view)} bytes of data, the request carries {self.size}")
+        self.consumed = True
+        self._read_into(view)
+
+    def drop(self) -> None:
+        if not self.consumed:
+            self.consumed = True
+            self._discard(self.size)
+
+
+class Reply:
+    __slots__ = ("value", "bulk", "file")
+
+    def __init__(self, value: Any = None, bulk: memoryview | bytes | None = None, file: tuple[BinaryIO, int] | None = None):
+        self.value = value
+        self.bulk = bulk
+        self.file = file
+
+
+_NONE = Reply()
+
+
+class SessionHandler:
+    def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None):
+        self.workspace = workspace or Workspace()
+        self._system_libs = system_libs or []
+        self._objects: dict[int, Any] = {}
+        self._next = 1
+        self._ops: dict[int, Callable[[list, Bulk | None], Reply]] = {
+            Kind.PING: self.ping,
+            Kind.UPLOAD: self.upload,
+            Kind.DOWNLOAD: self.download,
+            Kind.REMOVE: self.remove,
+            Kind.LISTDIR: self.listdir,
+            Kind.LOAD_MODULE: self.load_module,
+            Kind.LINK_MODULE: self.link_module,
+            Kind.GET_FUNCTION: self.get_function,
+            Kind.MODULE_FUNCTION: self.module_function,
+            Kind.CALL: self.call,
+            Kind.TENSOR_ALLOC: self.tensor_alloc,
+            Kind.TENSOR_WRITE: self.tensor_write,
+            Kind.TENSOR_READ: self.tensor_read,
+            Kind.FREE: self.free,
+            Kind.TIME_EVAL: self.time_eval,
+            Kind.SYSTEM_LIB: self.system_lib,
+        }
+
+    # -- dispatch -------------------------------------------------------------
+    def handle(self, kind: int, args: Any, bulk: Bulk | None) -> Reply:
+        op = self._ops.get(kind)
+        if op is None:
+            raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
+        if not isinstance(args, list):
+            raise BadRequestError(f"request {Kind(kind).name}: arguments must be a list, not {type(args).__name__}")
+        try:
+            return op(args, bulk)
+        finally:
+            if bulk is not None:
+                bulk.drop()
+
+    def close(self) -> None:
+        for obj in self._objects.values():
+            if isinstance(obj, DeviceTensor):
+                obj.release()
+        self._objects.clear()
+        self.workspace.cleanup()
+
+    # -- objects --------------------------------------------------------------
+    def _add(self, ext: int, obj: Any) -> Handle:
+        handle_id = self._next
+        self._next += 1
+        self._objects[handle_id] = obj
+        return Handle(ext, handle_id)
+
+    def _get(self, handle: Any, cls: type, what: str) -> Any:
+        obj = self._objects.get(handle.id) if isinstance(handle, Handle) else None
+        if obj is None or not isinstance(obj, cls):
+            raise BadRequestError(f"{handle!r} is not a live {what} of this session (was it freed?)")
+        return obj
+
+    def _resolve_args(self, args: list) -> list:
+        out = []
+        for a in args:
+            if isinstance(a, Handle):
+                if a.ext != Ext.TENSOR:
+                    raise BadRequestError("only tensors, numbers and strings can be passed to a function")
+                a = self._get(a, DeviceTensor, "tensor")
+            out.append(a)
+        return out
+
+    @staticmethod
+    def _arity(args: list, n: int, name: str) -> None:
+        if len(args) != n:
+            raise BadRequestError(f"request {name} takes {n} arguments, got {len(args)}")
+
+    @staticmethod
+    def check_device(device_type: int, device_id: int) -> None:
+        if (device_type, device_id) not in DEVICES:
+            have = ", ".join(device_name(*d) for d in DEVICES)
+            raise DeviceNotFoundError(
+                f"this server has no {device_name(device_type, device_id)}; it has: {have}"
+                + ("" if device_type in DEVICE_NAMES else f" (unknown device type {device_type})")
+            )
+
+    # -- requests ---------------------------------------------------------------
+    def ping(self, args: list, bulk: Bulk | None) -> Reply:
+        return Reply(args[0] if args else None)
+
+    def upload(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "UPLOAD")
+        size = bulk.size if bulk else 0
+        self.workspace.write(args[0], size, bulk.read_into if bulk else lambda v: None)
+        return _NONE
+
+    def download(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "DOWNLOAD")
+        f, size = self.workspace.open_read(args[0])
+        return Reply(size, file=(f, size))
+
+    def remove(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "REMOVE")
+        self.workspace.remove(args[0])
+        return _NONE
+
+    def listdir(self, args: list, bulk: Bulk | None) -> Reply:
+        return Reply(self.workspace.listdir(args[0] if args else "."))
+
+    def _module_reply(self, lib: NativeLibrary) -> Reply:
+        return Reply([self._add(Ext.MODULE, lib), lib.names, lib.entry_name])
+
+    def load_module(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "LOAD_MODULE")
+        return self._module_reply(load_module(self.workspace.resolve(args[0])))
+
+    def link_module(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "LINK_MODULE")
+        path = self.workspace.resolve(args[0])
+        if not path.endswith(".tar"):
+            raise BadRequestError(f"download_linked_module takes a .tar of object files, not {args[0]!r}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no file {args[0]!r} in the session workspace; upload it first")
+        so = link_tar(path)
+        f = open(so, "rb")
+        size = os.fstat(f.fileno()).st_size
+        return Reply(size, file=(f, size))
+
+    def system_lib(self, args: list, bulk: Bulk | None) -> Reply:
+        lib = NativeLibrary(None)
+        lib.names = sorted({n for l in self._system_libs for n in l.names})
+        return self._module_reply(lib)
+
+    def get_function(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "GET_FUNCTION")
+        return Reply(self._add(Ext.FUNCTION, registry.get_global_func(args[0])))
+
+    def module_function(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 2, "MODULE_FUNCTION")
+        lib = self._get(args[0], NativeLibrary, "module")
+        return Reply(self._add(Ext.FUNCTION, lib.get_function(args[1])))
+
+    def _function(self, handle: Any) -> Callable:
+        if not (isinstance(handle, Handle) and handle.ext == Ext.FUNCTION):
+            raise BadRequestError(f"{handle!r} is not a function handle")
+        return self._get(handle, object, "function")
+
+    def call(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 2, "CALL")
+        fn = self._function(args[0])
+        result = fn(*self._resolve_args(args[1]))
+        if isinstance(result, (list, tuple)):
+            result = list(result)
+        elif result is not None and not isinstance(result, (bool, int, float, str, bytes)):
+            raise BadRequestError(
+                f"the function returned a {type(result).__name__}; remote functions may return "
+                "None, numbers, strings, bytes or lists of them"
+            )
+        return Reply(result)
+
+    def tensor_alloc(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 4, "TENSOR_ALLOC")
+        shape, dtype, dev_type, dev_id = args
+        self.check_device(dev_type, dev_id)
+        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id))
+        if bulk is not None:
+            bulk.read_into(tensor.view())
+        return Reply(self._add(Ext.TENSOR, tensor))
+
+    def tensor_write(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "TENSOR_WRITE")
+        tensor = self._get(args[0], DeviceTensor, "tensor")
+        if bulk is None:
+            raise BadRequestError(f"TENSOR_WRITE carries no data; the tensor holds {tensor.nbytes} bytes")
+        bulk.read_into(tensor.view())
+        return _NONE
+
+    def tensor_read(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 1, "TENSOR_READ")
+        tensor = self._get(args[0], DeviceTensor, "tensor")
+        return Reply(tensor.nbytes, bulk=tensor.view())
+
+    def free(self, args: list, bulk: Bulk | None) -> Reply:
+        for handle in args:
+            if isinstance(handle, Handle):
+                obj = self._objects.pop(handle.id, None)
+                if isinstance(obj, DeviceTensor):
+                    obj.release()
+        return _NONE
+
+    def time_eval(self, args: list, bulk: Bulk | None) -> Reply:
+        self._arity(args, 4, "TIME_EVAL")
+        handle, (dev_type, dev_id), options, call_args = args
+        self.check_device(dev_type, dev_id)
+        fn = self._function(handle)
+        if not isinstance(options, dict):
+            raise BadRequestError("TIME_EVAL options must be a map")
+        values = self._resolve_args(call_args)
+        preproc_name = options.pop("f_preproc", "") or ""
+        preproc = None
+        if preproc_name:
+            pre = registry.get_global_func(preproc_name)
+            preproc = lambda: pre(*values)  # noqa: E731
+        if isinstance(fn, NativeFunction):
+            run = lambda n: fn.time_calls(values, n)  # noqa: E731
+        else:
+            run = python_runner(fn, tuple(values))
+        allowed = {"number", "repeat", "min_repeat_ms", "limit_zero_time_iterations", "cooldown_interval_ms", "repeats_to_cooldown"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise BadRequestError(f"unknown time_evaluator options: {sorted(unknown)}")
+        return Reply(time_repeats(run, preproc=preproc, **options))

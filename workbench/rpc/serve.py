@@ -1,0 +1,238 @@
+"""The server process: accept connections, run each session in its own worker process.
+
+The loop is single-threaded (a selector over the listening socket, one pidfd
+per worker and the owner's pipe), so forking a worker per connection is safe.
+When a worker dies of a signal or an unexpected exit, the server still holds
+the connection and tells the client what happened before closing it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable
+
+from ..errors import ErrorCode
+from ..runtime.workspace import Workspace
+from .protocol import Kind, SocketChannel
+from .server import ServerConfig, resolve_callable
+from .worker import EXIT_CLEAN, EXIT_TIMED_OUT, load_libraries, run_session
+
+log = logging.getLogger("workbench.rpc.server")
+
+
+def bind_port(host: str, port: int, port_end: int, reuse_addr: bool = True) -> socket.socket:
+    """Listen on the first free port of ``[port, port_end)`` (port 0: any free port)."""
+    last = max(port_end, port + 1)
+    errors = []
+    for candidate in range(port, last) if port else [0]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+            sock.listen(128)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            if exc.errno not in (98, 13):  # EADDRINUSE, EACCES: try the next port
+                break
+    raise OSError(
+        f"cannot listen on {host} ports {port}..{last - 1}: {errors[-1] if errors else 'no port'}; "
+        "free a port or pass another port/port_end (port=0 picks any free port)"
+    )
+
+
+class _Worker:
+    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait")
+
+    def __init__(self, pid: int, conn: socket.socket, workspace: str, wait: Callable[[], int]):
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.conn = conn
+        self.workspace = workspace
+        self.wait = wait
+
+
+def death_notice(returncode: int) -> str | None:
+    """What to tell the client when its worker ended with ``returncode`` (None: nothing)."""
+    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT):
+        return None
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        what = f"was killed by signal {sig.value} ({sig.name}: {signal.strsignal(sig)})"
+    else:
+        what = f"exited with status {returncode} (did the code it ran call exit()?)"
+    return (
+        f"the session worker {what}, most likely in the function it was running; "
+        "the server is still up: connect again to go on"
+    )
+
+
+class ServeLoop:
+    def __init__(self, config: ServerConfig, listener: socket.socket, owner_fd: int | None = None):
+        self.config = config
+        self.listener = listener
+        self.owner_fd = owner_fd
+        self.workers: dict[int, _Worker] = {}
+        self.system_libs = load_libraries(config.load_library)
+        self._sel = selectors.DefaultSelector()
+
+    def run(self) -> None:
+        self._sel.register(self.listener, selectors.EVENT_READ, None)
+        if self.owner_fd is not None:
+            self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
+        try:
+            while True:
+                for key, _ in self._sel.select():
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "owner":
+                        if not os.read(self.owner_fd, 4096):
+                            log.info("owner process is gone; stopping")
+                            return
+                    else:
+                        self._reap(key.data)
+        finally:
+            self.stop()
+
+    def _accept(self) -> None:
+        try:
+            conn, addr = self.listener.accept()
+        except OSError:
+            return
+        log.info("connection from %s:%s", *addr[:2])
+        workspace = tempfile.mkdtemp(prefix="wb-session-")
+        cfg = self.config
+        if cfg.no_fork:
+            cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
+                   "--workspace", workspace, "--key", cfg.key]
+            for lib in cfg.load_library:
+                cmd += ["--load-library", lib]
+            if cfg.timeout is not None:
+                cmd += ["--timeout", str(cfg.timeout)]
+            if cfg.init:
+                cmd += ["--init", cfg.init]
+            env = dict(os.environ)
+            env.pop("WORKBENCH_RPC_TOKEN", None)
+            if cfg.token:
+                env["WORKBENCH_RPC_TOKEN"] = cfg.token
+            proc = subprocess.Popen(cmd, pass_fds=[conn.fileno()], env=env, stdin=subprocess.DEVNULL)
+            worker = _Worker(proc.pid, conn, workspace, proc.wait)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                self._run_child(conn, workspace)  # never returns
+            worker = _Worker(pid, conn, workspace, lambda pid=pid: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        self.workers[worker.pidfd] = worker
+        self._sel.register(worker.pidfd, selectors.EVENT_READ, worker)
+
+    def _run_child(self, conn: socket.socket, workspace: str) -> None:
+        code = EXIT_CLEAN
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self.listener.close()
+            for w in self.workers.values():
+                w.conn.close()
+                os.close(w.pidfd)
+            if self.owner_fd is not None:
+                os.close(self.owner_fd)
+            run_session(
+                SocketChannel(conn), Workspace(workspace), key=self.config.key, token=self.config.token,
+                system_libs=self.system_libs, sock=conn, io_timeout=self.config.timeout,
+            )
+        except BaseException:
+            log.exception("session worker failed")
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _reap(self, worker: _Worker, notify: bool = True) -> None:
+        self._sel.unregister(worker.pidfd)
+        del self.workers[worker.pidfd]
+        os.close(worker.pidfd)
+        notice = death_notice(worker.wait())
+        if notice and notify:
+            log.warning("%s", notice)
+            try:
+                worker.conn.settimeout(1.0)
+                SocketChannel(worker.conn).send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), notice])
+            except OSError:
+                pass
+        try:
+            worker.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        worker.conn.close()
+        shutil.rmtree(worker.workspace, ignore_errors=True)
+
+    def stop(self) -> None:
+        for worker in list(self.workers.values()):
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap(worker, notify=False)
+        self._sel.close()
+        self.listener.close()
+
+
+def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
+    """Run a server in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
+    logging.basicConfig(
+        level=logging.WARNING if config.silent else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if config.init:
+        resolve_callable(config.init)()
+    listener = bind_port(config.host, config.port, config.port_end, config.reuse_addr)
+    port = listener.getsockname()[1]
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    loop = ServeLoop(config, listener, owner_fd)
+    log.info("RPCServer: bind to %s:%d", config.host, port)
+    if ready:
+        ready(port)
+    loop.run()
+
+
+def main() -> None:
+    """Entry of a server started by ``rpc.Server``: config on stdin, "ready PORT" on stdout.
+
+    stdin stays open; when the owner process goes away it closes and the server stops.
+    """
+    config = ServerConfig(**json.loads(sys.stdin.readline()))
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    def ready(port: int) -> None:
+        out.write(f"ready {port}\n")
+        out.flush()
+
+    try:
+        serve(config, ready, owner_fd=0)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        out.write(f"error {json.dumps(str(exc))}\n")
+        out.flush()
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

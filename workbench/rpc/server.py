@@ -1,0 +1,202 @@
+"""``rpc.Server``: start an RPC server in its own process.
+
+    >>> from workbench import rpc
+    >>> server = rpc.Server(port=0)              # any free port
+    >>> remote = rpc.connect("127.0.0.1", server.port)
+    >>> server.terminate()
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+
+START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9091
+    port_end: int = 9199
+    key: str = ""
+    load_library: list[str] = field(default_factory=list)
+    silent: bool = False
+    no_fork: bool = False
+    init: str | None = None  # "module:function" called once at start
+    reuse_addr: bool = True
+    timeout: float | None = None
+    token: str | None = None
+    tracker_addr: tuple[str, int] | None = None
+    is_proxy: bool = False
+    custom_addr: str | None = None
+
+
+def callable_spec(func: Callable | str) -> str:
+    """``"module:qualname"`` for a function the server process can import."""
+    if isinstance(func, str):
+        resolve_callable(func)  # fail here, in the caller, not in the server
+        return func
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", "")
+    if not callable(func) or not module or module == "__main__" or "<" in qualname:
+        raise ValueError(
+            f"server_init_callback={func!r} cannot be imported by the server process "
+            "(functions defined in a notebook, in __main__, or inside another function are not): "
+            "move it into a module and pass the function, or pass 'module:function'"
+        )
+    spec = f"{module}:{qualname}"
+    resolve_callable(spec)
+    return spec
+
+
+def resolve_callable(spec: str) -> Callable:
+    module_name, _, qualname = spec.partition(":")
+    if not qualname:
+        raise ValueError(f"{spec!r} is not of the form 'module:function'")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} is not callable")
+    return obj
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+class Server:
+    """An RPC server in a separate process; each client session runs in its own worker process.
+
+    Parameters follow ``tvm.rpc.Server``. ``port`` is the first port tried, up to
+    ``port_end`` (exclusive); ``port=0`` takes any free port. ``host`` defaults to
+    127.0.0.1 (pass "0.0.0.0" to serve the network). ``auth_token`` (or
+    ``WORKBENCH_RPC_TOKEN``) makes the server accept only clients that know the
+    token. ``server_init_callback`` runs once in the server process; it must be
+    importable (a module-level function, or ``"module:function"``).
+    The server ends with ``terminate()``, when this object is collected, or
+    when this process exits.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9091,
+        port_end: int = 9199,
+        is_proxy: bool = False,
+        tracker_addr: tuple[str, int] | None = None,
+        key: str = "",
+        load_library: str | Sequence[str] | None = None,
+        custom_addr: str | None = None,
+        silent: bool = False,
+        no_fork: bool = False,
+        server_init_callback: Callable | str | None = None,
+        reuse_addr: bool = True,
+        timeout: float | None = None,
+        *,
+        auth_token: str | None = None,
+    ):
+        if isinstance(load_library, str):
+            load_library = [p for p in load_library.replace(",", ":").split(":") if p]
+        libs = [os.path.abspath(p) for p in (load_library or [])]
+        for lib in libs:
+            if not os.path.exists(lib):
+                raise FileNotFoundError(f"load_library: no such file {lib!r}")
+        self.config = ServerConfig(
+            host=host,
+            port=int(port),
+            port_end=int(port_end),
+            key=key or "",
+            load_library=libs,
+            silent=silent,
+            no_fork=no_fork,
+            init=callable_spec(server_init_callback) if server_init_callback else None,
+            reuse_addr=reuse_addr,
+            timeout=timeout,
+            token=auth_token if auth_token is not None else (os.environ.get("WORKBENCH_RPC_TOKEN") or None),
+            tracker_addr=tuple(tracker_addr) if tracker_addr else None,
+            is_proxy=is_proxy,
+            custom_addr=custom_addr,
+        )
+        self.host = host
+        self.key = key
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench.rpc.serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C in a terminal reaches the owner, which ends the server
+        )
+        self._proc = proc
+        self._finalizer = weakref.finalize(self, _stop, proc)
+        try:
+            proc.stdin.write(json.dumps(dataclasses.asdict(self.config)) + "\n")
+            proc.stdin.flush()
+            self.port = self._wait_ready()
+        except BaseException:
+            self.terminate()
+            raise
+
+    def _wait_ready(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._proc.stdout], [], [], 0.5)
+            if ready:
+                line = self._proc.stdout.readline()
+                if line.startswith("ready "):
+                    return int(line.split()[1])
+                if line.startswith("error "):
+                    raise RuntimeError(f"the RPC server failed to start: {json.loads(line[6:])}")
+                if not line:
+                    break
+            elif self._proc.poll() is not None:
+                break
+        code = self._proc.poll()
+        raise RuntimeError(
+            f"the RPC server process {'exited with status %s' % code if code is not None else 'did not start'} "
+            f"within {START_TIMEOUT_S:.0f} s (its log is on this process's stderr)"
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def terminate(self) -> None:
+        """Stop the server and every session worker it started."""
+        self._finalizer()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else "stopped"
+        return f"<rpc.Server {self.host}:{getattr(self, 'port', '?')} key={self.key!r} {state}>"

@@ -1,0 +1,288 @@
+"""One client session on the serving side: handshake, then requests until the client leaves.
+
+A worker runs in its own process (forked per connection by the server, spawned
+with ``no_fork=True``, or as the stdio server behind ``PopenSession``), so a
+kernel that crashes ends only its own session.
+
+    python -m workbench.rpc.worker --stdio        # the server binary for PopenSession
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+from typing import Any, Callable
+
+from ..errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    KeyMismatchError,
+    ProtocolError,
+    RPCError,
+    UnsupportedError,
+    code_of,
+    ErrorCode,
+)
+from ..runtime.ffi import NativeLibrary
+from ..runtime.workspace import Workspace
+from .handler import Bulk, SessionHandler, device_info
+from .protocol import (
+    FLAG_NO_REPLY,
+    MAGIC,
+    NONCE_BYTES,
+    PREAMBLE,
+    VERSION,
+    Channel,
+    Kind,
+    PipeChannel,
+    SocketChannel,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_CLEAN = 0x56  # the client left; nothing to report
+EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
+HANDSHAKE_TIMEOUT_S = 10.0
+TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+
+
+def auth_proof(token: str, nonce: bytes) -> bytes:
+    """What a client sends to prove it knows ``token`` (the token never crosses the wire)."""
+    return hmac.new(token.encode(), b"workbench-rpc-v1" + nonce, hashlib.sha256).digest()
+
+
+def key_matches(server_key: str, client_key: str) -> bool:
+    return not server_key or not client_key or client_key == server_key
+
+
+def _refuse(chan: Channel, exc: RPCError) -> None:
+    try:
+        chan.send_frame(Kind.ERROR, [int(exc.code), str(exc)])
+    except OSError:
+        pass
+    raise exc
+
+
+def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) -> dict[str, Any]:
+    """Run the server side of the handshake; return the client's CONNECT options.
+
+    Refusals are sent to the client as an ERROR frame and raised here.
+    """
+    magic, version, _flags = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
+    chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
+    if magic != MAGIC:
+        _refuse(chan, ProtocolError(
+            f"bad magic {magic!r}: this is an rpc-workbench server (protocol v{VERSION}); "
+            "connect with workbench.rpc.connect (a TVM client cannot talk to it directly)"
+        ))
+    if version != VERSION:
+        _refuse(chan, ProtocolError(
+            f"the client speaks protocol version {version}, this server speaks {VERSION}: "
+            "install the same rpc-workbench version on both sides"
+        ))
+    nonce = os.urandom(NONCE_BYTES)
+    chan.send_frame(Kind.HELLO, {"version": VERSION, "nonce": nonce, "auth": bool(token)})
+    frame = chan.recv_frame()
+    opts = frame.ctrl
+    if frame.kind != Kind.CONNECT or not isinstance(opts, dict):
+        _refuse(chan, ProtocolError(f"expected a CONNECT message after HELLO, got kind {frame.kind}"))
+    if token:
+        proof = opts.get("proof")
+        if not proof:
+            _refuse(chan, AuthenticationError(
+                "this server requires an auth token: pass auth_token=... to rpc.connect "
+                f"or set {TOKEN_ENV} on the client"
+            ))
+        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, auth_proof(token, nonce)):
+            _refuse(chan, AuthenticationError(
+                f"wrong auth token: the client's {TOKEN_ENV} / auth_token differs from the server's"
+            ))
+    client_key = opts.get("key") or ""
+    if not isinstance(client_key, str) or not key_matches(key, client_key):
+        _refuse(chan, KeyMismatchError(f"this server serves key {key!r}, the client asked for {client_key!r}"))
+    ctor = opts.get("ctor")
+    if ctor and ctor[0] not in ("rpc.LocalSession",):
+        _refuse(chan, UnsupportedError(
+            f"session constructor {ctor[0]!r} is not supported by this server "
+            "(supported: rpc.LocalSession)"
+        ))
+    timeout = opts.get("timeout") or 0
+    if not isinstance(timeout, (int, float)) or timeout < 0:
+        _refuse(chan, ProtocolError(f"session_timeout must be a number >= 0, not {timeout!r}"))
+    opts["timeout"] = float(timeout)
+    chan.send_frame(Kind.OK, dict(device_info(), key=key, session_timeout=float(timeout)))
+    return opts
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, (RPCError, OSError)):
+        return str(exc)
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-12:]).rstrip()
+    return f"{type(exc).__name__}: {exc}\n\nRemote traceback (most recent call last):\n{tail}"
+
+
+def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.Lock | None = None) -> None:
+    """Answer requests until the client closes the connection."""
+    lock = send_lock or threading.Lock()
+    while True:
+        try:
+            frame = chan.recv_frame()
+        except ConnectionClosedError:
+            return
+        except RPCError as exc:  # oversized or malformed frame: the stream cannot be trusted
+            log.warning("closing session: %s", exc)
+            with lock:
+                try:
+                    chan.send_frame(Kind.ERROR, [int(exc.code), f"{exc}; closing this connection"])
+                except OSError:
+                    pass
+            return
+        bulk = Bulk(frame.bulk_len, chan.recv_bulk_into, chan.discard_bulk) if frame.bulk_len else None
+        try:
+            reply = handler.handle(frame.kind, frame.ctrl, bulk)
+        except ConnectionClosedError:
+            return
+        except Exception as exc:
+            if frame.flags & FLAG_NO_REPLY:
+                log.warning("request %s failed: %s", frame.kind, exc)
+                continue
+            with lock:
+                chan.send_frame(Kind.ERROR, [int(code_of(exc)), _error_text(exc)])
+            continue
+        if frame.flags & FLAG_NO_REPLY:
+            continue
+        with lock:
+            try:
+                chan.send_frame(Kind.OK, reply.value, reply.bulk, file=reply.file)
+            finally:
+                if reply.file:
+                    reply.file[0].close()
+
+
+class Watchdog:
+    """Ends the session when ``session_timeout`` expires, even inside a kernel that never returns."""
+
+    def __init__(self, seconds: float, chan: Channel, send_lock: threading.Lock, on_expire: Callable[[], None]):
+        self.seconds = seconds
+        self._chan = chan
+        self._lock = send_lock
+        self._on_expire = on_expire
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        if self._lock.acquire(timeout=2.0):
+            try:
+                self._chan.send_frame(Kind.ERROR, [int(ErrorCode.SESSION_TIMEOUT), (
+                    f"session timed out after {self.seconds:g} s (session_timeout={self.seconds:g}); "
+                    "the server ended it: connect again, with a larger session_timeout if needed"
+                )])
+            except OSError:
+                pass
+        self._on_expire()
+        os._exit(EXIT_TIMED_OUT)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def run_session(
+    chan: Channel,
+    workspace: Workspace,
+    *,
+    key: str = "",
+    token: str | None = None,
+    system_libs: list[NativeLibrary] | None = None,
+    sock: socket.socket | None = None,
+    io_timeout: float | None = None,
+) -> None:
+    """Handshake and serve one session on ``chan``; the workspace is removed at the end."""
+    handler = None
+    watchdog = None
+    try:
+        if sock is not None:
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            opts = server_handshake(chan, key=key, token=token)
+        except (RPCError, OSError) as exc:
+            log.info("handshake refused: %s", exc)
+            return
+        if sock is not None:
+            sock.settimeout(io_timeout)
+        handler = SessionHandler(workspace, system_libs)
+        lock = threading.Lock()
+        if opts["timeout"] > 0:
+            def expire() -> None:
+                workspace.cleanup()
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            watchdog = Watchdog(opts["timeout"], chan, lock, expire)
+        try:
+            serve_requests(chan, handler, lock)
+        except OSError as exc:  # socket timeout (the server's timeout=) or a reset
+            log.info("session ended: %s", exc)
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        if handler:
+            handler.close()
+        workspace.cleanup()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
+    """Open the server's --load-library files (RTLD_GLOBAL, for system_lib())."""
+    libs = []
+    for path in paths or []:
+        lib = NativeLibrary(os.path.abspath(path))
+        libs.append(lib)
+    return libs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench.rpc.worker", description=__doc__)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--stdio", action="store_true", help="serve one session on stdin/stdout")
+    mode.add_argument("--fd", type=int, help="serve one session on this inherited socket fd")
+    parser.add_argument("--workspace", help="session directory (default: a new temporary one)")
+    parser.add_argument("--key", default="")
+    parser.add_argument("--load-library", action="append", default=[])
+    parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--init", default=None, help="module:function to call before serving")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.init:
+        from .server import resolve_callable
+
+        resolve_callable(args.init)()
+    libs = load_libraries(args.load_library)
+    token = os.environ.get(TOKEN_ENV) or None
+    workspace = Workspace(args.workspace)
+    if args.stdio:
+        out = os.dup(1)
+        os.dup2(2, 1)  # a kernel's printf must not corrupt the protocol stream
+        chan: Channel = PipeChannel(0, out)
+        run_session(chan, workspace, key=args.key, token=token, system_libs=libs)
+    else:
+        sock = socket.socket(fileno=args.fd)
+        run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock, io_timeout=args.timeout)
+        sock.close()
+    return EXIT_CLEAN
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The kernel ABI (TVM FFI packed C ABI) through ctypes: no TVM needed.
+
+A kernel is ``int __tvm_ffi_<name>(void* self, const TVMFFIAny* args,
+int32_t nargs, TVMFFIAny* ret)``. Kernel libraries resolve their one runtime
+symbol, ``TVMFFIErrorSetRaisedFromCStrParts``, against our shim, which is
+loaded RTLD_GLOBAL before any kernel.
+
+    >>> lib = load_library("add_one.so")          # doctest: +SKIP
+    >>> lib.get_function("add_one")(a, b)         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from typing import Any, Sequence
+
+from ..errors import RemoteError, RemoteNotFoundError
+
+log = logging.getLogger(__name__)
+
+KERNEL_PREFIX = "__tvm_ffi_"
+
+# TVM FFI type indices (tvm/ffi/c_api.h)
+TYPE_NONE, TYPE_INT, TYPE_BOOL, TYPE_FLOAT, TYPE_OPAQUE_PTR = 0, 1, 2, 3, 4
+TYPE_DLTENSOR_PTR, TYPE_RAW_STR, TYPE_BYTE_ARRAY_PTR = 7, 8, 9
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _AnyValue(ctypes.Union):
+    _fields_ = [("v_int64", ctypes.c_int64), ("v_float64", ctypes.c_double), ("v_ptr", ctypes.c_void_p)]
+
+
+class TVMFFIAny(ctypes.Structure):
+    _anonymous_ = ("value",)
+    _fields_ = [("type_index", ctypes.c_int32), ("zero_padding", ctypes.c_uint32), ("value", _AnyValue)]
+
+
+class ByteArray(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_size_t)]
+
+
+PackedFunc = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(TVMFFIAny), ctypes.c_int32, ctypes.POINTER(TVMFFIAny)
+)
+
+
+class KernelError(RemoteError):
+    """A kernel returned an error (its own message is the exception text)."""
+
+
+# -- the shim ------------------------------------------------------------------
+_shim_lock = threading.Lock()
+_shim: ctypes.CDLL | None = None
+
+
+def _shim_source() -> str:
+    return os.path.join(os.path.dirname(__file__), "_shim.c")
+
+
+def _build_shim() -> str:
+    """Compile the shim where the package was copied without being pip-installed."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "workbench")
+    os.makedirs(cache, exist_ok=True)
+    out = os.path.join(cache, f"wbshim-{sys.implementation.cache_tag}-{os.uname().machine}.so")
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(_shim_source()):
+        return out
+    cc = os.environ.get("CC", "cc")
+    tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False).name
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"], "-o", tmp, _shim_source()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(
+            "the kernel-ABI shim is not built and compiling it failed; reinstall the package "
+            f"with `pip install rpc-workbench` (or `pip install -e .`):\n{' '.join(cmd)}\n{proc.stderr}"
+        )
+    os.replace(tmp, out)
+    return out
+
+
+def shim() -> ctypes.CDLL:
+    """Load the shim RTLD_GLOBAL (once per process) and return it."""
+    global _shim
+    with _shim_lock:
+        if _shim is None:
+            spec = importlib.util.find_spec("workbench.runtime._shim")
+            path = spec.origin if spec and spec.origin and spec.origin.endswith(".so") else _build_shim()
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib.wb_last_error.restype = ctypes.c_char_p
+            lib.wb_time_calls.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(TVMFFIAny), ctypes.c_int32, ctypes.c_int64,
+                ctypes.POINTER(ctypes.c_int64),
+            ]
+            _shim = lib
+        return _shim
+
+
+def _last_error() -> str:
+    lib = shim()
+    text = (lib.wb_last_error() or b"").decode("utf-8", "replace")
+    lib.wb_clear_error()
+    return text or "the kernel returned an error without a message"
+
+
+# -- arguments -------------------------------------------------------------------
+def pack_args(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
+    """Build the TVMFFIAny array for ``args``; the list keeps buffers alive."""
+    arr = (TVMFFIAny * max(len(args), 1))()
+    keep: list = []
+    for i, value in enumerate(args):
+        slot = arr[i]
+        dl = getattr(value, "dltensor", None)
+        if dl is not None:
+            slot.type_index = TYPE_DLTENSOR_PTR
+            slot.v_ptr = ctypes.addressof(dl)
+        elif value is None:
+            slot.type_index = TYPE_NONE
+        elif isinstance(value, bool):
+            slot.type_index, slot.v_int64 = TYPE_BOOL, int(value)
+        elif isinstance(value, int):
+            slot.type_index, slot.v_int64 = TYPE_INT, value
+        elif isinstance(value, float):
+            slot.type_index, slot.v_float64 = TYPE_FLOAT, value
+        elif isinstance(value, str):
+            buf = ctypes.create_string_buffer(value.encode())
+            keep.append(buf)
+            slot.type_index, slot.v_ptr = TYPE_RAW_STR, ctypes.addressof(buf)
+        elif isinstance(value, (bytes, bytearray)):
+            buf = ctypes.create_string_buffer(bytes(value), len(value))
+            ba = ByteArray(ctypes.addressof(buf), len(value))
+            keep += [buf, ba]
+            slot.type_index, slot.v_ptr = TYPE_BYTE_ARRAY_PTR, ctypes.addressof(ba)
+        else:
+            raise TypeError(
+                f"argument {i}: a kernel cannot take a {type(value).__name__}; "
+                "pass tensors, ints, floats, bools or strings"
+            )
+    return arr, keep
+
+
+def _decode_ret(ret: TVMFFIAny) -> Any:
+    t = ret.type_index
+    if t == TYPE_NONE:
+        return None
+    if t == TYPE_INT:
+        return int(ret.v_int64)
+    if t == TYPE_BOOL:
+        return bool(ret.v_int64)
+    if t == TYPE_FLOAT:
+        return float(ret.v_float64)
+    log.warning("kernel returned a value of FFI type %d, which is not supported; returning None", t)
+    return None
+
+
+class NativeFunction:
+    """A kernel in a loaded library, callable with server-side values."""
+
+    def __init__(self, name: str, address: int, library: "NativeLibrary"):
+        self.name = name
+        self.address = address
+        self.library = library  # keeps the library loaded
+        self._fn = PackedFunc(address)
+
+    def __call__(self, *args: Any) -> Any:
+        arr, _keep = pack_args(args)
+        ret = TVMFFIAny()
+        if self._fn(None, arr, len(args), ctypes.byref(ret)) != 0:
+            raise KernelError(f"{self.name}: {_last_error()}")
+        return _decode_ret(ret)
+
+    def time_calls(self, args: Sequence[Any], number: int) -> float:
+        """Seconds that ``number`` back-to-back calls take, timed in C."""
+        arr, _keep = pack_args(args)
+        elapsed = ctypes.c_int64()
+        if shim().wb_time_calls(self.address, arr, len(args), number, ctypes.byref(elapsed)) != 0:
+            raise KernelError(f"{self.name}: {_last_error()}")
+        return elapsed.value / 1e9
+
+    def __repr__(self) -> str:
+        return f"<NativeFunction {self.name} in {self.library.path}>"
+
+
+class NativeLibrary:
+    """A shared object of kernels (``path=None``: the server process itself)."""
+
+    def __init__(self, path: str | None):
+        shim()
+        self.path = path or "<system lib>"
+        try:
+            self._lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL if path is None else ctypes.RTLD_LOCAL)
+        except OSError as exc:
+            raise RemoteError(f"cannot load {os.path.basename(self.path)}: {exc}") from None
+        self.names = exported_kernels(path) if path else []
+
+    def get_function(self, name: str) -> NativeFunction:
+        try:
+            fn = getattr(self._lib, KERNEL_PREFIX + name)
+        except AttributeError:
+            listing = ", ".join(self.names) or "none found"
+            raise RemoteNotFoundError(
+                f"no kernel named {name!r} in {os.path.basename(self.path)} "
+                f"(it exports: {listing}); kernels are exported as {KERNEL_PREFIX}<name>"
+            ) from None
+        return NativeFunction(name, ctypes.cast(fn, ctypes.c_void_p).value, self)
+
+    @property
+    def entry_name(self) -> str | None:
+        """TVM modules alias their entry as ``main``; a one-kernel library's only kernel."""
+        if "main" in self.names:
+            return "main"
+        return self.names[0] if len(self.names) == 1 else None
+
+
+def exported_kernels(path: str) -> list[str]:
+    """Kernel names (``__tvm_ffi_<name>``) in an ELF shared object's dynamic symbols."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    if data[:4] != b"\x7fELF":
+        return []
+    is64 = data[4] == 2
+    end = "<" if data[5] == 1 else ">"
+    if is64:
+        shoff, = struct.unpack_from(end + "Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
+        sh_fmt, sym_fmt = end + "IIQQQQIIQQ", end + "IBBHQQ"
+    else:
+        shoff, = struct.unpack_from(end + "I", data, 0x20)
+        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
+        sh_fmt, sym_fmt = end + "IIIIIIIIII", end + "IIIBBH"
+    sections = [struct.unpack_from(sh_fmt, data, shoff + i * shentsize) for i in range(shnum)]
+    names = set()
+    for sec in sections:
+        if sec[1] != 11:  # SHT_DYNSYM
+            continue
+        offset, size, link, entsize = sec[4], sec[5], sec[6], sec[9]
+        strtab_off = sections[link][4]
+        for j in range(size // entsize if entsize else 0):
+            sym = struct.unpack_from(sym_fmt, data, offset + j * entsize)
+            name_off, shndx = sym[0], (sym[3] if is64 else sym[5])
+            if shndx == 0:  # undefined
+                continue
+            raw = data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace")
+            if raw.startswith(KERNEL_PREFIX) and not raw.startswith(KERNEL_PREFIX + "_"):
+                names.add(raw[len(KERNEL_PREFIX):])
+    return sorted(names)
+
+
+def load_library(path: str) -> NativeLibrary:
+    return NativeLibrary(path)
