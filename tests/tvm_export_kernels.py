@@ -96,9 +96,19 @@ def main(argv):
     if len(argv) != 2:
         sys.stderr.write(f"usage: {argv[0]} OUTDIR\n")
         return 2
-    # Keep stdout clean for the single JSON line: anything the build prints goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        report = build_all(argv[1])
+    # Keep stdout clean for the single JSON line: anything the build prints goes to
+    # stderr, from Python (redirect_stdout) and from native code (LLVM, the linker,
+    # the tar tool) writing to file descriptor 1 directly.
+    sys.stdout.flush()
+    saved_stdout_fd = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            report = build_all(argv[1])
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_stdout_fd, 1)
+        os.close(saved_stdout_fd)
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
     return 0

@@ -65,6 +65,39 @@ class RemoteFunction:
     def __call__(self, *args: Any) -> Any:
         return self.session._request(Kind.CALL, [self._wb_handle, list(args)])
 
+    def time_evaluator(
+        self,
+        dev: Device,
+        number: int = 10,
+        repeat: int = 1,
+        min_repeat_ms: float = 0,
+        limit_zero_time_iterations: int = 100,
+        cooldown_interval_ms: float = 0,
+        repeats_to_cooldown: int = 1,
+        f_preproc: str = "",
+    ) -> Callable[..., Any]:
+        """A function that runs this one ``number`` times per repeat on the device and returns the timings.
+
+        The loop runs next to the device (in C for kernels), so the network is not
+        measured. As in TVM, ``min_repeat_ms`` raises ``number`` until one repeat
+        lasts that long; ``f_preproc`` names a registered function run before each repeat.
+        """
+        from ..results import BenchmarkResult
+
+        self.session._check_device(dev)
+        where = [dev.device_type, dev.device_id]
+        options = dict(
+            number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+            limit_zero_time_iterations=limit_zero_time_iterations, cooldown_interval_ms=cooldown_interval_ms,
+            repeats_to_cooldown=repeats_to_cooldown, f_preproc=f_preproc,
+        )
+
+        def evaluator(*args: Any) -> BenchmarkResult:
+            results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(options), list(args)])
+            return BenchmarkResult(results, name=self.name, device=repr(dev), config=options)
+
+        return evaluator
+
     def __repr__(self) -> str:
         return f"<RemoteFunction {self.name} on {self.session.address}>"
 
@@ -97,30 +130,15 @@ class RemoteModule:
             )
         return self.get_function(self.entry_name)(*args)
 
-    def time_evaluator(
-        self,
-        func_name: str,
-        dev: Device,
-        number: int = 10,
-        repeat: int = 1,
-        min_repeat_ms: float = 0,
-        limit_zero_time_iterations: int = 100,
-        cooldown_interval_ms: float = 0,
-        repeats_to_cooldown: int = 1,
-        f_preproc: str = "",
-    ) -> Callable[..., Any]:
-        """A function that times ``func_name`` on the device (no network inside the timing).
+    def time_evaluator(self, func_name: str, dev: Device, **options: Any) -> Callable[..., Any]:
+        """A function that times ``func_name`` on the device; options as ``RemoteFunction.time_evaluator``.
 
             >>> timer = mod.time_evaluator("add_one", dev, number=10, repeat=3)  # doctest: +SKIP
             >>> timer(a, b).mean                                                  # doctest: +SKIP
         """
         if func_name is None:
             raise BadRequestError(f"{self.path} has no entry function; name one of {self.function_names}")
-        return self.session._time_evaluator(
-            self.get_function(func_name), dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
-            limit_zero_time_iterations=limit_zero_time_iterations, cooldown_interval_ms=cooldown_interval_ms,
-            repeats_to_cooldown=repeats_to_cooldown, f_preproc=f_preproc,
-        )
+        return self.get_function(func_name).time_evaluator(dev, **options)
 
     def __repr__(self) -> str:
         return f"<RemoteModule {self.path} functions={self.function_names} on {self.session.address}>"
@@ -183,12 +201,17 @@ class RPCSession:
                     self._chan.recv_bulk_into(recv(frame.bulk_len, frame.ctrl))
                 elif recv is not None:
                     recv(0, frame.ctrl)
-            except (ConnectionClosedError, OSError) as exc:
-                self._end(self._lost(exc))
-                raise self._ended from None
             except (SessionCrashedError, SessionTimeoutError, ProtocolError) as exc:
                 self._end(exc)
                 raise
+            except RPCError as exc:
+                if not isinstance(exc, ConnectionClosedError):
+                    raise  # an error reply: the session goes on
+                self._end(self._lost(exc))
+                raise self._ended from None
+            except OSError as exc:
+                self._end(self._lost(exc))
+                raise self._ended from None
             if self._log:
                 log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
             return frame.ctrl
@@ -224,6 +247,10 @@ class RPCSession:
     def __repr__(self) -> str:
         state = "open" if self._ended is None else "closed"
         return f"<{type(self).__name__} {self.address} ({self.info.get('arch', '?')}) {state}>"
+
+    def ping(self) -> dict[str, int]:
+        """One round trip; returns what the session holds: ``objects``, ``tensors``, ``tensor_bytes``."""
+        return self._request(Kind.PING, [])
 
     # -- files -----------------------------------------------------------------
     def upload(self, data: str | os.PathLike | bytes | bytearray | memoryview, target: str | None = None) -> None:
@@ -280,18 +307,6 @@ class RPCSession:
         """The module of kernels linked into the server (its --load-library files)."""
         handle, names, entry = self._request(Kind.SYSTEM_LIB, [])
         return RemoteModule(self, handle, names, entry, "<system lib>")
-
-    def _time_evaluator(self, fn: RemoteFunction, dev: Device, **options: Any) -> Callable[..., Any]:
-        from ..results import BenchmarkResult
-
-        self._check_device(dev)
-        where = [dev.device_type, dev.device_id]
-
-        def evaluator(*args: Any) -> BenchmarkResult:
-            results = self._request(Kind.TIME_EVAL, [fn._wb_handle, where, dict(options), list(args)])
-            return BenchmarkResult(results, name=fn.name, device=repr(dev), config=options)
-
-        return evaluator
 
     # -- devices -----------------------------------------------------------------
     @property

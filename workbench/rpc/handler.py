@@ -155,7 +155,8 @@ class SessionHandler:
 
     # -- requests ---------------------------------------------------------------
     def ping(self, args: list, bulk: Bulk | None) -> Reply:
-        return Reply(args[0] if args else None)
+        tensors = [o for o in self._objects.values() if isinstance(o, DeviceTensor)]
+        return Reply({"objects": len(self._objects), "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors)})
 
     def upload(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 1, "UPLOAD")

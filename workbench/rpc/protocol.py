@@ -124,7 +124,7 @@ def unpack(data: bytes | memoryview) -> Any:
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"malformed control message: {exc}") from None
+        raise ProtocolError(f"malformed control message: {str(exc) or type(exc).__name__}") from None
 
 
 class Frame:

@@ -149,6 +149,7 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
         except ConnectionClosedError:
             return
         except Exception as exc:
+            if bulk is not None: bulk.drop()  # a request refused before its data was read: keep the stream in step
             if frame.flags & FLAG_NO_REPLY:
                 log.warning("request %s failed: %s", frame.kind, exc)
                 continue
@@ -246,11 +247,7 @@ def run_session(
 
 def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
     """Open the server's --load-library files (RTLD_GLOBAL, for system_lib())."""
-    libs = []
-    for path in paths or []:
-        lib = NativeLibrary(os.path.abspath(path))
-        libs.append(lib)
-    return libs
+    return [NativeLibrary(os.path.abspath(path), global_scope=True) for path in paths or []]
 
 
 def main(argv: list[str] | None = None) -> int:

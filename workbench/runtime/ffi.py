@@ -208,13 +208,18 @@ class NativeFunction:
 
 
 class NativeLibrary:
-    """A shared object of kernels (``path=None``: the server process itself)."""
+    """A shared object of kernels.
 
-    def __init__(self, path: str | None):
+    ``path=None`` is the server process itself: every library opened with
+    ``global_scope=True`` (the server's --load-library files), as TVM's system lib.
+    """
+
+    def __init__(self, path: str | None, global_scope: bool = False):
         shim()
         self.path = path or "<system lib>"
+        mode = ctypes.RTLD_GLOBAL if path is None or global_scope else ctypes.RTLD_LOCAL
         try:
-            self._lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL if path is None else ctypes.RTLD_LOCAL)
+            self._lib = ctypes.CDLL(path, mode=mode)
         except OSError as exc:
             raise RemoteError(f"cannot load {os.path.basename(self.path)}: {exc}") from None
         self.names = exported_kernels(path) if path else []

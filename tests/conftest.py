@@ -1,0 +1,94 @@
+"""Shared fixtures: real servers on loopback, test kernels built with the host compiler.
+
+After every test that used a server, no session worker may be left running and
+no session workspace may be left on disk.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import time
+
+import pytest
+
+from workbench import cc, rpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# server processes import tests.helpers through server_init_callback
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory):
+    """Every process of the run (servers and workers inherit TMPDIR) writes temp files here."""
+    path = str(tmp_path_factory.mktemp("wbtmp"))
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = None
+    yield path
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+
+
+def session_workspaces(tmpdir: str) -> list[str]:
+    return glob.glob(os.path.join(tmpdir, "wb-session-*"))
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def assert_clean(server: rpc.Server, tmpdir: str) -> None:
+    assert wait_until(lambda: not children(server.pid)), f"session workers left running: {children(server.pid)}"
+    assert wait_until(lambda: not session_workspaces(tmpdir)), f"workspaces left: {session_workspaces(tmpdir)}"
+
+
+@pytest.fixture(scope="module")
+def server(private_tmpdir):
+    srv = rpc.Server(port=0, silent=True)
+    yield srv
+    srv.terminate()
+    assert not srv.alive
+
+
+@pytest.fixture
+def remote(server, private_tmpdir):
+    sess = rpc.connect("127.0.0.1", server.port)
+    yield sess
+    sess.close()
+    assert_clean(server, private_tmpdir)
+
+
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory) -> dict[str, str]:
+    """The test kernels (tests/kernels/kernels.c) as .so and .tar."""
+    out = tmp_path_factory.mktemp("kernels")
+    src = os.path.join(HERE, "kernels", "kernels.c")
+    return {
+        "so": cc.create_shared(out / "kernels.so", [src]),
+        "tar": cc.create_tar(out / "kernels.tar", [src]),
+    }
+
+
+@pytest.fixture
+def mod(remote, kernels):
+    remote.upload(kernels["so"])
+    return remote.load_module("kernels.so")

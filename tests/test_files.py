@@ -1,0 +1,106 @@
+"""upload / download / remove / listdir, confined to the session workspace."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from workbench import rpc
+from workbench.errors import PathDeniedError, RemoteNotFoundError
+
+from .conftest import assert_clean, session_workspaces
+
+
+def test_upload_download_roundtrip_bytes(remote):
+    data = os.urandom(100_000)
+    remote.upload(data, target="blob.bin")
+    assert remote.download("blob.bin") == data
+    assert isinstance(remote.download("blob.bin"), bytearray)
+
+
+def test_upload_file_keeps_its_name(remote, tmp_path):
+    local = tmp_path / "weights.bin"
+    local.write_bytes(b"\x01\x02" * 1000)
+    remote.upload(str(local))
+    assert remote.listdir(".") == ["weights.bin"]
+    remote.upload(local, target="sub/dir/copy.bin")
+    assert remote.download("sub/dir/copy.bin") == local.read_bytes()
+    assert remote.listdir("sub/dir") == ["copy.bin"]
+
+
+def test_empty_file(remote):
+    remote.upload(b"", target="empty")
+    assert remote.download("empty") == bytearray()
+
+
+def test_large_upload_streams(remote, tmp_path):
+    size = 48 << 20
+    local = tmp_path / "big.bin"
+    with open(local, "wb") as f:
+        f.truncate(size)
+        f.seek(size - 5)
+        f.write(b"tail!")
+    remote.upload(str(local))
+    back = remote.download("big.bin")
+    assert len(back) == size and back[-5:] == b"tail!" and back[:4] == b"\0\0\0\0"
+
+
+def test_remove_and_listdir(remote):
+    remote.upload(b"a", target="a.txt")
+    remote.upload(b"b", target="d/b.txt")
+    assert remote.listdir(".") == ["a.txt", "d"]
+    remote.remove("a.txt")
+    remote.remove("d")
+    assert remote.listdir(".") == []
+    with pytest.raises(RemoteNotFoundError, match="no file 'a.txt'"):
+        remote.remove("a.txt")
+    with pytest.raises(RemoteNotFoundError, match="no file 'missing.bin'"):
+        remote.download("missing.bin")
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/etc/passwd", "absolute path"),
+        ("../escape.txt", "'..'"),
+        ("a/../../escape.txt", "'..'"),
+        ("~/x", "absolute path"),
+    ],
+)
+def test_paths_outside_the_workspace_are_refused(remote, path, message):
+    for call in (
+        lambda: remote.upload(b"x", target=path),
+        lambda: remote.download(path),
+        lambda: remote.remove(path),
+        lambda: remote.listdir(path),
+        lambda: remote.load_module(path),
+    ):
+        with pytest.raises(PathDeniedError, match=message):
+            call()
+    assert remote.listdir(".") == []  # the session goes on
+
+
+def test_symlink_escape_is_refused(remote, server, private_tmpdir):
+    # A client cannot make symlinks, but a tar or a kernel could: plant one in the live workspace.
+    (workspace,) = session_workspaces(private_tmpdir)
+    os.symlink("/etc", os.path.join(workspace, "etc"))
+    with pytest.raises(PathDeniedError, match="outside the session workspace"):
+        remote.download("etc/passwd")
+    with pytest.raises(PathDeniedError, match="outside the session workspace"):
+        remote.upload(b"x", target="etc/evil")
+
+
+def test_upload_bytes_needs_a_target(remote):
+    with pytest.raises(ValueError, match="target="):
+        remote.upload(b"abc")
+
+
+def test_each_session_has_its_own_workspace_removed_at_close(server, private_tmpdir):
+    a = rpc.connect("127.0.0.1", server.port)
+    b = rpc.connect("127.0.0.1", server.port)
+    a.upload(b"1", target="only_a.txt")
+    assert b.listdir(".") == []
+    assert len(session_workspaces(private_tmpdir)) == 2
+    a.close()
+    b.close()
+    assert_clean(server, private_tmpdir)

@@ -1,0 +1,11 @@
+"""Toolchains: build kernel libraries with the host (or a cross) C compiler.
+
+    >>> from workbench import cc
+    >>> cc.create_shared("add_one.so", ["add_one.c"])           # doctest: +SKIP
+    >>> cc.create_tar("add_one.tar", ["add_one.c"])             # doctest: +SKIP
+
+Kernels include ``workbench_kernel.h`` (on the include path these functions set).
+"""
+from .compiler import create_shared, create_tar, compile_objects, include_path
+
+__all__ = ["compile_objects", "create_shared", "create_tar", "include_path"]

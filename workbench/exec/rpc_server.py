@@ -1,0 +1,65 @@
+"""Start an RPC server (same flags as ``python -m tvm.exec.rpc_server``).
+
+    python -m workbench.exec.rpc_server --host 127.0.0.1 --port 9090
+    WORKBENCH_RPC_TOKEN=secret python -m workbench.exec.rpc_server --port 9090
+
+Runs in the foreground until Ctrl-C or SIGTERM, which also end every session.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..rpc.serve import serve
+from ..rpc.server import ServerConfig, callable_spec
+
+
+def parse_tracker(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--tracker takes HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench.exec.rpc_server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=9090, help="first port to try (0: any free port)")
+    parser.add_argument("--port-end", type=int, default=9199, help="end of the port range (exclusive)")
+    parser.add_argument("--tracker", type=parse_tracker, help="tracker address HOST:PORT to register with")
+    parser.add_argument("--key", default="", help="device key, for the tracker")
+    parser.add_argument("--through-proxy", action="store_true", help="connect out to a proxy at --host:--port")
+    parser.add_argument("--custom-addr", default=None, help="address to report to the tracker")
+    parser.add_argument("--load-library", default=None, help="kernel libraries to load, separated by ':'")
+    parser.add_argument("--init", default=None, metavar="MODULE:FUNCTION", help="call this before serving (register functions)")
+    parser.add_argument("--silent", action="store_true", help="log warnings only")
+    parser.add_argument("--no-fork", action="store_true", help="start session workers as new processes instead of forking")
+    parser.add_argument("--timeout", type=float, default=None, help="idle timeout of a session's socket, in seconds")
+    parser.add_argument("--auth-token", default=None,
+                        help="accept only clients knowing this token (prefer the WORKBENCH_RPC_TOKEN variable: "
+                             "command lines are visible to other users)")
+    args = parser.parse_args(argv)
+    libs = [os.path.abspath(p) for p in (args.load_library or "").split(":") if p]
+    for lib in libs:
+        if not os.path.exists(lib):
+            parser.error(f"--load-library: no such file {lib!r}")
+    config = ServerConfig(
+        host=args.host, port=args.port, port_end=args.port_end, key=args.key, load_library=libs,
+        silent=args.silent, no_fork=args.no_fork, init=callable_spec(args.init) if args.init else None,
+        timeout=args.timeout, token=args.auth_token or os.environ.get("WORKBENCH_RPC_TOKEN") or None,
+        tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr,
+    )
+    try:
+        serve(config)
+    except OSError as exc:
+        print(f"rpc_server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
