@@ -1,0 +1,70 @@
+"""LocalSession (in-process) and PopenSession (a server over a child's stdin/stdout)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from workbench import rpc, runtime
+from workbench.errors import PathDeniedError, RemoteError, SessionCrashedError
+
+
+def exercise(remote, kernels):
+    remote.upload(kernels["tar"])
+    mod = remote.load_module("kernels.tar")
+    dev = remote.cpu()
+    a = runtime.tensor(np.arange(5, dtype="float32"), dev)
+    b = runtime.empty((5,), "float32", dev)
+    mod["add_one"](a, b)
+    np.testing.assert_array_equal(b.numpy(), np.arange(5) + 1)
+    assert mod.time_evaluator("add_one", dev, number=3, repeat=2)(a, b).mean > 0
+    with pytest.raises(RemoteError, match="expected 2 arguments"):
+        mod["add_one"](a)
+    with pytest.raises(PathDeniedError):
+        remote.download("../x")
+    remote.upload(b"abc", target="f.txt")
+    assert remote.download("f.txt") == b"abc"
+    assert "f.txt" in remote.listdir(".")
+    assert remote.get_function("workbench.echo")(7) == 7
+
+
+def test_local_session(kernels):
+    remote = rpc.LocalSession()
+    workspace = remote._handler.workspace.root
+    exercise(remote, kernels)
+    remote.close()
+    assert not os.path.exists(workspace)
+
+
+def test_popen_session_with_the_python_server(kernels):
+    remote = rpc.PopenSession(rpc.popen_server_command())
+    exercise(remote, kernels)
+    proc = remote._proc
+    remote.close()
+    assert proc.poll() is not None
+
+
+def test_popen_session_names_a_crash(kernels):
+    remote = rpc.PopenSession(rpc.popen_server_command())
+    remote.upload(kernels["so"])
+    with pytest.raises(SessionCrashedError, match="SIGSEGV"):
+        remote.load_module("kernels.so")["segfault"]()
+    remote.close()
+
+
+def test_popen_session_from_bytes_of_an_executable(tmp_path):
+    script = f"#!/bin/sh\nexec {' '.join(rpc.popen_server_command())}\n".encode()
+    remote = rpc.PopenSession(script)
+    path = remote._tempfile
+    assert remote.listdir(".") == []
+    remote.close()
+    assert not os.path.exists(path)
+
+
+def test_popen_session_bad_binary():
+    with pytest.raises(OSError, match="cannot start the server binary"):
+        rpc.PopenSession("/no/such/server")
+    with pytest.raises(Exception, match="closed the connection during the handshake"):
+        rpc.PopenSession([shutil.which("true")])
