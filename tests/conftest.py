@@ -28,6 +28,7 @@ def private_tmpdir(tmp_path_factory):
     os.environ["TMPDIR"] = path
     tempfile.tempdir = None
     yield path
+    assert not session_workspaces(path), f"session workspaces left behind: {session_workspaces(path)}"
     if old is None:
         os.environ.pop("TMPDIR", None)
     else:

@@ -83,7 +83,7 @@ def test_paths_outside_the_workspace_are_refused(remote, path, message):
 def test_symlink_escape_is_refused(remote, server, private_tmpdir):
     # A client cannot make symlinks, but a tar or a kernel could: plant one in the live workspace.
     (workspace,) = session_workspaces(private_tmpdir)
-    os.symlink("/etc", os.path.join(workspace, "etc"))
+    os.symlink("/etc", os.path.join(workspace, "files", "etc"))
     with pytest.raises(PathDeniedError, match="outside the session workspace"):
         remote.download("etc/passwd")
     with pytest.raises(PathDeniedError, match="outside the session workspace"):

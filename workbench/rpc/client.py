@@ -392,10 +392,15 @@ def client_handshake(
         if frame.kind == Kind.ERROR:
             raise error_from_code(*frame.ctrl[:2])
         return frame.ctrl
-    except ConnectionClosedError:
+    except (ConnectionClosedError, BrokenPipeError, ConnectionResetError):
         raise ConnectionClosedError(
             f"{address} closed the connection during the handshake: is it an rpc-workbench server "
             "(TVM servers and trackers are not)?"
+        ) from None
+    except socket.timeout:
+        raise ProtocolError(
+            f"{address} did not answer the handshake in time: is it an rpc-workbench server, "
+            "and is it overloaded?"
         ) from None
 
 
@@ -556,7 +561,7 @@ class PopenSession(RPCSession):
         self._finalizer = weakref.finalize(self, PopenSession._shutdown, self._proc, self._tempfile)
 
     def _lost(self, exc: BaseException) -> RPCError:
-        from .serve import death_notice
+        from .worker import death_notice
 
         try:
             code = self._proc.wait(2)

@@ -182,7 +182,7 @@ class SessionHandler:
 
     def load_module(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 1, "LOAD_MODULE")
-        return self._module_reply(load_module(self.workspace.resolve(args[0])))
+        return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace.private_path))
 
     def link_module(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 1, "LINK_MODULE")
@@ -191,7 +191,7 @@ class SessionHandler:
             raise BadRequestError(f"download_linked_module takes a .tar of object files, not {args[0]!r}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no file {args[0]!r} in the session workspace; upload it first")
-        so = link_tar(path)
+        so = link_tar(path, self.workspace.private_path(os.path.basename(path) + ".so"))
         f = open(so, "rb")
         size = os.fstat(f.fileno()).st_size
         return Reply(size, file=(f, size))

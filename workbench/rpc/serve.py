@@ -23,7 +23,7 @@ from ..errors import ErrorCode
 from ..runtime.workspace import Workspace
 from .protocol import Kind, SocketChannel
 from .server import ServerConfig, resolve_callable
-from .worker import EXIT_CLEAN, EXIT_TIMED_OUT, load_libraries, run_session
+from .worker import EXIT_CLEAN, death_notice, load_libraries, run_session
 
 log = logging.getLogger("workbench.rpc.server")
 
@@ -61,21 +61,6 @@ class _Worker:
         self.conn = conn
         self.workspace = workspace
         self.wait = wait
-
-
-def death_notice(returncode: int) -> str | None:
-    """What to tell the client when its worker ended with ``returncode`` (None: nothing)."""
-    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT):
-        return None
-    if returncode < 0:
-        sig = signal.Signals(-returncode)
-        what = f"was killed by signal {sig.value} ({sig.name}: {signal.strsignal(sig)})"
-    else:
-        what = f"exited with status {returncode} (did the code it ran call exit()?)"
-    return (
-        f"the session worker {what}, most likely in the function it was running; "
-        "the server is still up: connect again to go on"
-    )
 
 
 class ServeLoop:

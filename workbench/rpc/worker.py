@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -50,6 +51,21 @@ EXIT_CLEAN = 0x56  # the client left; nothing to report
 EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
 HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+
+
+def death_notice(returncode: int) -> str | None:
+    """What to tell the client when its worker ended with ``returncode`` (None: nothing)."""
+    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT):
+        return None
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        what = f"was killed by signal {sig.value} ({sig.name}: {signal.strsignal(sig)})"
+    else:
+        what = f"exited with status {returncode} (did the code it ran call exit()?)"
+    return (
+        f"the session worker {what}, most likely in the function it was running; "
+        "the server is still up: connect again to go on"
+    )
 
 
 def auth_proof(token: str, nonce: bytes) -> bytes:
@@ -250,6 +266,31 @@ def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
     return [NativeLibrary(os.path.abspath(path), global_scope=True) for path in paths or []]
 
 
+def serve_stdio(workspace: Workspace, **session_args: Any) -> int:
+    """Serve one session on stdin/stdout from a forked worker, and report its death if it crashes."""
+    out = os.dup(1)
+    os.dup2(2, 1)  # a kernel's printf must not corrupt the protocol stream
+    chan = PipeChannel(0, out)
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_CLEAN
+        try:
+            run_session(chan, workspace, **session_args)
+        except BaseException:
+            log.exception("session worker failed")
+            code = 1
+        finally:
+            os._exit(code)
+    notice = death_notice(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    if notice:
+        try:
+            chan.send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), notice])
+        except OSError:
+            pass
+    workspace.cleanup()
+    return EXIT_CLEAN
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.rpc.worker", description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -270,14 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get(TOKEN_ENV) or None
     workspace = Workspace(args.workspace)
     if args.stdio:
-        out = os.dup(1)
-        os.dup2(2, 1)  # a kernel's printf must not corrupt the protocol stream
-        chan: Channel = PipeChannel(0, out)
-        run_session(chan, workspace, key=args.key, token=token, system_libs=libs)
-    else:
-        sock = socket.socket(fileno=args.fd)
-        run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock, io_timeout=args.timeout)
-        sock.close()
+        return serve_stdio(workspace, key=args.key, token=token, system_libs=libs)
+    sock = socket.socket(fileno=args.fd)
+    run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock, io_timeout=args.timeout)
+    sock.close()
     return EXIT_CLEAN
 
 

@@ -5,7 +5,7 @@ int32_t nargs, TVMFFIAny* ret)``. Kernel libraries resolve their one runtime
 symbol, ``TVMFFIErrorSetRaisedFromCStrParts``, against our shim, which is
 loaded RTLD_GLOBAL before any kernel.
 
-    >>> lib = load_library("add_one.so")          # doctest: +SKIP
+    >>> lib = NativeLibrary("add_one.so")          # doctest: +SKIP
     >>> lib.get_function("add_one")(a, b)         # doctest: +SKIP
 """
 from __future__ import annotations
@@ -214,9 +214,9 @@ class NativeLibrary:
     ``global_scope=True`` (the server's --load-library files), as TVM's system lib.
     """
 
-    def __init__(self, path: str | None, global_scope: bool = False):
+    def __init__(self, path: str | None, global_scope: bool = False, name: str | None = None):
         shim()
-        self.path = path or "<system lib>"
+        self.path = name or path or "<system lib>"
         mode = ctypes.RTLD_GLOBAL if path is None or global_scope else ctypes.RTLD_LOCAL
         try:
             self._lib = ctypes.CDLL(path, mode=mode)
@@ -278,7 +278,3 @@ def exported_kernels(path: str) -> list[str]:
             if raw.startswith(KERNEL_PREFIX) and not raw.startswith(KERNEL_PREFIX + "_"):
                 names.add(raw[len(KERNEL_PREFIX):])
     return sorted(names)
-
-
-def load_library(path: str) -> NativeLibrary:
-    return NativeLibrary(path)

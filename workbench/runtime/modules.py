@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from typing import Callable
 
 from ..errors import RemoteError, UnsupportedError
 from .ffi import NativeLibrary
@@ -50,9 +51,8 @@ def _extract_objects(tar_path: str, dest: str) -> list[str]:
     return objects
 
 
-def link_tar(tar_path: str) -> str:
-    """Link the objects of ``tar_path`` into ``<tar_path minus .tar>.so``; return its path."""
-    out = os.path.splitext(tar_path)[0] + ".so"
+def link_tar(tar_path: str, out: str) -> str:
+    """Link the objects of ``tar_path`` into the shared object ``out``; return ``out``."""
     work = out + ".objs"
     os.makedirs(work, exist_ok=True)
     try:
@@ -73,15 +73,27 @@ def link_tar(tar_path: str) -> str:
     return out
 
 
-def load_module(path: str) -> NativeLibrary:
-    """Load a ``.so`` or a ``.tar`` of objects (linked first)."""
-    if path.endswith(".tar"):
-        path = link_tar(path)
-    elif not path.endswith(SHARED_SUFFIXES):
+def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary:
+    """Load a ``.so`` or a ``.tar`` of objects (linked first).
+
+    The library is opened from a new private path (``private_path(name)``):
+    the dynamic loader caches libraries by path, so loading a re-uploaded
+    ``lib.so`` must not hand back the old code.
+    """
+    name = os.path.basename(path)
+    if not path.endswith((".tar",) + SHARED_SUFFIXES):
         raise UnsupportedError(
-            f"cannot load {os.path.basename(path)!r}: load_module takes a shared object (.so) "
-            "or a .tar of object files"
+            f"cannot load {name!r}: load_module takes a shared object (.so) or a .tar of object files"
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no file {os.path.basename(path)!r} in the session workspace; upload it first")
-    return NativeLibrary(path)
+        raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
+    if path.endswith(".tar"):
+        lib = NativeLibrary(link_tar(path, private_path(os.path.splitext(name)[0] + ".so")), name=name)
+    else:
+        copy = private_path(name)
+        try:
+            os.link(path, copy)
+        except OSError:
+            shutil.copyfile(path, copy)
+        lib = NativeLibrary(copy, name=name)
+    return lib

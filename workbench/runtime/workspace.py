@@ -21,9 +21,20 @@ from ..errors import BadRequestError, PathDeniedError
 
 
 class Workspace:
-    def __init__(self, root: str | None = None):
-        self.root = os.path.realpath(root or tempfile.mkdtemp(prefix="wb-session-"))
+    """``base/files`` is what the client sees; ``base/lib`` holds private copies of loaded modules."""
+
+    def __init__(self, base: str | None = None):
+        self.base = os.path.realpath(base or tempfile.mkdtemp(prefix="wb-session-"))
+        self.root = os.path.join(self.base, "files")
+        self.private = os.path.join(self.base, "lib")
         os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.private, exist_ok=True)
+        self._serial = 0
+
+    def private_path(self, name: str) -> str:
+        """A new, never reused path for ``name`` in the private directory."""
+        self._serial += 1
+        return os.path.join(self.private, f"{self._serial}-{os.path.basename(name)}")
 
     def resolve(self, path: str) -> str:
         """The absolute path for a client path, or PathDeniedError if it leaves the workspace."""
@@ -44,12 +55,16 @@ class Workspace:
         return real
 
     def write(self, path: str, size: int, fill: Callable[[memoryview], None]) -> str:
-        """Create ``path`` of ``size`` bytes, letting ``fill`` write straight into it."""
+        """Create ``path`` of ``size`` bytes, letting ``fill`` write straight into it.
+
+        The file is written beside its target and renamed over it, so a module
+        loaded from the old file is never modified under its feet.
+        """
         full = self.resolve(path)
         if full == self.root:
             raise PathDeniedError("cannot write over the workspace directory itself; name a file")
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".upload-")
         try:
             if size:
                 os.ftruncate(fd, size)
@@ -59,11 +74,15 @@ class Workspace:
                         fill(view)
                     finally:
                         view.release()
-        except BaseException:
+            os.fchmod(fd, 0o644)
             os.close(fd)
-            os.unlink(full)
+            fd = -1
+            os.replace(tmp, full)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(tmp)
             raise
-        os.close(fd)
         return full
 
     def open_read(self, path: str) -> tuple[BinaryIO, int]:
@@ -93,4 +112,4 @@ class Workspace:
         return sorted(os.listdir(full))
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.base, ignore_errors=True)
