@@ -118,13 +118,13 @@ class SessionHandler:
 
     # -- objects --------------------------------------------------------------
     def _add(self, ext: int, obj: Any) -> Handle:
-        handle_id = self._next
+        handle = Handle(ext, self._next)
         self._next += 1
-        self._objects[handle_id] = obj
-        return Handle(ext, handle_id)
+        self._objects[handle.data] = obj  # keyed by the id's 8 wire bytes: no decoding per lookup
+        return handle
 
     def _get(self, handle: Any, cls: type, what: str) -> Any:
-        obj = self._objects.get(handle.id) if isinstance(handle, Handle) else None
+        obj = self._objects.get(handle.data) if isinstance(handle, Handle) else None
         if obj is None or not isinstance(obj, cls):
             raise BadRequestError(f"{handle!r} is not a live {what} of this session (was it freed?)")
         return obj
@@ -253,7 +253,7 @@ class SessionHandler:
     def free(self, args: list, bulk: Bulk | None) -> Reply:
         for handle in args:
             if isinstance(handle, Handle):
-                obj = self._objects.pop(handle.id, None)
+                obj = self._objects.pop(handle.data, None)
                 if isinstance(obj, DeviceTensor):
                     obj.release()
         return _NONE

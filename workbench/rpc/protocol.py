@@ -65,34 +65,35 @@ class Ext(IntEnum):
     FUNCTION = 3
 
 
-class Handle:
-    """A reference to a session object, encoded as msgpack ext (type, u64 LE id)."""
+_U64 = struct.Struct("<Q")
 
-    __slots__ = ("ext", "id")
 
-    def __init__(self, ext: int, id: int):
-        self.ext = ext
-        self.id = id
+class Handle(msgpack.ExtType):
+    """A reference to a session object: msgpack ext (type, u64 LE id), packed natively by msgpack."""
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Handle) and (self.ext, self.id) == (other.ext, other.id)
+    __slots__ = ()
 
-    def __hash__(self) -> int:
-        return hash((self.ext, self.id))
+    def __new__(cls, ext: int, id: int) -> "Handle":
+        return super().__new__(cls, ext, _U64.pack(id))
+
+    @property
+    def ext(self) -> int:
+        return self.code
+
+    @property
+    def id(self) -> int:
+        return _U64.unpack(self.data)[0]
 
     def __repr__(self) -> str:
-        return f"Handle({Ext(self.ext).name}, {self.id})"
+        return f"Handle({Ext(self.code).name}, {self.id})"
 
 
-_U64 = struct.Struct("<Q")
 
 
 def _default(obj: Any) -> Any:
     handle = getattr(obj, "_wb_handle", None)
-    if isinstance(obj, Handle):
-        handle = obj
     if isinstance(handle, Handle):
-        return msgpack.ExtType(handle.ext, _U64.pack(handle.id))
+        return handle
     if hasattr(obj, "__index__"):
         return int(obj)
     if hasattr(obj, "__float__"):
@@ -105,7 +106,7 @@ def _default(obj: Any) -> Any:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code in (Ext.TENSOR, Ext.MODULE, Ext.FUNCTION) and len(data) == 8:
-        return Handle(code, _U64.unpack(data)[0])
+        return msgpack.ExtType.__new__(Handle, code, data)
     raise ProtocolError(f"unknown msgpack extension type {code} (length {len(data)})")
 
 
@@ -125,6 +126,9 @@ def unpack(data: bytes | memoryview) -> Any:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"malformed control message: {str(exc) or type(exc).__name__}") from None
+
+
+_EMPTY_FRAMES = {Kind.OK: HEADER.pack(1, Kind.OK, 0, 0) + b"\xc0"}  # the reply "done, nothing to return"
 
 
 class Frame:
@@ -262,6 +266,9 @@ class Channel:
         file: tuple[BinaryIO, int] | None = None,
     ) -> None:
         """Send one frame; bulk comes from ``bulk`` or from ``file=(fileobj, size)``."""
+        if ctrl is None and bulk is None and file is None and not flags:
+            self._sendall(_EMPTY_FRAMES[kind] if kind in _EMPTY_FRAMES else HEADER.pack(1, kind, 0, 0) + b"\xc0")
+            return
         body = pack(ctrl)
         if bulk is not None:
             bulk = memoryview(bulk).cast("B") if not isinstance(bulk, bytes) else bulk
