@@ -29,6 +29,7 @@ from ..errors import (
     RPCError,
     SessionCrashedError,
     SessionTimeoutError,
+    TooLargeError,
     code_of,
     error_from_code,
 )
@@ -51,6 +52,13 @@ log = logging.getLogger("workbench.rpc.client")
 
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 Receiver = Callable[[int, Any], memoryview]
+
+
+def error_reply(ctrl: Any) -> RPCError:
+    """The exception for an ERROR frame's control part ``[code, message]``."""
+    if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[0], int) and isinstance(ctrl[1], str):
+        return error_from_code(ctrl[0], ctrl[1])
+    return ProtocolError(f"malformed error reply from the peer: {ctrl!r}")
 
 
 class RemoteFunction:
@@ -193,7 +201,7 @@ class RPCSession:
                 if frame.kind == Kind.ERROR:
                     if frame.bulk_len:
                         self._chan.discard_bulk(frame.bulk_len)
-                    raise self._error(frame.ctrl)
+                    raise error_reply(frame.ctrl)
                 if frame.bulk_len:
                     if recv is None:
                         self._chan.discard_bulk(frame.bulk_len)
@@ -201,7 +209,7 @@ class RPCSession:
                     self._chan.recv_bulk_into(recv(frame.bulk_len, frame.ctrl))
                 elif recv is not None:
                     recv(0, frame.ctrl)
-            except (SessionCrashedError, SessionTimeoutError, ProtocolError) as exc:
+            except (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError) as exc:
                 self._end(exc)
                 raise
             except RPCError as exc:
@@ -215,11 +223,6 @@ class RPCSession:
             if self._log:
                 log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
             return frame.ctrl
-
-    def _error(self, ctrl: Any) -> RPCError:
-        if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[1], str):
-            return error_from_code(ctrl[0], ctrl[1])
-        return ProtocolError(f"malformed error reply: {ctrl!r}")
 
     def _lost(self, exc: BaseException) -> RPCError:
         if isinstance(exc, socket.timeout):
@@ -381,7 +384,7 @@ def client_handshake(
             )
         frame = chan.recv_frame()
         if frame.kind == Kind.ERROR:
-            raise error_from_code(*frame.ctrl[:2])
+            raise error_reply(frame.ctrl)
         hello = frame.ctrl
         if frame.kind != Kind.HELLO or not isinstance(hello, dict):
             raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
@@ -390,7 +393,7 @@ def client_handshake(
         chan.send_frame(Kind.CONNECT, {"key": key or "", "timeout": float(session_timeout), "proof": proof, "ctor": ctor})
         frame = chan.recv_frame()
         if frame.kind == Kind.ERROR:
-            raise error_from_code(*frame.ctrl[:2])
+            raise error_reply(frame.ctrl)
         return frame.ctrl
     except (ConnectionClosedError, BrokenPipeError, ConnectionResetError):
         raise ConnectionClosedError(

@@ -98,12 +98,12 @@ class SessionHandler:
 
     # -- dispatch -------------------------------------------------------------
     def handle(self, kind: int, args: Any, bulk: Bulk | None) -> Reply:
-        op = self._ops.get(kind)
-        if op is None:
-            raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
-        if not isinstance(args, list):
-            raise BadRequestError(f"request {Kind(kind).name}: arguments must be a list, not {type(args).__name__}")
         try:
+            op = self._ops.get(kind)
+            if op is None:
+                raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
+            if not isinstance(args, list):
+                raise BadRequestError(f"request {Kind(kind).name}: arguments must be a list, not {type(args).__name__}")
             return op(args, bulk)
         finally:
             if bulk is not None:
@@ -218,15 +218,7 @@ class SessionHandler:
     def call(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 2, "CALL")
         fn = self._function(args[0])
-        result = fn(*self._resolve_args(args[1]))
-        if isinstance(result, (list, tuple)):
-            result = list(result)
-        elif result is not None and not isinstance(result, (bool, int, float, str, bytes)):
-            raise BadRequestError(
-                f"the function returned a {type(result).__name__}; remote functions may return "
-                "None, numbers, strings, bytes or lists of them"
-            )
-        return Reply(result)
+        return Reply(fn(*self._resolve_args(args[1])))  # what cannot be encoded is refused when sent
 
     def tensor_alloc(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 4, "TENSOR_ALLOC")

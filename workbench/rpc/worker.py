@@ -51,6 +51,7 @@ EXIT_CLEAN = 0x56  # the client left; nothing to report
 EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
 HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+SESSION_CONSTRUCTORS = ("rpc.LocalSession",)
 
 
 def death_notice(returncode: int) -> str | None:
@@ -104,7 +105,12 @@ def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) 
         ))
     nonce = os.urandom(NONCE_BYTES)
     chan.send_frame(Kind.HELLO, {"version": VERSION, "nonce": nonce, "auth": bool(token)})
-    frame = chan.recv_frame()
+    try:
+        frame = chan.recv_frame()
+    except ConnectionClosedError:
+        raise
+    except RPCError as exc:
+        _refuse(chan, exc)
     opts = frame.ctrl
     if frame.kind != Kind.CONNECT or not isinstance(opts, dict):
         _refuse(chan, ProtocolError(f"expected a CONNECT message after HELLO, got kind {frame.kind}"))
@@ -123,10 +129,10 @@ def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) 
     if not isinstance(client_key, str) or not key_matches(key, client_key):
         _refuse(chan, KeyMismatchError(f"this server serves key {key!r}, the client asked for {client_key!r}"))
     ctor = opts.get("ctor")
-    if ctor and ctor[0] not in ("rpc.LocalSession",):
+    if ctor and not (isinstance(ctor, list) and ctor[0] in SESSION_CONSTRUCTORS):
         _refuse(chan, UnsupportedError(
-            f"session constructor {ctor[0]!r} is not supported by this server "
-            "(supported: rpc.LocalSession)"
+            f"session constructor {ctor[0] if isinstance(ctor, list) else ctor!r} is not supported by this server "
+            f"(supported: {', '.join(SESSION_CONSTRUCTORS)})"
         ))
     timeout = opts.get("timeout") or 0
     if not isinstance(timeout, (int, float)) or timeout < 0:
@@ -165,7 +171,6 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
         except ConnectionClosedError:
             return
         except Exception as exc:
-            if bulk is not None: bulk.drop()  # a request refused before its data was read: keep the stream in step
             if frame.flags & FLAG_NO_REPLY:
                 log.warning("request %s failed: %s", frame.kind, exc)
                 continue
@@ -177,6 +182,8 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
         with lock:
             try:
                 chan.send_frame(Kind.OK, reply.value, reply.bulk, file=reply.file)
+            except TypeError as exc:  # the value cannot be encoded; encoding fails before anything is sent
+                chan.send_frame(Kind.ERROR, [int(ErrorCode.BAD_REQUEST), f"the function returned a value that cannot be sent back: {exc}"])
             finally:
                 if reply.file:
                     reply.file[0].close()
