@@ -46,7 +46,9 @@ from .protocol import (
     SocketChannel,
     pack,
     unpack,
+    write_all,
 )
+from .buffers import receive_buffer
 
 log = logging.getLogger("workbench.rpc.client")
 
@@ -274,7 +276,7 @@ class RPCSession:
         box: list[bytearray] = []
 
         def receive(size: int, _value: Any) -> memoryview:
-            box.append(bytearray(size))
+            box.append(receive_buffer(size))
             return memoryview(box[0])
 
         self._request(kind, [path], recv=receive)
@@ -477,10 +479,12 @@ class LocalSession(RPCSession):
             incoming = None
             if bulk is not None:
                 src = memoryview(bulk).cast("B")
-                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None)
+                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
+                                lambda fd, n: write_all(fd, src))
             elif file is not None:
                 f, size = file
-                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None)
+                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
+                                lambda fd, n: _copy_file(f.fileno(), fd, n))
             try:
                 reply = self._handler.handle(kind, unpack(pack(args)), incoming)
             except RPCError:
@@ -501,6 +505,15 @@ class LocalSession(RPCSession):
                 if reply.file is not None:
                     reply.file[0].close()
             return value
+
+
+def _copy_file(src_fd: int, dst_fd: int, count: int) -> None:
+    offset = 0
+    while offset < count:
+        sent = os.sendfile(dst_fd, src_fd, offset, count - offset)
+        if not sent:
+            raise ProtocolError("the file shrank while it was being copied")
+        offset += sent
 
 
 def _read_fully(f: Any, view: memoryview) -> None:

@@ -41,10 +41,17 @@ def device_info() -> dict[str, Any]:
 class Bulk:
     """The bulk part of a request: read it into a buffer, or drop it."""
 
-    def __init__(self, size: int, read_into: Callable[[memoryview], None], discard: Callable[[int], None]):
+    def __init__(
+        self,
+        size: int,
+        read_into: Callable[[memoryview], None],
+        discard: Callable[[int], None],
+        to_fd: Callable[[int, int], None],
+    ):
         self.size = size
         self._read_into = read_into
         self._discard = discard
+        self._to_fd = to_fd
         self.consumed = False
 
     def read_into(self, view: memoryview) -> None:
@@ -52,6 +59,11 @@ class Bulk:
             raise BadRequestError(f"expected {len(view)} bytes of data, the request carries {self.size}")
         self.consumed = True
         self._read_into(view)
+
+    def write_to(self, fd: int) -> None:
+        """Stream the data into the open file ``fd``."""
+        self.consumed = True
+        self._to_fd(fd, self.size)
 
     def drop(self) -> None:
         if not self.consumed:
@@ -160,8 +172,7 @@ class SessionHandler:
 
     def upload(self, args: list, bulk: Bulk | None) -> Reply:
         self._arity(args, 1, "UPLOAD")
-        size = bulk.size if bulk else 0
-        self.workspace.write(args[0], size, bulk.read_into if bulk else lambda v: None)
+        self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None)
         return _NONE
 
     def download(self, args: list, bulk: Bulk | None) -> Reply:

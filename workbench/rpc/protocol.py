@@ -131,6 +131,13 @@ def unpack(data: bytes | memoryview) -> Any:
 _EMPTY_FRAMES = {Kind.OK: HEADER.pack(1, Kind.OK, 0, 0) + b"\xc0"}  # the reply "done, nothing to return"
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
 class Frame:
     __slots__ = ("kind", "flags", "ctrl", "bulk_len")
 
@@ -154,6 +161,7 @@ class Channel:
     """
 
     BUFFER = 256 << 10
+    SCRATCH = 4 << 20  # bulk on its way to a file passes through this buffer
     SMALL_BULK = 64 << 10  # bulk below this goes out in the same write as its header
 
     def __init__(self) -> None:
@@ -161,6 +169,7 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self._scratch: memoryview | None = None
 
     # -- raw stream, supplied by subclasses ---------------------------------
     def _recv_into(self, view: memoryview) -> int:
@@ -248,11 +257,23 @@ class Channel:
                 )
             got += n
 
-    def discard_bulk(self, count: int) -> None:
-        scratch = memoryview(bytearray(min(count, 1 << 20) or 1))
+    def recv_bulk_to_fd(self, fd: int, count: int) -> None:
+        """Write the next ``count`` stream bytes to the file ``fd``, through one reused buffer."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.SCRATCH))
         while count:
-            step = min(count, len(scratch))
-            self.recv_bulk_into(scratch[:step])
+            step = min(count, len(self._scratch))
+            chunk = self._scratch[:step]
+            self.recv_bulk_into(chunk)
+            write_all(fd, chunk)
+            count -= step
+
+    def discard_bulk(self, count: int) -> None:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.SCRATCH))
+        while count:
+            step = min(count, len(self._scratch))
+            self.recv_bulk_into(self._scratch[:step])
             count -= step
 
     # -- writing --------------------------------------------------------------
@@ -328,10 +349,7 @@ class PipeChannel(Channel):
         return os.readv(self.read_fd, [view])
 
     def _sendall(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = os.write(self.write_fd, view)
-            view = view[n:]
+        write_all(self.write_fd, data)
 
     def close(self) -> None:
         for fd in {self.read_fd, self.write_fd}:

@@ -165,7 +165,7 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
                 except OSError:
                     pass
             return
-        bulk = Bulk(frame.bulk_len, chan.recv_bulk_into, chan.discard_bulk) if frame.bulk_len else None
+        bulk = Bulk(frame.bulk_len, chan.recv_bulk_into, chan.discard_bulk, chan.recv_bulk_to_fd) if frame.bulk_len else None
         try:
             reply = handler.handle(frame.kind, frame.ctrl, bulk)
         except ConnectionClosedError:

@@ -9,6 +9,9 @@ from typing import Sequence
 from ..errors import BadRequestError
 from .ffi import DLDataType, DLDevice, DLTensor
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
 # DLPack dtype codes
 DL_INT, DL_UINT, DL_FLOAT, DL_BFLOAT, DL_COMPLEX, DL_BOOL = 0, 1, 2, 4, 5, 6
 _CODE_NAMES = {DL_INT: "int", DL_UINT: "uint", DL_FLOAT: "float", DL_BFLOAT: "bfloat", DL_COMPLEX: "complex", DL_BOOL: "bool"}
@@ -34,7 +37,9 @@ class DeviceTensor:
         self.dtype = dtype_name(code, bits, lanes)
         self.itemsize = (bits * lanes + 7) // 8
         self.nbytes = math.prod(shape) * self.itemsize
-        self._mem = mmap.mmap(-1, max(self.nbytes, 1))
+        self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if self.nbytes >= HUGE_PAGE and hasattr(self._mem, "madvise"):
+            self._mem.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
         self._anchor = ctypes.c_char.from_buffer(self._mem)
         self._shape = (ctypes.c_int64 * max(len(shape), 1))(*shape)
         self.dltensor = DLTensor(

@@ -11,7 +11,6 @@ session ends.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import tempfile
@@ -54,8 +53,8 @@ class Workspace:
             raise PathDeniedError(f"{path!r} leads outside the session workspace (through a symlink)")
         return real
 
-    def write(self, path: str, size: int, fill: Callable[[memoryview], None]) -> str:
-        """Create ``path`` of ``size`` bytes, letting ``fill`` write straight into it.
+    def write(self, path: str, writer: Callable[[int], None]) -> str:
+        """Create ``path`` with what ``writer(fd)`` writes to the open file descriptor.
 
         The file is written beside its target and renamed over it, so a module
         loaded from the old file is never modified under its feet.
@@ -66,21 +65,13 @@ class Workspace:
         os.makedirs(os.path.dirname(full), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".upload-")
         try:
-            if size:
-                os.ftruncate(fd, size)
-                with mmap.mmap(fd, size) as mm:
-                    view = memoryview(mm)
-                    try:
-                        fill(view)
-                    finally:
-                        view.release()
-            os.fchmod(fd, 0o644)
-            os.close(fd)
-            fd = -1
+            try:
+                writer(fd)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
             os.replace(tmp, full)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
             os.unlink(tmp)
             raise
         return full
