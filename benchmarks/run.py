@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import operator
 import os
@@ -59,9 +60,16 @@ IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
 PING_BYTES = 16
 RAW_CONNECTIONS = 3  # the raw bulk figure is the median over this many connections
 REMOTE_FILE = "bench.bin"
+_upload_serial = itertools.count()
+
+
+def fresh_name() -> str:
+    """A new remote file name per upload: replacing a 64 MiB file would add the filesystem's
+    cost of freeing the old one to the transfer (the session workspace goes at its end)."""
+    return f"upload-{next(_upload_serial)}.bin"
 RAW_KEYS = ("bulk", "call", "call_pinned", "call_split")
 BULK_KEYS = ("upload", "download", "to_device", "copyfrom", "from_device")
-SERVER_KEYS = ("call", "call_pinned", "rss")
+SERVER_KEYS = ("call", "call_pinned", "call_split", "rss")
 SECTION_LIMITS_S = {"raw": 30.0, "ours": 60.0, "tvm": 75.0}  # hard caps: a full run ends within 3 minutes
 
 
@@ -460,6 +468,11 @@ def measure_server(side: str, res: Results, cfg: Config, processes: Owned,
         pin(processes.pids(), {cfg.cpu})
         with pinned_here(cfg.cpu):
             res.set(side, "call_pinned", pinned_call_us())
+    if cfg.other_cpu is not None:
+        with res.attempt(side, "call_split"):
+            pin(processes.pids(), {cfg.other_cpu})
+            with pinned_here(cfg.cpu):
+                res.set(side, "call_split", pinned_call_us())
 
 
 # -- ours -------------------------------------------------------------------------------
@@ -491,7 +504,7 @@ def measure_ours(cfg: Config, res: Results) -> None:
             on_device = runtime.tensor(arr, dev)
             check_contents("ours", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
             ops = {
-                "upload": lambda: remote.upload(data, target=REMOTE_FILE),
+                "upload": lambda: remote.upload(data, target=fresh_name()),
                 "download": lambda: remote.download(REMOTE_FILE),
                 "to_device": lambda: runtime.tensor(arr, dev),
                 "copyfrom": lambda: on_device.copyfrom(arr),
@@ -566,7 +579,7 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
         on_device = tvm.runtime.tensor(arr, dev)
         check_contents("tvm", res, remote.download(REMOTE_FILE), on_device.numpy(), bytes(data))
         ops = {
-            "upload": lambda: remote.upload(data, REMOTE_FILE),
+            "upload": lambda: remote.upload(data, fresh_name()),
             "download": lambda: remote.download(REMOTE_FILE),
             "to_device": lambda: tvm.runtime.tensor(arr, dev),
             "copyfrom": lambda: on_device.copyfrom(arr),
@@ -628,6 +641,8 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric(f"from device, Tensor.numpy {size}", "MiB/s", "from_device", "bulk", bulk, True),
         Metric("empty call round trip", "µs", "call", "call", call),
         Metric("empty call round trip, pinned", "µs", "call_pinned", "call_pinned", call),
+        *([Metric("empty call round trip, across 2 CPUs", "µs", "call_split", "call_split", call)]
+          if cfg.other_cpu is not None else []),
         Metric("server start-up to connected", "s", "startup", None, Target("<", 0.2, False, "< 0.2 s")),
         Metric("idle server RSS", "MB", "rss", None, Target("<", 60, False, "< 60 MB")),
     ]
@@ -709,19 +724,22 @@ def explanations(cfg: Config, res: Results) -> list[str]:
     if tvm:
         processes += f", tvm: {res.facts.get('tvm_server_processes', '?')}"
     split = (
-        f"; across 2 CPUs: this process on CPU {cfg.cpu}, the raw peer on CPU {cfg.other_cpu} (what a round trip "
-        "costs when the scheduler puts the two ends on different CPUs)" if cfg.other_cpu is not None else ""
+        f"; across 2 CPUs: this process on CPU {cfg.cpu}, the raw peer (or the server and its workers) on CPU "
+        f"{cfg.other_cpu} (what a round trip costs when the scheduler puts the two ends on different CPUs)"
+        if cfg.other_cpu is not None else ""
     )
     return [
         *([f"* TVM bulk figures move {cfg.tvm_bulk_bytes // MIB} MiB per transfer (TVM is slow); ours and raw "
            f"move {cfg.bulk_bytes // MIB} MiB."] if tvm else []),
+        "uploads write a new remote file each time (replacing one adds the filesystem's cost of freeing it).",
         "ratio = ours / raw" + (", tvm ratio = ours / tvm" if tvm else "")
         + "; MiB/s: higher is better; µs, s, MB: lower is better.",
         f"medians: bulk of {cfg.bulk_reps} transfers" + (f" (tvm {cfg.tvm_bulk_reps})" if tvm else "")
         + f", raw bulk of {cfg.bulk_reps} on each of {RAW_CONNECTIONS} connections, each after a warm-up; calls of "
         f"{cfg.calls} after {cfg.warmup} warm-up; start-up of {cfg.startups}"
         + (f" (tvm {cfg.tvm_startups})." if tvm else "."),
-        f"pinned: this process and the raw peer, or the server and its workers, all on CPU {cfg.cpu}{split}.",
+        f"pinned: this process and the raw peer, or the server and its workers, all on CPU {cfg.cpu}{split}; "
+        "unpinned: where the scheduler puts them, which differs from process pair to process pair.",
         f"RSS: VmRSS summed over the idle server's processes ({processes}).",
     ]
 

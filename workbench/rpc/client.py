@@ -51,6 +51,7 @@ from .protocol import (
 from .buffers import receive_buffer
 
 log = logging.getLogger("workbench.rpc.client")
+_ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
 
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 Receiver = Callable[[int, Any], memoryview]
@@ -73,7 +74,7 @@ class RemoteFunction:
         session._track(self, handle)
 
     def __call__(self, *args: Any) -> Any:
-        return self.session._request(Kind.CALL, [self._wb_handle, list(args)])
+        return self.session._request(_CALL, [self._wb_handle, list(args)])
 
     def time_evaluator(
         self,
@@ -191,26 +192,24 @@ class RPCSession:
         file: tuple[Any, int] | None = None,
         recv: Receiver | None = None,
     ) -> Any:
+        """Send one request and return the reply's control part (its bulk part goes to ``recv``)."""
+        start = time.perf_counter() if self._log else 0.0
         with self._lock:
-            self._ensure_open()
-            start = time.perf_counter() if self._log else 0.0
+            if self._ended is not None:
+                self._ensure_open()
+            chan = self._chan
             try:
                 if self._pending_free:
                     frees, self._pending_free[:] = list(self._pending_free), []
-                    self._chan.send_frame(Kind.FREE, frees, flags=FLAG_NO_REPLY)
-                self._chan.send_frame(kind, args, bulk, file=file)
-                frame = self._chan.recv_frame()
-                if frame.kind == Kind.ERROR:
-                    if frame.bulk_len:
-                        self._chan.discard_bulk(frame.bulk_len)
-                    raise error_reply(frame.ctrl)
-                if frame.bulk_len:
-                    if recv is None:
-                        self._chan.discard_bulk(frame.bulk_len)
-                        raise ProtocolError(f"unexpected {frame.bulk_len} bulk bytes in the reply to {Kind(kind).name}")
-                    self._chan.recv_bulk_into(recv(frame.bulk_len, frame.ctrl))
-                elif recv is not None:
-                    recv(0, frame.ctrl)
+                    chan.send_frame(_FREE, frees, flags=FLAG_NO_REPLY)
+                chan.send_frame(kind, args, bulk, file=file)
+                reply_kind, _, ctrl, bulk_len = chan.recv_frame()
+                if reply_kind == _ERROR:
+                    if bulk_len:
+                        chan.discard_bulk(bulk_len)
+                    raise error_reply(ctrl)
+                if bulk_len or recv is not None:
+                    self._receive_bulk(kind, ctrl, bulk_len, recv)
             except (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError) as exc:
                 self._end(exc)
                 raise
@@ -222,9 +221,17 @@ class RPCSession:
             except OSError as exc:
                 self._end(self._lost(exc))
                 raise self._ended from None
-            if self._log:
-                log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
-            return frame.ctrl
+        if self._log:
+            log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
+        return ctrl
+
+    def _receive_bulk(self, kind: int, ctrl: Any, bulk_len: int, recv: Receiver | None) -> None:
+        if recv is None:
+            self._chan.discard_bulk(bulk_len)
+            raise ProtocolError(f"unexpected {bulk_len} bulk bytes in the reply to {Kind(kind).name}")
+        view = recv(bulk_len, ctrl)
+        if bulk_len:
+            self._chan.recv_bulk_into(view)
 
     def _lost(self, exc: BaseException) -> RPCError:
         if isinstance(exc, socket.timeout):
@@ -468,7 +475,7 @@ class LocalSession(RPCSession):
         self._finalizer = weakref.finalize(self, self._handler.close)
 
     def _request(self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None) -> Any:
-        from .handler import Bulk
+        from .handler import Bulk, Reply
         from .worker import _error_text
 
         with self._lock:
@@ -491,16 +498,17 @@ class LocalSession(RPCSession):
                 raise
             except Exception as exc:
                 raise error_from_code(code_of(exc), _error_text(exc)) from exc
+            if type(reply) is not Reply:
+                value = unpack(pack(reply))
+                if recv is not None:
+                    recv(0, value)
+                return value
             value = unpack(pack(reply.value))
             try:
-                if reply.bulk is not None or reply.file is not None:
-                    if reply.file is not None:
-                        dest = recv(reply.file[1], value)
-                        _read_fully(reply.file[0], dest)
-                    else:
-                        recv(len(reply.bulk), value)[:] = reply.bulk
-                elif recv is not None:
-                    recv(0, value)
+                if reply.file is not None:
+                    _read_fully(reply.file[0], recv(reply.file[1], value))
+                else:
+                    recv(len(reply.bulk), value)[:] = reply.bulk
             finally:
                 if reply.file is not None:
                     reply.file[0].close()

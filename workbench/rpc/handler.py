@@ -24,6 +24,7 @@ from .protocol import Ext, Handle, Kind
 log = logging.getLogger(__name__)
 
 CPU = 1
+_FUNCTION = int(Ext.FUNCTION)
 DEVICES: tuple[tuple[int, int], ...] = ((CPU, 0),)
 
 
@@ -72,6 +73,8 @@ class Bulk:
 
 
 class Reply:
+    """A reply that carries a bulk part; operations without one return their value directly."""
+
     __slots__ = ("value", "bulk", "file")
 
     def __init__(self, value: Any = None, bulk: memoryview | bytes | None = None, file: tuple[BinaryIO, int] | None = None):
@@ -80,16 +83,13 @@ class Reply:
         self.file = file
 
 
-_NONE = Reply()
-
-
 class SessionHandler:
     def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None):
         self.workspace = workspace or Workspace()
         self._system_libs = system_libs or []
         self._objects: dict[int, Any] = {}
         self._next = 1
-        self._ops: dict[int, Callable[[list, Bulk | None], Reply]] = {
+        self._ops: dict[int, Callable[[list, Bulk | None], Any]] = {
             Kind.PING: self.ping,
             Kind.UPLOAD: self.upload,
             Kind.DOWNLOAD: self.download,
@@ -109,9 +109,12 @@ class SessionHandler:
         }
 
     # -- dispatch -------------------------------------------------------------
-    def handle(self, kind: int, args: Any, bulk: Bulk | None) -> Reply:
+    def handle(self, kind: int, args: Any, bulk: Bulk | None) -> Any:
+        """The reply to one request: its value, or a ``Reply`` when it carries bulk data."""
+        op = self._ops.get(kind)
+        if bulk is None and op is not None and type(args) is list:
+            return op(args, None)  # the common case, kept short
         try:
-            op = self._ops.get(kind)
             if op is None:
                 raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
             if not isinstance(args, list):
@@ -166,36 +169,36 @@ class SessionHandler:
             )
 
     # -- requests ---------------------------------------------------------------
-    def ping(self, args: list, bulk: Bulk | None) -> Reply:
+    def ping(self, args: list, bulk: Bulk | None) -> Any:
         tensors = [o for o in self._objects.values() if isinstance(o, DeviceTensor)]
-        return Reply({"objects": len(self._objects), "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors)})
+        return {"objects": len(self._objects), "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors)}
 
-    def upload(self, args: list, bulk: Bulk | None) -> Reply:
+    def upload(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "UPLOAD")
         self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None)
-        return _NONE
+        return None
 
-    def download(self, args: list, bulk: Bulk | None) -> Reply:
+    def download(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "DOWNLOAD")
         f, size = self.workspace.open_read(args[0])
         return Reply(size, file=(f, size))
 
-    def remove(self, args: list, bulk: Bulk | None) -> Reply:
+    def remove(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "REMOVE")
         self.workspace.remove(args[0])
-        return _NONE
+        return None
 
-    def listdir(self, args: list, bulk: Bulk | None) -> Reply:
-        return Reply(self.workspace.listdir(args[0] if args else "."))
+    def listdir(self, args: list, bulk: Bulk | None) -> Any:
+        return self.workspace.listdir(args[0] if args else ".")
 
-    def _module_reply(self, lib: NativeLibrary) -> Reply:
-        return Reply([self._add(Ext.MODULE, lib), lib.names, lib.entry_name])
+    def _module_reply(self, lib: NativeLibrary) -> list:
+        return [self._add(Ext.MODULE, lib), lib.names, lib.entry_name]
 
-    def load_module(self, args: list, bulk: Bulk | None) -> Reply:
+    def load_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LOAD_MODULE")
         return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace.private_path))
 
-    def link_module(self, args: list, bulk: Bulk | None) -> Reply:
+    def link_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LINK_MODULE")
         path = self.workspace.resolve(args[0])
         if not path.endswith(".tar"):
@@ -207,61 +210,69 @@ class SessionHandler:
         size = os.fstat(f.fileno()).st_size
         return Reply(size, file=(f, size))
 
-    def system_lib(self, args: list, bulk: Bulk | None) -> Reply:
+    def system_lib(self, args: list, bulk: Bulk | None) -> Any:
         lib = NativeLibrary(None)
         lib.names = sorted({n for l in self._system_libs for n in l.names})
         return self._module_reply(lib)
 
-    def get_function(self, args: list, bulk: Bulk | None) -> Reply:
+    def get_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "GET_FUNCTION")
-        return Reply(self._add(Ext.FUNCTION, registry.get_global_func(args[0])))
+        return self._add(Ext.FUNCTION, registry.get_global_func(args[0]))
 
-    def module_function(self, args: list, bulk: Bulk | None) -> Reply:
+    def module_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 2, "MODULE_FUNCTION")
         lib = self._get(args[0], NativeLibrary, "module")
-        return Reply(self._add(Ext.FUNCTION, lib.get_function(args[1])))
+        return self._add(Ext.FUNCTION, lib.get_function(args[1]))
 
     def _function(self, handle: Any) -> Callable:
-        if not (isinstance(handle, Handle) and handle.ext == Ext.FUNCTION):
-            raise BadRequestError(f"{handle!r} is not a function handle")
-        return self._get(handle, object, "function")
+        fn = self._objects.get(handle.data) if type(handle) is Handle and handle.code == _FUNCTION else None
+        if fn is None:
+            raise BadRequestError(f"{handle!r} is not a live function of this session (was it freed?)")
+        return fn
 
-    def call(self, args: list, bulk: Bulk | None) -> Reply:
-        self._arity(args, 2, "CALL")
-        fn = self._function(args[0])
-        return Reply(fn(*self._resolve_args(args[1])))  # what cannot be encoded is refused when sent
+    def call(self, args: list, bulk: Bulk | None) -> Any:
+        if len(args) != 2 or type(args[1]) is not list:
+            raise BadRequestError(f"request CALL takes [function, [arguments]], got {args!r:.200}")
+        handle = args[0]
+        fn = self._objects.get(handle.data) if type(handle) is Handle and handle.code == _FUNCTION else None
+        if fn is None:
+            fn = self._function(handle)  # raises the error
+        call_args = args[1]
+        if call_args:
+            call_args = self._resolve_args(call_args)
+        return fn(*call_args)  # what cannot be encoded is refused when sent
 
-    def tensor_alloc(self, args: list, bulk: Bulk | None) -> Reply:
+    def tensor_alloc(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TENSOR_ALLOC")
         shape, dtype, dev_type, dev_id = args
         self.check_device(dev_type, dev_id)
         tensor = DeviceTensor(shape, dtype, (dev_type, dev_id))
         if bulk is not None:
             bulk.read_into(tensor.view())
-        return Reply(self._add(Ext.TENSOR, tensor))
+        return self._add(Ext.TENSOR, tensor)
 
-    def tensor_write(self, args: list, bulk: Bulk | None) -> Reply:
+    def tensor_write(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_WRITE")
         tensor = self._get(args[0], DeviceTensor, "tensor")
         if bulk is None:
             raise BadRequestError(f"TENSOR_WRITE carries no data; the tensor holds {tensor.nbytes} bytes")
         bulk.read_into(tensor.view())
-        return _NONE
+        return None
 
-    def tensor_read(self, args: list, bulk: Bulk | None) -> Reply:
+    def tensor_read(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_READ")
         tensor = self._get(args[0], DeviceTensor, "tensor")
         return Reply(tensor.nbytes, bulk=tensor.view())
 
-    def free(self, args: list, bulk: Bulk | None) -> Reply:
+    def free(self, args: list, bulk: Bulk | None) -> Any:
         for handle in args:
             if isinstance(handle, Handle):
                 obj = self._objects.pop(handle.data, None)
                 if isinstance(obj, DeviceTensor):
                     obj.release()
-        return _NONE
+        return None
 
-    def time_eval(self, args: list, bulk: Bulk | None) -> Reply:
+    def time_eval(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TIME_EVAL")
         handle, (dev_type, dev_id), options, call_args = args
         self.check_device(dev_type, dev_id)
@@ -282,4 +293,4 @@ class SessionHandler:
         unknown = set(options) - allowed
         if unknown:
             raise BadRequestError(f"unknown time_evaluator options: {sorted(unknown)}")
-        return Reply(time_repeats(run, preproc=preproc, **options))
+        return time_repeats(run, preproc=preproc, **options)

@@ -11,6 +11,8 @@ The byte layouts are written down in docs/protocol.md. In short:
 """
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import socket
 import struct
@@ -25,6 +27,8 @@ MAGIC = b"WBRP"
 VERSION = 1
 PREAMBLE = struct.Struct("<4sHH")  # magic, version, flags
 HEADER = struct.Struct("<IHHQ")  # ctrl_len, kind, flags, bulk_len
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
 MAX_CTRL = 16 << 20
 MAX_BULK = 1 << 40
 NONCE_BYTES = 32
@@ -104,24 +108,29 @@ def _default(obj: Any) -> Any:
     )
 
 
+_HANDLE_EXTS = frozenset(int(e) for e in Ext)
+_new_tuple = tuple.__new__
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
-    if code in (Ext.TENSOR, Ext.MODULE, Ext.FUNCTION) and len(data) == 8:
-        return msgpack.ExtType.__new__(Handle, code, data)
+    if code in _HANDLE_EXTS and len(data) == 8:
+        return _new_tuple(Handle, (code, data))  # ExtType's own __new__ re-validates in Python
     raise ProtocolError(f"unknown msgpack extension type {code} (length {len(data)})")
 
 
-_packer = msgpack.Packer(default=_default, use_bin_type=True)
+_pack = msgpack.Packer(default=_default, use_bin_type=True).pack
+_unpackb = functools.partial(msgpack.unpackb, ext_hook=_ext_hook)  # str keys only, raw=False: the defaults
 
 
 def pack(obj: Any) -> bytes:
     """Encode a control part."""
-    return _packer.pack(obj)
+    return _pack(obj)
 
 
 def unpack(data: bytes | memoryview) -> Any:
     """Decode a control part; anything but well-formed msgpack is a ProtocolError."""
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        return _unpackb(data)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
@@ -131,6 +140,15 @@ def unpack(data: bytes | memoryview) -> Any:
 _EMPTY_FRAMES = {Kind.OK: HEADER.pack(1, Kind.OK, 0, 0) + b"\xc0"}  # the reply "done, nothing to return"
 
 
+def _too_large(ctrl_len: int, bulk_len: int) -> TooLargeError:
+    if ctrl_len > MAX_CTRL:
+        return TooLargeError(
+            f"control part of {ctrl_len} bytes is over the {MAX_CTRL}-byte limit "
+            "(is the peer speaking the workbench protocol?)"
+        )
+    return TooLargeError(f"bulk part of {bulk_len} bytes is over the {MAX_BULK}-byte limit")
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until all of ``data`` is written."""
     view = memoryview(data).cast("B")
@@ -138,14 +156,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-class Frame:
-    __slots__ = ("kind", "flags", "ctrl", "bulk_len")
+class Frame(tuple):
+    """A received frame: ``(kind, flags, ctrl, bulk_len)``; the bulk part is still on the stream."""
 
-    def __init__(self, kind: int, flags: int, ctrl: Any, bulk_len: int):
-        self.kind = kind
-        self.flags = flags
-        self.ctrl = ctrl
-        self.bulk_len = bulk_len
+    __slots__ = ()
+    kind = property(operator.itemgetter(0))
+    flags = property(operator.itemgetter(1))
+    ctrl = property(operator.itemgetter(2))
+    bulk_len = property(operator.itemgetter(3))
 
     def __repr__(self) -> str:
         return f"Frame(kind={self.kind}, ctrl={self.ctrl!r}, bulk_len={self.bulk_len})"
@@ -196,18 +214,18 @@ class Channel:
     # -- reading --------------------------------------------------------------
     def _fill(self, need: int) -> None:
         """Make at least ``need`` bytes available in the buffer."""
-        if self._end - self._start >= need:
-            return
-        if self._start:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + need > self.BUFFER:  # move the leftover to the front
             leftover = self._end - self._start
             self._buf[:leftover] = self._view[self._start : self._end]
             self._start, self._end = 0, leftover
-        while self._end < need:
-            n = self._recv_into(self._view[self._end :])
+        while self._end - self._start < need:
+            n = self._recv_into(self._view[self._end :] if self._end else self._view)
             if n == 0:
                 raise ConnectionClosedError(
                     "the peer closed the connection"
-                    + (" in the middle of a message" if self._end else "")
+                    + (" in the middle of a message" if self._end > self._start else "")
                 )
             self._end += n
 
@@ -222,23 +240,26 @@ class Channel:
         return data
 
     def recv_frame(self) -> Frame:
-        self._fill(HEADER.size)
-        ctrl_len, kind, flags, bulk_len = HEADER.unpack_from(self._buf, self._start)
-        if ctrl_len > MAX_CTRL:
-            raise TooLargeError(
-                f"control part of {ctrl_len} bytes is over the {MAX_CTRL}-byte limit "
-                "(is the peer speaking the workbench protocol?)"
-            )
-        if bulk_len > MAX_BULK:
-            raise TooLargeError(f"bulk part of {bulk_len} bytes is over the {MAX_BULK}-byte limit")
-        self._start += HEADER.size
-        if ctrl_len <= self.BUFFER:
+        start = self._start
+        if self._end - start < 16:  # HEADER.size
+            self._fill(16)
+            start = self._start
+        ctrl_len, kind, flags, bulk_len = _unpack_header(self._buf, start)
+        if ctrl_len > MAX_CTRL or bulk_len > MAX_BULK:
+            raise _too_large(ctrl_len, bulk_len)
+        start += 16
+        end = start + ctrl_len
+        if end > self._end:
+            self._start = start
+            if ctrl_len > self.BUFFER:
+                return _new_tuple(Frame, (kind, flags, unpack(self.read_exact(ctrl_len)), bulk_len))
             self._fill(ctrl_len)
-            ctrl = unpack(self._view[self._start : self._start + ctrl_len])
-            self._start += ctrl_len
-        else:
-            ctrl = unpack(self.read_exact(ctrl_len))
-        return Frame(kind, flags, ctrl, bulk_len)
+            start = self._start
+            end = start + ctrl_len
+        self._start = end
+        if ctrl_len == 1 and self._buf[start] == 0xC0:  # nil, the most common reply
+            return _new_tuple(Frame, (kind, flags, None, bulk_len))
+        return _new_tuple(Frame, (kind, flags, unpack(self._view[start:end]), bulk_len))
 
     def recv_bulk_into(self, view: memoryview) -> None:
         """Fill ``view`` entirely from the stream (buffered bytes first)."""
@@ -287,10 +308,14 @@ class Channel:
         file: tuple[BinaryIO, int] | None = None,
     ) -> None:
         """Send one frame; bulk comes from ``bulk`` or from ``file=(fileobj, size)``."""
-        if ctrl is None and bulk is None and file is None and not flags:
-            self._sendall(_EMPTY_FRAMES[kind] if kind in _EMPTY_FRAMES else HEADER.pack(1, kind, 0, 0) + b"\xc0")
+        if bulk is None and file is None:
+            if ctrl is None and not flags and kind in _EMPTY_FRAMES:
+                self._sendall(_EMPTY_FRAMES[kind])
+            else:
+                body = _pack(ctrl)
+                self._sendall(_pack_header(len(body), kind, flags, 0) + body)
             return
-        body = pack(ctrl)
+        body = _pack(ctrl)
         if bulk is not None:
             bulk = memoryview(bulk).cast("B") if not isinstance(bulk, bytes) else bulk
             bulk_len = len(bulk)
@@ -312,24 +337,56 @@ class Channel:
 class SocketChannel(Channel):
     """A channel over a connected TCP socket."""
 
+    SPLICE_PIPE = 1 << 20
+
     def __init__(self, sock: socket.socket):
         super().__init__()
         self.sock = sock
+        self._pipe: tuple[int, int] | None = None
+        self._recv_into = sock.recv_into  # bound directly: one Python frame less per call
+        self._sendall = sock.sendall
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a socketpair in tests)
 
-    def _recv_into(self, view: memoryview) -> int:
-        return self.sock.recv_into(view)
-
-    def _sendall(self, data: bytes | memoryview) -> None:
-        self.sock.sendall(data)
-
     def _sendfile(self, file: BinaryIO, count: int) -> None:
         self.sock.sendfile(file, 0, count)  # zero-copy os.sendfile on Linux
 
+    def recv_bulk_to_fd(self, fd: int, count: int) -> None:
+        """Move stream bytes to the file with splice(2) (no copy through user space), where available."""
+        have = min(self._end - self._start, count)
+        if have:
+            write_all(fd, self._view[self._start : self._start + have])
+            self._start += have
+            count -= have
+        if not count:
+            return
+        if not hasattr(os, "splice") or self.sock.gettimeout() is not None:
+            return super().recv_bulk_to_fd(fd, count)
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            try:
+                import fcntl
+
+                fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, self.SPLICE_PIPE)
+            except OSError:
+                pass  # a smaller pipe only means more calls
+        read_end, write_end = self._pipe
+        sock_fd = self.sock.fileno()
+        while count:
+            moved = os.splice(sock_fd, write_end, min(count, self.SPLICE_PIPE), flags=os.SPLICE_F_MOVE)
+            if moved == 0:
+                raise ConnectionClosedError(f"the peer closed the connection with {count} bulk bytes still to come")
+            count -= moved
+            while moved:
+                moved -= os.splice(read_end, fd, moved, flags=os.SPLICE_F_MOVE)
+
     def close(self) -> None:
+        if self._pipe is not None:
+            for end in self._pipe:
+                os.close(end)
+            self._pipe = None
         try:
             self.sock.close()
         except OSError:

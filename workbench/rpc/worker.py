@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..runtime.ffi import NativeLibrary
 from ..runtime.workspace import Workspace
-from .handler import Bulk, SessionHandler, device_info
+from .handler import Bulk, Reply, SessionHandler, device_info
 from .protocol import (
     FLAG_NO_REPLY,
     MAGIC,
@@ -51,6 +51,7 @@ EXIT_CLEAN = 0x56  # the client left; nothing to report
 EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
 HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+_OK = int(Kind.OK)
 SESSION_CONSTRUCTORS = ("rpc.LocalSession",)
 
 
@@ -152,40 +153,45 @@ def _error_text(exc: BaseException) -> str:
 def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.Lock | None = None) -> None:
     """Answer requests until the client closes the connection."""
     lock = send_lock or threading.Lock()
+    recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
     while True:
         try:
-            frame = chan.recv_frame()
+            frame = recv_frame()
         except ConnectionClosedError:
             return
         except RPCError as exc:  # oversized or malformed frame: the stream cannot be trusted
             log.warning("closing session: %s", exc)
             with lock:
                 try:
-                    chan.send_frame(Kind.ERROR, [int(exc.code), f"{exc}; closing this connection"])
+                    send_frame(Kind.ERROR, [int(exc.code), f"{exc}; closing this connection"])
                 except OSError:
                     pass
             return
-        bulk = Bulk(frame.bulk_len, chan.recv_bulk_into, chan.discard_bulk, chan.recv_bulk_to_fd) if frame.bulk_len else None
+        kind, flags, ctrl, bulk_len = frame
+        bulk = Bulk(bulk_len, chan.recv_bulk_into, chan.discard_bulk, chan.recv_bulk_to_fd) if bulk_len else None
         try:
-            reply = handler.handle(frame.kind, frame.ctrl, bulk)
+            reply = handle(kind, ctrl, bulk)
         except ConnectionClosedError:
             return
         except Exception as exc:
-            if frame.flags & FLAG_NO_REPLY:
-                log.warning("request %s failed: %s", frame.kind, exc)
+            if flags & FLAG_NO_REPLY:
+                log.warning("request %s failed: %s", kind, exc)
                 continue
             with lock:
-                chan.send_frame(Kind.ERROR, [int(code_of(exc)), _error_text(exc)])
+                send_frame(Kind.ERROR, [int(code_of(exc)), _error_text(exc)])
             continue
-        if frame.flags & FLAG_NO_REPLY:
+        if flags & FLAG_NO_REPLY:
             continue
         with lock:
             try:
-                chan.send_frame(Kind.OK, reply.value, reply.bulk, file=reply.file)
+                if type(reply) is Reply:
+                    send_frame(_OK, reply.value, reply.bulk, file=reply.file)
+                else:
+                    send_frame(_OK, reply)
             except TypeError as exc:  # the value cannot be encoded; encoding fails before anything is sent
-                chan.send_frame(Kind.ERROR, [int(ErrorCode.BAD_REQUEST), f"the function returned a value that cannot be sent back: {exc}"])
+                send_frame(Kind.ERROR, [int(ErrorCode.BAD_REQUEST), f"the function returned a value that cannot be sent back: {exc}"])
             finally:
-                if reply.file:
+                if type(reply) is Reply and reply.file:
                     reply.file[0].close()
 
 
