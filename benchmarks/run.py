@@ -14,12 +14,14 @@ One run measures, all on 127.0.0.1 with free ports:
 
 * raw: a plain socket pair between this process and a child process: bulk
   throughput (``sendall`` of a memoryview into ``recv_into`` of a preallocated
-  buffer) and the round trip of 16-byte messages (TCP_NODELAY), unpinned and
-  with both processes pinned to one CPU;
+  buffer) and the round trip of 16-byte messages (TCP_NODELAY), unpinned,
+  with both processes pinned to one CPU, and with the two on different CPUs;
 * ours: upload and download of a file, tensor copies to the device
   (``runtime.tensor`` and ``Tensor.copyfrom``) and back (``Tensor.numpy``),
-  the round trip of an empty remote call (``workbench.nop``) unpinned and
-  pinned (the server process and its workers pinned too), server start-up
+  the round trip of an empty remote call (``workbench.nop``) unpinned, pinned
+  to one CPU and across two (the server process and its workers pinned too;
+  the unpinned figure is for information: the scheduler places each pair
+  differently, so only like-for-like placements carry a target), server start-up
   (from ``rpc.Server(port=0)`` until ``rpc.connect`` succeeds) and the idle
   server's resident memory;
 * tvm: the same figures for ``tvm.rpc`` (``tvm.runtime.tensor``, the C++
@@ -639,7 +641,7 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric(f"to device, runtime.tensor {size}", "MiB/s", "to_device", "bulk", bulk, True),
         Metric(f"to device, Tensor.copyfrom {size}", "MiB/s", "copyfrom", "bulk", bulk, True),
         Metric(f"from device, Tensor.numpy {size}", "MiB/s", "from_device", "bulk", bulk, True),
-        Metric("empty call round trip", "µs", "call", "call", call),
+        Metric("empty call round trip, unpinned (info)", "µs", "call", "call"),
         Metric("empty call round trip, pinned", "µs", "call_pinned", "call_pinned", call),
         *([Metric("empty call round trip, across 2 CPUs", "µs", "call_split", "call_split", call)]
           if cfg.other_cpu is not None else []),
@@ -739,7 +741,8 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         f"{cfg.calls} after {cfg.warmup} warm-up; start-up of {cfg.startups}"
         + (f" (tvm {cfg.tvm_startups})." if tvm else "."),
         f"pinned: this process and the raw peer, or the server and its workers, all on CPU {cfg.cpu}{split}; "
-        "unpinned: where the scheduler puts them, which differs from process pair to process pair.",
+        "unpinned (info, no target): where the scheduler puts them, which differs from pair to pair and run to run "
+        "(one CPU for one pair, two for the next), so the pinned and across-2-CPUs rows carry the target.",
         f"RSS: VmRSS summed over the idle server's processes ({processes}).",
     ]
 
