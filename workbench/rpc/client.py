@@ -179,6 +179,13 @@ class RPCSession:
     def _track(self, obj: Any, handle: Handle) -> None:
         weakref.finalize(obj, self._pending_free.append, handle)
 
+    def _take_frees(self) -> list[Handle]:
+        """Handles of collected objects; pop() one by one, as finalizers may append meanwhile."""
+        pending, frees = self._pending_free, []
+        while pending:
+            frees.append(pending.pop())
+        return frees
+
     def _ensure_open(self) -> None:
         if self._ended is not None:
             raise type(self._ended)(f"this session has ended: {self._ended}", code=self._ended.code)
@@ -200,8 +207,7 @@ class RPCSession:
             chan = self._chan
             try:
                 if self._pending_free:
-                    frees, self._pending_free[:] = list(self._pending_free), []
-                    chan.send_frame(_FREE, frees, flags=FLAG_NO_REPLY)
+                    chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
                 chan.send_frame(kind, args, bulk, file=file)
                 reply_kind, _, ctrl, bulk_len = chan.recv_frame()
                 if reply_kind == _ERROR:
@@ -480,9 +486,8 @@ class LocalSession(RPCSession):
 
         with self._lock:
             self._ensure_open()
-            frees, self._pending_free[:] = list(self._pending_free), []
-            if frees:
-                self._handler.handle(Kind.FREE, frees, None)
+            if self._pending_free:
+                self._handler.handle(Kind.FREE, self._take_frees(), None)
             incoming = None
             if bulk is not None:
                 src = memoryview(bulk).cast("B")

@@ -58,7 +58,6 @@ class Kind(IntEnum):
     FREE = 29
     TIME_EVAL = 30
     SYSTEM_LIB = 31
-    MODULE_INFO = 32
 
 
 class Ext(IntEnum):
@@ -90,8 +89,6 @@ class Handle(msgpack.ExtType):
 
     def __repr__(self) -> str:
         return f"Handle({Ext(self.code).name}, {self.id})"
-
-
 
 
 def _default(obj: Any) -> Any:
@@ -137,7 +134,7 @@ def unpack(data: bytes | memoryview) -> Any:
         raise ProtocolError(f"malformed control message: {str(exc) or type(exc).__name__}") from None
 
 
-_EMPTY_FRAMES = {Kind.OK: HEADER.pack(1, Kind.OK, 0, 0) + b"\xc0"}  # the reply "done, nothing to return"
+_OK_NIL = HEADER.pack(1, Kind.OK, 0, 0) + b"\xc0"  # the reply "done, nothing to return"
 
 
 def _too_large(ctrl_len: int, bulk_len: int) -> TooLargeError:
@@ -278,24 +275,19 @@ class Channel:
                 )
             got += n
 
-    def recv_bulk_to_fd(self, fd: int, count: int) -> None:
-        """Write the next ``count`` stream bytes to the file ``fd``, through one reused buffer."""
+    def recv_bulk_to_fd(self, fd: int | None, count: int) -> None:
+        """Write the next ``count`` stream bytes to the file ``fd`` (None: drop them), through one reused buffer."""
         if self._scratch is None:
             self._scratch = memoryview(bytearray(self.SCRATCH))
         while count:
-            step = min(count, len(self._scratch))
-            chunk = self._scratch[:step]
+            chunk = self._scratch[: min(count, len(self._scratch))]
             self.recv_bulk_into(chunk)
-            write_all(fd, chunk)
-            count -= step
+            if fd is not None:
+                write_all(fd, chunk)
+            count -= len(chunk)
 
     def discard_bulk(self, count: int) -> None:
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(self.SCRATCH))
-        while count:
-            step = min(count, len(self._scratch))
-            self.recv_bulk_into(self._scratch[:step])
-            count -= step
+        Channel.recv_bulk_to_fd(self, None, count)
 
     # -- writing --------------------------------------------------------------
     def send_frame(
@@ -309,8 +301,8 @@ class Channel:
     ) -> None:
         """Send one frame; bulk comes from ``bulk`` or from ``file=(fileobj, size)``."""
         if bulk is None and file is None:
-            if ctrl is None and not flags and kind in _EMPTY_FRAMES:
-                self._sendall(_EMPTY_FRAMES[kind])
+            if ctrl is None and kind == 0 and not flags:
+                self._sendall(_OK_NIL)
             else:
                 body = _pack(ctrl)
                 self._sendall(_pack_header(len(body), kind, flags, 0) + body)
@@ -319,11 +311,9 @@ class Channel:
         if bulk is not None:
             bulk = memoryview(bulk).cast("B") if not isinstance(bulk, bytes) else bulk
             bulk_len = len(bulk)
-        elif file is not None:
-            bulk_len = file[1]
         else:
-            bulk_len = 0
-        head = HEADER.pack(len(body), kind, flags, bulk_len) + body
+            bulk_len = file[1]
+        head = _pack_header(len(body), kind, flags, bulk_len) + body
         if bulk is not None and bulk_len <= self.SMALL_BULK:
             self._sendall(head + bytes(bulk))
             return

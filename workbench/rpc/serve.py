@@ -23,7 +23,7 @@ from ..errors import ErrorCode
 from ..runtime.workspace import Workspace
 from .protocol import Kind, SocketChannel
 from .server import ServerConfig, resolve_callable
-from .worker import EXIT_CLEAN, death_notice, load_libraries, run_session
+from .worker import EXIT_CLEAN, death_notice, load_libraries, run_session, shutdown
 
 log = logging.getLogger("workbench.rpc.server")
 
@@ -154,10 +154,7 @@ class ServeLoop:
                 SocketChannel(worker.conn).send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), notice])
             except OSError:
                 pass
-        try:
-            worker.conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown(worker.conn)
         worker.conn.close()
         shutil.rmtree(worker.workspace, ignore_errors=True)
 

@@ -251,11 +251,7 @@ def run_session(
         if opts["timeout"] > 0:
             def expire() -> None:
                 workspace.cleanup()
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                shutdown(sock)
             watchdog = Watchdog(opts["timeout"], chan, lock, expire)
         try:
             serve_requests(chan, handler, lock)
@@ -267,11 +263,16 @@ def run_session(
         if handler:
             handler.close()
         workspace.cleanup()
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shutdown(sock)
+
+
+def shutdown(sock: socket.socket | None) -> None:
+    """End both directions of a connection, whoever else holds its descriptor."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
