@@ -6,6 +6,6 @@
 
 Kernels include ``workbench_kernel.h`` (on the include path these functions set).
 """
-from .compiler import create_shared, create_tar, compile_objects, include_path
+from .compiler import compile_objects, create_shared, create_tar, include_path, target_triple
 
-__all__ = ["compile_objects", "create_shared", "create_tar", "include_path"]
+__all__ = ["compile_objects", "create_shared", "create_tar", "include_path", "target_triple"]

@@ -1,7 +1,9 @@
 """Compiling C kernels into shared objects or tars of object files."""
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -10,6 +12,18 @@ import tempfile
 from typing import Sequence
 
 COMPILE_TIMEOUT_S = 300
+
+
+@functools.lru_cache(maxsize=None)
+def target_triple(cc: str | None = None) -> str:
+    """This machine's target triple, as its C compiler names it (``gcc -dumpmachine``)."""
+    try:
+        proc = subprocess.run(_compiler(cc) + ["-dumpmachine"], capture_output=True, text=True, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"{platform.machine()}-{platform.system().lower()}-gnu"
 
 
 def include_path() -> str:

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--custom-addr", default=None, help="address to report to the tracker")
     parser.add_argument("--load-library", default=None, help="kernel libraries to load, separated by ':'")
     parser.add_argument("--init", default=None, metavar="MODULE:FUNCTION", help="call this before serving (register functions)")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
+                        help="a label published to the tracker (repeatable), e.g. --label board=rpi4")
     parser.add_argument("--silent", action="store_true", help="log warnings only")
     parser.add_argument("--no-fork", action="store_true", help="start session workers as new processes instead of forking")
     parser.add_argument("--timeout", type=float, default=None, help="idle timeout of a session's socket, in seconds")
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="accept only clients knowing this token (prefer the WORKBENCH_RPC_TOKEN variable: "
                              "command lines are visible to other users)")
     args = parser.parse_args(argv)
+    labels = {}
+    for label in args.label:
+        name, sep, value = label.partition("=")
+        if not sep or not name:
+            parser.error(f"--label takes NAME=VALUE, not {label!r}")
+        labels[name] = value
     libs = [os.path.abspath(p) for p in (args.load_library or "").split(":") if p]
     for lib in libs:
         if not os.path.exists(lib):
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host, port=args.port, port_end=args.port_end, key=args.key, load_library=libs,
         silent=args.silent, no_fork=args.no_fork, init=callable_spec(args.init) if args.init else None,
         timeout=args.timeout, token=args.auth_token or os.environ.get("WORKBENCH_RPC_TOKEN") or None,
-        tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr,
+        tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr, labels=labels,
     )
     try:
         serve(config)

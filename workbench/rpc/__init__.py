@@ -20,6 +20,9 @@ _EXPORTS = {
     "connect": "client",
     "popen_server_command": "client",
     "Server": "server",
+    "Tracker": "tracker",
+    "TrackerSession": "tracker_client",
+    "connect_tracker": "tracker_client",
     "register_func": "..runtime.registry",
 }
 __all__ = sorted(_EXPORTS)
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
         popen_server_command,
     )
     from .server import Server
+    from .tracker import Tracker
+    from .tracker_client import TrackerSession, connect_tracker
 
 
 def __getattr__(name: str):

@@ -7,7 +7,6 @@ the connection and tells the client what happened before closing it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import selectors
@@ -17,50 +16,32 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 from ..errors import ErrorCode
+from ..cc.compiler import target_triple
 from ..runtime.workspace import Workspace
 from .protocol import Kind, SocketChannel
 from .server import ServerConfig, resolve_callable
-from .worker import EXIT_CLEAN, death_notice, load_libraries, run_session, shutdown
+from .service import bind_port, service_main, setup_logging
+from .handler import device_info
+from .registration import TrackerRegistration
+from .worker import EXIT_CLEAN, EXIT_REFUSED, death_notice, load_libraries, run_session, shutdown
 
 log = logging.getLogger("workbench.rpc.server")
 
 
-def bind_port(host: str, port: int, port_end: int, reuse_addr: bool = True) -> socket.socket:
-    """Listen on the first free port of ``[port, port_end)`` (port 0: any free port)."""
-    last = max(port_end, port + 1)
-    errors = []
-    for candidate in range(port, last) if port else [0]:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        if reuse_addr:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, candidate))
-            sock.listen(128)
-            return sock
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
-            if exc.errno not in (98, 13):  # EADDRINUSE, EACCES: try the next port
-                break
-    raise OSError(
-        f"cannot listen on {host} ports {port}..{last - 1}: {errors[-1] if errors else 'no port'}; "
-        "free a port or pass another port/port_end (port=0 picks any free port)"
-    )
-
-
 class _Worker:
-    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait")
+    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey")
 
-    def __init__(self, pid: int, conn: socket.socket, workspace: str, wait: Callable[[], int]):
+    def __init__(self, pid: int, conn: socket.socket, workspace: str, wait: Callable[[], int], matchkey: str | None):
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
         self.conn = conn
         self.workspace = workspace
         self.wait = wait
+        self.matchkey = matchkey
 
 
 class ServeLoop:
@@ -71,6 +52,19 @@ class ServeLoop:
         self.workers: dict[int, _Worker] = {}
         self.system_libs = load_libraries(config.load_library)
         self._sel = selectors.DefaultSelector()
+        self.registration: TrackerRegistration | None = None
+        if config.tracker_addr:
+            info = dict(device_info(), target=target_triple(), labels=config.labels)
+            self.registration = TrackerRegistration(
+                config.tracker_addr, config.key, listener.getsockname()[1], config.custom_addr, info
+            )
+
+    def _timeout(self) -> float | None:
+        reg = self.registration
+        if reg is None:
+            return None
+        reg.busy = any(w.matchkey is not None and w.matchkey == reg.matchkey for w in self.workers.values())
+        return reg.poll(time.monotonic())
 
     def run(self) -> None:
         self._sel.register(self.listener, selectors.EVENT_READ, None)
@@ -78,7 +72,7 @@ class ServeLoop:
             self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
         try:
             while True:
-                for key, _ in self._sel.select():
+                for key, _ in self._sel.select(self._timeout()):
                     if key.data is None:
                         self._accept()
                     elif key.data == "owner":
@@ -98,9 +92,12 @@ class ServeLoop:
         log.info("connection from %s:%s", *addr[:2])
         workspace = tempfile.mkdtemp(prefix="wb-session-")
         cfg = self.config
+        matchkey = self.registration.matchkey if self.registration else None
         if cfg.no_fork:
             cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
                    "--workspace", workspace, "--key", cfg.key]
+            if matchkey:
+                cmd += ["--matchkey", matchkey]
             for lib in cfg.load_library:
                 cmd += ["--load-library", lib]
             if cfg.timeout is not None:
@@ -112,16 +109,17 @@ class ServeLoop:
             if cfg.token:
                 env["WORKBENCH_RPC_TOKEN"] = cfg.token
             proc = subprocess.Popen(cmd, pass_fds=[conn.fileno()], env=env, stdin=subprocess.DEVNULL)
-            worker = _Worker(proc.pid, conn, workspace, proc.wait)
+            worker = _Worker(proc.pid, conn, workspace, proc.wait, matchkey)
         else:
             pid = os.fork()
             if pid == 0:
-                self._run_child(conn, workspace)  # never returns
-            worker = _Worker(pid, conn, workspace, lambda pid=pid: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                self._run_child(conn, workspace, matchkey)  # never returns
+            worker = _Worker(pid, conn, workspace, lambda pid=pid: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]),
+                             matchkey)
         self.workers[worker.pidfd] = worker
         self._sel.register(worker.pidfd, selectors.EVENT_READ, worker)
 
-    def _run_child(self, conn: socket.socket, workspace: str) -> None:
+    def _run_child(self, conn: socket.socket, workspace: str, matchkey: str | None) -> None:
         code = EXIT_CLEAN
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -132,10 +130,13 @@ class ServeLoop:
                 os.close(w.pidfd)
             if self.owner_fd is not None:
                 os.close(self.owner_fd)
-            run_session(
+            if self.registration is not None and self.registration.conn is not None:
+                self.registration.conn.sock.close()
+            served = run_session(
                 SocketChannel(conn), Workspace(workspace), key=self.config.key, token=self.config.token,
-                system_libs=self.system_libs, sock=conn, io_timeout=self.config.timeout,
+                system_libs=self.system_libs, sock=conn, io_timeout=self.config.timeout, matchkey=matchkey,
             )
+            code = EXIT_CLEAN if served else EXIT_REFUSED
         except BaseException:
             log.exception("session worker failed")
             code = 1
@@ -146,7 +147,11 @@ class ServeLoop:
         self._sel.unregister(worker.pidfd)
         del self.workers[worker.pidfd]
         os.close(worker.pidfd)
-        notice = death_notice(worker.wait())
+        returncode = worker.wait()
+        notice = death_notice(returncode)
+        reg = self.registration
+        if reg is not None and worker.matchkey == reg.matchkey and returncode != EXIT_REFUSED and notify:
+            reg.session_ended()
         if notice and notify:
             log.warning("%s", notice)
             try:
@@ -167,15 +172,13 @@ class ServeLoop:
             self._reap(worker, notify=False)
         self._sel.close()
         self.listener.close()
+        if self.registration is not None:
+            self.registration.close()
 
 
 def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
     """Run a server in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
-    logging.basicConfig(
-        level=logging.WARNING if config.silent else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(config.silent)
     if config.init:
         resolve_callable(config.init)()
     listener = bind_port(config.host, config.port, config.port_end, config.reuse_addr)
@@ -194,26 +197,8 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owne
 
 
 def main() -> None:
-    """Entry of a server started by ``rpc.Server``: config on stdin, "ready PORT" on stdout.
-
-    stdin stays open; when the owner process goes away it closes and the server stops.
-    """
-    config = ServerConfig(**json.loads(sys.stdin.readline()))
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-
-    def ready(port: int) -> None:
-        out.write(f"ready {port}\n")
-        out.flush()
-
-    try:
-        serve(config, ready, owner_fd=0)
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        out.write(f"error {json.dumps(str(exc))}\n")
-        out.flush()
-        raise SystemExit(1)
+    """Entry of a server started by ``rpc.Server`` (see workbench.rpc.service)."""
+    service_main(lambda config, ready, owner_fd: serve(ServerConfig(**config), ready, owner_fd))
 
 
 if __name__ == "__main__":

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
-import select
-import subprocess
-import sys
-import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .service import ServiceProcess
 
-START_TIMEOUT_S = 30.0
+
 
 
 @dataclass
@@ -39,6 +34,7 @@ class ServerConfig:
     tracker_addr: tuple[str, int] | None = None
     is_proxy: bool = False
     custom_addr: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def callable_spec(func: Callable | str) -> str:
@@ -71,22 +67,6 @@ def resolve_callable(spec: str) -> Callable:
     return obj
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        if stream:
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
 class Server:
     """An RPC server in a separate process; each client session runs in its own worker process.
 
@@ -117,6 +97,7 @@ class Server:
         timeout: float | None = None,
         *,
         auth_token: str | None = None,
+        labels: dict[str, str] | None = None,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -139,57 +120,24 @@ class Server:
             tracker_addr=tuple(tracker_addr) if tracker_addr else None,
             is_proxy=is_proxy,
             custom_addr=custom_addr,
+            labels=dict(labels or {}),
         )
         self.host = host
         self.key = key
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.rpc.serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C in a terminal reaches the owner, which ends the server
-        )
-        self._proc = proc
-        self._finalizer = weakref.finalize(self, _stop, proc)
-        try:
-            proc.stdin.write(json.dumps(dataclasses.asdict(self.config)) + "\n")
-            proc.stdin.flush()
-            self.port = self._wait_ready()
-        except BaseException:
-            self.terminate()
-            raise
-
-    def _wait_ready(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self._proc.stdout], [], [], 0.5)
-            if ready:
-                line = self._proc.stdout.readline()
-                if line.startswith("ready "):
-                    return int(line.split()[1])
-                if line.startswith("error "):
-                    raise RuntimeError(f"the RPC server failed to start: {json.loads(line[6:])}")
-                if not line:
-                    break
-            elif self._proc.poll() is not None:
-                break
-        code = self._proc.poll()
-        raise RuntimeError(
-            f"the RPC server process {'exited with status %s' % code if code is not None else 'did not start'} "
-            f"within {START_TIMEOUT_S:.0f} s (its log is on this process's stderr)"
-        )
+        self._service = ServiceProcess("workbench.rpc.serve", dataclasses.asdict(self.config), "RPC server")
+        self.port = self._service.port
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._service.pid
 
     @property
     def alive(self) -> bool:
-        return self._proc.poll() is None
+        return self._service.alive
 
     def terminate(self) -> None:
         """Stop the server and every session worker it started."""
-        self._finalizer()
+        self._service.terminate()
 
     def __enter__(self) -> "Server":
         return self

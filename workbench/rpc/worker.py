@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 EXIT_CLEAN = 0x56  # the client left; nothing to report
 EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
+EXIT_REFUSED = 0x58  # the handshake failed: no session was served
 HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 _OK = int(Kind.OK)
@@ -57,7 +58,7 @@ SESSION_CONSTRUCTORS = ("rpc.LocalSession",)
 
 def death_notice(returncode: int) -> str | None:
     """What to tell the client when its worker ended with ``returncode`` (None: nothing)."""
-    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT):
+    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT, EXIT_REFUSED):
         return None
     if returncode < 0:
         sig = signal.Signals(-returncode)
@@ -75,8 +76,18 @@ def auth_proof(token: str, nonce: bytes) -> bytes:
     return hmac.new(token.encode(), b"workbench-rpc-v1" + nonce, hashlib.sha256).digest()
 
 
-def key_matches(server_key: str, client_key: str) -> bool:
-    return not server_key or not client_key or client_key == server_key
+def check_key(server_key: str, client_key: Any, matchkey: str | None) -> None:
+    """Refuse a client whose key does not fit: with a tracker, only its match key does."""
+    if not isinstance(client_key, str):
+        raise KeyMismatchError(f"the key must be a string, not {client_key!r}")
+    if matchkey is not None:
+        if client_key != matchkey:
+            raise KeyMismatchError(
+                f"this server of key {server_key!r} is handed out by a tracker: request it with "
+                f"rpc.connect_tracker(host, port).request({server_key!r})"
+            )
+    elif server_key and client_key and client_key.partition(":")[0] != server_key:
+        raise KeyMismatchError(f"this server serves key {server_key!r}, the client asked for {client_key!r}")
 
 
 def _refuse(chan: Channel, exc: RPCError) -> None:
@@ -87,10 +98,19 @@ def _refuse(chan: Channel, exc: RPCError) -> None:
     raise exc
 
 
-def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) -> dict[str, Any]:
+def server_handshake(
+    chan: Channel,
+    *,
+    key: str = "",
+    token: str | None = None,
+    matchkey: str | None = None,
+    accept: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the server side of the handshake; return the client's CONNECT options.
 
-    Refusals are sent to the client as an ERROR frame and raised here.
+    ``accept(options)`` gives the session info sent with OK (by default this
+    device's), or raises an RPCError to refuse. Refusals are sent to the
+    client as an ERROR frame and raised here.
     """
     magic, version, _flags = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
     chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
@@ -126,9 +146,10 @@ def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) 
             _refuse(chan, AuthenticationError(
                 f"wrong auth token: the client's {TOKEN_ENV} / auth_token differs from the server's"
             ))
-    client_key = opts.get("key") or ""
-    if not isinstance(client_key, str) or not key_matches(key, client_key):
-        _refuse(chan, KeyMismatchError(f"this server serves key {key!r}, the client asked for {client_key!r}"))
+    try:
+        check_key(key, opts.get("key") or "", matchkey)
+    except KeyMismatchError as exc:
+        _refuse(chan, exc)
     ctor = opts.get("ctor")
     if ctor and not (isinstance(ctor, list) and ctor[0] in SESSION_CONSTRUCTORS):
         _refuse(chan, UnsupportedError(
@@ -139,7 +160,11 @@ def server_handshake(chan: Channel, *, key: str = "", token: str | None = None) 
     if not isinstance(timeout, (int, float)) or timeout < 0:
         _refuse(chan, ProtocolError(f"session_timeout must be a number >= 0, not {timeout!r}"))
     opts["timeout"] = float(timeout)
-    chan.send_frame(Kind.OK, dict(device_info(), key=key, session_timeout=float(timeout)))
+    try:
+        info = accept(opts) if accept else dict(device_info(), key=key, session_timeout=opts["timeout"])
+    except RPCError as exc:
+        _refuse(chan, exc)
+    chan.send_frame(Kind.OK, info)
     return opts
 
 
@@ -232,18 +257,22 @@ def run_session(
     system_libs: list[NativeLibrary] | None = None,
     sock: socket.socket | None = None,
     io_timeout: float | None = None,
-) -> None:
-    """Handshake and serve one session on ``chan``; the workspace is removed at the end."""
+    matchkey: str | None = None,
+) -> bool:
+    """Handshake and serve one session on ``chan``; False if the handshake failed.
+
+    The workspace is removed at the end.
+    """
     handler = None
     watchdog = None
     try:
         if sock is not None:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
-            opts = server_handshake(chan, key=key, token=token)
+            opts = server_handshake(chan, key=key, token=token, matchkey=matchkey)
         except (RPCError, OSError) as exc:
             log.info("handshake refused: %s", exc)
-            return
+            return False
         if sock is not None:
             sock.settimeout(io_timeout)
         handler = SessionHandler(workspace, system_libs)
@@ -257,6 +286,7 @@ def run_session(
             serve_requests(chan, handler, lock)
         except OSError as exc:  # socket timeout (the server's timeout=) or a reset
             log.info("session ended: %s", exc)
+        return True
     finally:
         if watchdog:
             watchdog.cancel()
@@ -312,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--fd", type=int, help="serve one session on this inherited socket fd")
     parser.add_argument("--workspace", help="session directory (default: a new temporary one)")
     parser.add_argument("--key", default="")
+    parser.add_argument("--matchkey", default=None, help="with a tracker: the match key a client must present")
     parser.add_argument("--load-library", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--init", default=None, help="module:function to call before serving")
@@ -327,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdio:
         return serve_stdio(workspace, key=args.key, token=token, system_libs=libs)
     sock = socket.socket(fileno=args.fd)
-    run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock, io_timeout=args.timeout)
+    served = run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock,
+                         io_timeout=args.timeout, matchkey=args.matchkey)
     sock.close()
-    return EXIT_CLEAN
+    return EXIT_CLEAN if served else EXIT_REFUSED
 
 
 if __name__ == "__main__":

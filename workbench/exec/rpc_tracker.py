@@ -1,0 +1,33 @@
+"""Start an RPC tracker (same flags as ``python -m tvm.exec.rpc_tracker``).
+
+    python -m workbench.exec.rpc_tracker --host 0.0.0.0 --port 9190 --port-end 9199
+
+Runs in the foreground until Ctrl-C or SIGTERM. TVM servers and TVM's
+query_rpc_tracker work with it as with TVM's own tracker.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..rpc.tracker import serve_tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench.exec.rpc_tracker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=9190, help="first port to try (0: any free port)")
+    parser.add_argument("--port-end", type=int, default=9199, help="end of the port range (exclusive)")
+    parser.add_argument("--silent", action="store_true", help="log warnings only")
+    args = parser.parse_args(argv)
+    try:
+        serve_tracker({"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent})
+    except OSError as exc:
+        print(f"rpc_tracker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

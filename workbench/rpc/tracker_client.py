@@ -1,0 +1,223 @@
+"""``connect_tracker`` and ``TrackerSession``: ask a tracker (ours or TVM's) for devices.
+
+    >>> tracker = rpc.connect_tracker("127.0.0.1", 9190)          # doctest: +SKIP
+    >>> print(tracker.text_summary())                             # doctest: +SKIP
+    >>> remote = tracker.request("rasp4", priority=2, timeout=60) # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+import socket
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+from ..errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError, SessionTimeoutError
+from .client import RPCSession, connect
+from .tracker_wire import Code, TrackerConnection
+
+log = logging.getLogger("workbench.rpc.tracker")
+T = TypeVar("T")
+
+
+class TrackerError(RPCError):
+    """The tracker refused, or no session could be had through it."""
+
+
+def _user() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # no user database in a container: any label will do
+        return "workbench"
+
+
+def server_keys(info_key: str) -> list[str]:
+    """The device keys behind a server-list entry: ``server:rasp`` or ``server:proxy[a,b]``."""
+    name = info_key.split(":", 1)[1] if ":" in info_key else info_key
+    proxied = re.fullmatch(r"proxy\[(.*)\](?::.*)?", name)
+    if proxied:
+        return [k for k in proxied.group(1).split(",") if k]
+    return [name]
+
+
+class TrackerSession:
+    """A connection to a tracker. Use ``rpc.connect_tracker(host, port)``."""
+
+    def __init__(self, addr: tuple[str, int], *, timeout: float | None = 10.0):
+        self._addr = (addr[0], int(addr[1]))
+        self._timeout = timeout
+        self._conn: TrackerConnection | None = TrackerConnection(*self._addr, timeout=timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{self._addr[0]}:{self._addr[1]}"
+
+    def _connection(self) -> TrackerConnection:
+        if self._conn is None:
+            self._conn = TrackerConnection(*self._addr, timeout=self._timeout)
+        return self._conn
+
+    def _call(self, message: list) -> Any:
+        conn = self._connection()
+        try:
+            return conn.call(message)
+        except (OSError, RPCError):
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        """Close the connection to the tracker."""
+        self._drop()
+
+    def __enter__(self) -> "TrackerSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TrackerSession {self.address}>"
+
+    # -- status -----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """``{"queue_info": {key: {"free": n, "pending": n}}, "server_info": [{"key": .., "addr": ..}, ...]}``."""
+        reply = self._call([Code.SUMMARY])
+        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS):
+            raise TrackerError(f"the tracker at {self.address} answered SUMMARY with {reply!r}")
+        return reply[1]
+
+    def text_summary(self) -> str:
+        """The server list and queue status as ``query_rpc_tracker`` prints them."""
+        return format_summary(self.summary())
+
+    def servers_for(self, key: str) -> int:
+        return sum(key in server_keys(str(s.get("key", ""))) for s in self.summary().get("server_info", []))
+
+    # -- sessions ---------------------------------------------------------------------
+    def request(
+        self,
+        key: str,
+        priority: int = 1,
+        session_timeout: float = 0,
+        max_retry: int = 5,
+        session_constructor_args: Sequence[Any] | None = None,
+        *,
+        timeout: float | None = None,
+        auth_token: str | None = None,
+    ) -> RPCSession:
+        """Wait for a free server of ``key`` and connect to it.
+
+        Higher ``priority`` is served first. ``max_retry`` bounds the attempts
+        (a server that vanished after being granted costs one); ``timeout``
+        bounds the whole wait in seconds (None: wait as long as it takes).
+        """
+        if max_retry < 1:
+            raise ValueError(f"max_retry must be >= 1, not {max_retry}")
+        start = time.monotonic()
+        last: BaseException | None = None
+        for _ in range(max_retry):
+            remaining = None if timeout is None else timeout - (time.monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                host, port, matchkey = self._grant(key, priority, remaining)
+            except socket.timeout:
+                self._drop()  # closing the connection takes the request out of the queue
+                break
+            try:
+                return connect(host, port, key=matchkey, session_timeout=session_timeout,
+                               session_constructor_args=session_constructor_args, auth_token=auth_token)
+            except (OSError, RPCError) as exc:
+                log.info("server %s:%s for key %r failed: %s; asking the tracker again", host, port, key, exc)
+                last = exc
+        waited = time.monotonic() - start
+        try:
+            count = f"{self.servers_for(key)} server(s) registered for it"
+        except (OSError, RPCError):
+            count = "the tracker did not say how many servers it has for it"
+        reason = f"; last error: {last}" if last else ""
+        raise TrackerError(
+            f"no session for key {key!r} from the tracker at {self.address} after {waited:.1f} s "
+            f"({count}){reason}"
+        )
+
+    def _grant(self, key: str, priority: int, timeout: float | None) -> tuple[str, int, str]:
+        conn = self._connection()
+        conn.sock.settimeout(timeout)
+        try:
+            conn.send([Code.REQUEST, key, _user(), priority])
+            reply = conn.recv()
+        except socket.timeout:
+            raise
+        except (OSError, RPCError):
+            self._drop()
+            raise
+        finally:
+            if self._conn is not None:
+                self._conn.sock.settimeout(self._timeout)
+        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS):
+            raise TrackerError(f"the tracker at {self.address} answered REQUEST with {reply!r}")
+        host, port, matchkey = reply[1]
+        return str(host), int(port), str(matchkey)
+
+    def request_and_run(
+        self,
+        key: str,
+        func: Callable[[RPCSession], T],
+        priority: int = 1,
+        session_timeout: float = 0,
+        max_retry: int = 2,
+    ) -> T:
+        """Run ``func(session)`` on a server of ``key``; if the server drops mid-run, run it again on another.
+
+            >>> tracker.request_and_run("rasp", lambda remote: remote.listdir("."))  # doctest: +SKIP
+        """
+        last: BaseException | None = None
+        for attempt in range(1, max_retry + 1):
+            session = self.request(key, priority=priority, session_timeout=session_timeout)
+            try:
+                return func(session)
+            except SessionTimeoutError:
+                session.close()
+                raise
+            except (ConnectionClosedError, SessionCrashedError, ProtocolError, ConnectionError) as exc:
+                log.warning("attempt %d/%d on key %r: the server dropped (%s)", attempt, max_retry, key, exc)
+                session.close()
+                last = exc
+        raise TrackerError(f"{getattr(func, '__name__', 'func')} failed on key {key!r} {max_retry} times; last error: {last}")
+
+
+def connect_tracker(url: str, port: int) -> TrackerSession:
+    """Connect to an RPC tracker (ours, or apache-tvm's)."""
+    return TrackerSession((url, port))
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """The "Server List" and "Queue Status" tables of seed 003."""
+    servers = sorted(data.get("server_info", []), key=lambda s: str(s.get("key", "")))
+    totals: dict[str, int] = {}
+    lines = ["Server List", "-" * 40, f"{'server-address':<24}key", "-" * 40]
+    for server in servers:
+        addr = server.get("addr") or ["?", "?"]
+        lines.append(f"{':'.join(map(str, addr)):<24}{server.get('key', '')}")
+        for key in server_keys(str(server.get("key", ""))):
+            totals[key] = totals.get(key, 0) + 1
+    lines += ["-" * 40, ""]
+    queues = data.get("queue_info", {})
+    keys = sorted(set(queues) | set(totals))
+    width = max([len(k) for k in keys] + [len("key")]) + 2
+    title = f"{'key':<{width}}total  free  pending"
+    lines += ["Queue Status", "-" * len(title), title, "-" * len(title)]
+    for key in keys:
+        queue = queues.get(key, {})
+        total, free, pending = totals.get(key, 0), queue.get("free", 0), queue.get("pending", 0)
+        if total or free or pending:
+            lines.append(f"{key:<{width}}{total:<7d}{free:<6d}{pending:d}")
+    lines.append("-" * len(title))
+    return "\n".join(lines) + "\n"

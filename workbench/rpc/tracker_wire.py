@@ -1,0 +1,131 @@
+"""The tracker's wire format, compatible with Apache TVM's RPC tracker.
+
+A connection opens with the 4-byte little-endian magic 0x2F271, echoed by the
+tracker; then each message is an int32 little-endian length followed by that
+many bytes of UTF-8 JSON. Requests are JSON arrays whose first element is a
+``Code``; replies are a bare code (``0``) or ``[code, value]``.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from enum import IntEnum
+from typing import Any
+
+from ..errors import ConnectionClosedError, ProtocolError
+
+MAGIC = 0x2F271
+MAGIC_BYTES = struct.pack("<i", MAGIC)
+LENGTH = struct.Struct("<i")
+MAX_MESSAGE = 4 << 20  # a summary of thousands of servers fits easily
+
+
+class Code(IntEnum):
+    FAIL = -1
+    SUCCESS = 0
+    PING = 1
+    STOP = 2
+    PUT = 3
+    REQUEST = 4
+    UPDATE_INFO = 5
+    SUMMARY = 6
+    GET_PENDING_MATCHKEYS = 7
+
+
+def encode(message: Any) -> bytes:
+    """Length prefix and body in one buffer (sent with one write: no Nagle stall)."""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return LENGTH.pack(len(body)) + body
+
+
+GREETING = object()  # what MessageReader yields for the opening magic
+
+
+class MessageReader:
+    """Splits a byte stream into tracker messages, whatever the segment boundaries."""
+
+    def __init__(self, expect_magic: bool = True):
+        self._buf = bytearray()
+        self._magic = expect_magic
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add received bytes; return the complete messages. Bad input raises ProtocolError."""
+        self._buf += data
+        out = []
+        if self._magic:
+            if len(self._buf) < 4:
+                return out
+            if bytes(self._buf[:4]) != MAGIC_BYTES:
+                raise ProtocolError(f"not a tracker client: bad magic {bytes(self._buf[:4]).hex()}")
+            del self._buf[:4]
+            self._magic = False
+            out.append(GREETING)
+        while len(self._buf) >= 4:
+            (size,) = LENGTH.unpack_from(self._buf)
+            if size < 0 or size > MAX_MESSAGE:
+                raise ProtocolError(f"tracker message of {size} bytes is over the {MAX_MESSAGE}-byte limit")
+            if len(self._buf) < 4 + size:
+                break
+            body = bytes(self._buf[4 : 4 + size])
+            del self._buf[: 4 + size]
+            try:
+                out.append(json.loads(body))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ProtocolError(f"malformed tracker message: {exc}") from None
+        return out
+
+
+class TrackerConnection:
+    """A blocking request/response connection to a tracker (ours or TVM's)."""
+
+    def __init__(self, host: str, port: int, timeout: float | None = 10.0):
+        self.address = f"{host}:{port}"
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectionRefusedError(
+                f"cannot connect to a tracker at {self.address}: {exc.strerror or exc}; is it running?"
+            ) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = MessageReader(expect_magic=False)
+        self._pending: list[Any] = []
+        try:
+            self.sock.sendall(MAGIC_BYTES)
+            echo = self._recv_exact(4)
+        except BaseException:
+            self.close()
+            raise
+        if echo != MAGIC_BYTES:
+            self.close()
+            raise ProtocolError(f"{self.address} is not an RPC tracker (it answered {echo.hex()})")
+
+    def _recv_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionClosedError(f"the tracker at {self.address} closed the connection")
+            data += chunk
+        return data
+
+    def send(self, message: Any) -> None:
+        self.sock.sendall(encode(message))
+
+    def recv(self) -> Any:
+        while not self._pending:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionClosedError(f"the tracker at {self.address} closed the connection")
+            self._pending.extend(self._reader.feed(chunk))
+        return self._pending.pop(0)
+
+    def call(self, message: Any) -> Any:
+        self.send(message)
+        return self.recv()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
