@@ -30,6 +30,7 @@ from .registration import TrackerRegistration
 from .worker import EXIT_CLEAN, EXIT_REFUSED, death_notice, load_libraries, run_session, shutdown
 
 log = logging.getLogger("workbench.rpc.server")
+SELF = "self"  # the one tracker slot of a server
 
 
 class _Worker:
@@ -54,16 +55,21 @@ class ServeLoop:
         self._sel = selectors.DefaultSelector()
         self.registration: TrackerRegistration | None = None
         if config.tracker_addr:
-            info = dict(device_info(), target=target_triple(), labels=config.labels)
+            info = dict(device_info(), key=f"server:{config.key}", target=target_triple(), labels=config.labels)
             self.registration = TrackerRegistration(
-                config.tracker_addr, config.key, listener.getsockname()[1], config.custom_addr, info
+                config.tracker_addr, listener.getsockname()[1], config.custom_addr, info
             )
+            self.registration.offer(SELF, config.key)
+
+    def _matchkey(self) -> str | None:
+        return self.registration.slots[SELF].matchkey if self.registration else None
 
     def _timeout(self) -> float | None:
         reg = self.registration
         if reg is None:
             return None
-        reg.busy = any(w.matchkey is not None and w.matchkey == reg.matchkey for w in self.workers.values())
+        matchkey = self._matchkey()
+        reg.slots[SELF].busy = any(w.matchkey == matchkey for w in self.workers.values())
         return reg.poll(time.monotonic())
 
     def run(self) -> None:
@@ -92,7 +98,7 @@ class ServeLoop:
         log.info("connection from %s:%s", *addr[:2])
         workspace = tempfile.mkdtemp(prefix="wb-session-")
         cfg = self.config
-        matchkey = self.registration.matchkey if self.registration else None
+        matchkey = self._matchkey()
         if cfg.no_fork:
             cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
                    "--workspace", workspace, "--key", cfg.key]
@@ -149,9 +155,8 @@ class ServeLoop:
         os.close(worker.pidfd)
         returncode = worker.wait()
         notice = death_notice(returncode)
-        reg = self.registration
-        if reg is not None and worker.matchkey == reg.matchkey and returncode != EXIT_REFUSED and notify:
-            reg.session_ended()
+        if self.registration and worker.matchkey == self._matchkey() and returncode != EXIT_REFUSED and notify:
+            self.registration.offer(SELF, self.config.key)  # a session used the match key: offer a new one
         if notice and notify:
             log.warning("%s", notice)
             try:
