@@ -1,7 +1,8 @@
 """The headless demo: compile a C kernel here, run and time it on an RPC server.
 
-    python -m workbench.demo                       # starts a local server on a free port
-    python -m workbench.demo --connect HOST:PORT   # uses a running server instead
+    python -m workbench.demo                       # on an embedded local farm (tracker + server)
+    WORKBENCH_TRACKER=host:port python -m workbench.demo --key rasp   # on a farm of yours
+    python -m workbench.demo --connect HOST:PORT   # on one server, directly
 
 It shows the seed tutorial's flow (cross-compilation and RPC) with the host
 compiler: build ``add_one``, upload it, load it, run it on remote tensors,
@@ -18,6 +19,7 @@ import tempfile
 import numpy as np
 
 from . import cc, rpc, runtime
+from .farm import LocalFarm, tracker_from_env
 
 ADD_ONE_C = r"""
 #include <workbench_kernel.h>
@@ -59,18 +61,25 @@ def run(remote: rpc.RPCSession, n: int = 1024) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connect", metavar="HOST:PORT", help="an RPC server to use instead of a local one")
-    parser.add_argument("--key", default="")
+    parser.add_argument("--connect", metavar="HOST:PORT", help="an RPC server to use directly")
+    parser.add_argument("--key", default="local", help="the device key to request from the tracker")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.connect:
         host, _, port = args.connect.rpartition(":")
-        with rpc.connect(host, int(port), key=args.key) as remote:
+        with rpc.connect(host, int(port), key=args.key if args.key != "local" else "") as remote:
             run(remote)
         return 0
-    with rpc.Server(port=0, silent=True) as server:
-        print(f"started a local RPC server on 127.0.0.1:{server.port}")
-        with rpc.connect("127.0.0.1", server.port) as remote:
+    configured = tracker_from_env()
+    if configured:
+        print(f"using the tracker at {configured[0]}:{configured[1]}")
+        with rpc.connect_tracker(*configured) as tracker, tracker.request(args.key, timeout=120) as remote:
+            run(remote)
+        return 0
+    with LocalFarm({args.key: 1}) as farm:
+        print(f"started a local device farm: tracker at {farm.tracker_addr[0]}:{farm.tracker_addr[1]}, "
+              f"one server of key {args.key!r}")
+        with farm.request(args.key, timeout=60) as remote:
             run(remote)
     return 0
 

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-end", type=int, default=9199, help="end of the port range (exclusive)")
     parser.add_argument("--tracker", type=parse_tracker, help="tracker address HOST:PORT to register with")
     parser.add_argument("--key", default="", help="device key, for the tracker")
-    parser.add_argument("--through-proxy", action="store_true", help="connect out to a proxy at --host:--port")
+    parser.add_argument("--through-proxy", action="store_true",
+                        help="do not listen: connect out to a proxy at --host:--port and wait there")
     parser.add_argument("--custom-addr", default=None, help="address to report to the tracker")
     parser.add_argument("--load-library", default=None, help="kernel libraries to load, separated by ':'")
     parser.add_argument("--init", default=None, metavar="MODULE:FUNCTION", help="call this before serving (register functions)")

@@ -20,6 +20,7 @@ _EXPORTS = {
     "connect": "client",
     "popen_server_command": "client",
     "Server": "server",
+    "Proxy": "proxy",
     "Tracker": "tracker",
     "TrackerSession": "tracker_client",
     "connect_tracker": "tracker_client",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
         connect,
         popen_server_command,
     )
+    from .proxy import Proxy
     from .server import Server
     from .tracker import Tracker
     from .tracker_client import TrackerSession, connect_tracker

@@ -54,6 +54,7 @@ log = logging.getLogger("workbench.rpc.client")
 _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
 
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+MAX_PROXY_HOPS = 4
 Receiver = Callable[[int, Any], memoryview]
 
 
@@ -397,12 +398,18 @@ def client_handshake(
                 f"{address} is not an rpc-workbench server (it answered {magic!r}); "
                 "check the port (a tracker or a TVM server listens elsewhere?)"
             )
-        frame = chan.recv_frame()
-        if frame.kind == Kind.ERROR:
-            raise error_reply(frame.ctrl)
-        hello = frame.ctrl
-        if frame.kind != Kind.HELLO or not isinstance(hello, dict):
-            raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
+        for _ in range(MAX_PROXY_HOPS + 1):
+            frame = chan.recv_frame()
+            if frame.kind == Kind.ERROR:
+                raise error_reply(frame.ctrl)
+            hello = frame.ctrl
+            if frame.kind != Kind.HELLO or not isinstance(hello, dict):
+                raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
+            if not hello.get("proxy"):
+                break
+            chan.send_frame(Kind.PROXY_CONNECT, {"key": key or ""})  # a proxy: pair us with a server of key
+        else:
+            raise ProtocolError(f"more than {MAX_PROXY_HOPS} proxies on the way to {address}")
         proof = auth_proof(token, hello["nonce"]) if token and hello.get("auth") else None
         ctor = list(constructor_args) if constructor_args else None
         chan.send_frame(Kind.CONNECT, {"key": key or "", "timeout": float(session_timeout), "proof": proof, "ctor": ctor})

@@ -32,7 +32,8 @@ _pack_header = HEADER.pack
 MAX_CTRL = 16 << 20
 MAX_BULK = 1 << 40
 NONCE_BYTES = 32
-FLAG_NO_REPLY = 1
+FLAG_NO_REPLY = 1  # frame flag: the request wants no reply
+FLAG_SERVER = 1  # preamble flag: a server connecting out to a proxy, to be paired with a client
 
 
 class Kind(IntEnum):
@@ -41,6 +42,8 @@ class Kind(IntEnum):
     ERROR = 1
     HELLO = 2
     CONNECT = 3
+    REGISTER = 4  # server -> proxy: {"key": K, "info": {...}}
+    PROXY_CONNECT = 5  # client -> proxy: {"key": K}; the paired server's HELLO follows
     # requests
     PING = 16
     UPLOAD = 17

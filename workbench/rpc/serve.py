@@ -19,10 +19,10 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from ..errors import ErrorCode
+from ..errors import ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
 from ..cc.compiler import target_triple
 from ..runtime.workspace import Workspace
-from .protocol import Kind, SocketChannel
+from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, SocketChannel, pack, unpack
 from .server import ServerConfig, resolve_callable
 from .service import bind_port, service_main, setup_logging
 from .handler import device_info
@@ -45,8 +45,76 @@ class _Worker:
         self.matchkey = matchkey
 
 
+class ProxyLink:
+    """A server's connection waiting at a proxy (``is_proxy=True``): one session at a time."""
+
+    def __init__(self, addr: tuple[str, int], key: str, info: dict):
+        self.addr = addr
+        self.key = key
+        self.info = info
+        self.sock: socket.socket | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.1
+
+    def poll(self, now: float) -> float:
+        """Connect and register if due; return the seconds until the next attempt."""
+        if self.sock is not None:
+            return 3600.0
+        if now >= self._retry_at:
+            try:
+                self.sock = self._register()
+                self._backoff = 0.1
+                log.info("waiting at the proxy %s:%d as key %r", *self.addr, self.key)
+                return 3600.0
+            except (OSError, RPCError) as exc:
+                log.info("proxy %s:%d unreachable (%s); retrying in %.1f s", *self.addr, exc, self._backoff)
+                self._retry_at = now + self._backoff
+                self._backoff = min(self._backoff * 2, 5.0)
+        return max(0.01, self._retry_at - now)
+
+    def _register(self) -> socket.socket:
+        sock = socket.create_connection(self.addr, timeout=5.0)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            body = pack({"key": self.key, "info": self.info})
+            sock.sendall(PREAMBLE.pack(MAGIC, VERSION, FLAG_SERVER) + HEADER.pack(len(body), Kind.REGISTER, 0, 0) + body)
+            ctrl_len, kind, _, _ = HEADER.unpack(_recv_exact(sock, HEADER.size))  # exactly: what follows is a client's
+            ctrl = unpack(_recv_exact(sock, ctrl_len))
+            if kind == Kind.ERROR:
+                raise error_from_code(*ctrl[:2])
+            if kind != Kind.OK:
+                raise ProtocolError(f"the proxy answered REGISTER with kind {kind}")
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def take(self) -> socket.socket | None:
+        """The waiting connection became readable: a paired client (returned), or the proxy left."""
+        sock, self.sock = self.sock, None
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                return sock
+        except OSError:
+            pass
+        sock.close()
+        log.warning("the proxy %s:%d closed the connection; registering again", *self.addr)
+        return None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionClosedError("the proxy closed the connection")
+        data += chunk
+    return data
+
+
 class ServeLoop:
-    def __init__(self, config: ServerConfig, listener: socket.socket, owner_fd: int | None = None):
+    def __init__(self, config: ServerConfig, listener: socket.socket | None, owner_fd: int | None = None):
         self.config = config
         self.listener = listener
         self.owner_fd = owner_fd
@@ -54,7 +122,11 @@ class ServeLoop:
         self.system_libs = load_libraries(config.load_library)
         self._sel = selectors.DefaultSelector()
         self.registration: TrackerRegistration | None = None
-        if config.tracker_addr:
+        self.proxy_link: ProxyLink | None = None
+        if listener is None:  # is_proxy: wait at the proxy instead of listening
+            info = dict(device_info(), target=target_triple(), labels=config.labels)
+            self.proxy_link = ProxyLink((config.host, config.port), config.key, info)
+        elif config.tracker_addr:
             info = dict(device_info(), key=f"server:{config.key}", target=target_triple(), labels=config.labels)
             self.registration = TrackerRegistration(
                 config.tracker_addr, listener.getsockname()[1], config.custom_addr, info
@@ -65,6 +137,14 @@ class ServeLoop:
         return self.registration.slots[SELF].matchkey if self.registration else None
 
     def _timeout(self) -> float | None:
+        link = self.proxy_link
+        if link is not None:
+            if link.sock is not None or self.workers:
+                return None
+            timeout = link.poll(time.monotonic())
+            if link.sock is not None:
+                self._sel.register(link.sock, selectors.EVENT_READ, "proxy")
+            return timeout
         reg = self.registration
         if reg is None:
             return None
@@ -73,7 +153,8 @@ class ServeLoop:
         return reg.poll(time.monotonic())
 
     def run(self) -> None:
-        self._sel.register(self.listener, selectors.EVENT_READ, None)
+        if self.listener is not None:
+            self._sel.register(self.listener, selectors.EVENT_READ, None)
         if self.owner_fd is not None:
             self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
         try:
@@ -85,6 +166,11 @@ class ServeLoop:
                         if not os.read(self.owner_fd, 4096):
                             log.info("owner process is gone; stopping")
                             return
+                    elif key.data == "proxy":
+                        self._sel.unregister(key.fileobj)
+                        conn = self.proxy_link.take()
+                        if conn is not None:
+                            self._start_worker(conn, "the proxy")
                     else:
                         self._reap(key.data)
         finally:
@@ -95,7 +181,10 @@ class ServeLoop:
             conn, addr = self.listener.accept()
         except OSError:
             return
-        log.info("connection from %s:%s", *addr[:2])
+        self._start_worker(conn, "%s:%s" % addr[:2])
+
+    def _start_worker(self, conn: socket.socket, peer: str) -> None:
+        log.info("connection from %s", peer)
         workspace = tempfile.mkdtemp(prefix="wb-session-")
         cfg = self.config
         matchkey = self._matchkey()
@@ -130,7 +219,8 @@ class ServeLoop:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self.listener.close()
+            if self.listener is not None:
+                self.listener.close()
             for w in self.workers.values():
                 w.conn.close()
                 os.close(w.pidfd)
@@ -176,7 +266,10 @@ class ServeLoop:
                 pass
             self._reap(worker, notify=False)
         self._sel.close()
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.proxy_link is not None and self.proxy_link.sock is not None:
+            self.proxy_link.sock.close()
         if self.registration is not None:
             self.registration.close()
 
@@ -186,8 +279,11 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owne
     setup_logging(config.silent)
     if config.init:
         resolve_callable(config.init)()
-    listener = bind_port(config.host, config.port, config.port_end, config.reuse_addr)
-    port = listener.getsockname()[1]
+    if config.is_proxy:
+        listener, port = None, config.port
+    else:
+        listener = bind_port(config.host, config.port, config.port_end, config.reuse_addr)
+        port = listener.getsockname()[1]
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)
@@ -195,7 +291,10 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owne
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     loop = ServeLoop(config, listener, owner_fd)
-    log.info("RPCServer: bind to %s:%d", config.host, port)
+    if config.is_proxy:
+        log.info("RPCServer: serving through the proxy %s:%d as key %r", config.host, port, config.key)
+    else:
+        log.info("RPCServer: bind to %s:%d", config.host, port)
     if ready:
         ready(port)
     loop.run()

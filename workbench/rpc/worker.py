@@ -25,6 +25,7 @@ from ..errors import (
     ConnectionClosedError,
     KeyMismatchError,
     ProtocolError,
+    RemoteNotFoundError,
     RPCError,
     UnsupportedError,
     code_of,
@@ -33,6 +34,7 @@ from ..errors import (
 from ..runtime.ffi import NativeLibrary
 from ..runtime.workspace import Workspace
 from .handler import Bulk, Reply, SessionHandler, device_info
+from .relay import relay
 from .protocol import (
     FLAG_NO_REPLY,
     MAGIC,
@@ -53,7 +55,7 @@ EXIT_REFUSED = 0x58  # the handshake failed: no session was served
 HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 _OK = int(Kind.OK)
-SESSION_CONSTRUCTORS = ("rpc.LocalSession",)
+SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect")
 
 
 def death_notice(returncode: int) -> str | None:
@@ -265,14 +267,32 @@ def run_session(
     """
     handler = None
     watchdog = None
+    inner: list[socket.socket] = []
+
+    def accept(opts: dict[str, Any]) -> dict[str, Any]:
+        ctor = opts.get("ctor")
+        if ctor and ctor[0] == "rpc.Connect":
+            if sock is None:
+                raise UnsupportedError("rpc.Connect needs a network session; this one runs over pipes")
+            inner_sock, info = connect_inner(ctor, opts["timeout"])
+            inner.append(inner_sock)
+            return info
+        return dict(device_info(), key=key, session_timeout=opts["timeout"])
+
     try:
         if sock is not None:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
-            opts = server_handshake(chan, key=key, token=token, matchkey=matchkey)
+            opts = server_handshake(chan, key=key, token=token, matchkey=matchkey, accept=accept)
         except (RPCError, OSError) as exc:
             log.info("handshake refused: %s", exc)
+            for s in inner:
+                s.close()
             return False
+        if inner:  # rpc.Connect: from now on this session is a pipe to the inner server
+            sock.settimeout(None)
+            relay(sock, inner[0])
+            return True
         if sock is not None:
             sock.settimeout(io_timeout)
         handler = SessionHandler(workspace, system_libs)
@@ -303,6 +323,28 @@ def shutdown(sock: socket.socket | None) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def connect_inner(ctor: list, session_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
+    """Open the session that ``["rpc.Connect", url, port, key, ...]`` names; return its socket and info."""
+    from .client import client_handshake
+
+    if len(ctor) < 3 or not isinstance(ctor[1], str) or not isinstance(ctor[2], int):
+        raise UnsupportedError(f"rpc.Connect takes [url, port, key]: got {ctor[1:]!r}")
+    url, port = ctor[1], ctor[2]
+    inner_key = ctor[3] if len(ctor) > 3 and isinstance(ctor[3], str) else ""
+    try:
+        inner = socket.create_connection((url, port), timeout=HANDSHAKE_TIMEOUT_S)
+    except OSError as exc:
+        raise RemoteNotFoundError(f"rpc.Connect: cannot reach {url}:{port} from this server: {exc.strerror or exc}") from None
+    try:
+        info = client_handshake(SocketChannel(inner), f"{url}:{port}", key=inner_key,
+                                session_timeout=session_timeout, token=os.environ.get(TOKEN_ENV))
+    except BaseException:
+        inner.close()
+        raise
+    inner.settimeout(None)
+    return inner, info
 
 
 def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
