@@ -280,10 +280,8 @@ class TrackerLoop:
     def _put(self, conn: _Conn, key: str, where: list, custom_addr: str | None) -> None:
         port, matchkey = int(where[0]), str(where[1])
         queue = self._queue(key)
-        for old in [v for v in conn.values if v.port == port and v.key == key]:
-            conn.values.remove(old)  # a server registering again replaces its earlier slot
-            conn.matchkeys.discard(old.matchkey)
-            queue.free.remove(old)
+        if matchkey in conn.matchkeys:
+            return  # already on offer (a PUT sent twice)
         value = _Value(conn, key, custom_addr or conn.host, port, matchkey)
         conn.values.append(value)
         conn.matchkeys.add(matchkey)
