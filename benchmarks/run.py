@@ -5,9 +5,10 @@
     python benchmarks/run.py --json out.json  # also save every figure as JSON
 
 Flags:
-    --quick       8 MiB transfers (TVM 4 MiB), 300 calls, 2 start-ups: a fast smoke run
-    --json PATH   also write the figures, targets and notes to PATH as JSON
-    --no-tvm      leave the TVM columns out even when ``import tvm`` works
+    --quick       8 MiB transfers (TVM 4 MiB), 300 calls, 2 start-ups, 100 tracker grants: a fast smoke run
+    --json PATH   also write the figures, targets and notes to PATH as JSON (the tracker's under "tracker")
+    --no-tvm      leave the TVM columns (and the TVM tracker rows) out even when ``import tvm`` works
+    --no-tracker  leave the second table, "tracker", out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -26,6 +27,12 @@ One run measures, all on 127.0.0.1 with free ports:
   server's resident memory;
 * tvm: the same figures for ``tvm.rpc`` (``tvm.runtime.tensor``, the C++
   no-op ``testing.nop`` for the empty call; smaller transfers: it is slow).
+
+A second table, "tracker" (benchmarks/tracker.py), follows: our tracker and
+apache-tvm's (``python -m tvm.exec.rpc_tracker``) with 10, 100 and 1000
+registered server entries; registering a server, request to grant (median,
+p99) and summary() for our client, TVM's stock client and a tuned raw client
+against each, with targets for ours at 1000 entries and a growth check.
 
 Every figure is a median. Targets and PASS/FAIL are printed beside our
 figures; nothing is asserted: this is a report. Every process the run starts
@@ -54,6 +61,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+if __package__:
+    from . import tracker as tracker_bench
+else:  # run as a script: this directory is sys.path[0]
+    import tracker as tracker_bench
+
 MIB = 1 << 20
 HOST = "127.0.0.1"
 IO_TIMEOUT_S = 30.0  # every socket this script opens
@@ -73,6 +85,7 @@ RAW_KEYS = ("bulk", "call", "call_pinned", "call_split")
 BULK_KEYS = ("upload", "download", "to_device", "copyfrom", "from_device")
 SERVER_KEYS = ("call", "call_pinned", "call_split", "rss")
 SECTION_LIMITS_S = {"raw": 30.0, "ours": 60.0, "tvm": 75.0}  # hard caps: a full run ends within 3 minutes
+TRACKER_HARD_LIMIT_S = 60.0  # added to the tracker's own budget (after which it skips what is left)
 
 
 @dataclass(frozen=True)
@@ -769,6 +782,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small transfers and few iterations: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--no-tvm", action="store_true", help="leave the TVM columns out")
+    parser.add_argument("--no-tracker", action="store_true", help='leave the second table, "tracker", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     parser.add_argument("--raw-peer", metavar="JSON", help=argparse.SUPPRESS)  # internal: be the raw socket's far end
@@ -782,6 +796,21 @@ def config_from(args: argparse.Namespace) -> Config:
     others = sorted(os.sched_getaffinity(0) - {args.cpu})
     options = {"cpu": args.cpu, "other_cpu": others[0] if others else None, "tvm": not args.no_tvm}
     return Config.quick(**options) if args.quick else Config(**options)
+
+
+def measure_tracker(quick: bool, tvm: bool) -> tuple[str, dict[str, Any]]:
+    """The second table: what benchmarks/tracker.py measures, under a hard time limit; every process ended."""
+    tcfg = (tracker_bench.TrackerConfig.quick if quick else tracker_bench.TrackerConfig)(tvm=tvm)
+    results = tracker_bench.TrackerResults()
+    seconds = tcfg.budget_s + TRACKER_HARD_LIMIT_S
+    try:
+        with owned(), time_limit(seconds, "tracker"):
+            tracker_bench.measure(tcfg, results, passthrough=(SectionTimeout,))
+    except SectionTimeout:
+        results.mark_missing(f"interrupted: the section hit its {seconds:g} s time limit")
+    except Exception as exc:
+        results.mark_missing(f"{type(exc).__name__}: {exc}")
+    return tracker_bench.report(tcfg, results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -804,7 +833,10 @@ def main(argv: list[str] | None = None) -> int:
                 "what it had not measured yet is n/a"
             )
     text, document = report(cfg, res, time.perf_counter() - began)
-    print(text)
+    print(text, flush=True)
+    if not args.no_tracker:
+        tracker_text, document["tracker"] = measure_tracker(args.quick, cfg.tvm)
+        print("\n" + tracker_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)

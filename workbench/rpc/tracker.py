@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from ..errors import ProtocolError
 from .service import ServiceProcess, bind_port, service_main, setup_logging
-from .tracker_wire import GREETING, MAGIC_BYTES, Code, MessageReader, encode
+from .tracker_wire import GREETING, MAGIC_BYTES, Code, MessageReader, encode, quick_ack
 
 log = logging.getLogger("workbench.rpc.tracker")
 
@@ -167,6 +167,7 @@ class TrackerLoop:
         if not data:
             self._close(conn)
             return
+        quick_ack(conn.sock)  # a TVM client's message body waits for our ACK of its length
         try:
             messages = conn.reader.feed(data)
         except ProtocolError as exc:
