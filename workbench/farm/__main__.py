@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalFarm(servers, host=args.host) as farm:
+    try:
+        farm = LocalFarm(servers, host=args.host)
+    except ValueError as exc:
+        parser.error(str(exc))
+    with farm:
         host, port = farm.tracker_addr
         print(f"Tracker address {host}:{port}   (export WORKBENCH_TRACKER={host}:{port})\n", flush=True)
         with farm.connect() as tracker:

@@ -28,9 +28,11 @@ class LocalFarm:
 
     def __init__(self, servers: Mapping[str, int] | None = None, *, host: str = "127.0.0.1", silent: bool = True,
                  **server_options: Any):
+        if servers is not None and not isinstance(servers, Mapping):
+            raise ValueError(f"LocalFarm takes {{key: number of servers}}, e.g. {{'local': 2}}, not {servers!r}")
         self.servers_per_key = dict(servers or {"local": 1})
         for key, count in self.servers_per_key.items():
-            if not key or not isinstance(count, int) or count < 1:
+            if not isinstance(key, str) or not key or not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
         self.host = host
         self.tracker: Tracker | None = None
@@ -92,19 +94,29 @@ class LocalFarm:
 
 
 def tracker_from_env() -> tuple[str, int] | None:
-    """The tracker named by ``WORKBENCH_TRACKER=host:port`` or ``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT``."""
+    """The tracker named by ``WORKBENCH_TRACKER=host:port`` or ``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT``.
+
+    As in TVM's ``query_rpc_tracker``, a missing TVM_TRACKER_HOST means 127.0.0.1
+    and a missing TVM_TRACKER_PORT means 9190. None when nothing is set.
+    """
     text = os.environ.get("WORKBENCH_TRACKER")
     if text:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"WORKBENCH_TRACKER must be host:port, not {text!r}")
+        host, sep, port = text.strip().rpartition(":")
+        host = host.strip("[]")  # [::1]:9190
+        if not sep or not host or not _is_port(port):
+            raise ValueError(f"WORKBENCH_TRACKER must be host:port (e.g. 127.0.0.1:9190), not {text!r}")
         return host, int(port)
     host, port = os.environ.get("TVM_TRACKER_HOST"), os.environ.get("TVM_TRACKER_PORT")
-    if host and port:
-        if not port.isdigit():
-            raise ValueError(f"TVM_TRACKER_PORT must be a port number, not {port!r}")
+    if host or port:  # either one names a tracker; the other defaults as in TVM's query_rpc_tracker
+        host, port = host or "127.0.0.1", (port or "9190").strip()
+        if not _is_port(port):
+            raise ValueError(f"TVM_TRACKER_PORT must be a port number (1-65535), not {port!r}")
         return host, int(port)
     return None
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) < 65536
 
 
 _embedded: LocalFarm | None = None

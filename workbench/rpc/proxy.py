@@ -20,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable
 
 from ..errors import ErrorCode
@@ -103,7 +103,9 @@ class ProxyLoop:
         self.incoming: dict[int, _Incoming] = {}
         self.waiting: dict[str, deque[_Waiting]] = {}
         self.relays: set[Relay] = set()
+        self.paired: Counter[str] = Counter()  # servers in a session, by key (guarded by _relays_lock)
         self._relays_lock = threading.Lock()
+        self._published: str | None = None
         self._sel = selectors.DefaultSelector()
         self.registration = None
         if tracker_addr:
@@ -135,6 +137,7 @@ class ProxyLoop:
     def _timeout(self) -> float:
         timeout = 1.0 if self.incoming else None
         if self.registration is not None:
+            self._publish_keys()  # sessions end in relay threads: catch up here
             due = self.registration.poll(time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
         return timeout
@@ -209,6 +212,11 @@ class ProxyLoop:
             return
         expected = Kind.REGISTER if conn.is_server else Kind.PROXY_CONNECT
         key = ctrl.get("key") if isinstance(ctrl, dict) else None
+        if kind == Kind.PROXY_CONNECT and key == "":
+            self._close_incoming(conn, (ErrorCode.KEY_MISMATCH, (
+                "this is an RPC proxy: connect with the key of a server waiting here, "
+                f"rpc.connect(host, port, key=...) (keys waiting: {self._keys_waiting()})")))
+            return
         if kind != expected or not isinstance(key, str) or not key:
             self._close_incoming(conn, (ErrorCode.PROTOCOL, f"the proxy expected {expected.name} {{key: ...}}"))
             return
@@ -229,9 +237,18 @@ class ProxyLoop:
             self.registration.offer(id(waiting), key)
             self._publish_keys()
 
+    def _keys_waiting(self) -> str:
+        return ", ".join(sorted(k for k, q in self.waiting.items() if q)) or "none"
+
     def _publish_keys(self) -> None:
-        keys = ",".join(sorted(k for k, q in self.waiting.items() if q))
-        self.registration.update_info(key=f"server:proxy[{keys}]")
+        """Tell the tracker the keys of the servers behind the proxy (waiting or in a session), when they change."""
+        with self._relays_lock:
+            keys = {k for k, n in self.paired.items() if n > 0}
+        keys.update(k for k, q in self.waiting.items() if q)
+        text = f"server:proxy[{','.join(sorted(keys))}]"
+        if text != self._published:
+            self._published = text
+            self.registration.update_info(key=text)
 
     def _drop_waiting(self, waiting: _Waiting, why: str) -> None:
         queue = self.waiting.get(waiting.key)
@@ -242,6 +259,7 @@ class ProxyLoop:
         log.info("server of key %r left: %s", waiting.key, why)
         if self.registration is not None:
             self.registration.withdraw(id(waiting), still_on_offer=True)
+            self._publish_keys()
 
     def _pair(self, conn: _Incoming, key: str) -> None:
         server = None
@@ -253,9 +271,9 @@ class ProxyLoop:
         if server is None and queue:
             server = queue[0]
         if server is None:
-            have = ", ".join(sorted(k for k, q in self.waiting.items() if q)) or "none"
             self._close_incoming(conn, (ErrorCode.NO_DEVICE, (
-                f"no server of key {key.partition(':')[0]!r} is waiting at this proxy (keys waiting: {have})")))
+                f"no server of key {key.partition(':')[0]!r} is waiting at this proxy "
+                f"(keys waiting: {self._keys_waiting()})")))
             return
         self.waiting[server.key].remove(server)
         self._sel.unregister(server.sock)
@@ -263,6 +281,8 @@ class ProxyLoop:
         self._sel.unregister(conn.sock)
         if self.registration is not None:
             self.registration.withdraw(id(server), still_on_offer=not matched)
+        with self._relays_lock:
+            self.paired[server.key] += 1
         log.info("pairing a client with a server of key %r", server.key)
         threading.Thread(target=self._start_relay, args=(conn, server), daemon=True).start()
 
@@ -286,15 +306,18 @@ class ProxyLoop:
             log.warning("pairing failed: %s", exc)
             for sock in (client.sock, server.sock):
                 sock.close()
+            with self._relays_lock:
+                self.paired[server.key] -= 1
             return
-        relay = Relay(client.sock, server.sock, on_done=self._relay_done)
+        relay = Relay(client.sock, server.sock, on_done=lambda r: self._relay_done(r, server.key))
         with self._relays_lock:
             self.relays.add(relay)
         relay.start()
 
-    def _relay_done(self, relay: Relay) -> None:
+    def _relay_done(self, relay: Relay, key: str) -> None:
         with self._relays_lock:
             self.relays.discard(relay)
+            self.paired[key] -= 1
 
     def stop(self) -> None:
         with self._relays_lock:
