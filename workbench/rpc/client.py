@@ -223,11 +223,13 @@ class RPCSession:
             except RPCError as exc:
                 if not isinstance(exc, ConnectionClosedError):
                     raise  # an error reply: the session goes on
-                self._end(self._lost(exc))
-                raise self._ended from None
+                lost = self._lost(exc)
+                self._end(lost)
+                raise lost from None
             except OSError as exc:
-                self._end(self._lost(exc))
-                raise self._ended from None
+                lost = self._lost(exc)
+                self._end(lost)
+                raise lost from None
         if self._log:
             log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
         return ctrl
@@ -246,7 +248,8 @@ class RPCSession:
         return ConnectionClosedError(f"the connection to {self.address} was lost: {exc}")
 
     def _end(self, exc: RPCError) -> None:
-        self._ended = exc
+        # keep a copy without a traceback: the raised one holds the caller's frames (and their sessions)
+        self._ended = type(exc)(str(exc), code=exc.code)
         self._finalizer()
 
     # -- lifetime ----------------------------------------------------------------

@@ -304,6 +304,9 @@ class TrackerLoop:
             if request is None:
                 break
             value = queue.free[0]
+            if _peer_closed(request.conn.sock):  # gone, and its close not read yet: never grant to it
+                self._close(request.conn)
+                continue
             if not self._send(request.conn, [Code.SUCCESS, [value.host, value.port, value.matchkey]]):
                 continue  # the requester was gone: closing it cancelled its requests; the server stays free
             queue.free.popleft()
@@ -317,6 +320,16 @@ class TrackerLoop:
             "queue_info": {k: {"free": len(q.free), "pending": q.pending} for k, q in self.queues.items()},
             "server_info": [c.info for c in self.conns.values() if str(c.info.get("key", "")).startswith("server")],
         }
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has closed the connection (a request's client only ever waits: it sends nothing)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def serve_tracker(config: dict[str, Any], ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:

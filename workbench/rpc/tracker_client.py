@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
-from ..errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError, SessionTimeoutError
+from ..errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError
 from .client import RPCSession, connect
 from .tracker_wire import Code, TrackerConnection
 
@@ -59,12 +59,18 @@ class TrackerSession:
         return self._conn
 
     def _call(self, message: list) -> Any:
+        reused = self._conn is not None
         conn = self._connection()
         try:
             return conn.call(message)
+        except (ConnectionError, ConnectionClosedError):
+            self._drop()
+            if not reused:
+                raise
         except (OSError, RPCError):
             self._drop()
             raise
+        return self._connection().call(message)  # the tracker restarted since: once more, on a new connection
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -130,6 +136,10 @@ class TrackerSession:
             except socket.timeout:
                 self._drop()  # closing the connection takes the request out of the queue
                 break
+            except (OSError, RPCError) as exc:  # the tracker went away (restarting?): next attempt reconnects
+                log.info("tracker %s: %s; asking again", self.address, exc)
+                last = exc
+                continue
             try:
                 return connect(host, port, key=matchkey, session_timeout=session_timeout,
                                session_constructor_args=session_constructor_args, auth_token=auth_token)
@@ -178,18 +188,22 @@ class TrackerSession:
 
             >>> tracker.request_and_run("rasp", lambda remote: remote.listdir("."))  # doctest: +SKIP
         """
-        last: BaseException | None = None
+        last = ""
         for attempt in range(1, max_retry + 1):
             session = self.request(key, priority=priority, session_timeout=session_timeout)
             try:
                 return func(session)
-            except SessionTimeoutError:
-                session.close()
-                raise
             except (ConnectionClosedError, SessionCrashedError, ProtocolError, ConnectionError) as exc:
-                log.warning("attempt %d/%d on key %r: the server dropped (%s)", attempt, max_retry, key, exc)
                 session.close()
-                last = exc
+                last = str(exc)  # the text only: the exception's traceback would hold this frame
+                log.warning("attempt %d/%d on key %r: the server dropped (%s)", attempt, max_retry, key, last)
+            except BaseException:
+                session.close()  # func failed (or the session timed out): free the server now
+                raise
+            finally:
+                # the dropped session's error holds this frame in its traceback, a cycle only the garbage
+                # collector frees: without this the server we return from would stay busy until it runs
+                del session
         raise TrackerError(f"{getattr(func, '__name__', 'func')} failed on key {key!r} {max_retry} times; last error: {last}")
 
 
@@ -202,13 +216,15 @@ def format_summary(data: dict[str, Any]) -> str:
     """The "Server List" and "Queue Status" tables of seed 003."""
     servers = sorted(data.get("server_info", []), key=lambda s: str(s.get("key", "")))
     totals: dict[str, int] = {}
-    lines = ["Server List", "-" * 40, f"{'server-address':<24}key", "-" * 40]
-    for server in servers:
-        addr = server.get("addr") or ["?", "?"]
-        lines.append(f"{':'.join(map(str, addr)):<24}{server.get('key', '')}")
+    addrs = [":".join(map(str, s.get("addr") or ["?", "?"])) for s in servers]
+    column = max([24] + [len(a) + 2 for a in addrs])  # a long address never runs into its key
+    rule = "-" * max([40] + [column + len(str(s.get("key", ""))) for s in servers])
+    lines = ["Server List", rule, f"{'server-address':<{column}}key", rule]
+    for server, addr in zip(servers, addrs):
+        lines.append(f"{addr:<{column}}{server.get('key', '')}")
         for key in server_keys(str(server.get("key", ""))):
             totals[key] = totals.get(key, 0) + 1
-    lines += ["-" * 40, ""]
+    lines += [rule, ""]
     queues = data.get("queue_info", {})
     keys = sorted(set(queues) | set(totals))
     width = max([len(k) for k in keys] + [len("key")]) + 2
