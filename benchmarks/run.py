@@ -1,6 +1,6 @@
 """Side-by-side performance report: rpc-workbench against raw loopback TCP, and TVM when installed.
 
-    python benchmarks/run.py                  # full run (well under a minute)
+    python benchmarks/run.py                  # full run (about a minute)
     python benchmarks/run.py --quick          # smoke run: small transfers, few iterations
     python benchmarks/run.py --json out.json  # also save every figure as JSON
 
@@ -84,7 +84,7 @@ def fresh_name() -> str:
 RAW_KEYS = ("bulk", "call", "call_pinned", "call_split")
 BULK_KEYS = ("upload", "download", "to_device", "copyfrom", "from_device")
 SERVER_KEYS = ("call", "call_pinned", "call_split", "rss")
-SECTION_LIMITS_S = {"raw": 30.0, "ours": 60.0, "tvm": 75.0}  # hard caps: a full run ends within 3 minutes
+SECTION_LIMITS_S = {"raw": 30.0, "ours": 60.0, "proxy": 40.0, "tvm": 75.0}  # hard caps: a full run ends within 4 minutes
 TRACKER_HARD_LIMIT_S = 60.0  # added to the tracker's own budget (after which it skips what is left)
 
 
@@ -441,6 +441,31 @@ def raw_round_trip_us(cfg: Config, cpu: int | None, peer_cpu: int | None) -> flo
         return round_trip_us(ping, cfg)
 
 
+INTERLEAVE_BLOCKS = 10
+
+
+def interleaved_round_trips_us(cfg: Config, fn: Callable[[], Any], peer_cpu: int | None) -> tuple[float, float]:
+    """Median µs of a raw ping-pong and of ``fn``, timed in alternating blocks within the same
+    window, so that the machine's drift (a shared VM) weighs on both alike."""
+    message = bytes(PING_BYTES)
+    answer = memoryview(bytearray(PING_BYTES))
+    block = max(cfg.calls // INTERLEAVE_BLOCKS, 1)
+    with raw_peer("echo", PING_BYTES, cfg.warmup + block * INTERLEAVE_BLOCKS, peer_cpu) as conn:
+
+        def ping() -> None:
+            conn.sendall(message)
+            _expect(conn, answer)
+
+        run_timed(ping, cfg.warmup)
+        run_timed(fn, cfg.warmup)
+        raw: list[float] = []
+        ours: list[float] = []
+        for _ in range(INTERLEAVE_BLOCKS):
+            raw += run_timed(ping, block)
+            ours += run_timed(fn, block)
+    return statistics.median(raw) * 1e6, statistics.median(ours) * 1e6
+
+
 def measure_raw(cfg: Config, res: Results) -> None:
     with res.attempt("raw", "bulk"):
         res.set("raw", "bulk", raw_bulk_mib_s(cfg))
@@ -468,8 +493,12 @@ def check_contents(side: str, res: Results, downloaded: Any, from_device: np.nda
 
 
 def measure_server(side: str, res: Results, cfg: Config, processes: Owned,
-                   session_figures: Callable[[], None], pinned_call_us: Callable[[], float]) -> None:
-    """Figures of one running server: a session's figures, idle RSS, then the pinned call."""
+                   session_figures: Callable[[], None], pinned_call_us: Callable[[str, int], float]) -> None:
+    """Figures of one running server: a session's figures, idle RSS, then the pinned calls.
+
+    ``pinned_call_us(key, peer_cpu)`` measures the call with this process on cfg.cpu and
+    the server on ``peer_cpu``.
+    """
     idle = len(processes.pids())
     with res.attempt(side, *BULK_KEYS, "call"):
         session_figures()
@@ -482,12 +511,12 @@ def measure_server(side: str, res: Results, cfg: Config, processes: Owned,
     with res.attempt(side, "call_pinned"):
         pin(processes.pids(), {cfg.cpu})
         with pinned_here(cfg.cpu):
-            res.set(side, "call_pinned", pinned_call_us())
+            res.set(side, "call_pinned", pinned_call_us("call_pinned", cfg.cpu))
     if cfg.other_cpu is not None:
         with res.attempt(side, "call_split"):
             pin(processes.pids(), {cfg.other_cpu})
             with pinned_here(cfg.cpu):
-                res.set(side, "call_split", pinned_call_us())
+                res.set(side, "call_split", pinned_call_us("call_split", cfg.other_cpu))
 
 
 # -- ours -------------------------------------------------------------------------------
@@ -531,19 +560,67 @@ def measure_ours(cfg: Config, res: Results) -> None:
         finally:
             remote.close()
 
-    def pinned_call_us(server: Any) -> float:
+    def pinned_call_us(server: Any, key: str, peer_cpu: int) -> float:
+        """Ours and the raw figure it is compared with, interleaved (the raw figure replaces the raw section's)."""
         remote = connect(server)
         try:
-            return round_trip_us(remote.get_function("workbench.nop"), cfg)
+            raw_us, ours_us = interleaved_round_trips_us(cfg, remote.get_function("workbench.nop"), peer_cpu)
+            res.set("raw", key, raw_us)
+            return ours_us
         finally:
             remote.close()
 
     with res.attempt("ours", *BULK_KEYS, *SERVER_KEYS), owned() as processes:
         server = start()
         try:
-            measure_server("ours", res, cfg, processes, lambda: session_figures(server), lambda: pinned_call_us(server))
+            measure_server("ours", res, cfg, processes, lambda: session_figures(server),
+                           lambda key, peer_cpu: pinned_call_us(server, key, peer_cpu))
         finally:
             server.terminate()
+
+
+PROXY_OPS = (("upload", "upload"), ("download", "download"), ("copyfrom", "Tensor.copyfrom"),
+             ("from_device", "Tensor.numpy"))
+
+
+def measure_proxy(cfg: Config, res: Results) -> None:
+    """Our bulk figures again, through an rpc.Proxy (a server waiting at it, the client paired by key)."""
+    from workbench import rpc, runtime
+
+    keys = [f"proxy_{key}" for key, _ in PROXY_OPS]
+    with res.attempt("ours", *keys), owned():
+        proxy = rpc.Proxy(port=0, silent=True)
+        server = None
+        try:
+            server = rpc.Server(host=HOST, port=proxy.port, is_proxy=True, key="bench", silent=True)
+            deadline = time.monotonic() + 10
+            while True:  # the server registers with the proxy in the background
+                try:
+                    remote = rpc.connect(HOST, proxy.port, key="bench")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            try:
+                data = np.random.default_rng(1).bytes(cfg.bulk_bytes)
+                arr = np.frombuffer(data, dtype=np.float32)
+                remote.upload(data, target=REMOTE_FILE)
+                on_device = runtime.tensor(arr, remote.cpu(0))
+                check_contents("proxy", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
+                ops = {
+                    "proxy_upload": lambda: remote.upload(data, target=fresh_name()),
+                    "proxy_download": lambda: remote.download(REMOTE_FILE),
+                    "proxy_copyfrom": lambda: on_device.copyfrom(arr),
+                    "proxy_from_device": on_device.numpy,
+                }
+                measure_bulk("ours", res, ops, cfg.bulk_bytes, cfg.bulk_reps)
+            finally:
+                remote.close()
+        finally:
+            if server is not None:
+                server.terminate()
+            proxy.terminate()
 
 
 # -- tvm --------------------------------------------------------------------------------
@@ -609,7 +686,7 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
         server = start()
         try:
             measure_server("tvm", res, cfg, processes, lambda: session_figures(server),
-                           lambda: round_trip_us(nop(connect(server)), cfg))
+                           lambda key, peer_cpu: round_trip_us(nop(connect(server)), cfg))
         finally:
             stop(server)
 
@@ -637,6 +714,7 @@ class Metric:
     raw_key: str | None = None
     target: Target | None = None
     tvm_sized: bool = False  # TVM moved tvm_bulk_bytes, not bulk_bytes
+    base_side: str = "raw"  # whose figure the ratio divides by ("ours": our direct path, for the proxy rows)
 
 
 def metrics(cfg: Config) -> list[Metric]:
@@ -658,6 +736,8 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric("empty call round trip, pinned", "µs", "call_pinned", "call_pinned", call),
         *([Metric("empty call round trip, across 2 CPUs", "µs", "call_split", "call_split", call)]
           if cfg.other_cpu is not None else []),
+        *[Metric(f"through the proxy: {what} {size} (raw = our direct)", "MiB/s", f"proxy_{key}", key,
+                 Target(">=", 0.4, True, ">= 0.40x direct"), base_side="ours") for key, what in PROXY_OPS],
         Metric("server start-up to connected", "s", "startup", None, Target("<", 0.2, False, "< 0.2 s")),
         Metric("idle server RSS", "MB", "rss", None, Target("<", 60, False, "< 60 MB")),
     ]
@@ -678,7 +758,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def row_values(m: Metric, res: Results) -> dict[str, Any]:
-    ours, raw, tvm = res.get("ours", m.key), res.get("raw", m.raw_key), res.get("tvm", m.key)
+    ours, raw, tvm = res.get("ours", m.key), res.get(m.base_side, m.raw_key), res.get("tvm", m.key)
     ok = m.target.passed(ours, raw) if m.target else None
     return {
         "metric": m.label, "unit": m.unit, "ours": ours, "raw": raw,
@@ -700,8 +780,9 @@ def row_cells(m: Metric, v: dict[str, Any], tvm_wanted: bool) -> list[str]:
         f"{v['ratio']:.2f}x" if v["ratio"] is not None else ("n/a" if has and m.raw_key else "-"),
         v["target"] or "-",
         {True: "PASS", False: "FAIL", None: "n/a" if m.target else "-"}[v["pass"]],
-        cell(v["tvm"], has and tvm_wanted, "*" if m.tvm_sized else ""),
-        f"{v['tvm_ratio']:.2f}x" if v["tvm_ratio"] is not None else ("n/a" if has and tvm_wanted else "-"),
+        cell(v["tvm"], has and tvm_wanted and m.base_side == "raw", "*" if m.tvm_sized else ""),
+        f"{v['tvm_ratio']:.2f}x" if v["tvm_ratio"] is not None
+        else ("n/a" if has and tvm_wanted and m.base_side == "raw" else "-"),
     ]
 
 
@@ -725,6 +806,8 @@ def missing_notes(ms: list[Metric], res: Results, tvm_wanted: bool) -> list[str]
         if side == "tvm" and (not tvm_wanted or "tvm_absent" in res.facts):
             continue
         for m in ms:
+            if side == "tvm" and m.base_side != "raw":
+                continue  # rows of ours only (the proxy)
             key = (m.raw_key if m.key is None else None) if side == "raw" else m.key
             if key and (side, key) not in res.values:
                 reason = res.missing.get((side, key), "not measured (an earlier step failed)")
@@ -754,6 +837,7 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         f"{cfg.calls} after {cfg.warmup} warm-up; start-up of {cfg.startups}"
         + (f" (tvm {cfg.tvm_startups})." if tvm else "."),
         f"pinned: this process and the raw peer, or the server and its workers, all on CPU {cfg.cpu}{split}; "
+        "the pinned and across-2-CPUs raw figures are timed interleaved with ours (alternating blocks); "
         "unpinned (info, no target): where the scheduler puts them, which differs from pair to pair and run to run "
         "(one CPU for one pair, two for the next), so the pinned and across-2-CPUs rows carry the target.",
         f"RSS: VmRSS summed over the idle server's processes ({processes}).",
@@ -821,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, json_path = config_from(args), args.json
     res = Results()
     began = time.perf_counter()
-    sections = [("raw", measure_raw, RAW_KEYS), ("ours", measure_ours, (*BULK_KEYS, *SERVER_KEYS, "startup"))]
+    sections = [("raw", measure_raw, RAW_KEYS), ("ours", measure_ours, (*BULK_KEYS, *SERVER_KEYS, "startup")),
+                ("proxy", measure_proxy, ())]
     if cfg.tvm:
         sections.append(("tvm", measure_tvm, (*BULK_KEYS, *SERVER_KEYS, "startup")))
     for side, measure, keys in sections:
