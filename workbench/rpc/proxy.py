@@ -14,9 +14,7 @@ servers to the tracker, so ``request(key)`` works through it.
 from __future__ import annotations
 
 import logging
-import os
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -27,14 +25,16 @@ from ..errors import ErrorCode
 from .protocol import FLAG_SERVER, HEADER, MAGIC, MAX_CTRL, PREAMBLE, VERSION, Kind, pack, unpack
 from .registration import TrackerRegistration
 from .relay import Relay
-from .service import ServiceProcess, bind_port, service_main, setup_logging
+from .service import ServiceHandle, bind_port, owner_gone, service_main, setup_logging, stop_on_signals
 
 log = logging.getLogger("workbench.rpc.proxy")
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class Proxy:
+class Proxy(ServiceHandle):
     """An RPC proxy in a separate process (``port`` reports where it listens)."""
+
+    what = "RPC proxy"
 
     def __init__(
         self,
@@ -46,30 +46,10 @@ class Proxy:
         silent: bool = False,
     ):
         self.host = host
-        config = {"host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
-                  "tracker_addr": list(tracker_addr) if tracker_addr else None}
-        self._service = ServiceProcess("workbench.rpc.proxy", config, "RPC proxy")
-        self.port = self._service.port
-
-    @property
-    def pid(self) -> int:
-        return self._service.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._service.alive
-
-    def terminate(self) -> None:
-        self._service.terminate()
-
-    def __enter__(self) -> "Proxy":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.terminate()
-
-    def __repr__(self) -> str:
-        return f"<rpc.Proxy {self.host}:{self.port} {'running' if self.alive else 'stopped'}>"
+        self._start("workbench.rpc.proxy", {
+            "host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
+            "tracker_addr": list(tracker_addr) if tracker_addr else None,
+        })
 
 
 # -- the proxy process ------------------------------------------------------------------
@@ -123,8 +103,7 @@ class ProxyLoop:
                     if key.data is None:
                         self._accept()
                     elif key.data == "owner":
-                        if not os.read(self.owner_fd, 4096):
-                            log.info("owner process is gone; stopping")
+                        if owner_gone(self.owner_fd):
                             return
                     elif isinstance(key.data, _Incoming):
                         self._read_incoming(key.data)
@@ -347,12 +326,7 @@ def serve_proxy(config: dict[str, Any], ready: Callable[[int], None] | None = No
     setup_logging(config.get("silent", False))
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9090)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals()
     port = listener.getsockname()[1]
     tracker = config.get("tracker_addr")
     log.info("RPCProxy: bind to %s:%d", config.get("host", "127.0.0.1"), port)

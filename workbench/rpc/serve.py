@@ -17,14 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
 from ..cc.compiler import target_triple
 from ..runtime.workspace import Workspace
 from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, SocketChannel, pack, unpack
 from .server import ServerConfig, resolve_callable
-from .service import bind_port, service_main, setup_logging
+from .service import bind_port, owner_gone, service_main, setup_logging, stop_on_signals
 from .handler import device_info
 from .registration import TrackerRegistration
 from .worker import EXIT_CLEAN, EXIT_REFUSED, death_notice, load_libraries, run_session, shutdown
@@ -163,8 +163,7 @@ class ServeLoop:
                     if key.data is None:
                         self._accept()
                     elif key.data == "owner":
-                        if not os.read(self.owner_fd, 4096):
-                            log.info("owner process is gone; stopping")
+                        if owner_gone(self.owner_fd):
                             return
                     elif key.data == "proxy":
                         self._sel.unregister(key.fileobj)
@@ -284,12 +283,7 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owne
     else:
         listener = bind_port(config.host, config.port, config.port_end, config.reuse_addr)
         port = listener.getsockname()[1]
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals()
     loop = ServeLoop(config, listener, owner_fd)
     if config.is_proxy:
         log.info("RPCServer: serving through the proxy %s:%d as key %r", config.host, port, config.key)

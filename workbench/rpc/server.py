@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .service import ServiceProcess
+from .service import ServiceHandle
 
 
 
@@ -67,7 +67,7 @@ def resolve_callable(spec: str) -> Callable:
     return obj
 
 
-class Server:
+class Server(ServiceHandle):
     """An RPC server in a separate process; each client session runs in its own worker process.
 
     Parameters follow ``tvm.rpc.Server``. ``port`` is the first port tried, up to
@@ -79,6 +79,8 @@ class Server:
     The server ends with ``terminate()``, when this object is collected, or
     when this process exits.
     """
+
+    what = "RPC server"
 
     def __init__(
         self,
@@ -124,26 +126,7 @@ class Server:
         )
         self.host = host
         self.key = key
-        self._service = ServiceProcess("workbench.rpc.serve", dataclasses.asdict(self.config), "RPC server")
-        self.port = self._service.port
-
-    @property
-    def pid(self) -> int:
-        return self._service.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._service.alive
-
-    def terminate(self) -> None:
-        """Stop the server and every session worker it started."""
-        self._service.terminate()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.terminate()
+        self._start("workbench.rpc.serve", dataclasses.asdict(self.config))
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,24 @@ def _stop(proc: subprocess.Popen) -> None:
                 stream.close()
             except OSError:
                 pass
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT end the service's loop by SystemExit, so its cleanup runs."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def owner_gone(owner_fd: int) -> bool:
+    """The owner's pipe became readable: True if it closed (the owner process is gone)."""
+    if os.read(owner_fd, 4096):
+        return False
+    logging.getLogger(__name__).info("owner process is gone; stopping")
+    return True
 
 
 class ServiceProcess:
@@ -140,3 +159,37 @@ def bind_port(host: str, port: int, port_end: int, reuse_addr: bool = True) -> s
         f"cannot listen on {host} ports {port}..{last - 1}: {errors[-1] if errors else 'no port'}; "
         "free a port or pass another port/port_end (port=0 picks any free port)"
     )
+
+
+class ServiceHandle:
+    """What the owner holds of a service: ``port``, ``pid``, ``alive``, ``terminate()``, a context manager."""
+
+    what = "service"
+    host: str
+    port: int
+    _service: ServiceProcess
+
+    def _start(self, module: str, config: dict[str, Any]) -> None:
+        self._service = ServiceProcess(module, config, self.what)
+        self.port = self._service.port
+
+    @property
+    def pid(self) -> int:
+        return self._service.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._service.alive
+
+    def terminate(self) -> None:
+        """Stop the service and everything it started."""
+        self._service.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        return f"<rpc.{type(self).__name__} {self.host}:{getattr(self, 'port', '?')} {'running' if self.alive else 'stopped'}>"

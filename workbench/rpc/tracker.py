@@ -16,52 +16,29 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import selectors
-import signal
 import socket
 from collections import deque
 from typing import Any, Callable
 
 from ..errors import ProtocolError
-from .service import ServiceProcess, bind_port, service_main, setup_logging
+from .service import ServiceHandle, bind_port, owner_gone, service_main, setup_logging, stop_on_signals
 from .tracker_wire import GREETING, MAGIC_BYTES, Code, MessageReader, encode, quick_ack
 
 log = logging.getLogger("workbench.rpc.tracker")
 
 
-class Tracker:
+class Tracker(ServiceHandle):
     """An RPC tracker in a separate process (``port`` reports where it listens).
 
     Ends with ``terminate()``, when collected, or when this process exits.
     """
 
+    what = "RPC tracker"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 9190, port_end: int = 9199, silent: bool = False):
         self.host = host
-        self._service = ServiceProcess(
-            "workbench.rpc.tracker", {"host": host, "port": port, "port_end": port_end, "silent": silent}, "RPC tracker"
-        )
-        self.port = self._service.port
-
-    @property
-    def pid(self) -> int:
-        return self._service.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._service.alive
-
-    def terminate(self) -> None:
-        self._service.terminate()
-
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.terminate()
-
-    def __repr__(self) -> str:
-        return f"<rpc.Tracker {self.host}:{self.port} {'running' if self.alive else 'stopped'}>"
+        self._start("workbench.rpc.tracker", {"host": host, "port": port, "port_end": port_end, "silent": silent})
 
 
 # -- the tracker process ------------------------------------------------------------
@@ -131,8 +108,7 @@ class TrackerLoop:
                     if key.data is None:
                         self._accept()
                     elif key.data == "owner":
-                        if not os.read(self.owner_fd, 4096):
-                            log.info("owner process is gone; stopping")
+                        if owner_gone(self.owner_fd):
                             return
                     else:
                         conn = key.data
@@ -336,12 +312,7 @@ def serve_tracker(config: dict[str, Any], ready: Callable[[int], None] | None = 
     setup_logging(config.get("silent", False))
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9190)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals()
     port = listener.getsockname()[1]
     log.info("RPCTracker: bind to %s:%d", config.get("host", "127.0.0.1"), port)
     if ready:
