@@ -211,7 +211,11 @@ class TrackerLoop:
         conn.values.clear()
         for request in conn.requests:  # its requests leave their queues now
             request.cancelled = True
-            self.queues[request.key].pending -= 1
+            queue = self.queues[request.key]
+            queue.pending -= 1
+            if len(queue.waiting) > 2 * queue.pending + 64:  # drop cancelled entries: the heap stays bounded
+                queue.waiting = [entry for entry in queue.waiting if not entry[2].cancelled]
+                heapq.heapify(queue.waiting)
         conn.requests.clear()
 
     # -- the protocol -----------------------------------------------------------------
