@@ -25,7 +25,7 @@ from ..errors import ErrorCode
 from .protocol import FLAG_SERVER, HEADER, MAGIC, MAX_CTRL, PREAMBLE, VERSION, Kind, pack, unpack
 from .registration import TrackerRegistration
 from .relay import Relay
-from .service import ServiceHandle, bind_port, owner_gone, service_main, setup_logging, stop_on_signals
+from .service import ServiceHandle, ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
 
 log = logging.getLogger("workbench.rpc.proxy")
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -75,45 +75,32 @@ class _Waiting:
         self.sock, self.key, self.info = sock, key, info
 
 
-class ProxyLoop:
+class ProxyLoop(ServiceLoop):
     def __init__(self, listener: socket.socket, owner_fd: int | None = None,
                  tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None):
-        self.listener = listener
-        self.owner_fd = owner_fd
+        super().__init__(listener, owner_fd)
         self.incoming: dict[int, _Incoming] = {}
         self.waiting: dict[str, deque[_Waiting]] = {}
         self.relays: set[Relay] = set()
         self.paired: Counter[str] = Counter()  # servers in a session, by key (guarded by _relays_lock)
         self._relays_lock = threading.Lock()
         self._published: str | None = None
-        self._sel = selectors.DefaultSelector()
         self.registration = None
         if tracker_addr:
             self.registration = TrackerRegistration(
                 tracker_addr, listener.getsockname()[1], custom_addr, {"key": "server:proxy[]"}
             )
 
-    def run(self) -> None:
-        self._sel.register(self.listener, selectors.EVENT_READ, None)
-        if self.owner_fd is not None:
-            self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
-        try:
-            while True:
-                for key, _ in self._sel.select(self._timeout()):
-                    if key.data is None:
-                        self._accept()
-                    elif key.data == "owner":
-                        if owner_gone(self.owner_fd):
-                            return
-                    elif isinstance(key.data, _Incoming):
-                        self._read_incoming(key.data)
-                    else:
-                        self._drop_waiting(key.data, "it closed the connection")
-                self._expire_incoming()
-        finally:
-            self.stop()
+    def _event(self, key: selectors.SelectorKey, events: int) -> None:
+        if isinstance(key.data, _Incoming):
+            self._read_incoming(key.data)
+        else:
+            self._drop_waiting(key.data, "it closed the connection")
 
-    def _timeout(self) -> float:
+    def _tick(self) -> None:
+        self._expire_incoming()
+
+    def _timeout(self) -> float | None:
         timeout = 1.0 if self.incoming else None
         if self.registration is not None:
             self._publish_keys()  # sessions end in relay threads: catch up here

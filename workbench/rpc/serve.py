@@ -24,7 +24,7 @@ from ..cc.compiler import target_triple
 from ..runtime.workspace import Workspace
 from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, SocketChannel, pack, unpack
 from .server import ServerConfig, resolve_callable
-from .service import bind_port, owner_gone, service_main, setup_logging, stop_on_signals
+from .service import ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
 from .handler import device_info
 from .registration import TrackerRegistration
 from .worker import EXIT_CLEAN, EXIT_REFUSED, death_notice, load_libraries, run_session, shutdown
@@ -113,14 +113,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-class ServeLoop:
+class ServeLoop(ServiceLoop):
     def __init__(self, config: ServerConfig, listener: socket.socket | None, owner_fd: int | None = None):
+        super().__init__(listener, owner_fd)
         self.config = config
-        self.listener = listener
-        self.owner_fd = owner_fd
         self.workers: dict[int, _Worker] = {}
         self.system_libs = load_libraries(config.load_library)
-        self._sel = selectors.DefaultSelector()
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
         if listener is None:  # is_proxy: wait at the proxy instead of listening
@@ -152,28 +150,14 @@ class ServeLoop:
         reg.slots[SELF].busy = any(w.matchkey == matchkey for w in self.workers.values())
         return reg.poll(time.monotonic())
 
-    def run(self) -> None:
-        if self.listener is not None:
-            self._sel.register(self.listener, selectors.EVENT_READ, None)
-        if self.owner_fd is not None:
-            self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
-        try:
-            while True:
-                for key, _ in self._sel.select(self._timeout()):
-                    if key.data is None:
-                        self._accept()
-                    elif key.data == "owner":
-                        if owner_gone(self.owner_fd):
-                            return
-                    elif key.data == "proxy":
-                        self._sel.unregister(key.fileobj)
-                        conn = self.proxy_link.take()
-                        if conn is not None:
-                            self._start_worker(conn, "the proxy")
-                    else:
-                        self._reap(key.data)
-        finally:
-            self.stop()
+    def _event(self, key: selectors.SelectorKey, events: int) -> None:
+        if key.data == "proxy":
+            self._sel.unregister(key.fileobj)
+            conn = self.proxy_link.take()
+            if conn is not None:
+                self._start_worker(conn, "the proxy")
+        else:
+            self._reap(key.data)
 
     def _accept(self) -> None:
         try:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -53,6 +54,57 @@ def owner_gone(owner_fd: int) -> bool:
         return False
     logging.getLogger(__name__).info("owner process is gone; stopping")
     return True
+
+
+class ServiceLoop:
+    """The event loop of a service process: its listener, its owner's pipe, and whatever it adds.
+
+    Subclasses implement ``_accept()``, ``_event(key, events)`` for the other
+    registered objects, and ``stop()``; they may add ``_timeout()`` (seconds
+    until they have something to do) and ``_tick()`` (run after every wake-up).
+    The loop ends when the owner's pipe closes, ``_running`` turns false, or
+    SystemExit (SIGTERM/SIGINT) unwinds it; ``stop()`` always runs.
+    """
+
+    def __init__(self, listener: socket.socket | None, owner_fd: int | None):
+        self.listener = listener
+        self.owner_fd = owner_fd
+        self._sel = selectors.DefaultSelector()
+        self._running = True
+
+    def run(self) -> None:
+        if self.listener is not None:
+            self._sel.register(self.listener, selectors.EVENT_READ, None)
+        if self.owner_fd is not None:
+            self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
+        try:
+            while self._running:
+                for key, events in self._sel.select(self._timeout()):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "owner":
+                        if owner_gone(self.owner_fd):
+                            return
+                    else:
+                        self._event(key, events)
+                self._tick()
+        finally:
+            self.stop()
+
+    def _timeout(self) -> float | None:
+        return None
+
+    def _tick(self) -> None:
+        pass
+
+    def _accept(self) -> None:
+        raise NotImplementedError
+
+    def _event(self, key: selectors.SelectorKey, events: int) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
 
 
 class ServiceProcess:

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Callable
 
 from ..errors import ProtocolError
-from .service import ServiceHandle, bind_port, owner_gone, service_main, setup_logging, stop_on_signals
+from .service import ServiceHandle, ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
 from .tracker_wire import GREETING, MAGIC_BYTES, Code, MessageReader, encode, quick_ack
 
 log = logging.getLogger("workbench.rpc.tracker")
@@ -86,41 +86,27 @@ class _Conn:
         self.matchkeys: set[str] = set()
 
 
-class TrackerLoop:
+class TrackerLoop(ServiceLoop):
     def __init__(self, listener: socket.socket, owner_fd: int | None = None, stop_key: str | None = None):
-        self.listener = listener
-        self.owner_fd = owner_fd
+        super().__init__(listener, owner_fd)
         self.stop_key = stop_key
         self.queues: dict[str, _Queue] = {}
         self.conns: dict[int, _Conn] = {}
         self._arrival = itertools.count()
-        self._sel = selectors.DefaultSelector()
-        self._running = True
 
     # -- event loop -----------------------------------------------------------------
-    def run(self) -> None:
-        self._sel.register(self.listener, selectors.EVENT_READ, None)
-        if self.owner_fd is not None:
-            self._sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
-        try:
-            while self._running:
-                for key, events in self._sel.select():
-                    if key.data is None:
-                        self._accept()
-                    elif key.data == "owner":
-                        if owner_gone(self.owner_fd):
-                            return
-                    else:
-                        conn = key.data
-                        if events & selectors.EVENT_WRITE:
-                            self._flush(conn)
-                        if events & selectors.EVENT_READ and conn.sock.fileno() >= 0:
-                            self._read(conn)
-        finally:
-            for conn in list(self.conns.values()):
-                self._close(conn)
-            self._sel.close()
-            self.listener.close()
+    def _event(self, key: selectors.SelectorKey, events: int) -> None:
+        conn = key.data
+        if events & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if events & selectors.EVENT_READ and conn.sock.fileno() >= 0:
+            self._read(conn)
+
+    def stop(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self._sel.close()
+        self.listener.close()
 
     def _accept(self) -> None:
         try:
