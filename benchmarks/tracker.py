@@ -704,7 +704,7 @@ def report(cfg: TrackerConfig, results: TrackerResults) -> tuple[str, dict[str, 
         "register: fresh connection, magic, UPDATE_INFO, PUT (median); grant: REQUEST to the grant on an open "
         "connection, the session's connect excluded (median, p99 = nearest rank), the entry re-offered untimed; "
         "summary: SUMMARY of N servers (median). ms: lower is better.",
-        "* bounded: this client stalls on Nagle and delayed ACKs (40-90 ms a message), so it runs few operations "
+        "* bounded: this client stalls on Nagle and delayed ACKs against a peer that does not ACK at once, as TVM's tracker (40-90 ms a message), so it runs few operations "
         "(ops column: registrations/grants/summaries timed); its p99 is then its maximum.",
         "entries: one raw connection per entry (UPDATE_INFO + PUT, like a server; ports nothing listens on).",
         f"growth: figure at N={big} / figure at the next smaller N, checked on the medians; linear growth gives 10x, "
