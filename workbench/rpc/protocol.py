@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 from enum import IntEnum
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -81,10 +81,6 @@ class Handle(msgpack.ExtType):
 
     def __new__(cls, ext: int, id: int) -> "Handle":
         return super().__new__(cls, ext, _U64.pack(id))
-
-    @property
-    def ext(self) -> int:
-        return self.code
 
     @property
     def id(self) -> int:
@@ -389,11 +385,10 @@ class SocketChannel(Channel):
 class PipeChannel(Channel):
     """A channel over a pair of file descriptors (a child's stdin/stdout)."""
 
-    def __init__(self, read_fd: int, write_fd: int, on_close: Callable[[], None] | None = None):
+    def __init__(self, read_fd: int, write_fd: int):
         super().__init__()
         self.read_fd = read_fd
         self.write_fd = write_fd
-        self._on_close = on_close
 
     def _recv_into(self, view: memoryview) -> int:
         return os.readv(self.read_fd, [view])
@@ -407,5 +402,3 @@ class PipeChannel(Channel):
                 os.close(fd)
             except OSError:
                 pass
-        if self._on_close:
-            self._on_close()
