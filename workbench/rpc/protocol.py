@@ -83,6 +83,10 @@ class Handle(msgpack.ExtType):
         return super().__new__(cls, ext, _U64.pack(id))
 
     @property
+    def ext(self) -> int:
+        return self.code
+
+    @property
     def id(self) -> int:
         return _U64.unpack(self.data)[0]
 
