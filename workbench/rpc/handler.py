@@ -11,6 +11,7 @@ import os
 import platform
 from typing import Any, BinaryIO, Callable
 
+from ..cc.compiler import target_triple
 from ..errors import BadRequestError, DeviceNotFoundError
 from ..runtime import registry
 from ..runtime.devices import DEVICE_NAMES, device_name
@@ -36,6 +37,7 @@ def device_info() -> dict[str, Any]:
         "system": platform.system(),
         "cpu_count": os.cpu_count() or 1,
         "pid": os.getpid(),
+        "target": target_triple(),
     }
 
 

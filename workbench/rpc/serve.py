@@ -20,7 +20,6 @@ import time
 from typing import Callable
 
 from ..errors import ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
-from ..cc.compiler import target_triple
 from ..runtime.workspace import Workspace
 from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, SocketChannel, pack, unpack
 from .server import ServerConfig, resolve_callable
@@ -122,10 +121,10 @@ class ServeLoop(ServiceLoop):
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
         if listener is None:  # is_proxy: wait at the proxy instead of listening
-            info = dict(device_info(), target=target_triple(), labels=config.labels)
+            info = dict(device_info(), labels=config.labels)
             self.proxy_link = ProxyLink((config.host, config.port), config.key, info)
         elif config.tracker_addr:
-            info = dict(device_info(), key=f"server:{config.key}", target=target_triple(), labels=config.labels)
+            info = dict(device_info(), key=f"server:{config.key}", labels=config.labels)
             self.registration = TrackerRegistration(
                 config.tracker_addr, listener.getsockname()[1], config.custom_addr, info
             )

@@ -52,10 +52,10 @@ class _Value:
 
 
 class _Request:
-    __slots__ = ("conn", "key", "cancelled")
+    __slots__ = ("conn", "key", "user", "priority", "cancelled")
 
-    def __init__(self, conn: "_Conn", key: str):
-        self.conn, self.key, self.cancelled = conn, key, False
+    def __init__(self, conn: "_Conn", key: str, user: str, priority: int):
+        self.conn, self.key, self.user, self.priority, self.cancelled = conn, key, user, priority, False
 
 
 class _Queue:
@@ -63,6 +63,11 @@ class _Queue:
         self.free: deque[_Value] = deque()
         self.waiting: list[tuple[int, int, _Request]] = []  # heap of (-priority, arrival, request)
         self.pending = 0
+
+    def waiting_list(self) -> list[dict[str, Any]]:
+        if not self.pending:
+            return []
+        return [{"user": r.user, "priority": r.priority} for _, _, r in sorted(self.waiting) if not r.cancelled]
 
     def next_request(self) -> _Request | None:
         while self.waiting:
@@ -213,7 +218,8 @@ class TrackerLoop(ServiceLoop):
             self._put(conn, str(message[1]), message[2], message[3] if len(message) > 3 else None)
             self._send(conn, Code.SUCCESS)
         elif code == Code.REQUEST:
-            self._request(conn, str(message[1]), int(message[3]) if len(message) > 3 else 1)
+            self._request(conn, str(message[1]), str(message[2]) if len(message) > 2 else "",
+                          int(message[3]) if len(message) > 3 else 1)
         elif code == Code.UPDATE_INFO:
             info = message[1]
             if not isinstance(info, dict):
@@ -255,9 +261,9 @@ class TrackerLoop(ServiceLoop):
         queue.free.append(value)
         self._schedule(key, queue)
 
-    def _request(self, conn: _Conn, key: str, priority: int) -> None:
+    def _request(self, conn: _Conn, key: str, user: str, priority: int) -> None:
         queue = self._queue(key)
-        request = _Request(conn, key)
+        request = _Request(conn, key, user, priority)
         heapq.heappush(queue.waiting, (-priority, next(self._arrival), request))
         queue.pending += 1
         conn.requests.append(request)
@@ -282,10 +288,18 @@ class TrackerLoop(ServiceLoop):
             value.conn.matchkeys.discard(value.matchkey)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """TVM's SUMMARY, plus ``waiting``: each queue's requests (user, priority) in the order they will be served.
+
+        ``waiting`` is ours (a TVM tracker has none); it is there only while requests wait, for their keys only.
+        """
+        summary = {
             "queue_info": {k: {"free": len(q.free), "pending": q.pending} for k, q in self.queues.items()},
             "server_info": [c.info for c in self.conns.values() if str(c.info.get("key", "")).startswith("server")],
         }
+        waiting = {k: q.waiting_list() for k, q in self.queues.items() if q.pending}
+        if waiting:
+            summary["waiting"] = waiting
+        return summary
 
 
 def _peer_closed(sock: socket.socket) -> bool:

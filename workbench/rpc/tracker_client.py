@@ -6,15 +6,21 @@
 """
 from __future__ import annotations
 
+import functools
 import getpass
+import itertools
 import logging
+import os
 import re
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError
 from .client import RPCSession, connect
+from .tracker_summary import TrackerSummary
 from .tracker_wire import Code, TrackerConnection
 
 log = logging.getLogger("workbench.rpc.tracker")
@@ -25,6 +31,53 @@ class TrackerError(RPCError):
     """The tracker refused, or no session could be had through it."""
 
 
+class RequestCancelled(TrackerError):
+    """A queued request was withdrawn through its ``cancel`` event."""
+
+
+WAIT_STEP_S = 0.25
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class WaitStatus:
+    """Where a queued request stands: seconds waited, 1-based place in the queue, requests pending, servers of the key.
+
+    ``position`` is None where the tracker does not tell (TVM's); the others are None until the first look.
+    """
+
+    key: str
+    waited: float
+    position: int | None
+    pending: int | None
+    servers: int | None
+
+    def describe(self) -> str:
+        """"2nd in the queue for 'rasp'", or what is known of the queue."""
+        if self.servers == 0:
+            return f"no server is registered for key {self.key!r}"
+        if self.position is not None:
+            return f"{_ordinal(self.position)} in the queue for {self.key!r}"
+        if self.pending is not None:
+            return f"{self.pending} request(s) waiting for {self.key!r}"
+        return f"waiting for {self.key!r}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _wait_status(reply: Any, key: str, user: str) -> WaitStatus:
+    if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS and isinstance(reply[1], dict)):
+        raise ValueError(f"unexpected SUMMARY reply {reply!r}")
+    summary = TrackerSummary(reply[1])
+    queue = summary.get("queue_info", {}).get(key, {})
+    servers = sum(key in server_keys(str(s.get("key", ""))) for s in summary.get("server_info", []))
+    return WaitStatus(key, 0.0, summary.position(key, user), queue.get("pending"), servers)
+
+
+@functools.lru_cache(maxsize=None)
 def _user() -> str:
     try:
         return f"{getpass.getuser()}@{socket.gethostname()}"
@@ -91,12 +144,15 @@ class TrackerSession:
         return f"<TrackerSession {self.address}>"
 
     # -- status -----------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        """``{"queue_info": {key: {"free": n, "pending": n}}, "server_info": [{"key": .., "addr": ..}, ...]}``."""
+    def summary(self) -> TrackerSummary:
+        """``{"queue_info": {key: {"free": n, "pending": n}}, "server_info": [{"key": .., "addr": ..}, ...]}``.
+
+        A dict, with tables: ``.keys_frame()``, ``.servers_frame()``, and an HTML view in notebooks.
+        """
         reply = self._call([Code.SUMMARY])
-        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS):
+        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS and isinstance(reply[1], dict)):
             raise TrackerError(f"the tracker at {self.address} answered SUMMARY with {reply!r}")
-        return reply[1]
+        return TrackerSummary(reply[1])
 
     def text_summary(self) -> str:
         """The server list and queue status as ``query_rpc_tracker`` prints them."""
@@ -116,36 +172,55 @@ class TrackerSession:
         *,
         timeout: float | None = None,
         auth_token: str | None = None,
+        on_wait: Callable[[WaitStatus], None] | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool | None = None,
     ) -> RPCSession:
         """Wait for a free server of ``key`` and connect to it.
 
         Higher ``priority`` is served first. ``max_retry`` bounds the attempts
         (a server that vanished after being granted costs one); ``timeout``
         bounds the whole wait in seconds (None: wait as long as it takes).
+        While queued, ``on_wait(WaitStatus)`` is called about every quarter
+        second and a progress bar shows the time waited (``progress=False``
+        hides it); setting the ``cancel`` event, a timeout, Ctrl-C or any error
+        withdraws the request from the tracker's queue.
+
+            >>> stop = threading.Event()                                      # doctest: +SKIP
+            >>> tracker.request("rasp", on_wait=print, cancel=stop)           # doctest: +SKIP
         """
+        from ..progress import wait_bar
+
         if max_retry < 1:
             raise ValueError(f"max_retry must be >= 1, not {max_retry}")
         start = time.monotonic()
         last: BaseException | None = None
-        for _ in range(max_retry):
-            remaining = None if timeout is None else timeout - (time.monotonic() - start)
-            if remaining is not None and remaining <= 0:
-                break
-            try:
-                host, port, matchkey = self._grant(key, priority, remaining)
-            except socket.timeout:
-                self._drop()  # closing the connection takes the request out of the queue
-                break
-            except (OSError, RPCError) as exc:  # the tracker went away (restarting?): next attempt reconnects
-                log.info("tracker %s: %s; asking again", self.address, exc)
-                last = exc
-                continue
-            try:
-                return connect(host, port, key=matchkey, session_timeout=session_timeout,
-                               session_constructor_args=session_constructor_args, auth_token=auth_token)
-            except (OSError, RPCError) as exc:
-                log.info("server %s:%s for key %r failed: %s; asking the tracker again", host, port, key, exc)
-                last = exc
+        with wait_bar(f"waiting for a {key!r} device", progress) as bar:
+            def waiting(status: WaitStatus) -> None:
+                bar.update(status.waited, status.describe())
+                if on_wait is not None:
+                    on_wait(status)
+
+            for _ in range(max_retry):
+                remaining = None if timeout is None else timeout - (time.monotonic() - start)
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    host, port, matchkey = self._grant(key, priority, remaining, waiting, cancel, start)
+                except socket.timeout:
+                    break
+                except RequestCancelled:
+                    raise
+                except (OSError, RPCError) as exc:  # the tracker went away (restarting?): next attempt reconnects
+                    log.info("tracker %s: %s; asking again", self.address, exc)
+                    last = exc
+                    continue
+                try:
+                    return connect(host, port, key=matchkey, session_timeout=session_timeout,
+                                   session_constructor_args=session_constructor_args, auth_token=auth_token)
+                except (OSError, RPCError) as exc:
+                    log.info("server %s:%s for key %r failed: %s; asking the tracker again", host, port, key, exc)
+                    last = exc
         waited = time.monotonic() - start
         try:
             count = f"{self.servers_for(key)} server(s) registered for it"
@@ -157,18 +232,60 @@ class TrackerSession:
             f"({count}){reason}"
         )
 
-    def _grant(self, key: str, priority: int, timeout: float | None) -> tuple[str, int, str]:
+    def _grant(
+        self,
+        key: str,
+        priority: int,
+        timeout: float | None,
+        on_wait: Callable[[WaitStatus], None] | None = None,
+        cancel: threading.Event | None = None,
+        start: float | None = None,
+    ) -> tuple[str, int, str]:
+        """Queue one REQUEST and wait for its grant; any way out but the grant withdraws it (closes the connection).
+
+        Without ``on_wait`` and ``cancel`` it blocks in one read (the fast path the tracker benchmark times).
+        """
         conn = self._connection()
-        conn.sock.settimeout(timeout)
+        start = time.monotonic() if start is None else start
+        user = f"{_user()}/{os.getpid()}.{next(_request_ids)}"  # unique: how we find our place in the queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watcher: TrackerConnection | None = None
+        next_look = 0.0
+        status = WaitStatus(key, 0.0, None, None, None)
         try:
-            conn.send([Code.REQUEST, key, _user(), priority])
-            reply = conn.recv()
-        except socket.timeout:
-            raise
-        except (OSError, RPCError):
+            conn.send([Code.REQUEST, key, user, priority])
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise socket.timeout(f"no {key!r} server within {timeout:.1f} s")
+                step = WAIT_STEP_S if on_wait or cancel else None
+                conn.sock.settimeout(step if deadline is None else min(step or deadline - now, deadline - now))
+                try:
+                    reply = conn.recv()
+                    break
+                except socket.timeout:
+                    pass
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled(f"the request for a {key!r} device was cancelled")
+                now = time.monotonic()
+                if now >= next_look:  # where are we in the queue? asked on a second connection, once a second
+                    next_look = now + 1.0
+                    try:
+                        watcher = watcher or TrackerConnection(*self._addr, timeout=2.0)
+                        status = _wait_status(watcher.call([Code.SUMMARY]), key, user)
+                    except (OSError, RPCError, ValueError):
+                        if watcher is not None:
+                            watcher.close()
+                        watcher = None
+                status = WaitStatus(key, now - start, status.position, status.pending, status.servers)
+                if on_wait is not None:
+                    on_wait(status)
+        except BaseException:  # timeout, cancel, Ctrl-C, a lost tracker: leave the queue now
             self._drop()
             raise
         finally:
+            if watcher is not None:
+                watcher.close()
             if self._conn is not None:
                 self._conn.sock.settimeout(self._timeout)
         if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == Code.SUCCESS):

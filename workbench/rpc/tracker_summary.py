@@ -1,0 +1,175 @@
+"""``TrackerSummary``: a tracker's SUMMARY answer, with tables for people.
+
+It is the plain dict the tracker sent (so code reading ``["queue_info"]``
+keeps working), plus rows, pandas frames and an HTML view:
+
+    >>> s = TrackerSummary({"queue_info": {"rasp": {"free": 1, "pending": 0}},
+    ...                     "server_info": [{"key": "server:rasp", "addr": ["10.0.0.7", 9091]}]})
+    >>> s.key_rows()
+    [{'key': 'rasp', 'total': 1, 'free': 1, 'pending': 0}]
+    >>> s.server_rows()[0]["address"]
+    '10.0.0.7:9091'
+
+Works on a TVM tracker's answer too: fields it does not send come out as "".
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    import pandas
+
+KEY_COLUMNS = ("key", "total", "free", "pending")
+SERVER_COLUMNS = ("address", "key", "arch", "target", "devices", "labels")
+
+
+class TrackerSummary(dict):
+    """What ``TrackerSession.summary()`` returns: the SUMMARY dict with table views.
+
+        >>> summary = rpc.connect_tracker("127.0.0.1", 9190).summary()  # doctest: +SKIP
+        >>> summary.keys_frame()                                         # doctest: +SKIP
+    """
+
+    # -- rows -----------------------------------------------------------------------------
+    def key_rows(self) -> list[dict[str, Any]]:
+        """One row per device key, sorted: ``{key, total, free, pending}``.
+
+        ``total`` counts the servers registered for the key (a proxy entry counts
+        for each key it serves). Keys with no server, nothing free and nobody
+        waiting (a queue the tracker keeps after its last server left) are left out.
+        """
+        from .tracker_client import server_keys
+
+        totals: dict[str, int] = {}
+        for server in self._servers():
+            for key in server_keys(str(server.get("key", ""))):
+                totals[key] = totals.get(key, 0) + 1
+        queues = self._queues()
+        rows = []
+        for key in sorted(set(queues) | set(totals)):
+            queue = queues.get(key)
+            queue = queue if isinstance(queue, dict) else {}
+            row = {"key": key, "total": totals.get(key, 0), "free": _int(queue.get("free")),
+                   "pending": _int(queue.get("pending"))}
+            if row["total"] or row["free"] or row["pending"]:
+                rows.append(row)
+        return rows
+
+    def server_rows(self) -> list[dict[str, str]]:
+        """One row per registered server, sorted by key then address.
+
+        ``{address "host:port", key, arch, target, devices "cpu(0), cl(0)", labels "board=pi4, os=linux"}``;
+        ``key`` is the device key (``"a, b"`` for a proxy serving two keys); missing fields are "".
+        """
+        from .tracker_client import server_keys
+
+        rows = []
+        for server in self._servers():
+            raw_key = server.get("key")
+            rows.append({
+                "address": _address(server.get("addr")),
+                "key": ", ".join(server_keys(str(raw_key))) if raw_key else "",
+                "arch": _text(server.get("arch")),
+                "target": _text(server.get("target")),
+                "devices": _devices(server.get("devices")),
+                "labels": _labels(server.get("labels")),
+            })
+        rows.sort(key=lambda r: (r["key"], r["address"]))
+        return rows
+
+    def position(self, key: str, user: str) -> int | None:
+        """``user``'s 1-based place in the queue of ``key``; None if not waiting (or the tracker does not say).
+
+            >>> TrackerSummary({"queue_info": {}, "waiting": {"k": [{"user": "a"}, {"user": "b"}]}}).position("k", "b")
+            2
+        """
+        for place, entry in enumerate(self.waiting(key), start=1):
+            if isinstance(entry, dict) and entry.get("user") == user:
+                return place
+        return None
+
+    def waiting(self, key: str) -> list[dict[str, Any]]:
+        """The requests waiting for ``key`` (``{"user", "priority"}``) in the order they will be served.
+
+        Read from the summary's ``waiting[key]`` (ours); [] when the tracker does not say (TVM's).
+        """
+        top = self.get("waiting")
+        waiting = top.get(key) if isinstance(top, dict) else None
+        return [entry for entry in waiting if isinstance(entry, dict)] if isinstance(waiting, list) else []
+
+    # -- frames and display ---------------------------------------------------------------
+    def keys_frame(self) -> "pandas.DataFrame":
+        """``key_rows()`` as a DataFrame (columns key, total, free, pending, even when empty)."""
+        import pandas
+
+        return pandas.DataFrame(self.key_rows(), columns=list(KEY_COLUMNS))
+
+    def servers_frame(self) -> "pandas.DataFrame":
+        """``server_rows()`` as a DataFrame (columns address, key, arch, target, devices, labels)."""
+        import pandas
+
+        return pandas.DataFrame(self.server_rows(), columns=list(SERVER_COLUMNS))
+
+    def _repr_html_(self) -> str:
+        keys, servers = self.keys_frame(), self.servers_frame()
+        parts = ["<h4>Queues</h4>"]
+        parts.append(keys.to_html(index=False) if len(keys) else "<p><i>no device keys</i></p>")
+        parts.append("<h4>Servers</h4>")
+        parts.append(servers.to_html(index=False) if len(servers) else "<p><i>no servers registered</i></p>")
+        return "\n".join(parts)
+
+    def __repr__(self) -> str:
+        from .tracker_client import format_summary
+
+        return format_summary(self).rstrip("\n")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+    # -- reading the raw answer -----------------------------------------------------------
+    def _servers(self) -> Iterable[dict[str, Any]]:
+        servers = self.get("server_info")
+        return [s for s in servers if isinstance(s, dict)] if isinstance(servers, list) else []
+
+    def _queues(self) -> dict[str, Any]:
+        queues = self.get("queue_info")
+        return queues if isinstance(queues, dict) else {}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _address(addr: Any) -> str:
+    if isinstance(addr, (list, tuple)) and len(addr) == 2:
+        host, port = addr
+        host = "?" if host is None else str(host)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return _text(addr)
+
+
+def _devices(devices: Any) -> str:
+    from ..runtime.devices import device_name
+
+    if not isinstance(devices, list):
+        return ""
+    names = []
+    for entry in devices:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry):
+            names.append(device_name(entry[0], entry[1]))
+        else:
+            names.append(str(entry))
+    return ", ".join(names)
+
+
+def _labels(labels: Any) -> str:
+    if not isinstance(labels, dict):
+        return ""
+    return ", ".join(f"{name}={value}" for name, value in sorted(labels.items(), key=lambda kv: str(kv[0])))
