@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from ..errors import (
     code_of,
     error_from_code,
 )
+from ..progress import chunk_slices, expected_time_eval_seconds, timed_bar, transfer_bar
 from ..runtime.devices import Device, device_name, device_type_code
 from .protocol import (
     FLAG_NO_REPLY,
@@ -87,12 +89,18 @@ class RemoteFunction:
         cooldown_interval_ms: float = 0,
         repeats_to_cooldown: int = 1,
         f_preproc: str = "",
+        *,
+        progress: bool | None = None,
     ) -> Callable[..., Any]:
         """A function that runs this one ``number`` times per repeat on the device and returns the timings.
 
         The loop runs next to the device (in C for kernels), so the network is not
         measured. As in TVM, ``min_repeat_ms`` raises ``number`` until one repeat
         lasts that long; ``f_preproc`` names a registered function run before each repeat.
+        A run expected to last over 2 s (from the options and this function's last
+        timing) shows a progress bar; ``progress=False`` (or ``WORKBENCH_PROGRESS=0``) hides it.
+
+            >>> timer = fn.time_evaluator(dev, number=100, repeat=5, progress=False)  # doctest: +SKIP
         """
         from ..results import BenchmarkResult
 
@@ -105,8 +113,15 @@ class RemoteFunction:
         )
 
         def evaluator(*args: Any) -> BenchmarkResult:
-            results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(options), list(args)])
-            return BenchmarkResult(results, name=self.name, device=repr(dev), config=options)
+            expected = expected_time_eval_seconds(
+                number, repeat, min_repeat_ms, cooldown_interval_ms, repeats_to_cooldown,
+                getattr(self, "_seconds_per_call", None),
+            )
+            with timed_bar(expected, f"time {self.name}", progress):
+                results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(options), list(args)])
+            result = BenchmarkResult(results, name=self.name, device=repr(dev), config=options)
+            self._seconds_per_call = result.mean  # the next run's estimate
+            return result
 
         return evaluator
 
@@ -155,6 +170,11 @@ class RemoteModule:
     def __repr__(self) -> str:
         return f"<RemoteModule {self.path} functions={self.function_names} on {self.session.address}>"
 
+    def _repr_html_(self) -> str:
+        from .views import module_html
+
+        return module_html(self)
+
 
 class RPCSession:
     """A client session. Do not build it directly: use ``rpc.connect`` (or LocalSession, PopenSession).
@@ -199,8 +219,13 @@ class RPCSession:
         bulk: bytes | bytearray | memoryview | None = None,
         file: tuple[Any, int] | None = None,
         recv: Receiver | None = None,
+        bar: Callable[[int], Any] | None = None,
     ) -> Any:
-        """Send one request and return the reply's control part (its bulk part goes to ``recv``)."""
+        """Send one request and return the reply's control part (its bulk part goes to ``recv``).
+
+        ``bar(total_bytes)`` opens a progress bar around a bulk part, sent or received: a context
+        manager yielding ``update(nbytes)`` or None (``progress.transfer_bar`` with its description bound).
+        """
         start = time.perf_counter() if self._log else 0.0
         with self._lock:
             if self._ended is not None:
@@ -209,14 +234,18 @@ class RPCSession:
             try:
                 if self._pending_free:
                     chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
-                chan.send_frame(kind, args, bulk, file=file)
+                if bar is None or (bulk is None and file is None):
+                    chan.send_frame(kind, args, bulk, file=file)
+                else:
+                    with bar(memoryview(bulk).nbytes if bulk is not None else file[1]) as update:
+                        chan.send_frame(kind, args, bulk, file=file, progress=update)
                 reply_kind, _, ctrl, bulk_len = chan.recv_frame()
                 if reply_kind == _ERROR:
                     if bulk_len:
                         chan.discard_bulk(bulk_len)
                     raise error_reply(ctrl)
                 if bulk_len or recv is not None:
-                    self._receive_bulk(kind, ctrl, bulk_len, recv)
+                    self._receive_bulk(kind, ctrl, bulk_len, recv, bar)
             except (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError) as exc:
                 self._end(exc)
                 raise
@@ -234,13 +263,22 @@ class RPCSession:
             log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
         return ctrl
 
-    def _receive_bulk(self, kind: int, ctrl: Any, bulk_len: int, recv: Receiver | None) -> None:
+    def _receive_bulk(self, kind: int, ctrl: Any, bulk_len: int, recv: Receiver | None,
+                      bar: Callable[[int], Any] | None = None) -> None:
         if recv is None:
             self._chan.discard_bulk(bulk_len)
             raise ProtocolError(f"unexpected {bulk_len} bulk bytes in the reply to {Kind(kind).name}")
         view = recv(bulk_len, ctrl)
-        if bulk_len:
+        if not bulk_len:
+            return
+        if bar is None:
             self._chan.recv_bulk_into(view)
+            return
+        with bar(bulk_len) as update:
+            if update is None:
+                self._chan.recv_bulk_into(view)
+            else:
+                self._chan.recv_bulk_reporting(view, update)
 
     def _lost(self, exc: BaseException) -> RPCError:
         if isinstance(exc, socket.timeout):
@@ -268,40 +306,69 @@ class RPCSession:
 
     def __repr__(self) -> str:
         state = "open" if self._ended is None else "closed"
-        return f"<{type(self).__name__} {self.address} ({self.info.get('arch', '?')}) {state}>"
+        key = f" key={self.info['key']!r}" if self.info.get("key") else ""
+        return f"<{type(self).__name__} {self.address}{key} ({self.info.get('arch', '?')}) {state}>"
+
+    def _repr_html_(self) -> str:
+        from .views import session_html
+
+        return session_html(self)
 
     def ping(self) -> dict[str, int]:
         """One round trip; returns what the session holds: ``objects``, ``tensors``, ``tensor_bytes``."""
         return self._request(Kind.PING, [])
 
     # -- files -----------------------------------------------------------------
-    def upload(self, data: str | os.PathLike | bytes | bytearray | memoryview, target: str | None = None) -> None:
-        """Upload a local file (path) or bytes into the session workspace as ``target``."""
+    def upload(
+        self,
+        data: str | os.PathLike | bytes | bytearray | memoryview,
+        target: str | None = None,
+        *,
+        progress: bool | None = None,
+    ) -> None:
+        """Upload a local file (path) or bytes into the session workspace as ``target``.
+
+        Over 8 MiB a progress bar shows once the transfer has lasted 0.2 s; ``progress=False``
+        (or ``WORKBENCH_PROGRESS=0``) hides it.
+
+            >>> remote.upload("lib.so")                             # doctest: +SKIP
+            >>> remote.upload(data, target="weights.bin", progress=False)  # doctest: +SKIP
+        """
         if isinstance(data, (str, os.PathLike)):
             path = os.fspath(data)
+            name = target or os.path.basename(path)
+            bar = functools.partial(transfer_bar, desc=f"upload {name}", progress=progress)
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                self._request(Kind.UPLOAD, [target or os.path.basename(path)], file=(f, size))
+                self._request(Kind.UPLOAD, [name], file=(f, size), bar=bar)
         elif isinstance(data, (bytes, bytearray, memoryview)):
             if not target:
                 raise ValueError("upload(bytes) needs target=, the remote file name (e.g. target='lib.so')")
-            self._request(Kind.UPLOAD, [target], bulk=data)
+            bar = functools.partial(transfer_bar, desc=f"upload {target}", progress=progress)
+            self._request(Kind.UPLOAD, [target], bulk=data, bar=bar)
         else:
             raise TypeError(f"upload takes a file path or bytes, not {type(data).__name__}")
 
-    def _recv_bytes(self, kind: int, path: str) -> bytearray:
+    def _recv_bytes(self, kind: int, path: str, desc: str = "", progress: bool | None = None) -> bytearray:
         box: list[bytearray] = []
 
         def receive(size: int, _value: Any) -> memoryview:
             box.append(receive_buffer(size))
             return memoryview(box[0])
 
-        self._request(kind, [path], recv=receive)
+        bar = functools.partial(transfer_bar, desc=desc or f"download {path}", progress=progress)
+        self._request(kind, [path], recv=receive, bar=bar)
         return box[0]
 
-    def download(self, path: str) -> bytearray:
-        """The contents of a file in the session workspace."""
-        return self._recv_bytes(Kind.DOWNLOAD, path)
+    def download(self, path: str, *, progress: bool | None = None) -> bytearray:
+        """The contents of a file in the session workspace.
+
+        Over 8 MiB a progress bar shows once the transfer has lasted 0.2 s; ``progress=False``
+        (or ``WORKBENCH_PROGRESS=0``) hides it.
+
+            >>> data = remote.download("out.bin")  # doctest: +SKIP
+        """
+        return self._recv_bytes(Kind.DOWNLOAD, path, progress=progress)
 
     def remove(self, path: str) -> None:
         """Remove a file (or directory) from the session workspace."""
@@ -317,9 +384,9 @@ class RPCSession:
         handle, names, entry = self._request(Kind.LOAD_MODULE, [path])
         return RemoteModule(self, handle, names, entry, path)
 
-    def download_linked_module(self, path: str) -> bytearray:
-        """Link an uploaded ``.tar`` of objects on the device and download the shared object."""
-        return self._recv_bytes(Kind.LINK_MODULE, path)
+    def download_linked_module(self, path: str, *, progress: bool | None = None) -> bytearray:
+        """Link an uploaded ``.tar`` of objects on the device and download the shared object (a bar over 8 MiB)."""
+        return self._recv_bytes(Kind.LINK_MODULE, path, f"download {path} linked", progress)
 
     def get_function(self, name: str) -> RemoteFunction:
         """A function registered on the server (``rpc.register_func``)."""
@@ -490,7 +557,10 @@ class LocalSession(RPCSession):
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._handler.close)
 
-    def _request(self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None) -> Any:
+    def _request(
+        self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
+        bar: Callable[[int], Any] | None = None,
+    ) -> Any:
         from .handler import Bulk, Reply
         from .worker import _error_text
 
@@ -499,6 +569,7 @@ class LocalSession(RPCSession):
             if self._pending_free:
                 self._handler.handle(Kind.FREE, self._take_frees(), None)
             incoming = None
+            sending = None
             if bulk is not None:
                 src = memoryview(bulk).cast("B")
                 incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
@@ -507,8 +578,36 @@ class LocalSession(RPCSession):
                 f, size = file
                 incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
                                 lambda fd, n: _copy_file(f.fileno(), fd, n))
+            if bar is not None and incoming is not None:
+                sending = bar(incoming.size)
             try:
-                reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+                if sending is None:
+                    reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+                else:
+                    with sending as update:
+                        if update is not None:  # the same copies, chunk by chunk, each reported
+
+                            def read_into(view: memoryview) -> None:
+                                for part in chunk_slices(len(view), update):
+                                    if bulk is not None:
+                                        view[part] = src[part]
+                                    else:
+                                        _read_fully(f, view[part])
+
+                            def to_fd(fd: int, n: int) -> None:
+                                for part in chunk_slices(n, update):
+                                    if bulk is not None:
+                                        write_all(fd, src[part])
+                                        continue
+                                    offset = part.start
+                                    while offset < part.stop:  # sendfile from successive offsets
+                                        sent = os.sendfile(fd, f.fileno(), offset, part.stop - offset)
+                                        if not sent:
+                                            raise ProtocolError("the file shrank while it was being copied")
+                                        offset += sent
+
+                            incoming = Bulk(incoming.size, read_into, lambda n: None, to_fd)
+                        reply = self._handler.handle(kind, unpack(pack(args)), incoming)
             except RPCError:
                 raise
             except Exception as exc:
@@ -520,10 +619,21 @@ class LocalSession(RPCSession):
                 return value
             value = unpack(pack(reply.value))
             try:
-                if reply.file is not None:
-                    _read_fully(reply.file[0], recv(reply.file[1], value))
+                if bar is None:
+                    if reply.file is not None:
+                        _read_fully(reply.file[0], recv(reply.file[1], value))
+                    else:
+                        recv(len(reply.bulk), value)[:] = reply.bulk
                 else:
-                    recv(len(reply.bulk), value)[:] = reply.bulk
+                    size = reply.file[1] if reply.file is not None else memoryview(reply.bulk).nbytes
+                    with bar(size) as update:
+                        view = recv(size, value)
+                        source = memoryview(reply.bulk).cast("B") if reply.file is None else None
+                        for part in chunk_slices(size, update):  # one piece when there is no bar
+                            if source is None:
+                                _read_fully(reply.file[0], view[part])
+                            else:
+                                view[part] = source[part]
             finally:
                 if reply.file is not None:
                     reply.file[0].close()

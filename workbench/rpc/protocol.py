@@ -17,11 +17,12 @@ import os
 import socket
 import struct
 from enum import IntEnum
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 
 from ..errors import ConnectionClosedError, ProtocolError, TooLargeError
+from ..progress import PROGRESS_CHUNK, chunk_slices
 
 MAGIC = b"WBRP"
 VERSION = 1
@@ -196,8 +197,8 @@ class Channel:
     def _sendall(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
-    def _sendfile(self, file: BinaryIO, count: int) -> None:
-        """Send ``count`` bytes of ``file`` from its start."""
+    def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
+        """Send ``count`` bytes of ``file`` from its start (calling ``progress(n)`` after each chunk)."""
         file.seek(0)
         chunk = memoryview(bytearray(min(count, 4 << 20) or 1))
         sent = 0
@@ -207,6 +208,8 @@ class Channel:
                 raise ProtocolError("the file shrank while it was being sent")
             self._sendall(chunk[:n])
             sent += n
+            if progress is not None:
+                progress(n)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -278,6 +281,12 @@ class Channel:
                 )
             got += n
 
+    def recv_bulk_reporting(self, view: memoryview, progress: Callable[[int], None]) -> None:
+        """``recv_bulk_into`` chunk by chunk (views of ``view``, no copy), calling ``progress(n)`` after each."""
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        for part in chunk_slices(len(view), progress):
+            self.recv_bulk_into(view[part])
+
     def recv_bulk_to_fd(self, fd: int | None, count: int) -> None:
         """Write the next ``count`` stream bytes to the file ``fd`` (None: drop them), through one reused buffer."""
         if self._scratch is None:
@@ -301,8 +310,12 @@ class Channel:
         *,
         flags: int = 0,
         file: tuple[BinaryIO, int] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Send one frame; bulk comes from ``bulk`` or from ``file=(fileobj, size)``."""
+        """Send one frame; bulk comes from ``bulk`` or from ``file=(fileobj, size)``.
+
+        ``progress(n)`` is called as each chunk of a large bulk part goes out (None: one write, no reports).
+        """
         if bulk is None and file is None:
             if ctrl is None and kind == 0 and not flags:
                 self._sendall(_OK_NIL)
@@ -322,9 +335,14 @@ class Channel:
             return
         self._sendall(head)
         if bulk is not None:
-            self._sendall(bulk)
+            if progress is None:
+                self._sendall(bulk)
+            else:
+                view = memoryview(bulk)
+                for part in chunk_slices(bulk_len, progress):
+                    self._sendall(view[part])
         elif file is not None and bulk_len:
-            self._sendfile(file[0], bulk_len)
+            self._sendfile(file[0], bulk_len, progress)
 
 
 class SocketChannel(Channel):
@@ -343,8 +361,24 @@ class SocketChannel(Channel):
         except OSError:
             pass  # not TCP (a socketpair in tests)
 
-    def _sendfile(self, file: BinaryIO, count: int) -> None:
-        self.sock.sendfile(file, 0, count)  # zero-copy os.sendfile on Linux
+    def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
+        if progress is None:
+            self.sock.sendfile(file, 0, count)  # zero-copy os.sendfile on Linux
+            return
+        # still sendfile, from successive offsets, one report per chunk; on a blocking socket straight
+        # to the system call (socket.sendfile would set up a selector for every chunk)
+        direct = self.sock.gettimeout() is None and hasattr(os, "sendfile")
+        sock_fd, file_fd = (self.sock.fileno(), file.fileno()) if direct else (-1, -1)
+        for part in chunk_slices(count, progress):
+            offset = part.start
+            while offset < part.stop:
+                if direct:
+                    sent = os.sendfile(sock_fd, file_fd, offset, part.stop - offset)
+                else:
+                    sent = self.sock.sendfile(file, offset, part.stop - offset)
+                if not sent:
+                    raise ProtocolError("the file shrank while it was being sent")
+                offset += sent
 
     def recv_bulk_to_fd(self, fd: int, count: int) -> None:
         """Move stream bytes to the file with splice(2) (no copy through user space), where available."""
