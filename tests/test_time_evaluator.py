@@ -85,4 +85,4 @@ def test_benchmark_result_plot():
 
     matplotlib.use("Agg")
     ax = BenchmarkResult([1e-6, 2e-6], name="k").plot()
-    assert ax.get_ylabel() == "time per call (us)"
+    assert ax.get_ylabel() == "time per call (µs)"

@@ -1,17 +1,114 @@
-"""``BenchmarkResult``: what ``time_evaluator`` returns.
+"""``BenchmarkResult``: what ``time_evaluator`` returns, and ``format_seconds``.
 
-    >>> r = BenchmarkResult([1e-3, 2e-3, 3e-3])
+    >>> r = BenchmarkResult([1e-3, 2e-3, 3e-3], config={"number": 10})
     >>> r.mean, r.median
     (0.002, 0.002)
+    >>> r.describe()
+    '2 ms ± 816 µs per call (mean ± std. dev. of 3 runs, 10 calls each)'
+    >>> format_seconds(4.56e-8)
+    '45.6 ns'
 """
 from __future__ import annotations
 
+import html
+import math
 import statistics
 from typing import Any, Sequence
 
+# (multiplier from seconds, unit), largest unit first
+_UNITS: tuple[tuple[float, str], ...] = ((1.0, "s"), (1e3, "ms"), (1e6, "µs"), (1e9, "ns"))
+
+
+def time_unit(seconds: float) -> tuple[float, str]:
+    """The unit to show ``seconds`` in, as ``(multiplier, name)``: ``time_unit(2e-6) == (1e6, "µs")``.
+
+    Zero, nan and infinities get seconds (zero gets ns, like IPython's %timeit).
+    """
+    if seconds == 0:
+        return 1e9, "ns"
+    if not math.isfinite(seconds):
+        return 1.0, "s"
+    for scale, unit in _UNITS:
+        if abs(seconds) * scale >= 1:
+            return scale, unit
+    return _UNITS[-1]
+
+
+def _number(value: float, precision: int) -> str:
+    """``value`` to ``precision`` significant digits, never in exponent notation."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    if abs(value) >= 10**precision:
+        return f"{value:.0f}"
+    text = f"{value:.{precision}g}"
+    if "e" not in text:
+        return text
+    if abs(value) >= 1:  # rounded up to the next power of ten: 999.96 -> "1e+03"
+        return f"{float(text):.0f}"
+    decimals = precision - 1 - math.floor(math.log10(abs(value)))
+    return f"{value:.{decimals}f}"
+
+
+def format_seconds(seconds: float, precision: int = 3) -> str:
+    """A duration in the unit that suits it, to ``precision`` significant digits.
+
+        >>> format_seconds(1.234e-6), format_seconds(2.5e-3), format_seconds(1.2)
+        ('1.23 µs', '2.5 ms', '1.2 s')
+    """
+    if precision < 1:
+        raise ValueError(f"precision must be at least 1, got {precision}")
+    seconds = float(seconds)
+    scale, unit = time_unit(seconds)
+    text = _number(seconds * scale, precision)
+    # rounding may carry into the next unit: 999.96 µs -> "1e+03 µs" -> "1 ms"
+    if abs(float(text)) >= 1000 and unit != "s":
+        bigger = _UNITS[[u for _, u in _UNITS].index(unit) - 1]
+        scale, unit = bigger
+        text = _number(seconds * scale, precision)
+    return f"{text} {unit}"
+
+
+def sparkline_svg(values: Sequence[float], *, width: int = 120, height: int = 24, title: str = "") -> str:
+    """A tiny inline SVG line chart of ``values`` (no matplotlib needed), for HTML reprs.
+
+        >>> sparkline_svg([3, 1, 2]).startswith("<svg")
+        True
+    """
+    values = [float(v) for v in values]
+    pad = 3.0
+    lo, hi = min(values), max(values)
+    span = hi - lo
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = pad + (width - 2 * pad) * (i / (len(values) - 1) if len(values) > 1 else 0.5)
+        y = height / 2 if span == 0 else pad + (height - 2 * pad) * (hi - v) / span
+        return round(x, 1), round(y, 1)
+
+    points = [xy(i, v) for i, v in enumerate(values)]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" style="vertical-align: middle">'
+    ]
+    if title:
+        parts.append(f"<title>{html.escape(title)}</title>")
+    if len(points) > 1:
+        coords = " ".join(f"{x},{y}" for x, y in points)
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="#4878a8" stroke-width="1.5"/>')
+    if len(points) <= 40:
+        parts.extend(f'<circle cx="{x}" cy="{y}" r="1.8" fill="#4878a8"/>' for x, y in points)
+    parts.append("</svg>")
+    return "".join(parts)
+
 
 class BenchmarkResult:
-    """Per-repeat timings in seconds, with their summary statistics."""
+    """Per-repeat timings in seconds, with their summary statistics.
+
+        >>> r = BenchmarkResult([1e-6, 3e-6], name="add_one", device="cpu(0)", config={"number": 100})
+        >>> r.describe()
+        '2 µs ± 1 µs per call (mean ± std. dev. of 2 runs, 100 calls each)'
+
+    In a notebook it shows as a small table with a sparkline of the repeats.
+    """
 
     def __init__(self, results: Sequence[float], *, name: str = "", device: str = "", config: dict[str, Any] | None = None):
         if not results:
@@ -54,23 +151,55 @@ class BenchmarkResult:
             }
         )
 
+    def describe(self) -> str:
+        """One line in IPython %timeit's style.
+
+            >>> BenchmarkResult([1e-3], config={"number": 1}).describe()
+            '1 ms ± 0 ns per call (mean ± std. dev. of 1 run, 1 call each)'
+        """
+        runs = len(self.results)
+        detail = f"mean ± std. dev. of {runs} run{'s' if runs != 1 else ''}"
+        number = self.config.get("number")
+        if number is not None:
+            detail += f", {number} call{'s' if number != 1 else ''} each"
+        return f"{format_seconds(self.mean)} ± {format_seconds(self.std)} per call ({detail})"
+
     def plot(self, ax=None):
         """A bar per repeat with the mean as a line; returns the matplotlib Axes."""
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3))
-        scale, unit = _unit(self.median)
+        scale, unit = time_unit(self.median)
         ax.bar(range(len(self.results)), [r * scale for r in self.results], color="#4878a8")
-        ax.axhline(self.mean * scale, color="#c44e52", label=f"mean {self.mean * scale:.4g} {unit}")
+        ax.axhline(self.mean * scale, color="#c44e52", label=f"mean {format_seconds(self.mean)}")
         ax.set_xlabel("repeat")
         ax.set_ylabel(f"time per call ({unit})")
         ax.set_title(f"{self.name or 'function'} on {self.device or 'device'}")
         ax.legend()
         return ax
 
+    def _repr_html_(self) -> str:
+        scale, unit = time_unit(self.median)
+        stats = [("mean", self.mean), ("median", self.median), ("min", self.min), ("max", self.max), ("std", self.std)]
+        head = "".join(f"<th>{label}</th>" for label, _ in stats)
+        cells = "".join(f"<td>{_number(value * scale, 4)} {unit}</td>" for _, value in stats)
+        number = self.config.get("number")
+        shown = [format_seconds(r) for r in self.results[:20]]
+        spark = sparkline_svg(self.results, title="per-repeat time per call: " + ", ".join(shown)
+                              + (", …" if len(self.results) > len(shown) else ""))
+        title = html.escape(f"{self.name or 'function'}" + (f" on {self.device}" if self.device else ""))
+        return (
+            '<table class="wb-benchmark">'
+            f'<caption style="text-align: left"><b>{title}</b>: {html.escape(self.describe())}</caption>'
+            f"<thead><tr>{head}<th>repeats</th><th>calls each</th><th>per repeat</th></tr></thead>"
+            f"<tbody><tr>{cells}<td>{len(self.results)}</td>"
+            f"<td>{'' if number is None else html.escape(str(number))}</td><td>{spark}</td></tr></tbody>"
+            "</table>"
+        )
+
     def __repr__(self) -> str:
-        scale, unit = _unit(self.median)
+        scale, unit = time_unit(self.median)
         return (
             f"BenchmarkResult({self.name or 'function'}: mean {self.mean * scale:.4g} {unit}, "
             f"median {self.median * scale:.4g} {unit}, min {self.min * scale:.4g} {unit}, "
@@ -79,8 +208,15 @@ class BenchmarkResult:
         )
 
 
-def _unit(seconds: float) -> tuple[float, str]:
-    for scale, unit in ((1, "s"), (1e3, "ms"), (1e6, "us")):
-        if seconds * scale >= 1:
-            return scale, unit
-    return 1e9, "ns"
+_unit = time_unit  # the old private name
+
+
+def pyplot():
+    """``matplotlib.pyplot``, or an ImportError that says how to install it."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plotting needs matplotlib: pip install matplotlib (or pip install \"rpc-workbench[notebook]\")"
+        ) from None
+    return plt
