@@ -13,6 +13,7 @@ from ..rpc.client import RPCSession
 from ..rpc.server import Server
 from ..rpc.tracker import Tracker
 from ..rpc.tracker_client import TrackerSession, connect_tracker
+from ..rpc.tracker_summary import TrackerSummary
 
 log = logging.getLogger("workbench.farm")
 READY_TIMEOUT_S = 30.0
@@ -73,6 +74,22 @@ class LocalFarm:
         with self.connect() as tracker:
             return tracker.request(key, **options)
 
+    def summary(self) -> "TrackerSummary":
+        """The tracker's summary of this farm (queues and servers), with ``keys_frame()``/``servers_frame()``."""
+        with self.connect() as tracker:
+            return tracker.summary()
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        head = f"<b>{escape(repr(self))}</b>"
+        if self.tracker is None or not self.tracker.alive:
+            return head + "<p>stopped</p>"
+        try:
+            return head + self.summary()._repr_html_()
+        except (OSError, RPCError) as exc:
+            return head + f"<p>tracker unreachable: {escape(str(exc))}</p>"
+
     def close(self) -> None:
         """End every server and the tracker."""
         for server in self.servers:
@@ -119,19 +136,90 @@ def _is_port(text: str) -> bool:
     return text.isdigit() and 0 < int(text) < 65536
 
 
+def parse_address(address: str | tuple[str, int], what: str = "tracker") -> tuple[str, int]:
+    """``"host:port"`` (or ``"[::1]:port"``, or a ``(host, port)`` pair) as ``(host, port)``; a clear error otherwise."""
+    if isinstance(address, (tuple, list)) and len(address) == 2:
+        host, port = address[0], str(address[1])
+    elif isinstance(address, str):
+        host, sep, port = address.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep:
+            host, port = "", port
+    else:
+        raise ValueError(f"a {what} address is 'host:port' or (host, port), not {address!r}")
+    if not host or not _is_port(str(port).strip()):
+        raise ValueError(f"a {what} address is host:port with a port from 1 to 65535 (e.g. 127.0.0.1:9190), "
+                         f"not {address!r}")
+    return str(host), int(str(port).strip())
+
+
 _embedded: LocalFarm | None = None
+_chosen: tuple[str, int] | None = None
 _embedded_lock = threading.Lock()
 
 
 def default_tracker() -> tuple[str, int]:
-    """The configured tracker, or the embedded LocalFarm's (started once, ended at exit)."""
-    global _embedded
+    """Where sessions come from when no tracker is named.
+
+    In order: the one set by ``set_default_tracker`` (or ``start_farm``), the
+    configured one (``WORKBENCH_TRACKER``, TVM's variables), else the embedded
+    LocalFarm, started once and ended at exit.
+    """
+    if _chosen is not None:
+        return _chosen
     configured = tracker_from_env()
     if configured:
         return configured
+    return start_farm(replace=False).tracker_addr
+
+
+def set_default_tracker(address: str | tuple[str, int] | None) -> tuple[str, int] | None:
+    """Make ``address`` the default tracker (None: back to the configured one or the embedded farm)."""
+    global _chosen
+    _chosen = None if address is None else parse_address(address)
+    return _chosen
+
+
+def start_farm(servers: Mapping[str, int] | None = None, *, replace: bool = True, **options: Any) -> LocalFarm:
+    """Start the embedded farm (``{key: count}``, default one "local" server) and make it the default tracker.
+
+    A running embedded farm is stopped first (``replace=False`` keeps it and
+    returns it). It ends with ``stop_farm()`` or when this process exits.
+
+        >>> farm = start_farm({"local": 2})     # doctest: +SKIP
+    """
+    global _embedded, _chosen
     with _embedded_lock:
-        if _embedded is None:
-            _embedded = LocalFarm()
-            atexit.register(_embedded.close)
-            log.info("started the embedded farm: %r", _embedded)
-        return _embedded.tracker_addr
+        if _embedded is not None and not replace:
+            return _embedded
+        farm = LocalFarm(servers, **options)  # a bad argument leaves the running farm alone
+        old, _embedded = _embedded, farm
+        if old is not None:
+            atexit.unregister(old.close)
+            old.close()
+            if _chosen == old.tracker_addr:
+                _chosen = None
+        atexit.register(farm.close)
+        log.info("started the embedded farm: %r", farm)
+    if servers is not None or replace:
+        _chosen = farm.tracker_addr
+    return farm
+
+
+def stop_farm() -> bool:
+    """Stop the embedded farm; False if none was running. The default tracker goes back to the configured one."""
+    global _embedded, _chosen
+    with _embedded_lock:
+        farm, _embedded = _embedded, None
+    if farm is None:
+        return False
+    if _chosen == farm.tracker_addr:
+        _chosen = None
+    atexit.unregister(farm.close)
+    farm.close()
+    return True
+
+
+def current_farm() -> LocalFarm | None:
+    """The embedded farm, if one is running."""
+    return _embedded
