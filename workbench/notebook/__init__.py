@@ -1,0 +1,24 @@
+"""The notebook layer: IPython magics (``%load_ext workbench``) and the live device picker.
+
+    %load_ext workbench
+    %rpc_farm --servers local=2
+    %rpc_connect
+
+    >>> from workbench.notebook import DevicePicker
+    >>> DevicePicker()                 # doctest: +SKIP   (the default tracker's devices, live)
+
+Imported only inside IPython; the core (workbench.rpc, runtime, cc, results,
+farm) never imports it.
+"""
+from .magics import MagicError, WorkbenchMagics, load_ipython_extension, unload_ipython_extension
+
+
+def __getattr__(name: str):
+    if name == "DevicePicker":  # ipywidgets loads only when a picker is asked for
+        from .picker import DevicePicker
+
+        return DevicePicker
+    raise AttributeError(f"module 'workbench.notebook' has no attribute {name!r}")
+
+
+__all__ = ["DevicePicker", "MagicError", "WorkbenchMagics", "load_ipython_extension", "unload_ipython_extension"]

@@ -1,0 +1,426 @@
+"""The IPython magics: ``%load_ext workbench`` registers them.
+
+    %rpc_farm --servers local=2          start the embedded farm, the default tracker from now on
+    %rpc_tracker [HOST:PORT]             set the default tracker and show the live device picker
+    %rpc_connect [HOST:PORT] [--key K]   bind a session as `remote` (no address: a free device of the tracker)
+    %rpc_disconnect [NAME]               close a bound session
+    %%rpc_compile NAME                   compile the cell's C kernel, upload, load, bind the module as NAME
+    %rpc_time EXPR [-n N] [-r R] [-o]    time a remote call on the device, like %timeit
+    %rpc_results [--plot] [--csv PATH]   the timings so far, as a DataFrame or a plot
+
+Each magic is thin: it parses its arguments and calls the library
+(``workbench.farm.open_session``, ``workbench.cc.load_source``,
+``workbench.results.ResultLog``). Errors print one line; ``--debug`` shows the
+full traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import logging
+import shlex
+import sys
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from .. import cc
+from ..errors import WorkbenchError
+from ..farm import default_tracker, open_session, set_default_tracker, start_farm, stop_farm
+from ..farm.__main__ import parse_servers
+from ..results import default_log
+from ..rpc.client import RemoteFunction, RemoteModule, RPCSession
+
+log = logging.getLogger("workbench.notebook")
+DEFAULT_SESSION = "remote"
+
+
+class MagicError(Exception):
+    """A magic failed for a reason the user can act on: shown as one line, without a traceback."""
+
+
+def _show_magic_error(shell, etype, value, tb, tb_offset=None):
+    """Show a MagicError as its message alone (ipykernel sends it to the front end as the cell's error)."""
+    shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+
+
+def _unquote(value: str) -> str:
+    """IPython keeps the quotes of a quoted option value: ``--cflags "-O3 -g"`` arrives as ``'"-O3 -g"'``."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _friendly(func: Callable) -> Callable:
+    """Parse the magic's arguments; turn the library's errors into one-line MagicErrors unless --debug."""
+
+    @functools.wraps(func)
+    def wrapper(self: "WorkbenchMagics", line: str, cell: str | None = None):
+        debug = "--debug" in line.split()
+        try:
+            return func(self, line) if cell is None else func(self, line, cell)
+        except UsageError as exc:  # bad options: the message, then how to call the magic
+            usage = "usage: " + wrapper.parser.format_usage().lstrip(": \n").rstrip()
+            raise UsageError(f"{exc}\n{usage}\n(%{func.__name__}? shows the full help)") from None
+        except MagicError:
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            raise MagicError(f"{func.__name__}: interrupted") from None
+        except (WorkbenchError, OSError, ValueError, TypeError, LookupError, RuntimeError, TimeoutError) as exc:
+            if debug:
+                raise
+            raise MagicError(f"{func.__name__}: {type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+@magics_class
+class WorkbenchMagics(Magics):
+    """The rpc-workbench magics; ``%load_ext workbench`` registers one instance."""
+
+    def __init__(self, shell=None):
+        super().__init__(shell)
+        self.log = default_log()
+        self.pickers: list[Any] = []
+        self.last_compile_timings: dict[str, float] = {}  # seconds in "compile" and "upload_load" (the benchmark's)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _session(self, name: str | None) -> RPCSession:
+        name = name or DEFAULT_SESSION
+        value = self.shell.user_ns.get(name)
+        if value is None:
+            raise MagicError(f"no session named `{name}`: connect first with %rpc_connect (or -o {name}), "
+                             f"or pass --session NAME")
+        if not isinstance(value, RPCSession):
+            raise MagicError(f"`{name}` is a {type(value).__name__}, not an RPC session: pass --session NAME")
+        return value
+
+    def _bind(self, name: str, value: Any) -> None:
+        if not name.isidentifier():
+            raise MagicError(f"{name!r} is not a Python name to bind the result to")
+        old = self.shell.user_ns.get(name)
+        if isinstance(old, RPCSession) and old is not value:
+            old.close()  # re-running a connect cell must not keep the previous device busy
+        self.shell.user_ns[name] = value
+
+    # -- %rpc_farm ----------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--servers", nargs="+", metavar="KEY=COUNT",
+              help="servers to start, by key (default: local=1); restarts a running farm")
+    @argument("--stop", action="store_true", help="stop the embedded farm")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_farm(self, line: str = ""):
+        """Start (or stop) the embedded device farm on this machine and make it the default tracker.
+
+        %rpc_farm                          a farm with one server of key "local" (kept if one runs)
+        %rpc_farm --servers local=2 arm=1  two "local" servers and one "arm" server
+        %rpc_farm --stop
+        """
+        args = parse_argstring(self.rpc_farm, line)
+        if args.stop:
+            if args.servers:
+                raise UsageError("--stop and --servers do not go together")
+            print("stopped the embedded farm" if stop_farm() else "no embedded farm was running")
+            return None
+        try:
+            servers = parse_servers(args.servers) if args.servers else None
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
+        farm = start_farm(servers, replace=servers is not None)
+        set_default_tracker(farm.tracker_addr)
+        display(farm)
+        return None
+
+    # -- %rpc_tracker ---------------------------------------------------------------------
+    @magic_arguments()
+    @argument("address", nargs="?", metavar="HOST:PORT",
+              help="the tracker (default: $WORKBENCH_TRACKER or TVM_TRACKER_HOST/PORT, else the embedded farm)")
+    @argument("--interval", type=float, default=1.0, help="seconds between polls of the device panel")
+    @argument("--no-picker", action="store_true", help="only set the default tracker; print its summary")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_tracker(self, line: str = ""):
+        """Set the default tracker and show the live device panel (pick a key, press Connect).
+
+        %rpc_tracker                    the configured tracker, else the embedded farm (started on demand)
+        %rpc_tracker 10.0.0.2:9190      a tracker of yours (ours or TVM's)
+        """
+        args = parse_argstring(self.rpc_tracker, line)
+        if args.interval <= 0:
+            raise UsageError("--interval must be > 0 seconds")
+        set_default_tracker(args.address)
+        addr = default_tracker()
+        if args.no_picker:
+            from ..rpc.tracker_client import TrackerSession
+
+            with TrackerSession(addr) as tracker:
+                print(f"default tracker: {tracker.address}\n")
+                print(tracker.text_summary())
+            return None
+        from .picker import DevicePicker
+
+        picker = DevicePicker(addr, interval=args.interval, namespace=self.shell.user_ns)
+        self.pickers.append(picker)
+        display(picker)
+        return None
+
+    # -- %rpc_connect ---------------------------------------------------------------------
+    @magic_arguments()
+    @argument("address", nargs="?", metavar="HOST:PORT", help="a server (or a proxy, with --key) to connect to directly")
+    @argument("--key", help="the device key (default: the farm's first key)")
+    @argument("--tracker", metavar="HOST:PORT", help="the tracker to ask (default: the default tracker)")
+    @argument("--priority", type=int, default=1, help="queue priority; higher is served first (default 1)")
+    @argument("--session-timeout", type=float, default=0, metavar="S",
+              help="the server ends the session after S seconds (default 0: no limit)")
+    @argument("--timeout", type=float, default=None, metavar="S", help="give up waiting for a device after S seconds")
+    @argument("-o", "--name", default=DEFAULT_SESSION, metavar="NAME", help="the name to bind (default: remote)")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_connect(self, line: str = ""):
+        """Connect to a device and bind the session as `remote` (or -o NAME).
+
+        %rpc_connect                          a free device of the default tracker (the farm's first key)
+        %rpc_connect --key rasp4 --timeout 60 a free "rasp4" device, waiting at most a minute
+        %rpc_connect 192.168.1.7:9090         a server, directly
+
+        While queued, a bar shows the place in the queue and the time waited;
+        interrupting the kernel cancels the request.
+        """
+        args = parse_argstring(self.rpc_connect, line)
+        if args.address and args.tracker:
+            raise UsageError("give a server address or --tracker, not both")
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError("--timeout must be > 0 seconds")
+        if not args.name.isidentifier():
+            raise UsageError(f"-o takes a Python name, not {args.name!r}")
+        session = open_session(args.address, key=args.key, tracker=args.tracker, priority=args.priority,
+                               session_timeout=args.session_timeout, timeout=args.timeout)
+        self._bind(args.name, session)
+        display(session)
+        return None
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=DEFAULT_SESSION, help="the session's name (default: remote)")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_disconnect(self, line: str = ""):
+        """Close a session bound by %rpc_connect and free its device: %rpc_disconnect [NAME]."""
+        args = parse_argstring(self.rpc_disconnect, line)
+        session = self._session(args.name)
+        session.close()
+        del self.shell.user_ns[args.name]
+        print(f"closed `{args.name}` ({session.address})")
+
+    # -- %%rpc_compile --------------------------------------------------------------------
+    @magic_arguments()
+    @argument("name", help="the module's name: bound in the notebook, and the file name on the device")
+    @argument("--target", metavar="TRIPLE", help="the target triple (default: the one the device published)")
+    @argument("--export", choices=cc.source.EXPORTS, default="so",
+              help="so: link here; tar: a tar of objects, linked on the device (default: so)")
+    @argument("--session", metavar="NAME", help="the session to load into (default: remote)")
+    @argument("--cflags", default="", help='extra compiler flags, quoted: --cflags "-O3 -march=native"')
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @cell_magic
+    @_friendly
+    def rpc_compile(self, line: str, cell: str):
+        """Compile the cell's C kernel for the device, upload and load it, and bind the module as NAME.
+
+        %%rpc_compile add_one
+        #include <workbench_kernel.h>
+        WB_KERNEL(add_one) { ... }
+
+        Compiler errors name the cell's own lines ("cell:3:10: error: ...").
+        """
+        args = parse_argstring(self.rpc_compile, line)
+        if not args.name.isidentifier():
+            raise UsageError(f"NAME must be a Python name, not {args.name!r}")
+        try:
+            flags = shlex.split(_unquote(args.cflags))
+        except ValueError as exc:
+            raise UsageError(f"--cflags: {exc}") from None
+        session = self._session(args.session)
+        if not cell.strip():
+            raise MagicError("rpc_compile: the cell is empty: write a C kernel below the %%rpc_compile line")
+        self.last_compile_timings = {}
+        try:
+            module = cc.load_source(session, cell, name=args.name, target=args.target, export=args.export,
+                                    options=flags, source_name="cell", timings=self.last_compile_timings)
+        except cc.CompileError as exc:
+            if args.debug:
+                raise
+            raise MagicError(f"the C compiler rejected the cell:\n{exc}") from None
+        self._bind(args.name, module)
+        display(module)
+        return None
+
+    # -- %rpc_time ------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("expr", nargs="*", metavar="EXPR", help='a call of a remote function, e.g. mod["add_one"](a, b)')
+    @argument("-n", "--number", type=int, default=None, metavar="N",
+              help="calls per measurement (default: chosen so that one lasts at least --min-repeat-ms)")
+    @argument("-r", "--repeat", type=int, default=7, metavar="R", help="measurements (default 7)")
+    @argument("--min-repeat-ms", type=float, default=None, metavar="MS",
+              help="raise N until one measurement lasts MS milliseconds (default 100 without -n, else 0)")
+    @argument("-o", "--output", action="store_true", help="return the BenchmarkResult")
+    @argument("-q", "--quiet", action="store_true", help="print nothing")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_time(self, line: str = ""):
+        """Time a remote call on the device with time_evaluator, like %timeit; log it in the results.
+
+        %rpc_time mod["add_one"](a, b)
+        %rpc_time mod["add_one"](a, b) -n 100 -r 20 -o
+
+        The loop runs on the device, next to the kernel: the network is not
+        measured. Each timing is added to the results log (%rpc_results).
+        """
+        expr, options = split_timed_expression(line)
+        args = parse_argstring(self.rpc_time, options)
+        if args.expr:
+            raise UsageError(f"unexpected {' '.join(args.expr)!r}: EXPR comes first or last, options apart")
+        if args.number is not None and args.number < 1 or args.repeat < 1:
+            raise UsageError("-n and -r must be >= 1")
+        if args.min_repeat_ms is not None and args.min_repeat_ms < 0:
+            raise UsageError("--min-repeat-ms must be >= 0")
+        func, call_args = self._evaluate_call(expr)
+        dev = next((a.device for a in call_args if hasattr(a, "device") and hasattr(a, "shape")), None)
+        if dev is None:
+            dev = func.session.cpu(0)
+        min_repeat_ms = args.min_repeat_ms if args.min_repeat_ms is not None else (0 if args.number else 100)
+        timer = func.time_evaluator(dev, number=args.number or 1, repeat=args.repeat, min_repeat_ms=min_repeat_ms)
+        result = timer(*call_args)
+        self.log.add(result, session=func.session, args=call_args, expr=expr)
+        if not args.quiet:
+            print(result.describe())
+        return result if args.output else None
+
+    def _evaluate_call(self, expr: str) -> tuple[RemoteFunction, list[Any]]:
+        if not expr:
+            raise UsageError('%rpc_time needs a call of a remote function: %rpc_time mod["add_one"](a, b)')
+        call = ast.parse(expr, mode="eval").body
+        if not isinstance(call, ast.Call) or call.keywords or any(isinstance(a, ast.Starred) for a in call.args):
+            raise UsageError(f'EXPR must be a call with plain arguments, e.g. mod["add_one"](a, b), not {expr!r}')
+        ns = self.shell.user_ns
+
+        def value(node: ast.expr) -> Any:
+            return eval(compile(ast.Expression(node), "<rpc_time>", "eval"), ns)
+
+        try:
+            func = value(call.func)
+            call_args = [value(node) for node in call.args]
+        except Exception as exc:
+            raise MagicError(f"rpc_time: evaluating {expr!r} failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(func, RemoteModule):
+            if not func.entry_name:
+                raise MagicError(f"rpc_time: {func.path} has no entry function; call one: mod[name](...) "
+                                 f"with name in {func.function_names}")
+            func = func[func.entry_name]
+        if not isinstance(func, RemoteFunction):
+            raise MagicError(f'rpc_time: {ast.unparse(call.func)} is a {type(func).__name__}, not a remote function '
+                             '(e.g. mod["add_one"] of a module loaded with %%rpc_compile or remote.load_module)')
+        return func, call_args
+
+    # -- %rpc_results ---------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--plot", action="store_true", help="plot the timings")
+    @argument("--kind", choices=("box", "bar"), default="box",
+              help="box: the distribution per repeat; bar: means with error bars (default: box)")
+    @argument("--summary", action="store_true", help="one row per timing run instead of one per repeat")
+    @argument("--csv", metavar="PATH", help="write the log to a CSV file")
+    @argument("--parquet", metavar="PATH", help="write the log to a Parquet file (needs pyarrow)")
+    @argument("--clear", action="store_true", help="empty the log")
+    @argument("--debug", action="store_true", help="show the full traceback of an error")
+    @line_magic
+    @_friendly
+    def rpc_results(self, line: str = ""):
+        """The timings of %rpc_time so far: a DataFrame (one row per repeat), a plot, or a file.
+
+        %rpc_results                 the tidy DataFrame
+        %rpc_results --plot --kind bar
+        %rpc_results --csv timings.csv
+        """
+        args = parse_argstring(self.rpc_results, line)
+        if args.clear:
+            count = len(self.log)
+            self.log.clear()
+            print(f"cleared {count} rows")
+            return None
+        for path, write in ((args.csv, self.log.to_csv), (args.parquet, self.log.to_parquet)):
+            if path:
+                write(path)
+                print(f"wrote {len(self.log)} rows to {path}")
+        if args.plot:
+            ax = self.log.plot(kind=args.kind)
+            display(ax.figure)
+            import matplotlib.pyplot as plt
+
+            plt.close(ax.figure)  # shown once, not again by the inline backend at the end of the cell
+            return None
+        if args.csv or args.parquet:
+            return None
+        return self.log.summary() if args.summary else self.log.frame
+
+    def close(self) -> None:
+        """Stop the pickers this instance showed."""
+        for picker in self.pickers:
+            picker.close()
+        self.pickers.clear()
+
+
+def split_timed_expression(line: str) -> tuple[str, str]:
+    """Split ``%rpc_time``'s line into the Python call and the options, which may stand before or after it.
+
+        >>> split_timed_expression('mod["f"](a, b) -r 20')
+        ('mod["f"](a, b)', '-r 20')
+    """
+    text = line.strip()
+    cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch.isspace()]
+    for start in cuts:  # leading options end where a parsable call begins
+        head = text[:start]
+        if start and not head.lstrip().startswith("-"):
+            break
+        rest = text[start:]
+        ends = [len(rest)] + [i for i, ch in enumerate(rest) if ch.isspace() and rest[i:].lstrip().startswith("-")]
+        for end in sorted(ends):
+            candidate = rest[:end].strip()
+            if candidate and _is_call(candidate):
+                return candidate, (head + " " + rest[end:]).strip()
+    return "", text
+
+
+def _is_call(text: str) -> bool:
+    try:
+        return isinstance(ast.parse(text, mode="eval").body, ast.Call)
+    except SyntaxError:
+        return False
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register the magics (``%load_ext workbench``) and the one-line display of their errors."""
+    magics = WorkbenchMagics(ipython)
+    ipython.register_magics(magics)
+    if not ipython.custom_exceptions or ipython.custom_exceptions == (MagicError,):
+        ipython.set_custom_exc((MagicError,), _show_magic_error)
+    log.debug("rpc-workbench magics loaded")
+
+
+def unload_ipython_extension(ipython) -> None:
+    magics = ipython.magics_manager.registry.get(WorkbenchMagics.__name__)
+    if magics is not None:
+        magics.close()
+    if ipython.custom_exceptions == (MagicError,):
+        ipython.set_custom_exc((), None)
+    if sys.modules.get("workbench.farm"):
+        stop_farm()
