@@ -9,6 +9,7 @@ Flags:
     --json PATH   also write the figures, targets and notes to PATH as JSON (the tracker's under "tracker")
     --no-tvm      leave the TVM columns (and the TVM tracker rows) out even when ``import tvm`` works
     --no-tracker  leave the second table, "tracker", out
+    --no-notebook leave the third table, "notebook" (benchmarks/notebook.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -62,8 +63,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 if __package__:
+    from . import notebook as notebook_bench
     from . import tracker as tracker_bench
 else:  # run as a script: this directory is sys.path[0]
+    import notebook as notebook_bench
     import tracker as tracker_bench
 
 MIB = 1 << 20
@@ -867,6 +870,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--no-tvm", action="store_true", help="leave the TVM columns out")
     parser.add_argument("--no-tracker", action="store_true", help='leave the second table, "tracker", out')
+    parser.add_argument("--no-notebook", action="store_true", help='leave the third table, "notebook", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     parser.add_argument("--raw-peer", metavar="JSON", help=argparse.SUPPRESS)  # internal: be the raw socket's far end
@@ -922,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tracker:
         tracker_text, document["tracker"] = measure_tracker(args.quick, cfg.tvm)
         print("\n" + tracker_text)
+    if not args.no_notebook:
+        notebook_text, document["notebook"] = notebook_bench.measure_notebook(args.quick)
+        print("\n" + notebook_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)
