@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from workbench.demo import ADD_ONE_C
+
 if __package__:
     from . import progress as progress_bench
     from . import tracker as tracker_bench
@@ -39,20 +41,7 @@ else:  # run as a script: this directory is sys.path[0]
     import progress as progress_bench
     import tracker as tracker_bench
 
-QUICKSTART_KERNEL = r"""#include <workbench_kernel.h>
-
-WB_KERNEL(add_one) {
-  WB_EXPECT_ARGS(2);
-  DLTensor* a = WB_ARG_TENSOR(0);
-  DLTensor* b = WB_ARG_TENSOR(1);
-  const float* x = (const float*)a->data;
-  float* y = (float*)b->data;
-  for (int64_t i = 0; i < a->shape[0]; ++i) y[i] = x[i] + 1.0f;
-  return 0;
-}
-
-WB_KERNEL(empty) { return 0; }
-"""
+QUICKSTART_KERNEL = ADD_ONE_C + "\nWB_KERNEL(empty) { return 0; }\n"  # the demo's kernel, and an empty one
 
 LOAD_EXT = (
     "import time, IPython\n"

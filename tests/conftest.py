@@ -93,3 +93,32 @@ def kernels(tmp_path_factory) -> dict[str, str]:
 def mod(remote, kernels):
     remote.upload(kernels["so"])
     return remote.load_module("kernels.so")
+
+
+@pytest.fixture
+def spawn(private_tmpdir):
+    """``spawn(tracker_port, key, **options)``: an rpc.Server registered with the tracker; all end with the test."""
+    started: list[rpc.Server] = []
+
+    def start(tracker_port: int, key: str, **options) -> rpc.Server:
+        srv = rpc.Server(port=0, tracker_addr=("127.0.0.1", tracker_port), key=key, silent=True, **options)
+        started.append(srv)
+        return srv
+
+    try:
+        yield start
+    finally:
+        for srv in started:
+            srv.terminate()
+    assert not any(srv.alive for srv in started)
+
+
+@pytest.fixture
+def closing():
+    """Things with ``close()`` (sessions, pickers, tracker connections), closed in reverse order when the test ends."""
+    things: list = []
+    try:
+        yield things
+    finally:
+        for thing in reversed(things):
+            thing.close()

@@ -92,35 +92,6 @@ def tracker(trackers):
 
 
 @pytest.fixture
-def spawn(private_tmpdir):
-    """``spawn(tracker_port, key, **options)``: an rpc.Server registered with the tracker; all end with the test."""
-    started: list[rpc.Server] = []
-
-    def start(tracker_port: int, key: str, **options) -> rpc.Server:
-        srv = rpc.Server(port=0, tracker_addr=(LOCAL, tracker_port), key=key, silent=True, **options)
-        started.append(srv)
-        return srv
-
-    try:
-        yield start
-    finally:
-        for srv in started:
-            srv.terminate()
-    assert not any(srv.alive for srv in started)
-
-
-@pytest.fixture
-def closing():
-    """Things with ``close()`` (pickers, sessions, tracker connections), closed in reverse order at the end."""
-    things: list = []
-    try:
-        yield things
-    finally:
-        for thing in reversed(things):
-            thing.close()
-
-
-@pytest.fixture
 def picker_factory(closing):
     from workbench.notebook.picker import DevicePicker
 

@@ -55,6 +55,8 @@ def test_describe_in_timeit_style():
     single = hand_built("k", [2.5e-3], number=1)
     assert single.describe() == "2.5 ms ± 0 ns per call (mean ± std. dev. of 1 run, 1 call each)"
     assert BenchmarkResult([1.0, 3.0]).describe() == "2 s ± 1 s per call (mean ± std. dev. of 2 runs)"
+    grown = BenchmarkResult([1.0, 3.0], config={"number": 1, "min_repeat_ms": 100})  # the device raised number
+    assert grown.describe().endswith("(mean ± std. dev. of 2 runs, each at least 1 call and 100 ms)")
 
 
 def test_benchmark_result_repr_and_plot_use_micro_sign():

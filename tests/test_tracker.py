@@ -46,35 +46,6 @@ def tracker():
 
 
 @pytest.fixture
-def spawn(private_tmpdir):
-    """``spawn(tracker_port, key, **kwargs)``: an rpc.Server registered with the tracker; all end with the test."""
-    started: list[rpc.Server] = []
-
-    def start(tracker_port: int, key: str, **kwargs) -> rpc.Server:
-        srv = rpc.Server(port=0, tracker_addr=(LOCAL, tracker_port), key=key, silent=True, **kwargs)
-        started.append(srv)
-        return srv
-
-    try:
-        yield start
-    finally:
-        for srv in started:
-            srv.terminate()
-    assert not any(srv.alive for srv in started)
-
-
-@pytest.fixture
-def closing():
-    """A list of things with ``close()`` (connections, sessions) closed when the test ends."""
-    things: list = []
-    try:
-        yield things
-    finally:
-        for thing in reversed(things):
-            thing.close()
-
-
-@pytest.fixture
 def session(tracker, closing):
     """A TrackerSession on the ``tracker`` fixture."""
     ts = rpc.connect_tracker(LOCAL, tracker.port)

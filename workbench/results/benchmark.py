@@ -156,11 +156,15 @@ class BenchmarkResult:
 
             >>> BenchmarkResult([1e-3], config={"number": 1}).describe()
             '1 ms ± 0 ns per call (mean ± std. dev. of 1 run, 1 call each)'
+            >>> BenchmarkResult([1e-3, 1e-3], config={"number": 1, "min_repeat_ms": 100}).describe()
+            '1 ms ± 0 ns per call (mean ± std. dev. of 2 runs, each at least 1 call and 100 ms)'
         """
         runs = len(self.results)
         detail = f"mean ± std. dev. of {runs} run{'s' if runs != 1 else ''}"
-        number = self.config.get("number")
-        if number is not None:
+        number, min_ms = self.config.get("number"), self.config.get("min_repeat_ms") or 0
+        if number is not None and min_ms > 0:  # the device raised number until a run lasted min_repeat_ms
+            detail += f", each at least {number} call{'s' if number != 1 else ''} and {min_ms:g} ms"
+        elif number is not None:
             detail += f", {number} call{'s' if number != 1 else ''} each"
         return f"{format_seconds(self.mean)} ± {format_seconds(self.std)} per call ({detail})"
 

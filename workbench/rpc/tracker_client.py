@@ -195,7 +195,7 @@ class TrackerSession:
             raise ValueError(f"max_retry must be >= 1, not {max_retry}")
         start = time.monotonic()
         last: BaseException | None = None
-        with wait_bar(f"waiting for a {key!r} device", progress) as bar:
+        with wait_bar(f"waiting for {key!r}", progress) as bar:
             def waiting(status: WaitStatus) -> None:
                 bar.update(status.waited, status.describe())
                 if on_wait is not None:
