@@ -149,12 +149,12 @@ def measure_time_while_polling(ip: Any, tracker_port: int, runs: int) -> tuple[d
     for i in range(runs):
         figures: dict[bool, tuple[float, float]] = {}
         for polling in ((True, False) if i % 2 else (False, True)):
-            picker = DevicePicker(("127.0.0.1", tracker_port), interval=0.1, namespace={}) if polling else None
+            picker = DevicePicker(("127.0.0.1", tracker_port), interval=0.25, namespace={}) if polling else None
             try:
                 if picker is not None:
                     picker.poll_once()
                 with contextlib.redirect_stdout(io.StringIO()):
-                    result = ip.run_line_magic("rpc_time", "wb_empty() -n 20000 -r 5 -o -q")
+                    result = ip.run_line_magic("rpc_time", "wb_empty() -r 5 --min-repeat-ms 50 -o -q")
                 pings = []
                 for _ in range(300):
                     start = time.perf_counter()

@@ -263,3 +263,13 @@ def test_tracker_magic_shows_a_live_picker(shell, ns):
     finally:
         magics.close()
     assert picker.closed and not magics.pickers
+
+
+def test_queued_connect_shows_place_and_time_waited(shell, ns, capsys):
+    shell.run_line_magic("rpc_connect", "--key other -o holder")
+    with pytest.raises(MagicError, match="no session for key 'other'"):
+        shell.run_line_magic("rpc_connect", "--key other -o second --timeout 2.5")
+    err = capsys.readouterr().err
+    assert "1st in the queue for 'other'" in err and "waited 1 s" in err  # the bar, once the wait passed 1 s
+    with connect_tracker(*farm_api.default_tracker()) as tracker:
+        assert wait_until(lambda: tracker.summary()["queue_info"]["other"]["pending"] == 0)

@@ -85,13 +85,18 @@ def _user() -> str:
         return "workbench"
 
 
-def server_keys(info_key: str) -> list[str]:
-    """The device keys behind a server-list entry: ``server:rasp`` or ``server:proxy[a,b]``."""
+@functools.lru_cache(maxsize=8192)
+def _server_keys(info_key: str) -> tuple[str, ...]:
     name = info_key.split(":", 1)[1] if ":" in info_key else info_key
     proxied = re.fullmatch(r"proxy\[(.*)\](?::.*)?", name)
     if proxied:
-        return [k for k in proxied.group(1).split(",") if k]
-    return [name]
+        return tuple(k for k in proxied.group(1).split(",") if k)
+    return (name,)
+
+
+def server_keys(info_key: str) -> list[str]:
+    """The device keys behind a server-list entry: ``server:rasp`` or ``server:proxy[a,b]``."""
+    return list(_server_keys(info_key))
 
 
 class TrackerSession:
