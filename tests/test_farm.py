@@ -16,6 +16,7 @@ import time
 import pytest
 
 from workbench import rpc
+from workbench.rpc.tracker_client import TrackerError
 from workbench.farm import LocalFarm, default_tracker, local, tracker_from_env
 
 from .conftest import ROOT, children, wait_until
@@ -264,3 +265,31 @@ def test_demo_uses_the_configured_tracker():
         assert "using the tracker at %s:%d" % farm.tracker_addr in res.stdout
         assert "started a local device farm" not in res.stdout
         assert "b == a + 1" in res.stdout and "BenchmarkResult" in res.stdout
+
+
+def test_demo_errors_are_one_line(private_tmpdir):
+    with LocalFarm({"demo": 1}) as farm:
+        env = dict(clean_env(), WORKBENCH_TRACKER="%s:%d" % farm.tracker_addr)
+        res = subprocess.run([sys.executable, "-m", "workbench.demo", "--key", "nobody", "--timeout", "1"],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert res.returncode == 1
+    assert "no session for key 'nobody'" in res.stderr and "0 server(s) registered" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    server = rpc.Server(port=0, silent=True, auth_token="right")
+    try:
+        env = dict(clean_env(), WORKBENCH_RPC_TOKEN="wrong")
+        res = subprocess.run([sys.executable, "-m", "workbench.demo", "--connect", f"127.0.0.1:{server.port}"],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    finally:
+        server.terminate()
+    assert res.returncode == 1
+    assert "AuthenticationError" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_request_and_run_gives_up_after_its_timeout(private_tmpdir):
+    with LocalFarm({"solo": 1}) as farm, farm.request("solo") as holder, farm.connect() as tracker:
+        with pytest.raises(TrackerError, match="no session for key 'solo'"):
+            tracker.request_and_run("solo", lambda remote: remote.listdir("."), timeout=0.5)
+        assert holder.listdir(".") == []
+        assert tracker.summary()["queue_info"]["solo"]["pending"] == 0

@@ -265,7 +265,8 @@ def test_tracker_magic_shows_a_live_picker(shell, ns):
     assert picker.closed and not magics.pickers
 
 
-def test_queued_connect_shows_place_and_time_waited(shell, ns, capsys):
+def test_queued_connect_shows_place_and_time_waited(shell, ns, capsys, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_PROGRESS", "1")  # pytest's stderr is no terminal: force the bar
     shell.run_line_magic("rpc_connect", "--key other -o holder")
     with pytest.raises(MagicError, match="no session for key 'other'"):
         shell.run_line_magic("rpc_connect", "--key other -o second --timeout 2.5")

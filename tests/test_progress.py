@@ -29,8 +29,10 @@ BIG = 20 * MIB + 12345  # over the threshold, and not a whole number of chunks
 
 @pytest.fixture(autouse=True)
 def default_environment(monkeypatch):
-    """Each test starts with progress at its default (on), whatever the caller's environment says;
-    transfer bars appear at their first report (loopback transfers end before the usual SHOW_AFTER)."""
+    """Each test starts with progress on (as in a terminal or a notebook; pytest's stderr is neither),
+    whatever the caller's environment says; transfer bars appear at their first report (loopback transfers
+    end before the usual SHOW_AFTER)."""
+    monkeypatch.setattr(progress, "_watched", lambda: True)
     monkeypatch.delenv(progress.ENV, raising=False)
     monkeypatch.setattr(progress, "SHOW_AFTER", 0.0)
 
@@ -101,6 +103,14 @@ def test_progress_is_on_by_default_and_false_wins(monkeypatch):
     monkeypatch.setenv(progress.ENV, "1")
     assert progress_enabled()
     assert not progress_enabled(False)
+
+
+def test_by_default_bars_show_only_where_someone_watches(monkeypatch):
+    monkeypatch.undo()  # the real check: pytest's captured stderr is no terminal, and no Jupyter kernel runs here
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert not progress_enabled()
+    monkeypatch.setenv(progress.ENV, "on")  # forced on: logs and pipes get the bar too
+    assert progress_enabled()
 
 
 def test_chunk_slices_cover_everything_once():

@@ -19,7 +19,8 @@ import tempfile
 import numpy as np
 
 from . import cc, rpc, runtime
-from .farm import LocalFarm, tracker_from_env
+from .errors import WorkbenchError
+from .farm import LocalFarm, parse_address, tracker_from_env
 
 ADD_ONE_C = r"""
 #include <workbench_kernel.h>
@@ -63,23 +64,35 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connect", metavar="HOST:PORT", help="an RPC server to use directly")
     parser.add_argument("--key", default="local", help="the device key to request from the tracker")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="give up waiting for a device after S seconds (default 60)")
     args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0 seconds")
     logging.basicConfig(level=logging.WARNING)
+    try:
+        return _run(args)
+    except (WorkbenchError, OSError, ValueError) as exc:  # one line, no traceback: what went wrong and what to do
+        print(f"python -m workbench.demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.connect:
-        host, _, port = args.connect.rpartition(":")
-        with rpc.connect(host, int(port), key=args.key if args.key != "local" else "") as remote:
+        host, port = parse_address(args.connect, "server")
+        with rpc.connect(host, port, key=args.key if args.key != "local" else "", connect_timeout=args.timeout) as remote:
             run(remote)
         return 0
     configured = tracker_from_env()
     if configured:
         print(f"using the tracker at {configured[0]}:{configured[1]}")
-        with rpc.connect_tracker(*configured) as tracker, tracker.request(args.key, timeout=120) as remote:
+        with rpc.connect_tracker(*configured) as tracker, tracker.request(args.key, timeout=args.timeout) as remote:
             run(remote)
         return 0
     with LocalFarm({args.key: 1}) as farm:
         print(f"started a local device farm: tracker at {farm.tracker_addr[0]}:{farm.tracker_addr[1]}, "
               f"one server of key {args.key!r}")
-        with farm.request(args.key, timeout=60) as remote:
+        with farm.request(args.key, timeout=args.timeout) as remote:
             run(remote)
     return 0
 

@@ -1,9 +1,11 @@
 """Progress bars for long transfers, long timings and queue waits.
 
 A bar is a ``tqdm.auto`` bar: a widget in a notebook, a console bar in a
-terminal (on stderr). Without tqdm there is simply no bar. ``progress=False``
-on a call, or ``WORKBENCH_PROGRESS=0`` in the environment, turns bars off;
-``progress=True`` forces them on whatever the environment says.
+terminal (on stderr). Without tqdm there is simply no bar. By default bars
+show where someone watches: in a Jupyter kernel, or when stderr is a
+terminal (not in logs or pipes). ``progress=False`` on a call, or
+``WORKBENCH_PROGRESS=0``, turns them off; ``progress=True`` or
+``WORKBENCH_PROGRESS=1`` turns them on wherever the output goes.
 
     >>> with transfer_bar(64 << 20, "upload data.bin", progress=False) as update:
     ...     update is None
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -35,19 +38,36 @@ SHOW_AFTER = 0.2  # seconds: a transfer's bar appears at its first report after 
 TICK_SECONDS = 0.2  # how often a timed bar advances
 TIMED_CAP = 0.99  # a timed bar stops here until its block ends
 _OFF = frozenset({"0", "false", "no", "off"})
+_ON = frozenset({"1", "true", "yes", "on"})
 
 Update = Callable[[int], None]
 
 
 def progress_enabled(progress: bool | None = None) -> bool:
-    """Whether to show progress: an explicit True/False wins; None means on unless ``$WORKBENCH_PROGRESS`` is 0/false/no/off.
+    """Whether to show progress: an explicit True/False wins, then ``$WORKBENCH_PROGRESS`` (0/1, off/on);
+    else on in a Jupyter kernel or when stderr is a terminal.
 
         >>> progress_enabled(False)
         False
     """
     if progress is not None:
         return bool(progress)
-    return os.environ.get(ENV, "").strip().lower() not in _OFF
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in _OFF:
+        return False
+    return setting in _ON or _watched()
+
+
+def _watched() -> bool:
+    """A terminal on stderr, or a Jupyter kernel (where bars are widgets)."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def chunk_slices(total: int, update: Update | None = None, chunk: int = PROGRESS_CHUNK) -> Iterator[slice]:

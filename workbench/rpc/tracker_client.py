@@ -305,14 +305,18 @@ class TrackerSession:
         priority: int = 1,
         session_timeout: float = 0,
         max_retry: int = 2,
+        *,
+        timeout: float | None = None,
     ) -> T:
         """Run ``func(session)`` on a server of ``key``; if the server drops mid-run, run it again on another.
 
-            >>> tracker.request_and_run("rasp", lambda remote: remote.listdir("."))  # doctest: +SKIP
+        ``timeout`` bounds each wait for a free server (None: as long as it takes).
+
+            >>> tracker.request_and_run("rasp", lambda remote: remote.listdir("."), timeout=60)  # doctest: +SKIP
         """
         last = ""
         for attempt in range(1, max_retry + 1):
-            session = self.request(key, priority=priority, session_timeout=session_timeout)
+            session = self.request(key, priority=priority, session_timeout=session_timeout, timeout=timeout)
             try:
                 return func(session)
             except (ConnectionClosedError, SessionCrashedError, ProtocolError, ConnectionError) as exc:
