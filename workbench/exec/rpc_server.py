@@ -2,6 +2,7 @@
 
     python -m workbench.exec.rpc_server --host 127.0.0.1 --port 9090
     WORKBENCH_RPC_TOKEN=secret python -m workbench.exec.rpc_server --port 9090
+    python -m workbench.exec.rpc_server --port 9090 --max-sessions 8 --idle-timeout 600
 
 Runs in the foreground until Ctrl-C or SIGTERM, which also end every session.
 """
@@ -11,8 +12,10 @@ import argparse
 import os
 import sys
 
+from ..rpc.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
 from ..rpc.serve import serve
-from ..rpc.server import ServerConfig, callable_spec
+from ..rpc.server import ServerConfig, callable_spec, check_max_sessions
+from ..rpc.service import configure_cli_logging
 
 
 def parse_tracker(text: str | None) -> tuple[str, int] | None:
@@ -41,11 +44,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="a label published to the tracker (repeatable), e.g. --label board=rpi4")
     parser.add_argument("--silent", action="store_true", help="log warnings only")
     parser.add_argument("--no-fork", action="store_true", help="start session workers as new processes instead of forking")
-    parser.add_argument("--timeout", type=float, default=None, help="idle timeout of a session's socket, in seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="socket timeout of a session's reads and writes, in seconds (TVM's --timeout)")
+    parser.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                        help="sessions served at once; more clients are told 'server busy' (default: sized to the "
+                             "machine, 16 per CPU from 16 to 256, within its memory and file-descriptor limit)")
+    parser.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                        help="end a session whose client sends no request for this long (default: never)")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="SECONDS",
+                        help=f"a client must finish the whole handshake within this (default {HANDSHAKE_TIMEOUT_S:g})")
     parser.add_argument("--auth-token", default=None,
-                        help="accept only clients knowing this token (prefer the WORKBENCH_RPC_TOKEN variable: "
+                        help=f"accept only clients knowing this token (prefer the {TOKEN_ENV} variable: "
                              "command lines are visible to other users)")
     args = parser.parse_args(argv)
+    try:
+        check_max_sessions(args.max_sessions)
+        check_seconds("--idle-timeout", args.idle_timeout)
+        check_seconds("--handshake-timeout", args.handshake_timeout, allow_none=False)
+    except ValueError as exc:
+        parser.error(str(exc))
     labels = {}
     for label in args.label:
         name, sep, value = label.partition("=")
@@ -59,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, port_end=args.port_end, key=args.key, load_library=libs,
         silent=args.silent, no_fork=args.no_fork, init=callable_spec(args.init) if args.init else None,
-        timeout=args.timeout, token=args.auth_token or os.environ.get("WORKBENCH_RPC_TOKEN") or None,
+        timeout=args.timeout, token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
         tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr, labels=labels,
+        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
     )
+    configure_cli_logging(args.silent)
     try:
         serve(config)
     except OSError as exc:

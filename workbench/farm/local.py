@@ -17,6 +17,7 @@ from ..rpc.tracker_summary import TrackerSummary
 
 log = logging.getLogger("workbench.farm")
 READY_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 900.0  # a farm's sessions end after 15 minutes without a request (idle_timeout=None: never)
 
 
 class LocalFarm:
@@ -36,6 +37,7 @@ class LocalFarm:
             if not isinstance(key, str) or not key or not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
         self.host = host
+        server_options.setdefault("idle_timeout", IDLE_TIMEOUT_S)  # idle sessions end: a farm is shared
         self.tracker: Tracker | None = None
         self.servers: list[Server] = []
         try:

@@ -288,15 +288,29 @@ class Channel:
             self.recv_bulk_into(view[part])
 
     def recv_bulk_to_fd(self, fd: int | None, count: int) -> None:
-        """Write the next ``count`` stream bytes to the file ``fd`` (None: drop them), through one reused buffer."""
+        """Write the next ``count`` stream bytes to the file ``fd`` (None: drop them), through one reused buffer.
+
+        If writing the file fails (disk full, a file-size limit), the rest of the
+        bulk part is still read and dropped before the error is raised, so the
+        stream stays in step: no byte of a bulk part is ever read as a frame.
+        """
         if self._scratch is None:
             self._scratch = memoryview(bytearray(self.SCRATCH))
         while count:
             chunk = self._scratch[: min(count, len(self._scratch))]
             self.recv_bulk_into(chunk)
-            if fd is not None:
-                write_all(fd, chunk)
             count -= len(chunk)
+            if fd is not None:
+                try:
+                    write_all(fd, chunk)
+                except OSError as exc:
+                    raise self._write_failed(exc, count) from None
+
+    def _write_failed(self, exc: OSError, still_to_come: int) -> OSError:
+        """Drop the ``still_to_come`` bytes of the bulk part whose file write failed; the error to raise."""
+        Channel.recv_bulk_to_fd(self, None, still_to_come)
+        return OSError(exc.errno, f"{exc.strerror or exc} while the server wrote the received data to a file "
+                                  "(disk full or a file-size limit?); the data was dropped")
 
     def discard_bulk(self, count: int) -> None:
         Channel.recv_bulk_to_fd(self, None, count)
@@ -384,9 +398,13 @@ class SocketChannel(Channel):
         """Move stream bytes to the file with splice(2) (no copy through user space), where available."""
         have = min(self._end - self._start, count)
         if have:
-            write_all(fd, self._view[self._start : self._start + have])
+            start = self._start
             self._start += have
             count -= have
+            try:
+                write_all(fd, self._view[start : start + have])
+            except OSError as exc:
+                raise self._write_failed(exc, count) from None
         if not count:
             return
         if not hasattr(os, "splice") or self.sock.gettimeout() is not None:
@@ -406,8 +424,13 @@ class SocketChannel(Channel):
             if moved == 0:
                 raise ConnectionClosedError(f"the peer closed the connection with {count} bulk bytes still to come")
             count -= moved
-            while moved:
-                moved -= os.splice(read_end, fd, moved, flags=os.SPLICE_F_MOVE)
+            try:
+                while moved:
+                    moved -= os.splice(read_end, fd, moved, flags=os.SPLICE_F_MOVE)
+            except OSError as exc:
+                while moved:  # empty the pipe: it carries the next transfer
+                    moved -= len(os.read(read_end, moved))
+                raise self._write_failed(exc, count) from None
 
     def close(self) -> None:
         if self._pipe is not None:

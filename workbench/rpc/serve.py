@@ -1,14 +1,30 @@
-"""The server process: accept connections, run each session in its own worker process.
+"""The server process: handshakes in one event loop, each session in its own worker process.
 
-The loop is single-threaded (a selector over the listening socket, one pidfd
-per worker and the owner's pipe), so forking a worker per connection is safe.
+The loop is single-threaded (a selector over the listening socket, the
+connections still in their handshake, one pidfd per worker, the owner's
+pipe), so forking a worker per session is safe. A connection costs a process
+only once its CONNECT is accepted: until then it is a few bytes of state read
+without blocking, with one deadline for the whole handshake
+(``handshake_timeout``), and the oldest such connection makes room when there
+are too many. At most ``max_sessions`` workers run; more clients are told
+"server busy". Every resource failure (file descriptors, processes, disk)
+refuses that one connection and the server goes on.
+
 When a worker dies of a signal or an unexpected exit, the server still holds
-the connection and tells the client what happened before closing it.
+the connection and tells the client what happened, without ever waiting on a
+client that does not read. When a client hangs up while its worker is busy
+(a kernel that spins), the server sees the hang-up and kills the worker, so
+the device is offered again. Workspaces of all sessions are removed when they
+end and when the server stops.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
+import json
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -17,31 +33,101 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from ..errors import ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
+from ..errors import AuthenticationError, ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
 from ..runtime.workspace import Workspace
-from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, SocketChannel, pack, unpack
-from .server import ServerConfig, resolve_callable
-from .service import ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
 from .handler import device_info
+from .handshake import (
+    ERROR_BUSY,
+    MAX_CONNECT_CTRL,
+    TOKEN_ENV,
+    AuthThrottle,
+    check_connect,
+    hello,
+    refusal_text,
+)
+from .protocol import (
+    FLAG_SERVER,
+    HEADER,
+    MAGIC,
+    MAX_BULK,
+    MAX_CTRL,
+    NONCE_BYTES,
+    PREAMBLE,
+    VERSION,
+    Kind,
+    SocketChannel,
+    _too_large,
+    pack,
+    unpack,
+)
 from .registration import TrackerRegistration
-from .worker import EXIT_CLEAN, EXIT_REFUSED, death_notice, load_libraries, run_session, shutdown
+from .server import ServerConfig, default_max_sessions, resolve_callable
+from .service import ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
+from .worker import (
+    ENDED_ON_PURPOSE,
+    EXIT_REFUSED,
+    EndReport,
+    death_notice,
+    load_libraries,
+    serve_accepted,
+    shutdown,
+    worker_signals,
+)
 
 log = logging.getLogger("workbench.rpc.server")
 SELF = "self"  # the one tracker slot of a server
+_HANGUP = object()  # selector data of the epoll that watches session connections for hang-ups
+_PREAMBLE, _HEADER, _CTRL, _BULK, _WAIT = range(5)  # handshake stages
+TCP_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))  # a vanished peer: ~2 min
+
+
+def error_frame(code: int, message: str) -> bytes:
+    body = pack([int(code), message])
+    return HEADER.pack(len(body), Kind.ERROR, 0, 0) + body
 
 
 class _Worker:
-    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey")
+    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey", "report", "hung_up")
 
-    def __init__(self, pid: int, conn: socket.socket, workspace: str, wait: Callable[[], int], matchkey: str | None):
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket, workspace: str, wait: Callable[[], int],
+                 matchkey: str | None, report: EndReport | None):
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
+        self.pidfd = pidfd
         self.conn = conn
         self.workspace = workspace
         self.wait = wait
         self.matchkey = matchkey
+        self.report = report
+        self.hung_up = False
+
+
+class Handshake:
+    """A connection in its handshake, read without blocking: the preamble, then one CONNECT frame."""
+
+    __slots__ = ("sock", "peer", "addr", "deadline", "buf", "stage", "nonce", "kind", "ctrl_len", "bulk_left",
+                 "ctrl", "registered")
+
+    def __init__(self, sock: socket.socket, peer: str, addr: str | None, deadline: float):
+        self.sock = sock
+        self.peer = peer  # for messages: "host:port" or "the proxy"
+        self.addr = addr  # for the auth throttle: the client's IP address (None through a proxy)
+        self.deadline = deadline
+        self.buf = b""
+        self.stage = _PREAMBLE
+        self.nonce = b""
+        self.kind = self.ctrl_len = self.bulk_left = 0
+        self.ctrl: Any = None
+        self.registered = True
+
+    def need(self) -> int:
+        """Bytes still to read for the current stage (exact: nothing after the CONNECT is read here)."""
+        if self.stage == _PREAMBLE:
+            return PREAMBLE.size - len(self.buf)
+        if self.stage == _HEADER:
+            return HEADER.size - len(self.buf)
+        return self.ctrl_len - len(self.buf)
 
 
 class ProxyLink:
@@ -66,7 +152,8 @@ class ProxyLink:
                 log.info("waiting at the proxy %s:%d as key %r", *self.addr, self.key)
                 return 3600.0
             except (OSError, RPCError) as exc:
-                log.info("proxy %s:%d unreachable (%s); retrying in %.1f s", *self.addr, exc, self._backoff)
+                level = logging.WARNING if isinstance(exc, ProtocolError) else logging.INFO
+                log.log(level, "proxy %s:%d unreachable (%s); retrying in %.1f s", *self.addr, exc, self._backoff)
                 self._retry_at = now + self._backoff
                 self._backoff = min(self._backoff * 2, 5.0)
         return max(0.01, self._retry_at - now)
@@ -77,7 +164,18 @@ class ProxyLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             body = pack({"key": self.key, "info": self.info})
             sock.sendall(PREAMBLE.pack(MAGIC, VERSION, FLAG_SERVER) + HEADER.pack(len(body), Kind.REGISTER, 0, 0) + body)
-            ctrl_len, kind, _, _ = HEADER.unpack(_recv_exact(sock, HEADER.size))  # exactly: what follows is a client's
+            head = _recv_exact(sock, HEADER.size)  # exactly: what follows is a client's
+            if head[:4] == MAGIC:  # a preamble: a server answered, not a proxy
+                raise ProtocolError(
+                    f"{self.addr[0]}:{self.addr[1]} is an RPC server, not a proxy: a server started with "
+                    "is_proxy=True (--through-proxy) needs the address of an RPC proxy "
+                    "(python -m workbench.exec.rpc_proxy; rpc_server and rpc_proxy both default to port 9090: "
+                    "give one of them another --port)"
+                )
+            ctrl_len, kind, _, _ = HEADER.unpack(head)
+            if ctrl_len > MAX_CONNECT_CTRL:
+                raise ProtocolError(f"{self.addr[0]}:{self.addr[1]} answered REGISTER with a {ctrl_len}-byte message: "
+                                    "is it an RPC proxy?")
             ctrl = unpack(_recv_exact(sock, ctrl_len))
             if kind == Kind.ERROR:
                 raise error_from_code(*ctrl[:2])
@@ -112,11 +210,42 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def _keepalive(sock: socket.socket) -> None:
+    """A client that vanishes without closing (power cut, network gone) shows as a hang-up after ~2 minutes."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in TCP_KEEPALIVE:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
+
+
 class ServeLoop(ServiceLoop):
     def __init__(self, config: ServerConfig, listener: socket.socket | None, owner_fd: int | None = None):
         super().__init__(listener, owner_fd)
+        import resource
+
         self.config = config
+        self.max_sessions = config.max_sessions or default_max_sessions()
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = 1 << 20 if soft == resource.RLIM_INFINITY else soft - 64 - 2 * self.max_sessions
+        self.max_pending = max(16, min(room, 1024))  # connections in their handshake; the oldest makes room
         self.workers: dict[int, _Worker] = {}
+        self.pending: dict[int, Handshake] = {}  # by fd, oldest first
+        self._postponed: list[tuple[float, int, Handshake]] = []  # CONNECTs waiting for the auth throttle
+        self._seq = itertools.count()
+        self._workspaces: set[str] = set()
+        self._hup = select.epoll()
+        self._sel.register(self._hup.fileno(), selectors.EVENT_READ, _HANGUP)
+        self._by_conn: dict[int, _Worker] = {}
+        self._scratch = bytearray(64 << 10)
+        self.throttle = AuthThrottle()
+        tempfile.gettempdir()  # found now, while files are to spare: at the fd limit the search itself fails
+        self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + error_frame(
+            ERROR_BUSY, "server busy: it is out of file descriptors; try again later")
         self.system_libs = load_libraries(config.load_library)
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
@@ -133,12 +262,24 @@ class ServeLoop(ServiceLoop):
     def _matchkey(self) -> str | None:
         return self.registration.slots[SELF].matchkey if self.registration else None
 
+    # -- the loop's hooks ------------------------------------------------------------------
     def _timeout(self) -> float | None:
+        now = time.monotonic()
+        timeout = None
+        if self.pending:
+            timeout = max(0.0, next(iter(self.pending.values())).deadline - now)
+        if self._postponed:
+            due = max(0.0, self._postponed[0][0] - now)
+            timeout = due if timeout is None else min(timeout, due)
+        due = self._service_timeout(now)
+        return due if timeout is None else timeout if due is None else min(timeout, due)
+
+    def _service_timeout(self, now: float) -> float | None:
         link = self.proxy_link
         if link is not None:
-            if link.sock is not None or self.workers:
+            if link.sock is not None or self.workers or self.pending:
                 return None
-            timeout = link.poll(time.monotonic())
+            timeout = link.poll(now)
             if link.sock is not None:
                 self._sel.register(link.sock, selectors.EVENT_READ, "proxy")
             return timeout
@@ -147,106 +288,397 @@ class ServeLoop(ServiceLoop):
             return None
         matchkey = self._matchkey()
         reg.slots[SELF].busy = any(w.matchkey == matchkey for w in self.workers.values())
-        return reg.poll(time.monotonic())
+        return reg.poll(now)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        while self.pending:
+            hs = next(iter(self.pending.values()))
+            if hs.deadline > now:
+                break
+            self._expire(hs)
+        while self._postponed and self._postponed[0][0] <= now:
+            _, _, hs = heapq.heappop(self._postponed)
+            if self.pending.get(hs.sock.fileno()) is hs:
+                self._guarded(self._evaluate, hs)
 
     def _event(self, key: selectors.SelectorKey, events: int) -> None:
-        if key.data == "proxy":
+        data = key.data
+        if type(data) is Handshake:
+            self._guarded(self._read_handshake, data)
+        elif data is _HANGUP:
+            self._hangups()
+        elif data == "proxy":
             self._sel.unregister(key.fileobj)
             conn = self.proxy_link.take()
             if conn is not None:
-                self._start_worker(conn, "the proxy")
+                self._begin(conn, "the proxy", None)
         else:
-            self._reap(key.data)
+            self._reap(data)
 
     def _accept(self) -> None:
-        try:
-            conn, addr = self.listener.accept()
-        except OSError:
-            return
-        self._start_worker(conn, "%s:%s" % addr[:2])
+        got = self.accept_connection()
+        if got is not None:
+            sock, addr = got
+            self._begin(sock, "%s:%s" % addr[:2], addr[0])
 
-    def _start_worker(self, conn: socket.socket, peer: str) -> None:
+    def _free_fds(self) -> bool:
+        if not self.pending:
+            return False
+        self._evict_oldest()
+        return True
+
+    # -- handshakes -------------------------------------------------------------------------
+    def _begin(self, sock: socket.socket, peer: str, addr: str | None) -> None:
         log.info("connection from %s", peer)
-        workspace = tempfile.mkdtemp(prefix="wb-session-")
-        cfg = self.config
-        matchkey = self._matchkey()
-        if cfg.no_fork:
-            cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
-                   "--workspace", workspace, "--key", cfg.key]
-            if matchkey:
-                cmd += ["--matchkey", matchkey]
-            for lib in cfg.load_library:
-                cmd += ["--load-library", lib]
-            if cfg.timeout is not None:
-                cmd += ["--timeout", str(cfg.timeout)]
-            if cfg.init:
-                cmd += ["--init", cfg.init]
-            env = dict(os.environ)
-            env.pop("WORKBENCH_RPC_TOKEN", None)
-            if cfg.token:
-                env["WORKBENCH_RPC_TOKEN"] = cfg.token
-            proc = subprocess.Popen(cmd, pass_fds=[conn.fileno()], env=env, stdin=subprocess.DEVNULL)
-            worker = _Worker(proc.pid, conn, workspace, proc.wait, matchkey)
+        if len(self.pending) >= self.max_pending:
+            self._evict_oldest()
+        sock.setblocking(False)
+        hs = Handshake(sock, peer, addr, time.monotonic() + self.config.handshake_timeout)
+        self.pending[sock.fileno()] = hs
+        self._sel.register(sock, selectors.EVENT_READ, hs)
+
+    def _forget(self, hs: Handshake) -> None:
+        self.pending.pop(hs.sock.fileno(), None)
+        if hs.registered:
+            self._sel.unregister(hs.sock)
+            hs.registered = False
+
+    def _refuse(self, hs: Handshake, code: int | None = None, message: str = "") -> None:
+        """End a handshake: with ``[code, message]`` if given (and our preamble first if not yet sent)."""
+        self._forget(hs)
+        data = b""
+        if code is not None:
+            if hs.stage == _PREAMBLE:
+                data = PREAMBLE.pack(MAGIC, VERSION, 0)
+            data += error_frame(code, message)
+            log.info("refused %s: %s", hs.peer, message)
+        refuse(hs.sock, data)
+
+    def _expire(self, hs: Handshake) -> None:
+        if hs.stage == _PREAMBLE:  # not even a preamble: nothing to say to it
+            self._refuse(hs)
         else:
-            pid = os.fork()
-            if pid == 0:
-                self._run_child(conn, workspace, matchkey)  # never returns
-            worker = _Worker(pid, conn, workspace, lambda pid=pid: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]),
-                             matchkey)
+            self._refuse(hs, ErrorCode.PROTOCOL, (
+                f"the handshake did not complete within {self.config.handshake_timeout:g} s "
+                "(the server's handshake_timeout); closing this connection"))
+
+    def _evict_oldest(self) -> None:
+        hs = next(iter(self.pending.values()))
+        self._refuse(hs, ERROR_BUSY, "server busy: too many connections are in their handshake; try again")
+
+    def _guarded(self, step: Callable[[Handshake], None], hs: Handshake) -> None:
+        """Run one step of a handshake; whatever goes wrong ends that connection only."""
+        try:
+            step(hs)
+        except Exception:
+            log.exception("the handshake with %s failed; closing that connection", hs.peer)
+            if self.pending.get(hs.sock.fileno()) is hs:
+                self._forget(hs)
+                hs.sock.close()
+
+    def _read_handshake(self, hs: Handshake) -> None:
+        if hs.stage == _BULK:
+            self._discard_bulk(hs)
+            return
+        try:
+            data = hs.sock.recv(hs.need())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the peer left mid-handshake
+            self._forget(hs)
+            hs.sock.close()
+            return
+        hs.buf += data
+        if hs.need():
+            return
+        if hs.stage == _PREAMBLE:
+            self._got_preamble(hs)
+        elif hs.stage == _HEADER:
+            self._got_header(hs)
+        else:
+            self._got_ctrl(hs)
+
+    def _got_preamble(self, hs: Handshake) -> None:
+        magic, version, flags = PREAMBLE.unpack(hs.buf)
+        if magic != MAGIC:
+            return self._refuse(hs, ErrorCode.PROTOCOL, (
+                f"bad magic {magic!r}: this is an rpc-workbench server (protocol v{VERSION}); "
+                "connect with workbench.rpc.connect (a TVM client cannot talk to it directly)"))
+        if version != VERSION:
+            return self._refuse(hs, ErrorCode.PROTOCOL, (
+                f"the client speaks protocol version {version}, this server speaks {VERSION}: "
+                "install the same rpc-workbench version on both sides"))
+        if flags & FLAG_SERVER:
+            return self._refuse(hs, ErrorCode.PROTOCOL, (
+                "this is an RPC server, not a proxy: a server started with is_proxy=True (--through-proxy) "
+                "must connect to an RPC proxy (python -m workbench.exec.rpc_proxy); rpc_server and rpc_proxy "
+                "both default to port 9090, so give one of them another --port"))
+        hs.nonce = os.urandom(NONCE_BYTES)
+        body = pack(hello(hs.nonce, self.config.token))
+        data = PREAMBLE.pack(MAGIC, VERSION, 0) + HEADER.pack(len(body), Kind.HELLO, 0, 0) + body
+        hs.stage, hs.buf = _HEADER, b""
+        try:
+            sent = hs.sock.send(data)
+        except OSError:
+            sent = 0
+        if sent != len(data):  # a fresh connection's buffer takes 80 bytes; if not, the peer is gone
+            self._forget(hs)
+            hs.sock.close()
+
+    def _got_header(self, hs: Handshake) -> None:
+        ctrl_len, kind, _flags, bulk_len = HEADER.unpack(hs.buf)
+        if ctrl_len > MAX_CTRL or bulk_len > MAX_BULK:
+            return self._refuse(hs, ErrorCode.TOO_LARGE, str(_too_large(ctrl_len, bulk_len)))
+        if ctrl_len > MAX_CONNECT_CTRL:
+            return self._refuse(hs, ErrorCode.TOO_LARGE, (
+                f"a {ctrl_len}-byte message where CONNECT was expected is over the handshake's "
+                f"{MAX_CONNECT_CTRL}-byte limit"))
+        if ctrl_len == 0:
+            return self._refuse(hs, ErrorCode.PROTOCOL, "malformed control message: an empty control part")
+        hs.kind, hs.ctrl_len, hs.bulk_left = kind, ctrl_len, bulk_len
+        hs.stage, hs.buf = _CTRL, b""
+
+    def _got_ctrl(self, hs: Handshake) -> None:
+        try:
+            hs.ctrl = unpack(hs.buf)
+        except ProtocolError as exc:
+            return self._refuse(hs, exc.code, str(exc))
+        hs.buf = b""
+        if hs.bulk_left:
+            hs.stage = _BULK  # a bulk part on CONNECT means nothing: read and dropped
+            return
+        self._evaluate(hs)
+
+    def _discard_bulk(self, hs: Handshake) -> None:
+        view = memoryview(self._scratch)[: min(hs.bulk_left, len(self._scratch))]
+        try:
+            n = hs.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self._forget(hs)
+            hs.sock.close()
+            return
+        hs.bulk_left -= n
+        if not hs.bulk_left:
+            self._evaluate(hs)
+
+    def _evaluate(self, hs: Handshake) -> None:
+        """Decide on a complete CONNECT (after the auth throttle lets this address try)."""
+        token = self.config.token
+        if hs.registered:
+            self._sel.unregister(hs.sock)  # nothing more to read here: the worker reads what follows
+            hs.registered = False
+        hs.stage = _WAIT
+        now = time.monotonic()
+        if token and hs.addr is not None:
+            turn = self.throttle.wait_until(hs.addr, now)
+            if turn > now:
+                heapq.heappush(self._postponed, (turn, next(self._seq), hs))
+                return
+            self.throttle.attempt(hs.addr, now)
+        try:
+            opts = check_connect(hs.kind, hs.ctrl, hs.nonce, key=self.config.key, token=token,
+                                 matchkey=self._matchkey())
+        except RPCError as exc:
+            text = str(exc)
+            guessed = isinstance(exc, AuthenticationError) and isinstance(hs.ctrl, dict) and hs.ctrl.get("proof")
+            if guessed and hs.addr is not None:
+                delay = self.throttle.failed(hs.addr, now)
+                text = refusal_text(exc, self.throttle.failures(hs.addr, now), delay)
+                log.warning("wrong auth proof from %s", hs.peer)
+            return self._refuse(hs, exc.code, text)
+        if token and hs.addr is not None:
+            self.throttle.succeeded(hs.addr)
+        if len(self.workers) >= self.max_sessions:
+            return self._refuse(hs, ERROR_BUSY, (
+                f"server busy: {len(self.workers)} sessions are running, the most it takes "
+                f"(max_sessions={self.max_sessions}); try again later, or start the server with a larger "
+                "max_sessions (--max-sessions)"))
+        self._start_worker(hs, opts)
+
+    # -- workers --------------------------------------------------------------------------
+    def _start_worker(self, hs: Handshake, opts: dict[str, Any]) -> None:
+        self._forget(hs)
+        conn = hs.sock
+        try:
+            workspace = tempfile.mkdtemp(prefix="wb-session-")
+        except OSError as exc:
+            log.warning("cannot create a session workspace: %s", exc)
+            return self._refuse(hs, ERROR_BUSY, (
+                f"server busy: it cannot create a session workspace ({exc.strerror or exc}); try again later"))
+        self._workspaces.add(workspace)
+        try:
+            worker = self._spawn(conn, workspace, opts, self._matchkey())
+        except OSError as exc:
+            log.warning("cannot start a session worker: %s", exc)
+            self._remove_workspace(workspace)
+            return self._refuse(hs, ERROR_BUSY, (
+                f"server busy: it cannot start a session worker ({exc.strerror or exc}); try again later"))
         self.workers[worker.pidfd] = worker
         self._sel.register(worker.pidfd, selectors.EVENT_READ, worker)
+        fd = conn.fileno()
+        self._hup.register(fd, select.EPOLLRDHUP)  # hang-ups and errors only: never a wake-up per request
+        self._by_conn[fd] = worker
 
-    def _run_child(self, conn: socket.socket, workspace: str, matchkey: str | None) -> None:
-        code = EXIT_CLEAN
+    def _reserve_fd(self) -> int:
+        """An fd held across the fork and closed just before pidfd_open, which then cannot fail for want of one."""
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            if self.listener is not None:
-                self.listener.close()
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            if not self._free_fds():
+                raise
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _spawn(self, conn: socket.socket, workspace: str, opts: dict[str, Any], matchkey: str | None) -> _Worker:
+        cfg = self.config
+        _keepalive(conn)
+        reserve = self._reserve_fd()
+        try:
+            if cfg.no_fork:
+                proc = self._popen_worker(conn, workspace, opts)
+                pid, wait, report = proc.pid, proc.wait, None
+            else:
+                report = EndReport()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    report.close()
+                    raise
+                if pid == 0:
+                    os.close(reserve)
+                    self._run_child(conn, workspace, opts, report)  # never returns
+                wait = lambda pid=pid: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])  # noqa: E731
+        finally:
+            os.close(reserve)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            wait()
+            if report is not None:
+                report.close()
+            raise
+        return _Worker(pid, pidfd, conn, workspace, wait, matchkey, report)
+
+    def _popen_worker(self, conn: socket.socket, workspace: str, opts: dict[str, Any]) -> subprocess.Popen:
+        cfg = self.config
+        cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
+               "--workspace", workspace, "--key", cfg.key]
+        for lib in cfg.load_library:
+            cmd += ["--load-library", lib]
+        if cfg.timeout is not None:
+            cmd += ["--timeout", str(cfg.timeout)]
+        if cfg.idle_timeout is not None:
+            cmd += ["--idle-timeout", str(cfg.idle_timeout)]
+        if cfg.init:
+            cmd += ["--init", cfg.init]
+        env = dict(os.environ)
+        env.pop(TOKEN_ENV, None)  # the worker needs no token: the handshake is done
+        proc = subprocess.Popen(cmd, pass_fds=[conn.fileno()], env=env, stdin=subprocess.PIPE)
+        accepted = dict(opts, proof=opts["proof"].hex() if opts.get("proof") else None)
+        try:  # on stdin, not the command line: a nested session's token must not show in ps
+            proc.stdin.write(json.dumps(accepted).encode() + b"\n")
+        finally:
+            proc.stdin.close()
+        return proc
+
+    def _run_child(self, conn: socket.socket, workspace: str, opts: dict[str, Any], report: EndReport) -> None:
+        try:
+            worker_signals()
+            self.close_in_child()
+            self._hup.close()
             for w in self.workers.values():
                 w.conn.close()
                 os.close(w.pidfd)
-            if self.owner_fd is not None:
-                os.close(self.owner_fd)
+                if w.report is not None:
+                    w.report.close()
+            for hs in self.pending.values():
+                hs.sock.close()
             if self.registration is not None and self.registration.conn is not None:
                 self.registration.conn.sock.close()
-            served = run_session(
-                SocketChannel(conn), Workspace(workspace), key=self.config.key, token=self.config.token,
-                system_libs=self.system_libs, sock=conn, io_timeout=self.config.timeout, matchkey=matchkey,
+            if self.proxy_link is not None and self.proxy_link.sock is not None:
+                self.proxy_link.sock.close()
+            conn.setblocking(True)
+            code = serve_accepted(
+                SocketChannel(conn), Workspace(workspace), opts, key=self.config.key, system_libs=self.system_libs,
+                sock=conn, io_timeout=self.config.timeout, idle_timeout=self.config.idle_timeout, report=report,
             )
-            code = EXIT_CLEAN if served else EXIT_REFUSED
         except BaseException:
             log.exception("session worker failed")
-            code = 1
-        finally:
-            os._exit(code)
+            os._exit(1)
+        if code in ENDED_ON_PURPOSE:
+            report.exit(code)
+        os._exit(code)
+
+    def _hangups(self) -> None:
+        """Clients that hung up (or whose connection failed): kill their workers, busy or not."""
+        for fd, _events in self._hup.poll(0):
+            self._hup.unregister(fd)
+            worker = self._by_conn.pop(fd, None)
+            if worker is not None and not worker.hung_up:
+                worker.hung_up = True
+                try:
+                    signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def _reap(self, worker: _Worker, notify: bool = True) -> None:
         self._sel.unregister(worker.pidfd)
+        fd = worker.conn.fileno()
+        if self._by_conn.pop(fd, None) is not None:
+            self._hup.unregister(fd)
         del self.workers[worker.pidfd]
-        os.close(worker.pidfd)
-        returncode = worker.wait()
-        notice = death_notice(returncode)
+        try:
+            os.close(worker.pidfd)
+            returncode = worker.wait()
+            on_purpose = worker.report.ended_on_purpose() if worker.report is not None else None
+        finally:
+            if worker.report is not None:
+                worker.report.close()
+            self._remove_workspace(worker.workspace)
         if self.registration and worker.matchkey == self._matchkey() and returncode != EXIT_REFUSED and notify:
             self.registration.offer(SELF, self.config.key)  # a session used the match key: offer a new one
-        if notice and notify:
+        notice = death_notice(returncode, on_purpose) if notify and not worker.hung_up else None
+        if notice:
             log.warning("%s", notice)
-            try:
-                worker.conn.settimeout(1.0)
-                SocketChannel(worker.conn).send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), notice])
+            try:  # never wait on a client that does not read: what does not fit now is dropped
+                worker.conn.send(error_frame(ErrorCode.WORKER_DIED, notice), socket.MSG_DONTWAIT)
             except OSError:
                 pass
         shutdown(worker.conn)
         worker.conn.close()
-        shutil.rmtree(worker.workspace, ignore_errors=True)
+
+    def _remove_workspace(self, path: str) -> None:
+        """Remove a session's workspace; at the fd limit (rmtree needs descriptors) make room first."""
+        for _ in range(3):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                self._workspaces.discard(path)
+                return
+            if not any([self._free_fds() for _ in range(8)]):
+                break
+        log.warning("cannot remove the session workspace %s yet; retrying when the server stops", path)
 
     def stop(self) -> None:
+        for hs in list(self.pending.values()):  # first: the descriptors they hold may be needed below
+            self._forget(hs)
+            hs.sock.close()
         for worker in list(self.workers.values()):
             try:
-                os.kill(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+            except OSError:
                 pass
+        for worker in list(self.workers.values()):
             self._reap(worker, notify=False)
+        for path in list(self._workspaces):  # whatever a failure on the way left behind
+            self._remove_workspace(path)
+        self._hup.close()
         self._sel.close()
         if self.listener is not None:
             self.listener.close()

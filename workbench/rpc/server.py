@@ -13,9 +13,41 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .handshake import HANDSHAKE_TIMEOUT_S, check_seconds
 from .service import ServiceHandle
 
 
+def default_max_sessions() -> int:
+    """How many sessions a server serves at once unless told (``max_sessions``), sized to this machine.
+
+    16 per CPU, from 16 to 256, at most one per 64 MiB of memory, and at most
+    one per 4 file descriptors of the process's limit (the server holds 2 per
+    session and keeps room for connections still in their handshake).
+
+        >>> default_max_sessions() >= 2
+        True
+    """
+    import resource
+
+    cpus = os.cpu_count() or 1
+    limit = min(max(16 * cpus, 16), 256)
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limit = min(limit, max(memory // (64 << 20), 2))
+    except (ValueError, OSError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, max((soft - 64) // 4, 2))
+    return int(limit)
+
+
+def check_max_sessions(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_sessions must be an int >= 1 (None: sized to the machine), not {value!r}")
+    return value
 
 
 @dataclass
@@ -35,6 +67,9 @@ class ServerConfig:
     is_proxy: bool = False
     custom_addr: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    max_sessions: int | None = None  # None: default_max_sessions() where the server runs
+    idle_timeout: float | None = None  # end sessions that send no request for this long (None: never)
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S  # for the whole handshake, from accept to CONNECT
 
 
 def callable_spec(func: Callable | str) -> str:
@@ -76,8 +111,20 @@ class Server(ServiceHandle):
     ``WORKBENCH_RPC_TOKEN``) makes the server accept only clients that know the
     token. ``server_init_callback`` runs once in the server process; it must be
     importable (a module-level function, or ``"module:function"``).
+
+    Limits: ``max_sessions`` sessions at once (None: ``default_max_sessions()``,
+    sized to the machine; more are refused with "server busy"), a client must
+    finish its handshake within ``handshake_timeout`` seconds, and a session
+    whose client sends no request for ``idle_timeout`` seconds is ended (None,
+    the default: never; ``LocalFarm`` turns it on). ``timeout`` is TVM's: the
+    socket timeout of a session's reads and writes.
     The server ends with ``terminate()``, when this object is collected, or
-    when this process exits.
+    when this process exits. It logs through ``logging`` at this process's
+    level for ``workbench`` (nothing below WARNING unless logging was set up);
+    ``silent=True`` keeps it to warnings.
+
+        >>> with rpc.Server(port=0, max_sessions=4, idle_timeout=600) as server:  # doctest: +SKIP
+        ...     remote = rpc.connect("127.0.0.1", server.port)
     """
 
     what = "RPC server"
@@ -100,6 +147,9 @@ class Server(ServiceHandle):
         *,
         auth_token: str | None = None,
         labels: dict[str, str] | None = None,
+        max_sessions: int | None = None,
+        idle_timeout: float | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -123,6 +173,9 @@ class Server(ServiceHandle):
             is_proxy=is_proxy,
             custom_addr=custom_addr,
             labels=dict(labels or {}),
+            max_sessions=check_max_sessions(max_sessions),
+            idle_timeout=check_seconds("idle_timeout", idle_timeout),
+            handshake_timeout=check_seconds("handshake_timeout", handshake_timeout, allow_none=False),
         )
         self.host = host
         self.key = key

@@ -1,30 +1,32 @@
 """One client session on the serving side: handshake, then requests until the client leaves.
 
-A worker runs in its own process (forked per connection by the server, spawned
+A worker runs in its own process (forked per session by the server, spawned
 with ``no_fork=True``, or as the stdio server behind ``PopenSession``), so a
-kernel that crashes ends only its own session.
+kernel that crashes ends only its own session. The server process runs the
+handshake itself (``serve.Handshake``) and forks a worker for an accepted
+CONNECT (``serve_accepted``); the stdio server runs the whole handshake in the
+worker (``run_session``).
 
     python -m workbench.rpc.worker --stdio        # the server binary for PopenSession
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
+import errno
+import json
 import logging
+import mmap
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
 from ..errors import (
-    AuthenticationError,
     ConnectionClosedError,
-    KeyMismatchError,
-    ProtocolError,
     RemoteNotFoundError,
     RPCError,
     UnsupportedError,
@@ -34,6 +36,15 @@ from ..errors import (
 from ..runtime.ffi import NativeLibrary
 from ..runtime.workspace import Workspace
 from .handler import Bulk, Reply, SessionHandler, device_info
+from .handshake import (  # noqa: F401  (auth_proof, check_key, SESSION_CONSTRUCTORS: re-exported)
+    HANDSHAKE_TIMEOUT_S,
+    SESSION_CONSTRUCTORS,
+    TOKEN_ENV,
+    auth_proof,
+    check_connect,
+    check_key,
+    hello,
+)
 from .relay import relay
 from .protocol import (
     FLAG_NO_REPLY,
@@ -50,21 +61,29 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 EXIT_CLEAN = 0x56  # the client left; nothing to report
-EXIT_TIMED_OUT = 0x57  # session_timeout expired; the worker told the client itself
+EXIT_TIMED_OUT = 0x57  # session_timeout or idle_timeout expired; the worker told the client itself
 EXIT_REFUSED = 0x58  # the handshake failed: no session was served
-HANDSHAKE_TIMEOUT_S = 10.0
-TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
+EXIT_LOST = 0x59  # the session's connection was closed under the worker (by the code it ran)
+ENDED_ON_PURPOSE = (EXIT_CLEAN, EXIT_TIMED_OUT, EXIT_REFUSED)
 _OK = int(Kind.OK)
-SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect")
 
 
-def death_notice(returncode: int) -> str | None:
-    """What to tell the client when its worker ended with ``returncode`` (None: nothing)."""
-    if returncode in (EXIT_CLEAN, EXIT_TIMED_OUT, EXIT_REFUSED):
+def death_notice(returncode: int, ended_on_purpose: bool | None = None) -> str | None:
+    """What to tell the client when its worker ended with ``returncode`` (None: nothing).
+
+    ``ended_on_purpose`` is what the worker reported (``EndReport``); without
+    a report the exit status decides, which a kernel calling ``exit()`` can fake.
+    """
+    if ended_on_purpose is None:
+        ended_on_purpose = returncode in ENDED_ON_PURPOSE
+    if ended_on_purpose:
         return None
     if returncode < 0:
         sig = signal.Signals(-returncode)
         what = f"was killed by signal {sig.value} ({sig.name}: {signal.strsignal(sig)})"
+    elif returncode == EXIT_LOST:
+        what = (f"exited with status {returncode}: the code it ran closed the session's connection "
+                "(did it close every file descriptor?)")
     else:
         what = f"exited with status {returncode} (did the code it ran call exit()?)"
     return (
@@ -73,23 +92,35 @@ def death_notice(returncode: int) -> str | None:
     )
 
 
-def auth_proof(token: str, nonce: bytes) -> bytes:
-    """What a client sends to prove it knows ``token`` (the token never crosses the wire)."""
-    return hmac.new(token.encode(), b"workbench-rpc-v1" + nonce, hashlib.sha256).digest()
+class EndReport:
+    """How a forked worker tells its parent that it ended the session on purpose.
+
+    An exit status cannot say it: a kernel may call ``exit(86)`` or ``_exit(0)``.
+    One byte of memory shared across the fork (no file descriptor) holds the
+    worker's exit code when it ends on purpose, and stays 0 when it dies.
+    """
+
+    __slots__ = ("_page",)
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, 1)  # anonymous, MAP_SHARED: the child's writes reach the parent
+
+    def exit(self, code: int) -> None:
+        """End this (worker) process with ``code``, reported as on purpose."""
+        self._page[0] = code
+        os._exit(code)
+
+    def ended_on_purpose(self) -> bool:
+        return self._page[0] != 0
+
+    def close(self) -> None:
+        self._page.close()
 
 
-def check_key(server_key: str, client_key: Any, matchkey: str | None) -> None:
-    """Refuse a client whose key does not fit: with a tracker, only its match key does."""
-    if not isinstance(client_key, str):
-        raise KeyMismatchError(f"the key must be a string, not {client_key!r}")
-    if matchkey is not None:
-        if client_key != matchkey:
-            raise KeyMismatchError(
-                f"this server of key {server_key!r} is handed out by a tracker: request it with "
-                f"rpc.connect_tracker(host, port).request({server_key!r})"
-            )
-    elif server_key and client_key and client_key.partition(":")[0] != server_key:
-        raise KeyMismatchError(f"this server serves key {server_key!r}, the client asked for {client_key!r}")
+def _exit(code: int, report: EndReport | None) -> None:
+    if report is not None:
+        report.exit(code)
+    os._exit(code)
 
 
 def _refuse(chan: Channel, exc: RPCError) -> None:
@@ -108,12 +139,15 @@ def server_handshake(
     matchkey: str | None = None,
     accept: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run the server side of the handshake; return the client's CONNECT options.
+    """Run the server side of the handshake, blocking; return the client's CONNECT options.
 
     ``accept(options)`` gives the session info sent with OK (by default this
     device's), or raises an RPCError to refuse. Refusals are sent to the
-    client as an ERROR frame and raised here.
+    client as an ERROR frame and raised here. (The server process runs the
+    same checks without blocking: ``serve.Handshake``.)
     """
+    from ..errors import ProtocolError
+
     magic, version, _flags = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
     chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
     if magic != MAGIC:
@@ -127,45 +161,22 @@ def server_handshake(
             "install the same rpc-workbench version on both sides"
         ))
     nonce = os.urandom(NONCE_BYTES)
-    chan.send_frame(Kind.HELLO, {"version": VERSION, "nonce": nonce, "auth": bool(token)})
+    chan.send_frame(Kind.HELLO, hello(nonce, token))
     try:
         frame = chan.recv_frame()
+        if frame.bulk_len:
+            chan.discard_bulk(frame.bulk_len)  # a bulk part on CONNECT means nothing: dropped
     except ConnectionClosedError:
         raise
     except RPCError as exc:
         _refuse(chan, exc)
-    opts = frame.ctrl
-    if frame.kind != Kind.CONNECT or not isinstance(opts, dict):
-        _refuse(chan, ProtocolError(f"expected a CONNECT message after HELLO, got kind {frame.kind}"))
-    if token:
-        proof = opts.get("proof")
-        if not proof:
-            _refuse(chan, AuthenticationError(
-                "this server requires an auth token: pass auth_token=... to rpc.connect "
-                f"or set {TOKEN_ENV} on the client"
-            ))
-        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, auth_proof(token, nonce)):
-            _refuse(chan, AuthenticationError(
-                f"wrong auth token: the client's {TOKEN_ENV} / auth_token differs from the server's"
-            ))
     try:
-        check_key(key, opts.get("key") or "", matchkey)
-    except KeyMismatchError as exc:
-        _refuse(chan, exc)
-    ctor = opts.get("ctor")
-    if ctor and not (isinstance(ctor, list) and ctor[0] in SESSION_CONSTRUCTORS):
-        _refuse(chan, UnsupportedError(
-            f"session constructor {ctor[0] if isinstance(ctor, list) else ctor!r} is not supported by this server "
-            f"(supported: {', '.join(SESSION_CONSTRUCTORS)})"
-        ))
-    timeout = opts.get("timeout") or 0
-    if not isinstance(timeout, (int, float)) or timeout < 0:
-        _refuse(chan, ProtocolError(f"session_timeout must be a number >= 0, not {timeout!r}"))
-    opts["timeout"] = float(timeout)
-    try:
+        opts = check_connect(frame.kind, frame.ctrl, nonce, key=key, token=token, matchkey=matchkey)
         info = accept(opts) if accept else dict(device_info(), key=key, session_timeout=opts["timeout"])
     except RPCError as exc:
         _refuse(chan, exc)
+    if opts["proof"] is not None:
+        info = dict(info, proof=opts["proof"])
     chan.send_frame(Kind.OK, info)
     return opts
 
@@ -177,11 +188,22 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n\nRemote traceback (most recent call last):\n{tail}"
 
 
-def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.Lock | None = None) -> None:
-    """Answer requests until the client closes the connection."""
+def serve_requests(
+    chan: Channel,
+    handler: SessionHandler,
+    send_lock: threading.Lock | None = None,
+    activity: list[int] | None = None,
+) -> None:
+    """Answer requests until the client closes the connection.
+
+    ``activity[0]`` (for ``IdleTimer``) is odd while waiting for a request and
+    even while serving one.
+    """
     lock = send_lock or threading.Lock()
     recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
     while True:
+        if activity is not None:
+            activity[0] += 1
         try:
             frame = recv_frame()
         except ConnectionClosedError:
@@ -194,6 +216,8 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
                 except OSError:
                     pass
             return
+        if activity is not None:
+            activity[0] += 1
         kind, flags, ctrl, bulk_len = frame
         bulk = Bulk(bulk_len, chan.recv_bulk_into, chan.discard_bulk, chan.recv_bulk_to_fd) if bulk_len else None
         try:
@@ -222,32 +246,173 @@ def serve_requests(chan: Channel, handler: SessionHandler, send_lock: threading.
                     reply.file[0].close()
 
 
+def _notify_and_exit(chan: Channel, lock: threading.Lock, message: str, on_expire: Callable[[], None],
+                     report: EndReport | None) -> None:
+    if lock.acquire(timeout=2.0):
+        try:
+            chan.send_frame(Kind.ERROR, [int(ErrorCode.SESSION_TIMEOUT), message])
+        except OSError:
+            pass
+    on_expire()
+    _exit(EXIT_TIMED_OUT, report)
+
+
 class Watchdog:
     """Ends the session when ``session_timeout`` expires, even inside a kernel that never returns."""
 
-    def __init__(self, seconds: float, chan: Channel, send_lock: threading.Lock, on_expire: Callable[[], None]):
+    def __init__(self, seconds: float, chan: Channel, send_lock: threading.Lock, on_expire: Callable[[], None],
+                 report: EndReport | None = None):
         self.seconds = seconds
         self._chan = chan
         self._lock = send_lock
         self._on_expire = on_expire
+        self._report = report
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
         self._timer.start()
 
     def _fire(self) -> None:
-        if self._lock.acquire(timeout=2.0):
-            try:
-                self._chan.send_frame(Kind.ERROR, [int(ErrorCode.SESSION_TIMEOUT), (
-                    f"session timed out after {self.seconds:g} s (session_timeout={self.seconds:g}); "
-                    "the server ended it: connect again, with a larger session_timeout if needed"
-                )])
-            except OSError:
-                pass
-        self._on_expire()
-        os._exit(EXIT_TIMED_OUT)
+        _notify_and_exit(self._chan, self._lock, (
+            f"session timed out after {self.seconds:g} s (session_timeout={self.seconds:g}); "
+            "the server ended it: connect again, with a larger session_timeout if needed"
+        ), self._on_expire, self._report)
 
     def cancel(self) -> None:
         self._timer.cancel()
+
+
+class IdleTimer:
+    """Ends the session when the client has sent no request for ``seconds`` (a running request is not idle).
+
+    It reads the counter ``serve_requests`` keeps (odd: waiting for a request),
+    a few times per period: no system call on the request path.
+    """
+
+    def __init__(self, seconds: float, chan: Channel, send_lock: threading.Lock, on_expire: Callable[[], None],
+                 report: EndReport | None = None):
+        self.seconds = seconds
+        self.activity = [0]
+        self._chan, self._lock, self._on_expire, self._report = chan, send_lock, on_expire, report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idle-timer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        step = min(max(self.seconds / 8, 0.01), 1.0)
+        seen, since = -1, time.monotonic()
+        while not self._stop.wait(step):
+            now, count = time.monotonic(), self.activity[0]
+            if count != seen or not count & 1:
+                seen, since = count, now
+            elif now - since >= self.seconds:
+                _notify_and_exit(self._chan, self._lock, (
+                    f"the session was idle for {self.seconds:g} s (the server's idle_timeout) and the server "
+                    "ended it: connect again"
+                ), self._on_expire, self._report)
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+def session_info(opts: dict[str, Any], *, key: str, sock: socket.socket | None) -> tuple[dict[str, Any], socket.socket | None]:
+    """The OK reply's session info for accepted CONNECT options, and for rpc.Connect the inner session's socket."""
+    ctor = opts.get("ctor")
+    if ctor and ctor[0] == "rpc.Connect":
+        if sock is None:
+            raise UnsupportedError("rpc.Connect needs a network session; this one runs over pipes")
+        return connect_inner(ctor, opts["timeout"])[::-1]
+    return dict(device_info(), key=key, session_timeout=opts["timeout"]), None
+
+
+def serve_accepted(
+    chan: Channel,
+    workspace: Workspace,
+    opts: dict[str, Any],
+    *,
+    key: str = "",
+    system_libs: list[NativeLibrary] | None = None,
+    sock: socket.socket | None = None,
+    io_timeout: float | None = None,
+    idle_timeout: float | None = None,
+    report: EndReport | None = None,
+) -> int:
+    """Serve a session whose CONNECT the server accepted (``check_connect``): send OK, then answer requests.
+
+    Returns the exit code for the worker: EXIT_CLEAN, EXIT_REFUSED (rpc.Connect
+    could not open the inner session) or EXIT_LOST. The workspace is removed.
+    """
+    inner = None
+    try:
+        try:
+            info, inner = session_info(opts, key=key, sock=sock)
+        except RPCError as exc:
+            log.info("session refused: %s", exc)
+            try:
+                chan.send_frame(Kind.ERROR, [int(exc.code), str(exc)])
+            except OSError:
+                pass
+            return EXIT_REFUSED
+        if opts.get("proof") is not None:
+            info["proof"] = opts["proof"]
+        chan.send_frame(Kind.OK, info)
+        return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
+                      idle_timeout=idle_timeout, report=report, inner=inner)
+    except OSError as exc:
+        return EXIT_LOST if exc.errno == errno.EBADF else EXIT_CLEAN
+    finally:
+        if inner is not None:
+            inner.close()
+        workspace.cleanup()
+        shutdown(sock)
+
+
+def _serve(
+    chan: Channel,
+    workspace: Workspace,
+    opts: dict[str, Any],
+    *,
+    system_libs: list[NativeLibrary] | None,
+    sock: socket.socket | None,
+    io_timeout: float | None,
+    idle_timeout: float | None,
+    report: EndReport | None,
+    inner: socket.socket | None,
+) -> int:
+    """After the OK: relay to the inner server (rpc.Connect), or answer requests; the worker's exit code."""
+    if inner is not None:
+        sock.settimeout(None)
+        relay(sock, inner)
+        return EXIT_CLEAN
+    if sock is not None:
+        sock.settimeout(io_timeout)
+    handler = SessionHandler(workspace, system_libs)
+    lock = threading.Lock()
+    timers: list[Watchdog | IdleTimer] = []
+
+    def expire() -> None:
+        workspace.cleanup()
+        shutdown(sock)
+
+    try:
+        if opts["timeout"] > 0:
+            timers.append(Watchdog(opts["timeout"], chan, lock, expire, report))
+        activity = None
+        if idle_timeout:
+            idle = IdleTimer(idle_timeout, chan, lock, expire, report)
+            timers.append(idle)
+            activity = idle.activity
+        try:
+            serve_requests(chan, handler, lock, activity)
+        except OSError as exc:  # socket timeout (the server's timeout=), a reset, or the fd closed under us
+            if exc.errno == errno.EBADF:
+                log.warning("the session's connection was closed by the code it ran")
+                return EXIT_LOST
+            log.info("session ended: %s", exc)
+        return EXIT_CLEAN
+    finally:
+        for timer in timers:
+            timer.cancel()
+        handler.close()
 
 
 def run_session(
@@ -260,24 +425,21 @@ def run_session(
     sock: socket.socket | None = None,
     io_timeout: float | None = None,
     matchkey: str | None = None,
-) -> bool:
-    """Handshake and serve one session on ``chan``; False if the handshake failed.
+    idle_timeout: float | None = None,
+    report: EndReport | None = None,
+) -> int:
+    """Handshake (blocking) and serve one session on ``chan``; return the worker's exit code.
 
-    The workspace is removed at the end.
+    EXIT_REFUSED when the handshake failed, EXIT_LOST when the connection was
+    closed under the worker, else EXIT_CLEAN. The workspace is removed at the end.
     """
-    handler = None
-    watchdog = None
     inner: list[socket.socket] = []
 
     def accept(opts: dict[str, Any]) -> dict[str, Any]:
-        ctor = opts.get("ctor")
-        if ctor and ctor[0] == "rpc.Connect":
-            if sock is None:
-                raise UnsupportedError("rpc.Connect needs a network session; this one runs over pipes")
-            inner_sock, info = connect_inner(ctor, opts["timeout"])
+        info, inner_sock = session_info(opts, key=key, sock=sock)
+        if inner_sock is not None:
             inner.append(inner_sock)
-            return info
-        return dict(device_info(), key=key, session_timeout=opts["timeout"])
+        return info
 
     try:
         if sock is not None:
@@ -286,32 +448,15 @@ def run_session(
             opts = server_handshake(chan, key=key, token=token, matchkey=matchkey, accept=accept)
         except (RPCError, OSError) as exc:
             log.info("handshake refused: %s", exc)
-            for s in inner:
-                s.close()
-            return False
-        if inner:  # rpc.Connect: from now on this session is a pipe to the inner server
-            sock.settimeout(None)
-            relay(sock, inner[0])
-            return True
-        if sock is not None:
-            sock.settimeout(io_timeout)
-        handler = SessionHandler(workspace, system_libs)
-        lock = threading.Lock()
-        if opts["timeout"] > 0:
-            def expire() -> None:
-                workspace.cleanup()
-                shutdown(sock)
-            watchdog = Watchdog(opts["timeout"], chan, lock, expire)
+            return EXIT_REFUSED
         try:
-            serve_requests(chan, handler, lock)
-        except OSError as exc:  # socket timeout (the server's timeout=) or a reset
-            log.info("session ended: %s", exc)
-        return True
+            return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
+                          idle_timeout=idle_timeout, report=report, inner=inner[0] if inner else None)
+        except OSError as exc:
+            return EXIT_LOST if exc.errno == errno.EBADF else EXIT_CLEAN
     finally:
-        if watchdog:
-            watchdog.cancel()
-        if handler:
-            handler.close()
+        for s in inner:
+            s.close()
         workspace.cleanup()
         shutdown(sock)
 
@@ -326,20 +471,26 @@ def shutdown(sock: socket.socket | None) -> None:
 
 
 def connect_inner(ctor: list, session_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
-    """Open the session that ``["rpc.Connect", url, port, key, ...]`` names; return its socket and info."""
-    from .client import client_handshake
+    """Open the session that ``["rpc.Connect", url, port, key, token]`` names; return its socket and info.
 
-    if len(ctor) < 3 or not isinstance(ctor[1], str) or not isinstance(ctor[2], int):
-        raise UnsupportedError(f"rpc.Connect takes [url, port, key]: got {ctor[1:]!r}")
+    The inner session authenticates with the token in ``ctor`` (the client's),
+    never with this server's own: a server must not answer other hosts'
+    challenges with its token.
+    """
+    from .client import client_handshake
+    from .handshake import check_constructor, connect_token
+
+    check_constructor(ctor)
     url, port = ctor[1], ctor[2]
     inner_key = ctor[3] if len(ctor) > 3 and isinstance(ctor[3], str) else ""
+    inner_token = connect_token(ctor)
     try:
         inner = socket.create_connection((url, port), timeout=HANDSHAKE_TIMEOUT_S)
     except OSError as exc:
         raise RemoteNotFoundError(f"rpc.Connect: cannot reach {url}:{port} from this server: {exc.strerror or exc}") from None
     try:
         info = client_handshake(SocketChannel(inner), f"{url}:{port}", key=inner_key,
-                                session_timeout=session_timeout, token=os.environ.get(TOKEN_ENV))
+                                session_timeout=session_timeout, token=inner_token)
     except BaseException:
         inner.close()
         raise
@@ -352,22 +503,30 @@ def load_libraries(paths: list[str] | None) -> list[NativeLibrary]:
     return [NativeLibrary(os.path.abspath(path), global_scope=True) for path in paths or []]
 
 
+def worker_signals() -> None:
+    """Signal dispositions of a session worker: default for SIGTERM/SIGINT; SIGXFSZ ignored, so a write
+    over a file-size limit fails with EFBIG (an error reply) instead of killing the session."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def serve_stdio(workspace: Workspace, **session_args: Any) -> int:
     """Serve one session on stdin/stdout from a forked worker, and report its death if it crashes."""
     out = os.dup(1)
     os.dup2(2, 1)  # a kernel's printf must not corrupt the protocol stream
     chan = PipeChannel(0, out)
+    report = EndReport()
     pid = os.fork()
     if pid == 0:
-        code = EXIT_CLEAN
         try:
-            run_session(chan, workspace, **session_args)
+            worker_signals()
+            code = run_session(chan, workspace, report=report, **session_args)
         except BaseException:
             log.exception("session worker failed")
-            code = 1
-        finally:
-            os._exit(code)
-    notice = death_notice(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            os._exit(1)
+        _exit(code, report if code in ENDED_ON_PURPOSE else None)
+    notice = death_notice(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), report.ended_on_purpose())
     if notice:
         try:
             chan.send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), notice])
@@ -381,12 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.rpc.worker", description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--stdio", action="store_true", help="serve one session on stdin/stdout")
-    mode.add_argument("--fd", type=int, help="serve one session on this inherited socket fd")
+    mode.add_argument("--fd", type=int, help="serve one accepted session on this inherited socket fd "
+                                             "(its CONNECT options come as JSON on stdin)")
     parser.add_argument("--workspace", help="session directory (default: a new temporary one)")
     parser.add_argument("--key", default="")
-    parser.add_argument("--matchkey", default=None, help="with a tracker: the match key a client must present")
     parser.add_argument("--load-library", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--idle-timeout", type=float, default=None)
     parser.add_argument("--init", default=None, help="module:function to call before serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -395,15 +555,19 @@ def main(argv: list[str] | None = None) -> int:
 
         resolve_callable(args.init)()
     libs = load_libraries(args.load_library)
-    token = os.environ.get(TOKEN_ENV) or None
     workspace = Workspace(args.workspace)
+    worker_signals()
     if args.stdio:
-        return serve_stdio(workspace, key=args.key, token=token, system_libs=libs)
+        token = os.environ.get(TOKEN_ENV) or None
+        return serve_stdio(workspace, key=args.key, token=token, system_libs=libs, idle_timeout=args.idle_timeout)
+    accepted = json.loads(sys.stdin.readline())
+    opts = dict(accepted, proof=bytes.fromhex(accepted["proof"]) if accepted.get("proof") else None)
     sock = socket.socket(fileno=args.fd)
-    served = run_session(SocketChannel(sock), workspace, key=args.key, token=token, system_libs=libs, sock=sock,
-                         io_timeout=args.timeout, matchkey=args.matchkey)
+    sock.setblocking(True)
+    code = serve_accepted(SocketChannel(sock), workspace, opts, key=args.key, system_libs=libs, sock=sock,
+                          io_timeout=args.timeout, idle_timeout=args.idle_timeout)
     sock.close()
-    return EXIT_CLEAN if served else EXIT_REFUSED
+    return code
 
 
 if __name__ == "__main__":
