@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import operator
 import os
 import socket
 import stat
@@ -36,6 +38,7 @@ from ..errors import (
 )
 from ..progress import chunk_slices, expected_time_eval_seconds, timed_bar, transfer_bar
 from ..runtime.devices import Device, device_name, device_type_code
+from ..runtime.timer import check_time_options
 from .protocol import (
     FLAG_NO_REPLY,
     MAGIC,
@@ -58,6 +61,24 @@ _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 MAX_PROXY_HOPS = 4
 Receiver = Callable[[int, Any], memoryview]
+_PLAIN = frozenset({int, float, str, bool, bytes, type(None)})  # argument types that hold no session object
+_SESSION_NUMBERS = itertools.count(1)
+
+
+def _plain_number(value: Any) -> Any:
+    """numpy scalars (an ``np.int64`` from a sweep) as Python numbers; anything else as it is."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "__index__"):
+        return operator.index(value)
+    if hasattr(value, "__float__"):
+        return float(value)
+    return value
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def error_reply(ctrl: Any) -> RPCError:
@@ -77,7 +98,12 @@ class RemoteFunction:
         session._track(self, handle)
 
     def __call__(self, *args: Any) -> Any:
-        return self.session._request(_CALL, [self._wb_handle, list(args)])
+        session = self.session
+        for a in args:
+            if type(a) not in _PLAIN:  # a tensor, module or function: it must be this session's
+                session._check_owned(args, self.name)
+                break
+        return session._request(_CALL, [self._wb_handle, list(args)])
 
     def time_evaluator(
         self,
@@ -88,17 +114,24 @@ class RemoteFunction:
         limit_zero_time_iterations: int = 100,
         cooldown_interval_ms: float = 0,
         repeats_to_cooldown: int = 1,
+        cache_flush_bytes: int = 0,
         f_preproc: str = "",
         *,
         progress: bool | None = None,
     ) -> Callable[..., Any]:
         """A function that runs this one ``number`` times per repeat on the device and returns the timings.
 
-        The loop runs next to the device (in C for kernels), so the network is not
-        measured. As in TVM, ``min_repeat_ms`` raises ``number`` until one repeat
-        lasts that long; ``f_preproc`` names a registered function run before each repeat.
-        A run expected to last over 2 s (from the options and this function's last
-        timing) shows a progress bar; ``progress=False`` (or ``WORKBENCH_PROGRESS=0``) hides it.
+        TVM's options, in TVM's order. The loop runs next to the device (in C for
+        kernels), so the network is not measured: one warm-up call, then ``repeat``
+        repeats of ``number`` calls. ``min_repeat_ms`` raises ``number`` until one
+        repeat lasts that long (``limit_zero_time_iterations`` bounds the repeats
+        measured as zero); ``cooldown_interval_ms`` pauses after every
+        ``repeats_to_cooldown`` repeats; ``cache_flush_bytes`` writes that many bytes
+        on the device before each measured run (cold caches; at most 1 GiB);
+        ``f_preproc`` names a registered function run with the same arguments before
+        each repeat. A run expected to last over 2 s (from the options and this
+        function's last timing) shows a progress bar; ``progress=False`` (or
+        ``WORKBENCH_PROGRESS=0``) hides it.
 
             >>> timer = fn.time_evaluator(dev, number=100, repeat=5, progress=False)  # doctest: +SKIP
         """
@@ -106,19 +139,23 @@ class RemoteFunction:
 
         self.session._check_device(dev)
         where = [dev.device_type, dev.device_id]
-        options = dict(
+        options = check_time_options({name: _plain_number(value) for name, value in dict(
             number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
             limit_zero_time_iterations=limit_zero_time_iterations, cooldown_interval_ms=cooldown_interval_ms,
-            repeats_to_cooldown=repeats_to_cooldown, f_preproc=f_preproc,
-        )
+            repeats_to_cooldown=repeats_to_cooldown, cache_flush_bytes=cache_flush_bytes, f_preproc=f_preproc,
+        ).items()}, ValueError)  # refused here, before anything is sent; the device checks again
+        sent = dict(options)
+        if not cache_flush_bytes:
+            del sent["cache_flush_bytes"]  # sent only when asked for: servers before it refuse the option
 
         def evaluator(*args: Any) -> BenchmarkResult:
+            self.session._check_owned(args, f"time_evaluator of {self.name}")
             expected = expected_time_eval_seconds(
                 number, repeat, min_repeat_ms, cooldown_interval_ms, repeats_to_cooldown,
                 getattr(self, "_seconds_per_call", None),
             )
             with timed_bar(expected, f"time {self.name}", progress):
-                results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(options), list(args)])
+                results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(sent), list(args)])
             result = BenchmarkResult(results, name=self.name, device=repr(dev), config=options)
             self._seconds_per_call = result.mean  # the next run's estimate
             return result
@@ -157,15 +194,32 @@ class RemoteModule:
             )
         return self.get_function(self.entry_name)(*args)
 
-    def time_evaluator(self, func_name: str, dev: Device, **options: Any) -> Callable[..., Any]:
-        """A function that times ``func_name`` on the device; options as ``RemoteFunction.time_evaluator``.
+    def time_evaluator(
+        self,
+        func_name: str,
+        dev: Device,
+        number: int = 10,
+        repeat: int = 1,
+        min_repeat_ms: float = 0,
+        limit_zero_time_iterations: int = 100,
+        cooldown_interval_ms: float = 0,
+        repeats_to_cooldown: int = 1,
+        cache_flush_bytes: int = 0,
+        f_preproc: str = "",
+        *,
+        progress: bool | None = None,
+    ) -> Callable[..., Any]:
+        """A function that times ``func_name`` on the device: TVM's signature, options as ``RemoteFunction.time_evaluator``.
 
             >>> timer = mod.time_evaluator("add_one", dev, number=10, repeat=3)  # doctest: +SKIP
             >>> timer(a, b).mean                                                  # doctest: +SKIP
         """
         if func_name is None:
             raise BadRequestError(f"{self.path} has no entry function; name one of {self.function_names}")
-        return self.get_function(func_name).time_evaluator(dev, **options)
+        return self.get_function(func_name).time_evaluator(
+            dev, number, repeat, min_repeat_ms, limit_zero_time_iterations, cooldown_interval_ms,
+            repeats_to_cooldown, cache_flush_bytes, f_preproc, progress=progress,
+        )
 
     def __repr__(self) -> str:
         return f"<RemoteModule {self.path} functions={self.function_names} on {self.session.address}>"
@@ -194,9 +248,40 @@ class RPCSession:
         self._pending_free: list[Handle] = []
         self._ended: RPCError | None = None
         self._log = enable_logging
+        self._number = next(_SESSION_NUMBERS)
         self._finalizer = weakref.finalize(self, chan.close)
 
     # -- plumbing ----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """This session in messages: its address and a number that tells sessions to one server apart."""
+        return f"session #{self._number} ({self.address})"
+
+    def _check_owned(self, values: Sequence[Any], what: str) -> None:
+        """ValueError if a tensor, module or function among ``values`` (nested in lists too) belongs to another session.
+
+        Handles are numbered per session, so another session's object would name
+        one of ours (or none): refused here, before anything is sent.
+        """
+        for i, value in enumerate(values):
+            kind = type(value)
+            if kind in _PLAIN:
+                continue
+            if kind is list or kind is tuple:
+                self._check_owned(value, what)
+                continue
+            if kind is dict:
+                self._check_owned(list(value.values()), what)
+                continue
+            owner = getattr(value, "session", self)
+            if owner is not self and getattr(value, "_wb_handle", None) is not None:
+                owner_name = getattr(owner, "name", None) or repr(owner)
+                raise ValueError(
+                    f"{what}: argument {i}, {type(value).__name__} {_short_repr(value)}, belongs to {owner_name}, "
+                    f"not to {self.name} where it would run; objects cannot cross sessions: copy a tensor over "
+                    "with runtime.tensor(t.numpy(), dev) (dev of this session), and load modules in each session"
+                )
+
     def _track(self, obj: Any, handle: Handle) -> None:
         weakref.finalize(obj, self._pending_free.append, handle)
 
@@ -404,7 +489,11 @@ class RPCSession:
 
     def _check_device(self, dev: Device) -> None:
         if dev.session is not self:
-            raise DeviceNotFoundError(f"{dev!r} belongs to another session; use a device of {self.address}")
+            owner = getattr(dev.session, "name", None) or "this process (runtime.cpu())"
+            raise DeviceNotFoundError(
+                f"{dev!r} belongs to another session, {owner}, not to {self.name}; use a device of this "
+                f"session, e.g. remote.cpu(0)"
+            )
 
     def device(self, dev_type: int | str, dev_id: int = 0) -> Device:
         """A device of this session; a clear error if the server does not have it."""
@@ -455,11 +544,28 @@ def client_handshake(
     token: str | None = None,
     constructor_args: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the client side of the handshake on ``chan``; return the server's session info."""
-    from .worker import auth_proof
+    """Run the client side of the handshake on ``chan``; return the server's session info.
 
-    if session_timeout is None or session_timeout < 0:
-        raise ValueError(f"session_timeout must be >= 0 seconds (0: no limit), not {session_timeout!r}")
+    With a ``token``, authentication is mutual: the client proves it knows the
+    token, and the server must prove it knows it too, over a nonce of the
+    client's, before this returns. A server that says it needs no token, or
+    cannot prove it, is refused before anything of the session is sent to it
+    (a stranger registered at a tracker or a proxy gets no kernels and no data).
+    """
+    import hmac
+
+    from ..errors import AuthenticationError
+    from .handshake import ERROR_BUSY, TOKEN_ENV as token_env, auth_proof, check_session_timeout, server_proof
+    from .protocol import NONCE_BYTES
+
+    session_timeout = check_session_timeout(session_timeout)
+
+    def refusal(ctrl: Any) -> RPCError:
+        if isinstance(ctrl, list) and len(ctrl) >= 2 and ctrl[0] == ERROR_BUSY and isinstance(ctrl[1], str):
+            busy = error_reply(ctrl)  # "server busy": its own class once workbench.errors names the code
+            return busy if type(busy) is not RPCError else RPCError(ctrl[1], code=ERROR_BUSY)
+        return error_reply(ctrl)
+
     try:
         chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
         magic, version, _ = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
@@ -471,7 +577,7 @@ def client_handshake(
         for _ in range(MAX_PROXY_HOPS + 1):
             frame = chan.recv_frame()
             if frame.kind == Kind.ERROR:
-                raise error_reply(frame.ctrl)
+                raise refusal(frame.ctrl)
             hello = frame.ctrl
             if frame.kind != Kind.HELLO or not isinstance(hello, dict):
                 raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
@@ -480,13 +586,37 @@ def client_handshake(
             chan.send_frame(Kind.PROXY_CONNECT, {"key": key or ""})  # a proxy: pair us with a server of key
         else:
             raise ProtocolError(f"more than {MAX_PROXY_HOPS} proxies on the way to {address}")
-        proof = auth_proof(token, hello["nonce"]) if token and hello.get("auth") else None
         ctor = list(constructor_args) if constructor_args else None
-        chan.send_frame(Kind.CONNECT, {"key": key or "", "timeout": float(session_timeout), "proof": proof, "ctor": ctor})
+        connect = {"key": key or "", "timeout": session_timeout, "proof": None, "ctor": ctor}
+        if token:
+            nonce = hello.get("nonce")
+            if not hello.get("auth"):
+                raise AuthenticationError(
+                    f"{address} says it needs no auth token, but this client has one (auth_token= or "
+                    f"{token_env}): it cannot prove it is the server you meant (a stranger registered at a "
+                    "tracker or proxy?), so nothing was sent to it. If that server really runs without a token, "
+                    "connect without one (auth_token=\"\")"
+                )
+            if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+                raise ProtocolError(f"{address} sent a HELLO without a {NONCE_BYTES}-byte nonce")
+            client_nonce = os.urandom(NONCE_BYTES)
+            connect.update(proof=auth_proof(token, nonce), cnonce=client_nonce)
+        chan.send_frame(Kind.CONNECT, connect)
         frame = chan.recv_frame()
         if frame.kind == Kind.ERROR:
-            raise error_reply(frame.ctrl)
-        return frame.ctrl
+            raise refusal(frame.ctrl)
+        info = frame.ctrl
+        if frame.kind != Kind.OK or not isinstance(info, dict):
+            raise ProtocolError(f"{address} answered CONNECT with kind {frame.kind} where OK was expected")
+        if token:
+            proof = info.pop("proof", None)
+            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_proof(token, nonce, client_nonce)):
+                raise AuthenticationError(
+                    f"{address} did not prove that it knows the auth token (its proof is "
+                    f"{'wrong' if proof else 'missing'}): it may not be the server you meant, or it runs an "
+                    "rpc-workbench older than mutual authentication (update it); nothing was sent to it"
+                )
+        return info
     except (ConnectionClosedError, BrokenPipeError, ConnectionResetError):
         raise ConnectionClosedError(
             f"{address} closed the connection during the handshake: is it an rpc-workbench server "
@@ -512,12 +642,21 @@ def connect(
 ) -> RPCSession:
     """Connect to an RPC server.
 
-    ``session_timeout`` (seconds, 0 = none) is enforced by the server: when it
-    expires the session ends and the pending call raises SessionTimeoutError.
-    ``auth_token`` defaults to ``$WORKBENCH_RPC_TOKEN``.
+    ``session_timeout`` (seconds, 0 = none, at most a year) is enforced by the
+    server: when it expires the session ends and the pending call raises
+    SessionTimeoutError. ``auth_token`` defaults to ``$WORKBENCH_RPC_TOKEN``;
+    with a token the server must prove it knows it too, or the connection is
+    refused (``AuthenticationError``) before anything is sent.
+    ``session_constructor_args=["rpc.Connect", host, port, key, token]`` opens
+    a session on the server at host:port through this one; ``token`` (optional)
+    is the inner server's, sent to this server, which uses it for that
+    handshake only.
 
         >>> remote = rpc.connect("127.0.0.1", 9091, session_timeout=60)  # doctest: +SKIP
     """
+    from .handshake import check_session_timeout
+
+    check_session_timeout(session_timeout)  # before connecting
     address = f"{url}:{port}"
     try:
         sock = socket.create_connection((url, port), timeout=connect_timeout)

@@ -6,26 +6,28 @@ server (PopenSession) and an in-process LocalSession.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
 from typing import Any, BinaryIO, Callable
 
 from ..cc.compiler import target_triple
-from ..errors import BadRequestError, DeviceNotFoundError
+from ..errors import BadRequestError, DeviceNotFoundError, RPCError, code_of, error_from_code
 from ..runtime import registry
 from ..runtime.devices import DEVICE_NAMES, device_name
-from ..runtime.ffi import NativeFunction, NativeLibrary
+from ..runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ..runtime.modules import link_tar, load_module
 from ..runtime.storage import DeviceTensor
-from ..runtime.timer import python_runner, time_repeats
+from ..runtime.timer import check_time_options, python_runner, time_repeats
 from ..runtime.workspace import Workspace
 from .protocol import Ext, Handle, Kind
 
 log = logging.getLogger(__name__)
 
 CPU = 1
-_FUNCTION = int(Ext.FUNCTION)
+_TENSOR, _MODULE, _FUNCTION = int(Ext.TENSOR), int(Ext.MODULE), int(Ext.FUNCTION)
+_EXT_NAMES = {_TENSOR: "tensor", _MODULE: "module", _FUNCTION: "function"}
 DEVICES: tuple[tuple[int, int], ...] = ((CPU, 0),)
 
 
@@ -112,19 +114,44 @@ class SessionHandler:
 
     # -- dispatch -------------------------------------------------------------
     def handle(self, kind: int, args: Any, bulk: Bulk | None) -> Any:
-        """The reply to one request: its value, or a ``Reply`` when it carries bulk data."""
+        """The reply to one request: its value, or a ``Reply`` when it carries bulk data.
+
+        Errors name paths relative to the workspace, never the server's own directories.
+        """
         op = self._ops.get(kind)
-        if bulk is None and op is not None and type(args) is list:
-            return op(args, None)  # the common case, kept short
         try:
+            if bulk is None and op is not None and type(args) is list:
+                return op(args, None)  # the common case, kept short
             if op is None:
                 raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
             if not isinstance(args, list):
                 raise BadRequestError(f"request {Kind(kind).name}: arguments must be a list, not {type(args).__name__}")
             return op(args, bulk)
+        except Exception as exc:
+            clean = self._scrub(exc)
+            if clean is exc:
+                raise
+            raise clean from None
         finally:
             if bulk is not None:
                 bulk.drop()
+
+    def _scrub(self, exc: Exception) -> Exception:
+        """``exc`` with the workspace's absolute paths made relative (the same object if it names none)."""
+        text = str(exc)
+        ws = self.workspace
+        if ws.base not in text:
+            return exc
+        for prefix, shown in ((ws.root + os.sep, ""), (ws.private + os.sep, ""), (ws.root, "."), (ws.base, "<session>")):
+            text = text.replace(prefix, shown)
+        if isinstance(exc, RPCError):
+            try:
+                return type(exc)(text, code=exc.code)
+            except TypeError:
+                return error_from_code(exc.code, text)
+        if isinstance(exc, OSError):
+            return error_from_code(code_of(exc), text)
+        return exc  # an error of the code the client ran: the server reports it with its traceback
 
     def close(self) -> None:
         for obj in self._objects.values():
@@ -140,19 +167,34 @@ class SessionHandler:
         self._objects[handle.data] = obj  # keyed by the id's 8 wire bytes: no decoding per lookup
         return handle
 
-    def _get(self, handle: Any, cls: type, what: str) -> Any:
-        obj = self._objects.get(handle.data) if isinstance(handle, Handle) else None
+    def _get(self, handle: Any, ext: int, cls: type) -> Any:
+        """The live object of type ``cls`` that ``handle`` (of handle type ``ext``) names, or BadRequestError."""
+        obj = self._objects.get(handle.data) if type(handle) is Handle and handle.code == ext else None
         if obj is None or not isinstance(obj, cls):
-            raise BadRequestError(f"{handle!r} is not a live {what} of this session (was it freed?)")
+            raise BadRequestError(self._not_a(handle, ext))
         return obj
+
+    def _not_a(self, value: Any, ext: int) -> str:
+        """Why ``value`` is not a live object of handle type ``ext`` (an error message)."""
+        what = _EXT_NAMES[ext]
+        if type(value) is not Handle:
+            return f"expected a {what} handle, got {type(value).__name__} {value!r:.60}"
+        if value.code != ext:
+            return f"{value!r} is a {_EXT_NAMES[value.code]} handle, where a {what} is expected"
+        if value.data not in self._objects:
+            return f"{value!r} is not a live {what} of this session (was it freed, or is it another session's?)"
+        return f"{value!r} is not a {what} of this session (that id names another kind of object)"
 
     def _resolve_args(self, args: list) -> list:
         out = []
-        for a in args:
-            if isinstance(a, Handle):
-                if a.ext != Ext.TENSOR:
-                    raise BadRequestError("only tensors, numbers and strings can be passed to a function")
-                a = self._get(a, DeviceTensor, "tensor")
+        for i, a in enumerate(args):
+            if type(a) is Handle:
+                if a.code != _TENSOR:
+                    raise BadRequestError(
+                        f"argument {i}: {a!r} is a {_EXT_NAMES[a.code]} handle; only tensors, numbers, "
+                        "strings and bytes can be passed to a function"
+                    )
+                a = self._get(a, _TENSOR, DeviceTensor)
             out.append(a)
         return out
 
@@ -163,6 +205,8 @@ class SessionHandler:
 
     @staticmethod
     def check_device(device_type: int, device_id: int) -> None:
+        if type(device_type) is not int or type(device_id) is not int:
+            raise BadRequestError(f"a device is [device_type, device_id], two ints (e.g. [1, 0]), not {[device_type, device_id]!r:.80}")
         if (device_type, device_id) not in DEVICES:
             have = ", ".join(device_name(*d) for d in DEVICES)
             raise DeviceNotFoundError(
@@ -191,6 +235,8 @@ class SessionHandler:
         return None
 
     def listdir(self, args: list, bulk: Bulk | None) -> Any:
+        if len(args) > 1:
+            raise BadRequestError(f"request LISTDIR takes 0 or 1 arguments, got {len(args)}")
         return self.workspace.listdir(args[0] if args else ".")
 
     def _module_reply(self, lib: NativeLibrary) -> list:
@@ -219,17 +265,17 @@ class SessionHandler:
 
     def get_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "GET_FUNCTION")
-        return self._add(Ext.FUNCTION, registry.get_global_func(args[0]))
+        return self._add(Ext.FUNCTION, registry.get_global_func(_name(args[0], "function")))
 
     def module_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 2, "MODULE_FUNCTION")
-        lib = self._get(args[0], NativeLibrary, "module")
-        return self._add(Ext.FUNCTION, lib.get_function(args[1]))
+        lib = self._get(args[0], _MODULE, NativeLibrary)
+        return self._add(Ext.FUNCTION, lib.get_function(_name(args[1], "kernel")))
 
     def _function(self, handle: Any) -> Callable:
         fn = self._objects.get(handle.data) if type(handle) is Handle and handle.code == _FUNCTION else None
-        if fn is None:
-            raise BadRequestError(f"{handle!r} is not a live function of this session (was it freed?)")
+        if fn is None or not callable(fn):
+            raise BadRequestError(self._not_a(handle, _FUNCTION))
         return fn
 
     def call(self, args: list, bulk: Bulk | None) -> Any:
@@ -242,10 +288,18 @@ class SessionHandler:
         call_args = args[1]
         if call_args:
             call_args = self._resolve_args(call_args)
-        return fn(*call_args)  # what cannot be encoded is refused when sent
+        try:
+            return fn(*call_args)  # what cannot be encoded is refused when sent
+        except TypeError as exc:
+            if not callable(fn):  # a forged handle: a function's ext with another object's id
+                raise BadRequestError(self._not_a(handle, _FUNCTION)) from None
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                # raised by the call itself (the arguments do not fit), not inside the function
+                raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
+            raise
 
     def tensor_alloc(self, args: list, bulk: Bulk | None) -> Any:
-        self._arity(args, 4, "TENSOR_ALLOC")
+        self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor
         shape, dtype, dev_type, dev_id = args
         self.check_device(dev_type, dev_id)
         tensor = DeviceTensor(shape, dtype, (dev_type, dev_id))
@@ -255,7 +309,7 @@ class SessionHandler:
 
     def tensor_write(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_WRITE")
-        tensor = self._get(args[0], DeviceTensor, "tensor")
+        tensor = self._get(args[0], _TENSOR, DeviceTensor)
         if bulk is None:
             raise BadRequestError(f"TENSOR_WRITE carries no data; the tensor holds {tensor.nbytes} bytes")
         bulk.read_into(tensor.view())
@@ -263,7 +317,7 @@ class SessionHandler:
 
     def tensor_read(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_READ")
-        tensor = self._get(args[0], DeviceTensor, "tensor")
+        tensor = self._get(args[0], _TENSOR, DeviceTensor)
         return Reply(tensor.nbytes, bulk=tensor.view())
 
     def free(self, args: list, bulk: Bulk | None) -> Any:
@@ -276,23 +330,53 @@ class SessionHandler:
 
     def time_eval(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TIME_EVAL")
-        handle, (dev_type, dev_id), options, call_args = args
-        self.check_device(dev_type, dev_id)
+        handle, where, options, call_args = args
+        if type(where) is not list or len(where) != 2:
+            raise BadRequestError(f"TIME_EVAL: the device is [device_type, device_id], not {where!r:.80}")
+        self.check_device(*where)
         fn = self._function(handle)
-        if not isinstance(options, dict):
-            raise BadRequestError("TIME_EVAL options must be a map")
+        options = check_time_options(options)
+        if type(call_args) is not list:
+            raise BadRequestError(f"TIME_EVAL: the arguments are a list, not {type(call_args).__name__}")
         values = self._resolve_args(call_args)
-        preproc_name = options.pop("f_preproc", "") or ""
+        preproc_name = options.pop("f_preproc")
+        flush_bytes = options.pop("cache_flush_bytes")
         preproc = None
         if preproc_name:
             pre = registry.get_global_func(preproc_name)
+            _check_binds(pre, values, f"f_preproc {preproc_name!r}")
             preproc = lambda: pre(*values)  # noqa: E731
+        warmup = flush = None
         if isinstance(fn, NativeFunction):
-            run = lambda n: fn.time_calls(values, n)  # noqa: E731
+            run = lambda n: fn.time_calls(values, n, flush_bytes)  # noqa: E731  (the flush in C, by the clock)
+            if flush_bytes:
+                warmup = lambda n: fn.time_calls(values, n)  # noqa: E731
         else:
+            _check_binds(fn, values, _callable_name(fn))
             run = python_runner(fn, tuple(values))
-        allowed = {"number", "repeat", "min_repeat_ms", "limit_zero_time_iterations", "cooldown_interval_ms", "repeats_to_cooldown"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise BadRequestError(f"unknown time_evaluator options: {sorted(unknown)}")
-        return time_repeats(run, preproc=preproc, **options)
+            if flush_bytes:
+                flush = lambda: flush_cache(flush_bytes)  # noqa: E731
+        return time_repeats(run, preproc=preproc, flush=flush, warmup=warmup, **options)
+
+
+def _name(value: Any, what: str) -> str:
+    """A function or kernel name from a request, or BadRequestError."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise BadRequestError(f"a {what} name is a non-empty string without NUL bytes, not {value!r:.80}")
+    return value
+
+
+def _callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _check_binds(fn: Callable, values: list, name: str) -> None:
+    """BadRequestError if ``fn`` (a Python function) cannot take ``values``: said once, before any timing."""
+    try:
+        signature = inspect.signature(fn, follow_wrapped=False)  # what the call really binds against
+    except (TypeError, ValueError):
+        return  # no signature to check (a builtin): the call itself will say
+    try:
+        signature.bind(*values)
+    except TypeError as exc:
+        raise BadRequestError(f"{name}: {exc}") from None

@@ -22,7 +22,8 @@ import tempfile
 import threading
 from typing import Any, Sequence
 
-from ..errors import RemoteError, RemoteNotFoundError
+from ..errors import BadRequestError, RemoteError, RemoteNotFoundError
+from .timer import MAX_CACHE_FLUSH_BYTES  # time_evaluator's cache_flush_bytes: 1 GiB covers every cache there is
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class KernelError(RemoteError):
 # -- the shim ------------------------------------------------------------------
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
+# The newest symbol of _shim.c: a built shim without it is stale (built before _shim.c changed).
+_SHIM_NEWEST_SYMBOL = "wb_flush_cache"
 
 
 def _shim_source() -> str:
@@ -111,15 +114,43 @@ def shim() -> ctypes.CDLL:
     with _shim_lock:
         if _shim is None:
             spec = importlib.util.find_spec("workbench.runtime._shim")
-            path = spec.origin if spec and spec.origin and spec.origin.endswith(".so") else _build_shim()
+            path = spec.origin if spec and spec.origin and spec.origin.endswith(".so") else None
+            if path is None or _SHIM_NEWEST_SYMBOL not in dynamic_symbols(path):
+                path = _build_shim()  # not built, or built from an older _shim.c: never load that one
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             lib.wb_last_error.restype = ctypes.c_char_p
             lib.wb_time_calls.argtypes = [
                 ctypes.c_void_p, ctypes.POINTER(TVMFFIAny), ctypes.c_int32, ctypes.c_int64,
                 ctypes.POINTER(ctypes.c_int64),
             ]
+            lib.wb_time_calls_flushed.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(TVMFFIAny), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
+                ctypes.POINTER(ctypes.c_int64),
+            ]
+            lib.wb_flush_cache.argtypes = [ctypes.c_int64]
+            lib.wb_cache_flushes.restype = ctypes.c_int64
+            lib.wb_cache_flushed_bytes.restype = ctypes.c_int64
             _shim = lib
         return _shim
+
+
+def flush_cache(nbytes: int) -> None:
+    """Evict ``nbytes`` worth of data caches by writing a buffer of that size (in C, on this device).
+
+        >>> flush_cache(1 << 20)
+    """
+    if nbytes <= 0:
+        return
+    if nbytes > MAX_CACHE_FLUSH_BYTES:
+        raise BadRequestError(f"cache_flush_bytes must be 0..{MAX_CACHE_FLUSH_BYTES}, not {nbytes}")
+    if shim().wb_flush_cache(nbytes) != 0:
+        raise RemoteError(f"cannot allocate the {nbytes}-byte buffer for cache_flush_bytes on this device")
+
+
+def cache_flush_stats() -> tuple[int, int]:
+    """How many cache flushes this process ran, and how many bytes they wrote (for tests and diagnostics)."""
+    lib = shim()
+    return int(lib.wb_cache_flushes()), int(lib.wb_cache_flushed_bytes())
 
 
 def _last_error() -> str:
@@ -130,8 +161,15 @@ def _last_error() -> str:
 
 
 # -- arguments -------------------------------------------------------------------
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def pack_args(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
-    """Build the TVMFFIAny array for ``args``; the list keeps buffers alive."""
+    """Build the TVMFFIAny array for ``args``; the list keeps buffers alive.
+
+    A value a kernel cannot take exactly (a list, an int outside int64, a string
+    with a NUL) is a BadRequestError, never silently changed.
+    """
     arr = (TVMFFIAny * max(len(args), 1))()
     keep: list = []
     for i, value in enumerate(args):
@@ -145,10 +183,14 @@ def pack_args(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
         elif isinstance(value, bool):
             slot.type_index, slot.v_int64 = TYPE_BOOL, int(value)
         elif isinstance(value, int):
+            if not _I64_MIN <= value <= _I64_MAX:
+                raise BadRequestError(f"argument {i}: {value} does not fit a kernel's int64 argument")
             slot.type_index, slot.v_int64 = TYPE_INT, value
         elif isinstance(value, float):
             slot.type_index, slot.v_float64 = TYPE_FLOAT, value
         elif isinstance(value, str):
+            if "\0" in value:
+                raise BadRequestError(f"argument {i}: a kernel takes strings as C strings, which cannot hold a NUL")
             buf = ctypes.create_string_buffer(value.encode())
             keep.append(buf)
             slot.type_index, slot.v_ptr = TYPE_RAW_STR, ctypes.addressof(buf)
@@ -158,9 +200,9 @@ def pack_args(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
             keep += [buf, ba]
             slot.type_index, slot.v_ptr = TYPE_BYTE_ARRAY_PTR, ctypes.addressof(ba)
         else:
-            raise TypeError(
+            raise BadRequestError(
                 f"argument {i}: a kernel cannot take a {type(value).__name__}; "
-                "pass tensors, ints, floats, bools or strings"
+                "pass tensors, ints, floats, bools, strings or bytes"
             )
     return arr, keep
 
@@ -195,11 +237,21 @@ class NativeFunction:
             raise KernelError(f"{self.name}: {_last_error()}")
         return _decode_ret(ret)
 
-    def time_calls(self, args: Sequence[Any], number: int) -> float:
-        """Seconds that ``number`` back-to-back calls take, timed in C."""
+    def time_calls(self, args: Sequence[Any], number: int, cache_flush_bytes: int = 0) -> float:
+        """Seconds that ``number`` back-to-back calls take, timed in C.
+
+        ``cache_flush_bytes`` > 0: first write that many bytes (in C, just before the clock starts)
+        so that the calls start with cold caches.
+        """
         arr, _keep = pack_args(args)
         elapsed = ctypes.c_int64()
-        if shim().wb_time_calls(self.address, arr, len(args), number, ctypes.byref(elapsed)) != 0:
+        if cache_flush_bytes:
+            if not 0 < cache_flush_bytes <= MAX_CACHE_FLUSH_BYTES:
+                raise BadRequestError(f"cache_flush_bytes must be 0..{MAX_CACHE_FLUSH_BYTES}, not {cache_flush_bytes}")
+            rc = shim().wb_time_calls_flushed(self.address, arr, len(args), number, cache_flush_bytes, ctypes.byref(elapsed))
+        else:
+            rc = shim().wb_time_calls(self.address, arr, len(args), number, ctypes.byref(elapsed))
+        if rc != 0:
             raise KernelError(f"{self.name}: {_last_error()}")
         return elapsed.value / 1e9
 
@@ -221,7 +273,9 @@ class NativeLibrary:
         try:
             self._lib = ctypes.CDLL(path, mode=mode)
         except OSError as exc:
-            raise RemoteError(f"cannot load {os.path.basename(self.path)}: {exc}") from None
+            shown = os.path.basename(self.path)  # the loader names the private copy: say the user's name
+            text = str(exc).replace(path, shown) if path else str(exc)
+            raise RemoteError(f"cannot load {shown}: {text}") from None
         self.names = exported_kernels(path) if path else []
 
     def get_function(self, name: str) -> NativeFunction:
@@ -245,13 +299,29 @@ class NativeLibrary:
 
 def exported_kernels(path: str) -> list[str]:
     """Kernel names (``__tvm_ffi_<name>``) in an ELF shared object's dynamic symbols."""
+    return sorted(
+        raw[len(KERNEL_PREFIX):]
+        for raw in dynamic_symbols(path)
+        if raw.startswith(KERNEL_PREFIX) and not raw.startswith(KERNEL_PREFIX + "_")
+    )
+
+
+def dynamic_symbols(path: str) -> set[str]:
+    """The names an ELF shared object defines in its dynamic symbol table (empty if unreadable)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return []
+        return set()
     if data[:4] != b"\x7fELF":
-        return []
+        return set()
+    try:
+        return _dynamic_symbols(data)
+    except (struct.error, IndexError, ValueError):
+        return set()  # a truncated or odd file: no symbols we can trust
+
+
+def _dynamic_symbols(data: bytes) -> set[str]:
     is64 = data[4] == 2
     end = "<" if data[5] == 1 else ">"
     if is64:
@@ -274,7 +344,5 @@ def exported_kernels(path: str) -> list[str]:
             name_off, shndx = sym[0], (sym[3] if is64 else sym[5])
             if shndx == 0:  # undefined
                 continue
-            raw = data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace")
-            if raw.startswith(KERNEL_PREFIX) and not raw.startswith(KERNEL_PREFIX + "_"):
-                names.add(raw[len(KERNEL_PREFIX):])
-    return sorted(names)
+            names.add(data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace"))
+    return names

@@ -4,9 +4,9 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
-from typing import Sequence
+from typing import Any, Sequence
 
-from ..errors import BadRequestError
+from ..errors import BadRequestError, RemoteError
 from .ffi import DLDataType, DLDevice, DLTensor
 
 HUGE_PAGE = 2 << 20
@@ -15,6 +15,56 @@ MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 # DLPack dtype codes
 DL_INT, DL_UINT, DL_FLOAT, DL_BFLOAT, DL_COMPLEX, DL_BOOL = 0, 1, 2, 4, 5, 6
 _CODE_NAMES = {DL_INT: "int", DL_UINT: "uint", DL_FLOAT: "float", DL_BFLOAT: "bfloat", DL_COMPLEX: "complex", DL_BOOL: "bool"}
+
+# What a tensor description may say (checked before anything is allocated).
+SUPPORTED_BITS: dict[int, frozenset[int]] = {
+    DL_INT: frozenset(range(1, 65)),  # int1 .. int64
+    DL_UINT: frozenset(range(1, 65)),
+    DL_FLOAT: frozenset({8, 16, 32, 64}),
+    DL_BFLOAT: frozenset({16}),
+    DL_COMPLEX: frozenset({64, 128}),
+    DL_BOOL: frozenset({1, 8}),
+}
+MAX_LANES = 1024  # vector lanes per element (DLPack allows up to 65535; no real device goes past this)
+MAX_NDIM = 64  # as numpy
+MAX_TENSOR_BYTES = 1 << 40  # the protocol's bulk limit: a tensor must fit in one bulk part
+_I64_MAX = (1 << 63) - 1
+
+
+def _int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float: a description is exact or refused
+
+
+def check_dtype(dtype: Any) -> tuple[int, int, int]:
+    """``(code, bits, lanes)`` from a DLPack ``[code, bits, lanes]``, or BadRequestError saying what is allowed.
+
+        >>> check_dtype([2, 32, 1])
+        (2, 32, 1)
+    """
+    if not isinstance(dtype, (list, tuple)) or len(dtype) != 3 or not all(_int(x) for x in dtype):
+        raise BadRequestError(f"a dtype is [code, bits, lanes] (three ints, e.g. [2, 32, 1] for float32), not {dtype!r:.100}")
+    code, bits, lanes = dtype
+    if code not in SUPPORTED_BITS:
+        known = ", ".join(f"{c} ({n})" for c, n in _CODE_NAMES.items())
+        raise BadRequestError(f"dtype code {code} is not supported; codes: {known}")
+    if bits not in SUPPORTED_BITS[code]:
+        allowed = sorted(SUPPORTED_BITS[code])
+        span = f"{allowed[0]}..{allowed[-1]}" if len(allowed) > 8 else ", ".join(map(str, allowed))
+        raise BadRequestError(f"{_CODE_NAMES[code]} tensors of {bits} bits are not supported; bits: {span}")
+    if not 1 <= lanes <= MAX_LANES:
+        raise BadRequestError(f"dtype lanes must be 1..{MAX_LANES}, not {lanes}")
+    return code, bits, lanes
+
+
+def check_shape(shape: Any) -> list[int]:
+    """The shape as a list of ints, or BadRequestError (at most MAX_NDIM dimensions, each >= 0)."""
+    if not isinstance(shape, (list, tuple)) or not all(_int(s) for s in shape):
+        raise BadRequestError(f"a shape is a list of ints (e.g. [2, 3]), not {shape!r:.100}")
+    if len(shape) > MAX_NDIM:
+        raise BadRequestError(f"a tensor has at most {MAX_NDIM} dimensions, this one {len(shape)}")
+    if any(s < 0 or s > _I64_MAX for s in shape):
+        raise BadRequestError(f"tensor dimensions must be 0..2**63-1, not {list(shape)!r:.100}")
+    return list(shape)
 
 
 def dtype_name(code: int, bits: int, lanes: int) -> str:
@@ -26,18 +76,24 @@ class DeviceTensor:
     """A tensor in this session's memory (page-aligned, zero-filled)."""
 
     def __init__(self, shape: Sequence[int], dtype: Sequence[int], device: tuple[int, int]):
-        try:
-            shape = [int(s) for s in shape]
-            code, bits, lanes = (int(x) for x in dtype)
-        except (TypeError, ValueError):
-            raise BadRequestError(f"bad tensor description: shape={shape!r} dtype={dtype!r}") from None
-        if any(s < 0 for s in shape) or bits <= 0 or lanes <= 0:
-            raise BadRequestError(f"bad tensor description: shape={shape}, dtype bits={bits} lanes={lanes}")
+        shape = check_shape(shape)
+        code, bits, lanes = check_dtype(dtype)
         self.shape = tuple(shape)
         self.dtype = dtype_name(code, bits, lanes)
         self.itemsize = (bits * lanes + 7) // 8
         self.nbytes = math.prod(shape) * self.itemsize
-        self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if self.nbytes > MAX_TENSOR_BYTES:
+            raise BadRequestError(
+                f"a {self.dtype} tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
+                f"{MAX_TENSOR_BYTES}-byte limit of one tensor; split it"
+            )
+        try:
+            self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, OverflowError, ValueError) as exc:
+            raise RemoteError(
+                f"cannot allocate a {self.dtype} tensor of {self.nbytes} bytes on this device "
+                f"({getattr(exc, 'strerror', None) or exc}); free tensors or use a smaller one"
+            ) from None
         if self.nbytes >= HUGE_PAGE and hasattr(self._mem, "madvise"):
             self._mem.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
         self._anchor = ctypes.c_char.from_buffer(self._mem)

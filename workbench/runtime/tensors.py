@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .devices import Device
+from .storage import SUPPORTED_BITS
 
 _KIND_CODES = {"i": 0, "u": 1, "f": 2, "c": 5, "b": 6}
 TENSOR_ALLOC, TENSOR_WRITE, TENSOR_READ = 26, 27, 28  # protocol kinds (workbench.rpc.protocol.Kind)
@@ -23,9 +24,10 @@ TENSOR_ALLOC, TENSOR_WRITE, TENSOR_READ = 26, 27, 28  # protocol kinds (workbenc
 def dl_dtype(dtype: Any) -> list[int]:
     """DLPack [code, bits, lanes] for a numpy dtype."""
     dt = np.dtype(dtype)
-    if dt.kind not in _KIND_CODES:
+    code = _KIND_CODES.get(dt.kind)
+    if code is None or dt.itemsize * 8 not in SUPPORTED_BITS[code]:
         raise TypeError(f"dtype {dt} cannot live on a device; use a numeric or bool dtype (float32, int8, ...)")
-    return [_KIND_CODES[dt.kind], dt.itemsize * 8, 1]
+    return [code, dt.itemsize * 8, 1]
 
 
 def _session_of(device: Device | None) -> Any:
@@ -74,7 +76,9 @@ class Tensor:
         return out
 
     def copyfrom(self, source: Any) -> "Tensor":
-        """Overwrite the tensor with ``source`` (array-like of the same shape)."""
+        """Overwrite the tensor with ``source`` (array-like of the same shape, or a tensor of any session)."""
+        if isinstance(source, Tensor):
+            source = source.numpy()  # through this process: never a handle of one session sent to another
         arr = np.ascontiguousarray(source, dtype=self.dtype)
         if arr.shape != self.shape:
             raise ValueError(f"copyfrom: source has shape {arr.shape}, the tensor has shape {self.shape}")
@@ -82,9 +86,11 @@ class Tensor:
         return self
 
     def copyto(self, target: "Tensor | Device") -> "Tensor":
-        """Copy into another tensor, or to a new tensor on ``target`` device."""
+        """Copy into another tensor, or to a new tensor on ``target`` device (of this or another session)."""
         if isinstance(target, Device):
             return tensor(self.numpy(), target)
+        if not isinstance(target, Tensor):
+            raise TypeError(f"copyto takes a tensor or a device, not {type(target).__name__}")
         return target.copyfrom(self.numpy())
 
     def asnumpy(self) -> np.ndarray:
@@ -95,9 +101,9 @@ class Tensor:
 
 
 def tensor(arr: Any, device: Device) -> Tensor:
-    """Copy an array-like to a new tensor on ``device`` (one round trip)."""
+    """Copy an array-like (or a tensor of any session) to a new tensor on ``device`` (one round trip)."""
     session = _session_of(device)
-    data = np.ascontiguousarray(arr)
+    data = np.ascontiguousarray(arr.numpy() if isinstance(arr, Tensor) else arr)
     handle = session._request(
         TENSOR_ALLOC,
         [list(data.shape), dl_dtype(data.dtype), device.device_type, device.device_id],
