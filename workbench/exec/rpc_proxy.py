@@ -4,13 +4,15 @@
 
 Servers reach it with ``rpc_server --host PROXY --port PORT --through-proxy --key K``;
 clients connect to it as to a server, with the key. Runs until Ctrl-C or SIGTERM.
+A client whose key's servers are busy or were here within the last minute waits
+up to --timeout-client seconds for one to come back.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..rpc.proxy import serve_proxy
+from ..rpc.proxy import HANDSHAKE_TIMEOUT_S, MAX_CLIENTS_PER_SOURCE, PAIRING_TIMEOUT_S, TIMEOUT_CLIENT_S, serve_proxy
 from .rpc_server import parse_tracker
 
 
@@ -23,11 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracker", type=parse_tracker, help="tracker HOST:PORT to offer the waiting servers to")
     parser.add_argument("--custom-addr", default=None, help="address of this proxy to report to the tracker")
     parser.add_argument("--silent", action="store_true", help="log warnings only")
+    parser.add_argument("--timeout-client", type=float, default=TIMEOUT_CLIENT_S, metavar="S",
+                        help="seconds a client waits for a server of its key to come back (default %(default)g; "
+                             "0: refuse at once); keep it below the clients' connect timeout (10 s)")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="S",
+                        help="seconds a new connection has to send its opening (default %(default)g)")
+    parser.add_argument("--pairing-timeout", type=float, default=PAIRING_TIMEOUT_S, metavar="S",
+                        help="seconds a paired client has to send its CONNECT (default %(default)g)")
+    parser.add_argument("--max-clients-per-source", type=int, default=MAX_CLIENTS_PER_SOURCE, metavar="N",
+                        help="clients of one address held or being paired at once (default %(default)d)")
     args = parser.parse_args(argv)
     config = {"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent,
-              "tracker_addr": list(args.tracker) if args.tracker else None, "custom_addr": args.custom_addr}
+              "tracker_addr": list(args.tracker) if args.tracker else None, "custom_addr": args.custom_addr,
+              "timeout_client": args.timeout_client, "handshake_timeout": args.handshake_timeout,
+              "pairing_timeout": args.pairing_timeout, "max_clients_per_source": args.max_clients_per_source}
     try:
         serve_proxy(config)
+    except ValueError as exc:
+        parser.error(str(exc))
     except OSError as exc:
         print(f"rpc_proxy: {exc}", file=sys.stderr)
         return 1

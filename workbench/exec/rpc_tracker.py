@@ -3,14 +3,16 @@
     python -m workbench.exec.rpc_tracker --host 0.0.0.0 --port 9190 --port-end 9199
 
 Runs in the foreground until Ctrl-C or SIGTERM. TVM servers and TVM's
-query_rpc_tracker work with it as with TVM's own tracker.
+query_rpc_tracker work with it as with TVM's own tracker. A connection that
+sends nothing, or does not read its replies, is closed after the timeouts below
+(0: never); servers and waiting requests are never idle.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..rpc.tracker import serve_tracker
+from ..rpc.tracker import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, WRITE_TIMEOUT_S, serve_tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9190, help="first port to try (0: any free port)")
     parser.add_argument("--port-end", type=int, default=9199, help="end of the port range (exclusive)")
     parser.add_argument("--silent", action="store_true", help="log warnings only")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="S",
+                        help="seconds a new connection has to send the tracker magic (default %(default)g)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="S",
+                        help="close a client connection (not a server's, none with a request waiting) "
+                             "silent for this long (default %(default)g; 0: never)")
+    parser.add_argument("--write-timeout", type=float, default=WRITE_TIMEOUT_S, metavar="S",
+                        help="close a connection that reads none of its replies for this long (default %(default)g)")
     args = parser.parse_args(argv)
+    config = {"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent,
+              "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
+              "write_timeout": args.write_timeout}
     try:
-        serve_tracker({"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent})
+        serve_tracker(config)
+    except ValueError as exc:
+        parser.error(str(exc))
     except OSError as exc:
         print(f"rpc_tracker: {exc}", file=sys.stderr)
         return 1

@@ -7,13 +7,29 @@ then on the proxy relays bytes both ways (the handshake, authentication
 included, is end to end). With ``tracker_addr`` the proxy offers its waiting
 servers to the tracker, so ``request(key)`` works through it.
 
+A client whose key has no server waiting, but whose servers are in sessions or
+were here within the last minute, is held up to ``timeout_client`` seconds
+until one of them (re)registers: reconnecting right after a session works. A
+key nobody serves is refused at once. Held clients of one key are served by
+source address in turn (then by arrival), one address may have at most
+``max_clients_per_source`` clients held or being paired, and a paired client
+must send its CONNECT within ``pairing_timeout`` seconds, so silent clients
+cannot keep the servers from everyone else. Before pairing, the proxy reads
+only the opening of a connection (preamble and one frame of at most 16 KiB),
+which must arrive within ``handshake_timeout`` seconds. At the file-descriptor
+limit it closes the oldest unfinished opening to make room, or refuses with
+"proxy busy" and stops accepting for a moment (never spinning), and the
+sessions it relays go on.
+
     >>> proxy = rpc.Proxy(port=0)                                                   # doctest: +SKIP
     >>> rpc.Server(host="127.0.0.1", port=proxy.port, is_proxy=True, key="phone")   # doctest: +SKIP
     >>> rpc.connect("127.0.0.1", proxy.port, key="phone")                          # doctest: +SKIP
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import select
 import selectors
 import socket
 import threading
@@ -22,17 +38,34 @@ from collections import Counter, deque
 from typing import Any, Callable
 
 from ..errors import ErrorCode
-from .protocol import FLAG_SERVER, HEADER, MAGIC, MAX_CTRL, PREAMBLE, VERSION, Kind, pack, unpack
+from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack, unpack
+from .handshake import ERROR_BUSY
 from .registration import TrackerRegistration
 from .relay import Relay
-from .service import ServiceHandle, ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
+from .service import ServiceHandle, ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
+from .tracker import check_timeout
 
 log = logging.getLogger("workbench.rpc.proxy")
-HANDSHAKE_TIMEOUT_S = 10.0
+
+HANDSHAKE_TIMEOUT_S = 10.0  # a new connection's opening (preamble and REGISTER or PROXY_CONNECT)
+TIMEOUT_CLIENT_S = 5.0  # below the client's connect_timeout (10 s), so it reads the proxy's answer
+PAIRING_TIMEOUT_S = 5.0  # a paired client sends its CONNECT within this, or both ends are closed
+MAX_CLIENTS_PER_SOURCE = 16  # clients of one address held or being paired at once
+MAX_OPENING = 16 << 10  # bytes of the control part of a REGISTER or PROXY_CONNECT (and of a client's CONNECT)
+KEY_MEMORY_S = 60.0  # a key whose servers were here this recently: its clients are held for one
 
 
 class Proxy(ServiceHandle):
-    """An RPC proxy in a separate process (``port`` reports where it listens)."""
+    """An RPC proxy in a separate process (``port`` reports where it listens).
+
+    ``timeout_client`` (seconds, 0: refuse at once) is how long a client waits
+    for a server of its key to come back (TVM's proxy has the same knob);
+    ``handshake_timeout``, ``pairing_timeout`` and ``max_clients_per_source``
+    bound what a stranger can hold (see the module doc).
+
+        >>> with rpc.Proxy(port=0, timeout_client=10) as proxy:           # doctest: +SKIP
+        ...     rpc.connect("127.0.0.1", proxy.port, key="phone")
+    """
 
     what = "RPC proxy"
 
@@ -44,26 +77,66 @@ class Proxy(ServiceHandle):
         tracker_addr: tuple[str, int] | None = None,
         custom_addr: str | None = None,
         silent: bool = False,
+        *,
+        timeout_client: float | None = TIMEOUT_CLIENT_S,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        pairing_timeout: float = PAIRING_TIMEOUT_S,
+        max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
     ):
         self.host = host
-        self._start("workbench.rpc.proxy", {
-            "host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
-            "tracker_addr": list(tracker_addr) if tracker_addr else None,
-        })
+        self._start("workbench.rpc.proxy", dict(
+            {"host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
+             "tracker_addr": list(tracker_addr) if tracker_addr else None},
+            **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source)))
+
+
+def proxy_limits(timeout_client: float | None = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 pairing_timeout: float = PAIRING_TIMEOUT_S,
+                 max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE) -> dict[str, Any]:
+    """The proxy's limits, checked (a clear ValueError for a bad one)."""
+    limits = {"timeout_client": check_timeout("timeout_client", timeout_client) or 0.0}
+    for name, value in (("handshake_timeout", handshake_timeout), ("pairing_timeout", pairing_timeout)):
+        limits[name] = check_timeout(name, value)
+        if limits[name] is None:
+            raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+    if isinstance(max_clients_per_source, bool) or not isinstance(max_clients_per_source, int) \
+            or max_clients_per_source < 1:
+        raise ValueError(f"max_clients_per_source must be an integer >= 1, not {max_clients_per_source!r}")
+    limits["max_clients_per_source"] = max_clients_per_source
+    return limits
 
 
 # -- the proxy process ------------------------------------------------------------------
 class _Incoming:
-    """A connection whose opening (preamble and first frame) has not fully arrived."""
+    """A connection whose opening (preamble and first frame) has not fully arrived; it holds no more than that."""
 
-    __slots__ = ("sock", "buf", "preamble", "is_server", "deadline")
+    __slots__ = ("sock", "host", "buf", "preamble", "is_server", "deadline")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, host: str, deadline: float):
         self.sock = sock
+        self.host = host
         self.buf = bytearray()
         self.preamble: bytes | None = None
         self.is_server = False
-        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        self.deadline = deadline
+
+    def need(self) -> int:
+        """Bytes still missing from the part of the opening being read."""
+        if self.preamble is None:
+            return PREAMBLE.size - len(self.buf)
+        if len(self.buf) < HEADER.size:
+            return HEADER.size - len(self.buf)
+        return HEADER.size + HEADER.unpack_from(self.buf)[0] - len(self.buf)
+
+
+class _Held:
+    """A client waiting for a server of its key to come back."""
+
+    __slots__ = ("client", "key", "base", "deadline", "arrival", "since")
+
+    def __init__(self, client: _Incoming, key: str, deadline: float, arrival: int, since: float):
+        self.client, self.key, self.base = client, key, key.partition(":")[0]
+        self.deadline, self.arrival, self.since = deadline, arrival, since
 
 
 class _Waiting:
@@ -75,131 +148,219 @@ class _Waiting:
         self.sock, self.key, self.info = sock, key, info
 
 
+class _PairingTimeout(Exception):
+    pass
+
+
 class ProxyLoop(ServiceLoop):
     def __init__(self, listener: socket.socket, owner_fd: int | None = None,
-                 tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None):
+                 tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None,
+                 *, timeout_client: float = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 pairing_timeout: float = PAIRING_TIMEOUT_S, max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE):
         super().__init__(listener, owner_fd)
+        self.timeout_client = timeout_client or 0.0
+        self.handshake_timeout = handshake_timeout
+        self.pairing_timeout = pairing_timeout
+        self.max_clients_per_source = max_clients_per_source
         self.incoming: dict[int, _Incoming] = {}
+        self.held: dict[str, list[_Held]] = {}  # by key (the part before ':')
         self.waiting: dict[str, deque[_Waiting]] = {}
         self.relays: set[Relay] = set()
-        self.paired: Counter[str] = Counter()  # servers in a session, by key (guarded by _relays_lock)
+        self.pairings: set[tuple[socket.socket, socket.socket]] = set()  # being paired, in threads
+        # guarded by _relays_lock (relay and pairing threads change them too):
+        self.paired: Counter[str] = Counter()  # servers being paired or in a session, by key
+        self.clients_of: Counter[str] = Counter()  # clients held or being paired, by source address
+        self.last_seen: dict[str, float] = {}  # when a server of the key was last here
         self._relays_lock = threading.Lock()
+        self._turn: dict[str, int] = {}  # when each source address was last served (held clients take turns)
+        self._arrival = itertools.count()
+        self._sweep_every = max(0.02, min(1.0, handshake_timeout / 4, (self.timeout_client or 4.0) / 4))
+        self._next_sweep = 0.0
         self._published: str | None = None
+        # told to a connection refused at the file-descriptor limit (a client reads it as "busy")
+        self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + _frame(
+            Kind.ERROR, [ERROR_BUSY, "proxy busy: it is out of file descriptors; try again later"])
         self.registration = None
         if tracker_addr:
             self.registration = TrackerRegistration(
                 tracker_addr, listener.getsockname()[1], custom_addr, {"key": "server:proxy[]"}
             )
 
+    # -- event loop -------------------------------------------------------------------
     def _event(self, key: selectors.SelectorKey, events: int) -> None:
-        if isinstance(key.data, _Incoming):
-            self._read_incoming(key.data)
-        else:
-            self._drop_waiting(key.data, "it closed the connection")
+        data = key.data
+        try:
+            if isinstance(data, _Incoming):
+                self._read_incoming(data)
+            elif isinstance(data, _Held):
+                self._drop_held(data, None)  # a held client only waits: readable means it left (or misbehaved)
+            else:
+                self._drop_waiting(data, "it closed the connection")
+        except Exception:  # a bug must cost one connection, never the proxy
+            log.exception("closing a connection after an unexpected error")
+            sock = data.client.sock if isinstance(data, _Held) else data.sock
+            self.incoming.pop(sock.fileno(), None)
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
 
     def _tick(self) -> None:
-        self._expire_incoming()
+        now = time.monotonic()
+        if now >= self._next_sweep and (self.incoming or self.held or self.last_seen):
+            self._next_sweep = now + self._sweep_every
+            self._expire(now)
 
     def _timeout(self) -> float | None:
-        timeout = 1.0 if self.incoming else None
+        now = time.monotonic()
+        due = []
+        if self.incoming or self.held:
+            due.append(self._next_sweep - now)
         if self.registration is not None:
             self._publish_keys()  # sessions end in relay threads: catch up here
-            due = self.registration.poll(time.monotonic())
-            timeout = due if timeout is None else min(timeout, due)
-        return timeout
+            due.append(self.registration.poll(now))
+        return max(0.0, min(due)) if due else None
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
+        got = self.accept_connection()  # at the fd limit: _free_fds(), else a pause (never a busy loop)
+        if got is None:
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Incoming(sock)
+        sock, addr = got
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            return
+        conn = _Incoming(sock, addr[0], time.monotonic() + self.handshake_timeout)
         self.incoming[sock.fileno()] = conn
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _expire_incoming(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self.incoming.values() if c.deadline < now]:
-            self._close_incoming(conn)
+    def _free_fds(self) -> bool:
+        """At the fd limit: close the oldest connection that has not sent its opening, to make room."""
+        if not self.incoming:
+            return False
+        conn = min(self.incoming.values(), key=lambda c: c.deadline)
+        log.info("out of file descriptors: closing the connection from %s to make room", conn.host)
+        self._close_incoming(conn)
+        return True
 
-    def _close_incoming(self, conn: _Incoming, error: tuple[ErrorCode, str] | None = None) -> None:
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.incoming.values() if c.deadline < now]:
+            log.info("closing a connection from %s: no opening within %g s", conn.host, self.handshake_timeout)
+            self._close_incoming(conn)
+        for held in [h for queue in self.held.values() for h in queue if h.deadline < now]:
+            self._drop_held(held, (ErrorCode.NO_DEVICE, self._no_server(held.base, now - held.since)))
+        with self._relays_lock:  # forget keys whose servers left long ago
+            for key in [k for k, t in self.last_seen.items() if now - t > KEY_MEMORY_S and not self.paired[k]]:
+                del self.last_seen[key]
+                self.paired.pop(key, None)
+
+    # -- openings ---------------------------------------------------------------------
+    def _close_incoming(self, conn: _Incoming, error: tuple[int, str] | None = None) -> None:
+        """Forget ``conn``; with ``error``, tell the peer first (never blocking the loop)."""
         self.incoming.pop(conn.sock.fileno(), None)
-        self._sel.unregister(conn.sock)
-        if error is not None:
-            try:
-                conn.sock.setblocking(True)
-                conn.sock.settimeout(1.0)
-                if conn.preamble is None:
-                    conn.sock.sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
-                body = pack([int(error[0]), error[1]])
-                conn.sock.sendall(HEADER.pack(len(body), Kind.ERROR, 0, 0) + body)
-            except OSError:
-                pass
-        conn.sock.close()
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        if error is None:
+            conn.sock.close()
+            return
+        notice = _frame(Kind.ERROR, [int(error[0]), error[1]])
+        if conn.preamble is None:
+            notice = PREAMBLE.pack(MAGIC, VERSION, 0) + notice
+        refuse(conn.sock, notice)  # a few hundred bytes into the socket's buffer, and close (never blocking)
 
     def _read_incoming(self, conn: _Incoming) -> None:
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_incoming(conn)
-            return
-        conn.buf += data
-        if conn.preamble is None:
-            if len(conn.buf) < PREAMBLE.size:
+        while True:  # read exactly the opening, part by part: nothing after it
+            need = conn.need()
+            try:
+                data = conn.sock.recv(need)
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_incoming(conn)
+                return
+            conn.buf += data
+            if len(data) < need:
+                return
+            if self._advance(conn):
+                return
+
+    def _advance(self, conn: _Incoming) -> bool:
+        """A part of the opening is complete: check it; True once the connection has left ``incoming``."""
+        if conn.preamble is None:
             magic, version, flags = PREAMBLE.unpack_from(conn.buf)
             if magic != MAGIC:
                 self._close_incoming(conn, (ErrorCode.PROTOCOL, f"bad magic {magic!r}: this is an rpc-workbench proxy"))
-                return
-            conn.preamble = bytes(conn.buf[: PREAMBLE.size])
-            del conn.buf[: PREAMBLE.size]
+                return True
+            conn.preamble = bytes(conn.buf)
+            conn.buf.clear()
             conn.is_server = bool(flags & FLAG_SERVER)
             if not conn.is_server:  # a client: tell it it reached a proxy, and ask for its key
-                conn.sock.sendall(PREAMBLE.pack(MAGIC, VERSION, 0) + _frame(
-                    Kind.HELLO, {"version": VERSION, "proxy": True, "nonce": b"", "auth": False}))
-        if len(conn.buf) < HEADER.size:
-            return
-        ctrl_len, kind, _, bulk_len = HEADER.unpack_from(conn.buf)
-        if ctrl_len > MAX_CTRL or bulk_len:
-            self._close_incoming(conn, (ErrorCode.PROTOCOL, "unexpected frame for a proxy"))
-            return
-        if len(conn.buf) < HEADER.size + ctrl_len:
-            return
+                hello = PREAMBLE.pack(MAGIC, VERSION, 0) + _frame(
+                    Kind.HELLO, {"version": VERSION, "proxy": True, "nonce": b"", "auth": False})
+                try:
+                    sent = conn.sock.send(hello)
+                except OSError:
+                    sent = 0
+                if sent != len(hello):
+                    self._close_incoming(conn)
+                    return True
+            return False
+        if len(conn.buf) == HEADER.size:
+            ctrl_len, kind, _, bulk_len = HEADER.unpack_from(conn.buf)
+            if not 0 < ctrl_len <= MAX_OPENING or bulk_len:
+                self._close_incoming(conn, (ErrorCode.PROTOCOL, (
+                    f"unexpected frame for a proxy (control part of {ctrl_len} bytes, bulk part of {bulk_len}): "
+                    f"it takes REGISTER or PROXY_CONNECT {{key: ...}} of at most {MAX_OPENING} bytes")))
+                return True
+            return False
+        kind = HEADER.unpack_from(conn.buf)[1]
         try:
-            ctrl = unpack(bytes(conn.buf[HEADER.size : HEADER.size + ctrl_len]))
+            ctrl = unpack(bytes(conn.buf[HEADER.size:]))
         except Exception as exc:
-            self._close_incoming(conn, (ErrorCode.PROTOCOL, str(exc)))
-            return
+            self._close_incoming(conn, (ErrorCode.PROTOCOL, f"malformed control message: {exc}"))
+            return True
         expected = Kind.REGISTER if conn.is_server else Kind.PROXY_CONNECT
         key = ctrl.get("key") if isinstance(ctrl, dict) else None
         if kind == Kind.PROXY_CONNECT and key == "":
             self._close_incoming(conn, (ErrorCode.KEY_MISMATCH, (
                 "this is an RPC proxy: connect with the key of a server waiting here, "
                 f"rpc.connect(host, port, key=...) (keys waiting: {self._keys_waiting()})")))
-            return
+            return True
         if kind != expected or not isinstance(key, str) or not key:
             self._close_incoming(conn, (ErrorCode.PROTOCOL, f"the proxy expected {expected.name} {{key: ...}}"))
-            return
-        del conn.buf[: HEADER.size + ctrl_len]  # what may follow belongs to the session
+            return True
+        conn.buf = bytearray()
         if conn.is_server:
-            self._register(conn, key, ctrl.get("info") or {})
+            info = ctrl.get("info")
+            self._register(conn, key, info if isinstance(info, dict) else {})
         else:
-            self._pair(conn, key)
+            self._client(conn, key)
+        return True
 
+    # -- servers ------------------------------------------------------------------------
     def _register(self, conn: _Incoming, key: str, info: dict) -> None:
         self.incoming.pop(conn.sock.fileno())
+        try:
+            conn.sock.send(_frame(Kind.OK, None))
+        except OSError:
+            self._sel.unregister(conn.sock)
+            conn.sock.close()
+            return
         waiting = _Waiting(conn.sock, key, info)
         self._sel.modify(conn.sock, selectors.EVENT_READ, waiting)  # readable now only means it left
-        conn.sock.sendall(_frame(Kind.OK, None))
         self.waiting.setdefault(key, deque()).append(waiting)
+        with self._relays_lock:
+            self.last_seen[key] = time.monotonic()
         log.info("server of key %r is waiting (%d for that key)", key, len(self.waiting[key]))
-        if self.registration is not None:
+        self._serve_held(key)
+        if self.registration is not None and waiting in self.waiting.get(key, ()):
             self.registration.offer(id(waiting), key)
             self._publish_keys()
 
@@ -220,61 +381,152 @@ class ProxyLoop(ServiceLoop):
         queue = self.waiting.get(waiting.key)
         if queue and waiting in queue:
             queue.remove(waiting)
+            if not queue:
+                del self.waiting[waiting.key]
         self._sel.unregister(waiting.sock)
         waiting.sock.close()
+        with self._relays_lock:
+            self.last_seen[waiting.key] = time.monotonic()
         log.info("server of key %r left: %s", waiting.key, why)
         if self.registration is not None:
             self.registration.withdraw(id(waiting), still_on_offer=True)
             self._publish_keys()
 
-    def _pair(self, conn: _Incoming, key: str) -> None:
-        server = None
+    def _take_server(self, key: str) -> tuple[_Waiting | None, bool]:
+        """A live waiting server for ``key`` (a plain key or a tracker match key), and whether it was the match."""
         if self.registration is not None:
             slot = self.registration.find(key)
             server = next((w for q in self.waiting.values() for w in q if id(w) == slot), None)
-        matched = server is not None
+            if server is not None and not _peer_closed(server.sock):
+                return server, True
+            if server is not None:
+                self._drop_waiting(server, "it closed the connection")
         queue = self.waiting.get(key.partition(":")[0])
-        if server is None and queue:
+        while queue:
             server = queue[0]
-        if server is None:
-            self._close_incoming(conn, (ErrorCode.NO_DEVICE, (
-                f"no server of key {key.partition(':')[0]!r} is waiting at this proxy "
-                f"(keys waiting: {self._keys_waiting()})")))
+            if not _peer_closed(server.sock):
+                return server, False
+            self._drop_waiting(server, "it closed the connection")
+        return None, False
+
+    # -- clients ------------------------------------------------------------------------
+    def _client(self, conn: _Incoming, key: str) -> None:
+        base = key.partition(":")[0]
+        with self._relays_lock:
+            busy = self.clients_of[conn.host]
+            known = self.paired[base] > 0 or time.monotonic() - self.last_seen.get(base, -KEY_MEMORY_S) < KEY_MEMORY_S
+        server, matched = self._take_server(key)
+        if server is None and not (self.timeout_client and known):
+            self._close_incoming(conn, (ErrorCode.NO_DEVICE, self._no_server(base)))
             return
-        self.waiting[server.key].remove(server)
-        self._sel.unregister(server.sock)
+        if busy >= self.max_clients_per_source:
+            self._close_incoming(conn, (ERROR_BUSY, (
+                f"proxy busy: {busy} clients from {conn.host} are already waiting for servers at this proxy (at most "
+                f"{self.max_clients_per_source}); wait for them to be served, or start the proxy with a larger "
+                "--max-clients-per-source")))
+            return
+        with self._relays_lock:
+            self.clients_of[conn.host] += 1
         self.incoming.pop(conn.sock.fileno())
-        self._sel.unregister(conn.sock)
+        if server is not None:
+            self._sel.unregister(conn.sock)
+            self._pair(conn, server, matched)
+            return
+        now = time.monotonic()
+        held = _Held(conn, key, now + self.timeout_client, next(self._arrival), now)
+        self._sel.modify(conn.sock, selectors.EVENT_READ, held)
+        self.held.setdefault(base, []).append(held)
+        log.info("holding a client of key %r from %s up to %g s for a server", base, conn.host, self.timeout_client)
+
+    def _no_server(self, base: str, waited: float | None = None) -> str:
+        text = f"no server of key {base!r} is waiting at this proxy (keys waiting: {self._keys_waiting()})"
+        if waited is not None:
+            with self._relays_lock:
+                busy = self.paired[base]
+            text += f"; waited {waited:.1f} s for one to come back"
+            if busy:
+                text += f" ({busy} of its servers are in sessions)"
+        return text
+
+    def _drop_held(self, held: _Held, error: tuple[int, str] | None) -> None:
+        queue = self.held.get(held.base)
+        if queue and held in queue:
+            queue.remove(held)
+            if not queue:
+                del self.held[held.base]
+        with self._relays_lock:
+            self._release_source(held.client.host)
+        self._close_incoming(held.client, error)
+
+    def _release_source(self, host: str) -> None:
+        """One client of ``host`` is no longer held or being paired (call with _relays_lock held)."""
+        self.clients_of[host] -= 1
+        if self.clients_of[host] <= 0:
+            del self.clients_of[host]
+            self._turn.pop(host, None)
+
+    def _serve_held(self, key: str) -> None:
+        """Pair the clients held for ``key`` with its waiting servers: each source address in turn, then by arrival."""
+        while self.held.get(key) and self.waiting.get(key):
+            queue = self.held[key]
+            held = next_held(queue, self._turn)
+            queue.remove(held)
+            if not queue:
+                del self.held[key]
+            if _peer_closed(held.client.sock):
+                with self._relays_lock:
+                    self._release_source(held.client.host)
+                self._close_incoming(held.client)
+                continue
+            server, matched = self._take_server(held.key)
+            if server is None:
+                self.held.setdefault(key, []).append(held)
+                return
+            self._turn[held.client.host] = next(self._arrival)
+            self._sel.unregister(held.client.sock)
+            self._pair(held.client, server, matched)
+
+    # -- pairing --------------------------------------------------------------------------
+    def _pair(self, client: _Incoming, server: _Waiting, matched: bool) -> None:
+        """Hand ``client`` (counted in clients_of, out of the selector) and ``server`` to a pairing thread."""
+        self.waiting[server.key].remove(server)
+        if not self.waiting[server.key]:
+            del self.waiting[server.key]
+        self._sel.unregister(server.sock)
         if self.registration is not None:
             self.registration.withdraw(id(server), still_on_offer=not matched)
+        pair = (client.sock, server.sock)
         with self._relays_lock:
             self.paired[server.key] += 1
-        log.info("pairing a client with a server of key %r", server.key)
-        threading.Thread(target=self._start_relay, args=(conn, server), daemon=True).start()
+            self.pairings.add(pair)
+        log.info("pairing a client from %s with a server of key %r", client.host, server.key)
+        threading.Thread(target=self._pair_then_relay, args=(client, server, pair), name="proxy-pairing",
+                         daemon=True).start()
 
-    def _start_relay(self, client: _Incoming, server: _Waiting) -> None:
-        """Replay the client's preamble to the server, drop the server's, then relay."""
-        for sock in (client.sock, server.sock):
-            sock.setblocking(True)
+    def _pair_then_relay(self, client: _Incoming, server: _Waiting, pair: tuple[socket.socket, socket.socket]) -> None:
+        """Replay the client's preamble to the server, drop the server's, pass the handshake until the client's
+        CONNECT is through (within ``pairing_timeout``), then relay."""
+        deadline = time.monotonic() + self.pairing_timeout
         try:
-            server.sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            server.sock.sendall(client.preamble)
-            preamble = b""
-            while len(preamble) < PREAMBLE.size:
-                chunk = server.sock.recv(PREAMBLE.size - len(preamble))
-                if not chunk:
-                    raise ConnectionError("the server closed the connection when paired")
-                preamble += chunk
-            server.sock.settimeout(None)
-            if client.buf:
-                server.sock.sendall(client.buf)
-        except OSError as exc:
-            log.warning("pairing failed: %s", exc)
-            for sock in (client.sock, server.sock):
-                sock.close()
-            with self._relays_lock:
+            _send_by(server.sock, client.preamble, deadline)
+            _recv_by(server.sock, PREAMBLE.size, deadline)
+            _pass_first_frame(client.sock, server.sock, deadline, self.pairing_timeout)
+            ok = True
+        except (OSError, _PairingTimeout) as exc:
+            log.info("pairing a client from %s with a server of key %r failed: %s", client.host, server.key, exc)
+            ok = False
+        with self._relays_lock:
+            self.pairings.discard(pair)
+            self._release_source(client.host)
+            if not ok:
                 self.paired[server.key] -= 1
+                self.last_seen[server.key] = time.monotonic()
+        if not ok:
+            for sock in pair:
+                sock.close()
             return
+        for sock in pair:
+            sock.settimeout(None)
         relay = Relay(client.sock, server.sock, on_done=lambda r: self._relay_done(r, server.key))
         with self._relays_lock:
             self.relays.add(relay)
@@ -284,16 +536,27 @@ class ProxyLoop(ServiceLoop):
         with self._relays_lock:
             self.relays.discard(relay)
             self.paired[key] -= 1
+            self.last_seen[key] = time.monotonic()
 
     def stop(self) -> None:
         with self._relays_lock:
             relays = list(self.relays)
+            pairings = list(self.pairings)
+        for pair in pairings:  # their threads wake up and close them
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for relay in relays:
             relay.stop()
         for relay in relays:
             relay.join(5)
         for conn in list(self.incoming.values()):
             self._close_incoming(conn)
+        for queue in list(self.held.values()):
+            for held in list(queue):
+                self._drop_held(held, None)
         for queue in self.waiting.values():
             for waiting in queue:
                 waiting.sock.close()
@@ -304,20 +567,101 @@ class ProxyLoop(ServiceLoop):
             self.registration.close()
 
 
+def next_held(queue: list[_Held], turn: dict[str, int]) -> _Held:
+    """The held client to serve next: of the source address served longest ago (or never), the oldest.
+
+    ``turn`` maps a source address to when it was last served (a counter).
+    """
+    return min(queue, key=lambda h: (turn.get(h.client.host, -1), h.arrival))
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has closed (or reset) the connection; it may not have sent anything else."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _PairingTimeout("a peer did not read the handshake in time")
+        sock.settimeout(remaining)
+        try:
+            view = view[sock.send(view):]
+        except socket.timeout:
+            raise _PairingTimeout("a peer did not read the handshake in time") from None
+
+
+def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _PairingTimeout("the server did not answer in time")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(data))
+        except socket.timeout:
+            raise _PairingTimeout("the server did not answer in time") from None
+        if not chunk:
+            raise ConnectionError("the server closed the connection when paired")
+        data += chunk
+    return data
+
+
+def _pass_first_frame(client: socket.socket, server: socket.socket, deadline: float, timeout: float) -> None:
+    """Pass the server's bytes (its HELLO) to the client, and the client's first frame (its CONNECT) to the server.
+
+    Reads no byte of the client past that frame: the relay takes over from there.
+    """
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    poller.register(server, select.POLLIN)
+    got = bytearray()
+    need = HEADER.size
+    while len(got) < need:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _PairingTimeout(f"the client sent no CONNECT within {timeout:g} s of being paired")
+        for fd, _ in poller.poll(remaining * 1000):
+            if fd == server.fileno():
+                data = server.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the server closed the connection during the handshake")
+                _send_by(client, data, deadline)
+            else:
+                data = client.recv(need - len(got))
+                if not data:
+                    raise ConnectionError("the client left during the handshake")
+                got += data
+                if len(got) == HEADER.size:
+                    need = HEADER.size + min(HEADER.unpack_from(got)[0], MAX_OPENING)
+                _send_by(server, data, deadline)
+
+
 def _frame(kind: int, ctrl: Any) -> bytes:
     body = pack(ctrl)
     return HEADER.pack(len(body), kind, 0, 0) + body
 
 
 def serve_proxy(config: dict[str, Any], ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
+    """Run a proxy in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
     setup_logging(config.get("silent", False))
+    limits = proxy_limits(**{k: config[k] for k in ("timeout_client", "handshake_timeout", "pairing_timeout",
+                                                    "max_clients_per_source") if config.get(k) is not None})
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9090)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
     stop_on_signals()
     port = listener.getsockname()[1]
     tracker = config.get("tracker_addr")
     log.info("RPCProxy: bind to %s:%d", config.get("host", "127.0.0.1"), port)
-    loop = ProxyLoop(listener, owner_fd, tuple(tracker) if tracker else None, config.get("custom_addr"))
+    loop = ProxyLoop(listener, owner_fd, tuple(tracker) if tracker else None, config.get("custom_addr"), **limits)
     if ready:
         ready(port)
     loop.run()

@@ -24,10 +24,19 @@ def _half_close(sock: socket.socket) -> None:
 
 
 def pump(src: socket.socket, dst: socket.socket) -> bool:
-    """Copy ``src`` to ``dst`` until ``src`` ends, then half-close ``dst``. False after an error."""
+    """Copy ``src`` to ``dst`` until ``src`` ends, then half-close ``dst``. False after an error.
+
+    Out of file descriptors for the pipe splice(2) needs, it copies through a buffer instead.
+    """
     try:
+        pipe = None
         if hasattr(os, "splice"):
-            read_end, write_end = os.pipe()
+            try:
+                pipe = os.pipe()
+            except OSError as exc:
+                log.info("relay copies through a buffer: no pipe (%s)", exc.strerror or exc)
+        if pipe is not None:
+            read_end, write_end = pipe
             try:
                 try:
                     import fcntl

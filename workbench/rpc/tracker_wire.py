@@ -8,6 +8,7 @@ many bytes of UTF-8 JSON. Requests are JSON arrays whose first element is a
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 from enum import IntEnum
@@ -54,39 +55,74 @@ def encode(message: Any) -> bytes:
 
 
 GREETING = object()  # what MessageReader yields for the opening magic
+NOTHING = object()  # MessageReader.next(): no complete message yet
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a tracker message may carry")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a double")
+    return value
 
 
 class MessageReader:
-    """Splits a byte stream into tracker messages, whatever the segment boundaries."""
+    """Splits a byte stream into tracker messages, whatever the segment boundaries.
 
-    def __init__(self, expect_magic: bool = True):
+    ``max_message`` bounds one message (the tracker takes requests of 64 KiB at
+    most; replies such as SUMMARY may be larger). JSON that is not strict
+    (``NaN``, ``Infinity``), nests too deep or has an integer of thousands of
+    digits is a ProtocolError, like any malformed message.
+
+        >>> reader = MessageReader(expect_magic=False)
+        >>> reader.feed(encode([6]))
+        [[6]]
+    """
+
+    def __init__(self, expect_magic: bool = True, max_message: int = MAX_MESSAGE):
         self._buf = bytearray()
         self._magic = expect_magic
+        self.max_message = max_message
 
-    def feed(self, data: bytes) -> list[Any]:
-        """Add received bytes; return the complete messages. Bad input raises ProtocolError."""
+    def add(self, data: bytes) -> None:
+        """Add received bytes (read them back one message at a time with ``next()``)."""
         self._buf += data
-        out = []
+
+    def next(self) -> Any:
+        """The next complete message (GREETING for the opening magic), or NOTHING. Bad input raises ProtocolError."""
         if self._magic:
             if len(self._buf) < 4:
-                return out
+                return NOTHING
             if bytes(self._buf[:4]) != MAGIC_BYTES:
                 raise ProtocolError(f"not a tracker client: bad magic {bytes(self._buf[:4]).hex()}")
             del self._buf[:4]
             self._magic = False
-            out.append(GREETING)
-        while len(self._buf) >= 4:
-            (size,) = LENGTH.unpack_from(self._buf)
-            if size < 0 or size > MAX_MESSAGE:
-                raise ProtocolError(f"tracker message of {size} bytes is over the {MAX_MESSAGE}-byte limit")
-            if len(self._buf) < 4 + size:
-                break
-            body = bytes(self._buf[4 : 4 + size])
-            del self._buf[: 4 + size]
-            try:
-                out.append(json.loads(body))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ProtocolError(f"malformed tracker message: {exc}") from None
+            return GREETING
+        if len(self._buf) < 4:
+            return NOTHING
+        (size,) = LENGTH.unpack_from(self._buf)
+        if size < 0 or size > self.max_message:
+            raise ProtocolError(f"tracker message of {size} bytes is over the {self.max_message}-byte limit")
+        if len(self._buf) < 4 + size:
+            return NOTHING
+        body = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        try:
+            return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, NaN/Infinity, an int of > 4300 digits
+            raise ProtocolError(f"malformed tracker message: {exc}") from None
+        except RecursionError:
+            raise ProtocolError("malformed tracker message: nested too deep") from None
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add received bytes; return the complete messages. Bad input raises ProtocolError."""
+        self.add(data)
+        out = []
+        while (message := self.next()) is not NOTHING:
+            out.append(message)
         return out
 
 
