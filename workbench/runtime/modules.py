@@ -3,20 +3,77 @@
 A ``.tar`` holds object files (``export_library("lib.tar")`` in TVM, or
 ``workbench.cc.create_tar``); the device links them with its own compiler into
 a shared object, as seed 004 does on a Raspberry Pi.
+
+Linking runs the device's toolchain on bytes a client sent, so it is confined:
+
+* only regular ``.o``/``.obj`` members with plain relative names are taken
+  (symlinks, hard links, devices, sparse files, absolute and ``..`` names are
+  refused);
+* every member must be a relocatable ELF object for the machine the device's
+  compiler produces (checked from the header and section table), with no
+  section that makes a linker open other files (LLVM ``.deplibs`` and linker
+  options) and no LTO code (which would run the compiler's LTO plugin);
+* the objects are linked from one archive the server writes itself, with
+  ``--whole-archive``: a linker never reads an archive member as a linker
+  script, so even a file that slipped past the checks cannot make the link
+  read ``/etc/passwd`` (``INPUT(...)``/``GROUP(...)``);
+* the command has no client-controlled argument (no ``-L``/``-T``/``@file``,
+  members are renamed ``0.o``, ``1.o``, ...), runs in its own directory inside
+  the session workspace (its temporary files too), and reads nothing else but
+  the toolchain's own start files and libraries.
+
+    >>> link_tar("lib.tar", "lib.so")               # doctest: +SKIP
+    'lib.so'
 """
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import shutil
+import struct
 import subprocess
 import tarfile
-from typing import Callable
+from typing import BinaryIO, Callable, NamedTuple
 
-from ..errors import RemoteError, UnsupportedError
+from ..errors import BadRequestError, PathDeniedError, RemoteError, UnsupportedError
 from .ffi import NativeLibrary
 
 SHARED_SUFFIXES = (".so", ".dylib", ".dll")
+OBJECT_SUFFIXES = (".o", ".obj")
 LINK_TIMEOUT_S = 300
+PROBE_TIMEOUT_S = 60
+
+# ELF constants (System V gABI; LLVM's extensions from llvm/BinaryFormat/ELF.h)
+ET_NAMES = {0: "an ELF file of no type", 1: "a relocatable object", 2: "an executable",
+            3: "a shared object", 4: "a core dump"}
+ET_REL = 1
+SHT_NOBITS = 8
+SHT_LLVM_LINKER_OPTIONS = 0x6FFF4C01
+SHT_LLVM_DEPENDENT_LIBRARIES = 0x6FFF4C04
+SHN_XINDEX = 0xFFFF
+MACHINES = {3: "i386", 8: "mips", 20: "ppc", 21: "ppc64", 22: "s390", 40: "arm", 62: "x86_64",
+            183: "aarch64", 243: "riscv", 258: "loongarch"}
+# sections that make a linker do more than place bytes: open other files, or run the LTO plugin
+FORBIDDEN_SECTIONS = {
+    SHT_LLVM_DEPENDENT_LIBRARIES: "a .deplibs section (it makes lld open the files it names)",
+    SHT_LLVM_LINKER_OPTIONS: "a .linker-options section (options for the linker)",
+}
+LTO_SECTION_PREFIXES = (b".gnu.lto_", b".llvm.lto")
+_ARCHIVE_MEMBER = re.compile(r"(?:\./)?objects\.a\((\d+)\.o\)")
+
+
+class ElfKind(NamedTuple):
+    """What a linker cares about in an ELF header: word size, byte order, machine."""
+
+    elf_class: int  # 1 = 32-bit, 2 = 64-bit
+    data: int  # 1 = little-endian, 2 = big-endian
+    machine: int  # e_machine
+
+    def describe(self) -> str:
+        bits = {1: "32-bit", 2: "64-bit"}.get(self.elf_class, f"class {self.elf_class}")
+        order = {1: "little-endian", 2: "big-endian"}.get(self.data, f"data {self.data}")
+        return f"{MACHINES.get(self.machine, f'ELF machine {self.machine}')} ({bits}, {order})"
 
 
 def find_compiler() -> str:
@@ -30,44 +87,241 @@ def find_compiler() -> str:
     )
 
 
-def _extract_objects(tar_path: str, dest: str) -> list[str]:
+# -- the ELF check ------------------------------------------------------------------
+def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def elf_kind(f: BinaryIO, size: int, name: str) -> tuple[ElfKind, int]:
+    """``(ElfKind, e_type)`` of the ELF file ``f``, or BadRequestError if it is not a well-formed ELF file.
+
+    Checks the identification bytes, and that the section header table and
+    every section with contents lie inside the file.
+    """
+    ident = _read_at(f, 0, 16)
+    if ident[:4] != b"\x7fELF":
+        head = ident.split(b"\n")[0].decode("latin-1")
+        what = "a linker script or other text" if head.isprintable() and head.strip() else "not an ELF file"
+        raise BadRequestError(
+            f"the .tar member {name!r} is not an ELF object file (it starts with {head!r}: {what}); "
+            "a .tar module holds relocatable objects compiled with -c, e.g. by workbench.cc.create_tar "
+            "or TVM's export_library"
+        )
+    elf_class, data, version = ident[4], ident[5], ident[6]
+    if elf_class not in (1, 2) or data not in (1, 2) or version != 1:
+        raise BadRequestError(f"the .tar member {name!r} has a malformed ELF header (class {elf_class}, "
+                              f"data {data}, version {version}); rebuild it with the device's compiler")
+    order = "<" if data == 1 else ">"
+    if elf_class == 2:
+        fmt, ehsize, shentsize_expected = order + "HHIQQQIHHHHHH", 64, 64
+    else:
+        fmt, ehsize, shentsize_expected = order + "HHIIIIIHHHHHH", 52, 40
+    header = _read_at(f, 16, ehsize - 16)
+    if len(header) != ehsize - 16:
+        raise BadRequestError(f"the .tar member {name!r} is truncated inside its ELF header")
+    (e_type, machine, _ver, _entry, _phoff, shoff, _flags, e_ehsize, _phentsize, _phnum,
+     shentsize, shnum, shstrndx) = struct.unpack(fmt, header)
+    kind = ElfKind(elf_class, data, machine)
+    if e_type != ET_REL:
+        return kind, e_type
+    bad = f"the .tar member {name!r} is a malformed ELF object"
+    if e_ehsize != ehsize or shentsize != shentsize_expected or not shoff:
+        raise BadRequestError(f"{bad} (header size {e_ehsize}, section entry size {shentsize}, "
+                              f"section table at {shoff}); rebuild it with the device's compiler")
+    sh_fmt = order + ("IIQQQQIIQQ" if elf_class == 2 else "IIIIIIIIII")
+    first = _read_at(f, shoff, shentsize)
+    if len(first) != shentsize:
+        raise BadRequestError(f"{bad}: its section table lies past the end of the file")
+    if shnum == 0:  # extended numbering: the count is in section 0
+        shnum = struct.unpack(sh_fmt, first)[5]
+    if shstrndx == SHN_XINDEX:
+        shstrndx = struct.unpack(sh_fmt, first)[6]
+    if not 0 < shnum <= (size - shoff) // shentsize or shstrndx >= shnum:
+        raise BadRequestError(f"{bad}: {shnum} sections (names in section {shstrndx}) do not fit in "
+                              f"its {size} bytes")
+    table = _read_at(f, shoff, shnum * shentsize)
+    sections = [struct.unpack_from(sh_fmt, table, i * shentsize) for i in range(shnum)]
+    for index, (_n, sh_type, _fl, _addr, offset, sh_size, *_rest) in enumerate(sections):
+        if sh_type != SHT_NOBITS and index and offset + sh_size > size:
+            raise BadRequestError(f"{bad}: section {index} runs past the end of the file")
+    names = _read_at(f, sections[shstrndx][4], sections[shstrndx][5])
+    for name_off, sh_type, *_rest in sections[1:]:
+        end = names.find(b"\0", name_off)
+        section = names[name_off:end if end >= 0 else len(names)]
+        if sh_type in FORBIDDEN_SECTIONS:
+            raise BadRequestError(f"the .tar member {name!r} has {FORBIDDEN_SECTIONS[sh_type]}, "
+                                  "which this device does not link; build the object without it")
+        if section.startswith(LTO_SECTION_PREFIXES):
+            raise BadRequestError(
+                f"the .tar member {name!r} holds link-time-optimisation code "
+                f"({section.decode('latin-1')}), which this device does not compile; "
+                "build the objects without -flto"
+            )
+    return kind, e_type
+
+
+_toolchain_kinds: dict[str, ElfKind] = {}
+
+
+def toolchain_kind(cc: str, scratch: str) -> ElfKind:
+    """The ELF kind of the objects ``cc`` produces (it compiles an empty probe in ``scratch`` once)."""
+    if cc in _toolchain_kinds:
+        return _toolchain_kinds[cc]
+    src, obj = os.path.join(scratch, "probe.c"), os.path.join(scratch, "probe.o")
+    with open(src, "w") as f:
+        f.write("int workbench_probe;\n")
+    try:
+        proc = subprocess.run(cc.split() + ["-c", "-fPIC", "-o", obj, src], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"the device's compiler ({cc}) took over {PROBE_TIMEOUT_S} s to compile "
+                          "an empty file") from None
+    if proc.returncode != 0:
+        raise RemoteError(f"the device's compiler ({cc}) cannot compile an empty file, so it cannot link "
+                          f".tar modules; fix the toolchain or upload a .so:\n{proc.stderr.strip()}")
+    try:
+        with open(obj, "rb") as f:
+            kind, _ = elf_kind(f, os.fstat(f.fileno()).st_size, "probe.o")
+    except BadRequestError:
+        raise UnsupportedError(
+            f"the device's compiler ({cc}) does not produce ELF objects; .tar modules are linked on "
+            "ELF (Linux) devices only: upload a shared object instead"
+        ) from None
+    finally:
+        for path in (src, obj):
+            if os.path.exists(path):
+                os.unlink(path)
+    _toolchain_kinds[cc] = kind
+    return kind
+
+
+def check_object(path: str, name: str, expected: ElfKind) -> None:
+    """Raise BadRequestError unless ``path`` is a relocatable ELF object a linker for ``expected`` takes."""
+    with open(path, "rb") as f:
+        kind, e_type = elf_kind(f, os.fstat(f.fileno()).st_size, name)
+    if e_type != ET_REL:
+        raise BadRequestError(
+            f"the .tar member {name!r} is {ET_NAMES.get(e_type, f'an ELF file of type {e_type}')}, not a "
+            "relocatable object; put the objects compiled with -c in the .tar (or upload a .so as is)"
+        )
+    if kind != expected:
+        raise BadRequestError(
+            f"the .tar member {name!r} was compiled for {kind.describe()}, but this device links "
+            f"{expected.describe()}: cross-compile for the device's target triple"
+        )
+
+
+# -- extraction and linking ---------------------------------------------------------
+def _member_name_problem(member: tarfile.TarInfo) -> str | None:
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or posixpath.isabs(name):
+        return "has an absolute name"
+    if ".." in name.split("/"):
+        return "has a '..' in its name"
+    if member.issym() or member.islnk():
+        return f"is a {'symbolic' if member.issym() else 'hard'} link to {member.linkname!r}"
+    if member.issparse():
+        return "is a sparse file"
+    if not member.isfile():
+        return "is not a regular file"
+    return None
+
+
+def _extract_objects(tar_path: str, dest: str) -> list[tuple[str, str]]:
+    """Extract the object members of ``tar_path`` into ``dest`` as ``0.o``, ``1.o``, ...: ``[(path, member name)]``."""
     try:
         tar = tarfile.open(tar_path)
     except (tarfile.TarError, OSError) as exc:
         raise RemoteError(f"{os.path.basename(tar_path)} is not a readable tar archive: {exc}") from None
-    objects = []
+    objects: list[tuple[str, str]] = []
     with tar:
-        for member in tar.getmembers():
-            name = os.path.basename(member.name)
-            if not member.isfile() or not name.endswith((".o", ".obj")):
-                continue  # only plain object files; never links, devices or paths
-            target = os.path.join(dest, f"{len(objects)}_{name}")
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError) as exc:
+            raise RemoteError(f"{os.path.basename(tar_path)} is not a readable tar archive: {exc}") from None
+        for member in members:
+            if not member.name.endswith(OBJECT_SUFFIXES):
+                continue  # other files of an export (sources, metadata) are not linked
+            problem = _member_name_problem(member)
+            if problem:
+                raise PathDeniedError(
+                    f"the .tar member {member.name!r} {problem}; a .tar module holds regular object "
+                    "files with plain relative names only"
+                )
+            target = os.path.join(dest, f"{len(objects)}.o")
             src = tar.extractfile(member)
             with src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
-            objects.append(target)
+            objects.append((target, member.name))
     if not objects:
         raise RemoteError(f"{os.path.basename(tar_path)} holds no object files (.o) to link")
     return objects
 
 
+def write_archive(path: str, objects: list[str]) -> None:
+    """Write the ``ar`` archive ``path`` holding ``objects`` (no symbol index: linked with --whole-archive)."""
+    with open(path, "wb") as out:
+        out.write(b"!<arch>\n")
+        for obj in objects:
+            size = os.path.getsize(obj)
+            name = os.path.basename(obj) + "/"
+            out.write(f"{name:<16}{0:<12}{0:<6}{0:<6}{0o644:<8o}{size:<10}`\n".encode("ascii"))
+            with open(obj, "rb") as f:
+                shutil.copyfileobj(f, out)
+            if size % 2:
+                out.write(b"\n")
+
+
+def link_objects(cc: str, objects: list[str], work: str) -> str:
+    """Link ``objects`` (paths inside ``work``) into ``work/lib.so``, reading nothing but them and the toolchain.
+
+    The objects go in through an archive with --whole-archive, so the linker
+    takes each one as an object or fails; it never reads one as a linker script.
+    A failed link raises RemoteError with the linker's complaint, paths in
+    ``work`` shown relative to it.
+
+        >>> link_objects("gcc", ["/ws/lib/1-lib.so.objs/0.o"], "/ws/lib/1-lib.so.objs")   # doctest: +SKIP
+        '/ws/lib/1-lib.so.objs/lib.so'
+    """
+    write_archive(os.path.join(work, "objects.a"), objects)
+    cmd = cc.split() + ["-shared", "-fPIC", "-fno-lto", "-o", "./lib.so",
+                        "-Wl,--whole-archive", "./objects.a", "-Wl,--no-whole-archive"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LINK_TIMEOUT_S, cwd=work,
+                              env=dict(os.environ, TMPDIR=work))  # the toolchain's temp files stay here too
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"the linker ran for over {LINK_TIMEOUT_S} s and was stopped") from None
+    if proc.returncode != 0:
+        raise RemoteError(proc.stderr.replace(work + os.sep, "").strip())
+    return os.path.join(work, "lib.so")
+
+
 def link_tar(tar_path: str, out: str) -> str:
-    """Link the objects of ``tar_path`` into the shared object ``out``; return ``out``."""
+    """Link the objects of ``tar_path`` into the shared object ``out``; return ``out``.
+
+    Refuses (BadRequestError, PathDeniedError) any member that is not a regular
+    relocatable ELF object for this device; see the module docstring.
+    """
     work = out + ".objs"
     os.makedirs(work, exist_ok=True)
+    tar_name = os.path.basename(tar_path)
     try:
+        cc = find_compiler()
+        expected = toolchain_kind(cc, work)
         objects = _extract_objects(tar_path, work)
-        cmd = find_compiler().split() + ["-shared", "-fPIC", "-o", out, *objects]
+        for path, member in objects:
+            check_object(path, member, expected)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LINK_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"linking {os.path.basename(tar_path)} took over {LINK_TIMEOUT_S} s") from None
-        if proc.returncode != 0:
-            raise RemoteError(
-                f"linking {os.path.basename(tar_path)} on the device failed "
-                f"(were the objects compiled for this device's architecture, {os.uname().machine}?):\n"
-                + proc.stderr.strip()
+            linked = link_objects(cc, [path for path, _ in objects], work)
+        except RemoteError as exc:
+            members = [member for _, member in objects]
+            text = _ARCHIVE_MEMBER.sub(
+                lambda m: f"{tar_name}({members[int(m.group(1))]})" if int(m.group(1)) < len(members) else m.group(0),
+                str(exc),
             )
+            raise RemoteError(f"linking {tar_name} on the device failed:\n{text}") from None
+        os.replace(linked, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -1,0 +1,305 @@
+/* rawnet: the native loopback limits the benchmark compares rpc-workbench with.
+ *
+ * Built by benchmarks/run.py at run time (gcc -O2, into a temporary directory).
+ * Both ends are C; the process forks its peer, each end pins itself to the CPU
+ * it is given (-1: not pinned), and the peer dies with its parent.
+ *
+ *   rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR
+ *       Move BYTES from this process to the peer REPS times (after one untimed
+ *       warm-up), each time until the peer has every byte and answered one
+ *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
+ *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
+ *       (recv() into memory) or "splice" (socket -> pipe -> a new file in DIR
+ *       per transfer, as an upload lands). Prints the seconds of each transfer.
+ *
+ *   rawnet ping SIZE WARMUP COUNT CPU PEER_CPU
+ *       SIZE-byte messages echoed by the peer over TCP_NODELAY; prints the
+ *       seconds of each of COUNT round trips after WARMUP untimed ones.
+ *
+ * Output: one JSON line {"mode": ..., "method": ..., "seconds": [...]}.
+ * Exit status 0 on success, 2 on bad usage, 1 on any system error (with a
+ * message on stderr). Every socket has a 30 s timeout; the whole run is killed
+ * by SIGALRM after 300 s.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PIPE_BYTES (1 << 20)
+#define IO_TIMEOUT_S 30
+#define RUN_LIMIT_S 300
+
+static void die(const char *what) {
+    fprintf(stderr, "rawnet: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void pin(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) != 0) die("sched_setaffinity");
+}
+
+static void tune(int fd) {
+    int one = 1;
+    struct timeval tv = {IO_TIMEOUT_S, 0};
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) die("TCP_NODELAY");
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) die("SO_RCVTIMEO");
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0) die("SO_SNDTIMEO");
+}
+
+/* A connected pair: returns this end's socket; in the child (*is_peer = 1) the peer's. */
+static int connect_pair(int cpu, int peer_cpu, int *is_peer, pid_t *child) {
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = 0};
+    socklen_t len = sizeof addr;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    if (listener < 0) die("socket");
+    if (bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0) die("bind");
+    if (listen(listener, 1) != 0) die("listen");
+    if (getsockname(listener, (struct sockaddr *)&addr, &len) != 0) die("getsockname");
+    pid_t parent = getpid();
+    *child = fork();
+    if (*child < 0) die("fork");
+    if (*child == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(1);
+        close(listener);
+        pin(peer_cpu);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) die("socket");
+        if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) die("connect");
+        tune(fd);
+        *is_peer = 1;
+        return fd;
+    }
+    pin(cpu);
+    struct timeval tv = {IO_TIMEOUT_S, 0};
+    setsockopt(listener, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int fd = accept(listener, NULL, NULL);
+    if (fd < 0) die("accept");
+    close(listener);
+    tune(fd);
+    *is_peer = 0;
+    return fd;
+}
+
+static void send_all(int fd, const char *buf, size_t n) {
+    while (n) {
+        ssize_t k = send(fd, buf, n, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("send");
+        }
+        buf += k;
+        n -= (size_t)k;
+    }
+}
+
+static int recv_all(int fd, char *buf, size_t n) { /* 0 at EOF before any byte */
+    size_t got = 0;
+    while (got < n) {
+        ssize_t k = recv(fd, buf + got, n - got, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("recv");
+        }
+        if (k == 0) {
+            if (got == 0) return 0;
+            errno = ECONNRESET;
+            die("recv (peer closed mid-message)");
+        }
+        got += (size_t)k;
+    }
+    return 1;
+}
+
+static void sendfile_all(int sock, int file, size_t n) {
+    off_t off = 0;
+    while ((size_t)off < n) {
+        ssize_t k = sendfile(sock, file, &off, n - (size_t)off);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("sendfile");
+        }
+        if (k == 0) { errno = EIO; die("sendfile (source file too short)"); }
+    }
+}
+
+static void splice_all(int sock, int pipe_rd, int pipe_wr, int file, size_t n) {
+    while (n) {
+        size_t want = n < PIPE_BYTES ? n : PIPE_BYTES;
+        ssize_t k = splice(sock, NULL, pipe_wr, NULL, want, SPLICE_F_MOVE);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("splice from the socket");
+        }
+        if (k == 0) { errno = ECONNRESET; die("splice (peer closed)"); }
+        n -= (size_t)k;
+        while (k) {
+            ssize_t w = splice(pipe_rd, NULL, file, NULL, (size_t)k, SPLICE_F_MOVE);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                die("splice to the file");
+            }
+            k -= w;
+        }
+    }
+}
+
+static char *touched(size_t n) {
+    char *buf = malloc(n ? n : 1);
+    if (!buf) die("malloc");
+    for (size_t i = 0; i < n; i++) buf[i] = (char)(i * 131 + 7);
+    return buf;
+}
+
+static void print_times(const char *mode, const char *method, const double *t, long n) {
+    printf("{\"mode\": \"%s\", \"method\": \"%s\", \"seconds\": [", mode, method);
+    for (long i = 0; i < n; i++) printf(i ? ", %.9f" : "%.9f", t[i]);
+    printf("]}\n");
+    fflush(stdout);
+}
+
+static int finish(pid_t child) {
+    int status = 0;
+    if (waitpid(child, &status, 0) < 0) die("waitpid");
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "rawnet: the peer process failed (status %d)\n", status);
+        return 1;
+    }
+    return 0;
+}
+
+static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_cpu, const char *dir) {
+    int from_file = strncmp(method, "sendfile-", 9) == 0;
+    const char *sink = strchr(method, '-');
+    if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0) ||
+        (!from_file && strncmp(method, "send-", 5) != 0)) {
+        fprintf(stderr, "rawnet: unknown bulk method %s (send-recv, send-splice, sendfile-recv, sendfile-splice)\n",
+                method);
+        return 2;
+    }
+    int to_file = strcmp(sink, "-splice") == 0;
+    char path[4096];
+    int is_peer;
+    pid_t child;
+    int fd = connect_pair(cpu, peer_cpu, &is_peer, &child);
+    if (is_peer) { /* the receiver: take every transfer, answer one byte after each */
+        char *buf = to_file ? NULL : touched(bytes);
+        int p[2] = {-1, -1};
+        if (to_file) {
+            if (pipe(p) != 0) die("pipe");
+            fcntl(p[1], F_SETPIPE_SZ, PIPE_BYTES);
+        }
+        for (long r = 0; r <= reps; r++) {
+            if (to_file) {
+                snprintf(path, sizeof path, "%s/dst-%ld.bin", dir, r);
+                int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+                if (out < 0) die("open the destination file");
+                splice_all(fd, p[0], p[1], out, bytes);
+                if (close(out) != 0) die("close the destination file");
+            } else if (!recv_all(fd, buf, bytes)) {
+                errno = ECONNRESET;
+                die("recv (the sender closed early)");
+            }
+            send_all(fd, "k", 1);
+        }
+        _exit(0);
+    }
+    char *buf = NULL;
+    int src = -1;
+    if (from_file) {
+        snprintf(path, sizeof path, "%s/src.bin", dir);
+        src = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+        if (src < 0) die("open the source file");
+        char *block = touched(1 << 20);
+        for (size_t done = 0; done < bytes;) {
+            size_t n = bytes - done < (1 << 20) ? bytes - done : (1 << 20);
+            if (write(src, block, n) != (ssize_t)n) die("write the source file");
+            done += n;
+        }
+        free(block);
+    } else {
+        buf = touched(bytes);
+    }
+    double *times = calloc((size_t)reps + 1, sizeof *times);
+    if (!times) die("calloc");
+    char ack;
+    for (long r = 0; r <= reps; r++) { /* r == 0: warm-up */
+        double start = now();
+        if (from_file) sendfile_all(fd, src, bytes);
+        else send_all(fd, buf, bytes);
+        if (!recv_all(fd, &ack, 1)) { errno = ECONNRESET; die("recv the acknowledgement"); }
+        times[r] = now() - start;
+    }
+    close(fd);
+    int status = finish(child);
+    if (from_file) unlink(path);
+    for (long r = 0; r <= reps; r++) {
+        snprintf(path, sizeof path, "%s/dst-%ld.bin", dir, r);
+        unlink(path);
+    }
+    if (status == 0) print_times("bulk", method, times + 1, reps);
+    return status;
+}
+
+static int ping(size_t size, long warmup, long count, int cpu, int peer_cpu) {
+    int is_peer;
+    pid_t child;
+    int fd = connect_pair(cpu, peer_cpu, &is_peer, &child);
+    char *buf = touched(size);
+    if (is_peer) {
+        while (recv_all(fd, buf, size)) send_all(fd, buf, size);
+        _exit(0);
+    }
+    double *times = calloc((size_t)count + 1, sizeof *times);
+    if (!times) die("calloc");
+    for (long i = 0; i < warmup + count; i++) {
+        double start = now();
+        send_all(fd, buf, size);
+        if (!recv_all(fd, buf, size)) { errno = ECONNRESET; die("recv the echo"); }
+        if (i >= warmup) times[i - warmup] = now() - start;
+    }
+    close(fd);
+    int status = finish(child);
+    if (status == 0) print_times("ping", "send-recv", times, count);
+    return status;
+}
+
+int main(int argc, char **argv) {
+    alarm(RUN_LIMIT_S);
+    signal(SIGPIPE, SIG_IGN);
+    if (argc == 8 && strcmp(argv[1], "bulk") == 0)
+        return bulk(argv[2], strtoull(argv[3], NULL, 10), atol(argv[4]), atoi(argv[5]), atoi(argv[6]), argv[7]);
+    if (argc == 7 && strcmp(argv[1], "ping") == 0)
+        return ping(strtoull(argv[2], NULL, 10), atol(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
+    fprintf(stderr,
+            "usage: rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR\n"
+            "       rawnet ping SIZE WARMUP COUNT CPU PEER_CPU\n");
+    return 2;
+}
