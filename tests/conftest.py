@@ -6,7 +6,9 @@ no session workspace may be left on disk.
 from __future__ import annotations
 
 import glob
+import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -122,3 +124,28 @@ def closing():
     finally:
         for thing in reversed(things):
             thing.close()
+
+
+# -- the reliability table (tests/test_reliability.py) ---------------------------------------
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller: xdist workers inherit the variable
+        folder = tempfile.mkdtemp(prefix="wb-reliability-")
+        config._wb_rows = os.path.join(folder, "rows.jsonl")
+        os.environ["WB_RELIABILITY_ROWS"] = config._wb_rows
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    path = getattr(config, "_wb_rows", None)
+    if not path:
+        return
+    try:
+        if os.path.exists(path):
+            from .test_reliability import report_table
+
+            with open(path) as f:
+                rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["name"])
+            if rows:
+                terminalreporter.write_sep("=", "reliability")
+                terminalreporter.write_line(report_table(rows))
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)

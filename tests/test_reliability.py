@@ -1,0 +1,423 @@
+"""The reliability suite: fuzzed protocols, many sessions, idle and dripping connections, a farm under chaos.
+
+    python -m pytest tests/test_reliability.py -p no:cacheprovider               # the short version (also in CI)
+    python -m pytest tests/test_reliability.py -m stress -p no:cacheprovider     # the long one
+
+Each test adds a row (cases, failures, served-after, leaks) to the table
+printed at the end of the run. Everything runs on 127.0.0.1, every loop is
+bounded in count and time, and every process, socket and directory started
+here ends with its test. The attacks of the hardening issue have their own
+regression tests beside the code they hit (tests/test_hardening_*.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pytest
+
+from workbench import rpc, runtime
+from workbench.errors import RPCError
+from workbench.farm import LocalFarm
+from workbench.rpc.protocol import HEADER, MAGIC, PREAMBLE, VERSION
+from workbench.rpc.tracker_wire import MAGIC_BYTES, Code, encode
+
+from .conftest import children, session_workspaces, wait_until
+
+HOST = "127.0.0.1"
+ROWS_ENV = "WB_RELIABILITY_ROWS"  # a file the table's rows go to (set by tests/conftest.py), one JSON per line
+
+
+@dataclass
+class Row:
+    name: str
+    cases: int = 0
+    failures: int = 0
+    served_after_s: float | None = None  # worst time a legitimate client waited while the attack went on
+    leaks: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(params=["short", pytest.param("stress", marks=pytest.mark.stress)])
+def size(request) -> str:
+    """Each test runs short (in CI) or, with ``-m stress``, at the sizes the issue names."""
+    return request.param
+
+
+@pytest.fixture
+def row(request, size):
+    """``row(name)``: this test's line in the table, written out when the test ends (passed or not)."""
+    rows: list[Row] = []
+
+    def make(name: str) -> Row:
+        rows.append(Row(f"{name} ({size})"))
+        return rows[-1]
+
+    yield make
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(asdict(r)) + "\n")
+
+
+def scale(short: int, long: int, size: str) -> int:
+    return long if size == "stress" else short
+
+
+def fds_of(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+def served_in(port: int, timeout: float = 30.0) -> float:
+    """Seconds a legitimate client takes to connect, ping and close (raises if it cannot)."""
+    start = time.perf_counter()
+    with rpc.connect(HOST, port, connect_timeout=timeout) as remote:
+        remote.ping()
+    return time.perf_counter() - start
+
+
+def exchange(port: int, data: bytes, timeout: float = 2.0) -> None:
+    """Send ``data`` then end our side; read until the peer closes or ``timeout`` passes."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass  # the peer closed on us: fine, it refused the garbage
+
+
+# -- recorded streams ----------------------------------------------------------------------
+class Recorder:
+    """A relay on loopback that records what a real client sends to a real server."""
+
+    def __init__(self, target_port: int):
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        self.sent = bytearray()
+        self.thread = threading.Thread(target=self._relay, daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        self.listener.settimeout(10)
+        client, _ = self.listener.accept()
+        server = socket.create_connection((HOST, self.target), timeout=10)
+        for sock in (client, server):
+            sock.settimeout(10)
+
+        def pump(src: socket.socket, dst: socket.socket, record: bool) -> None:
+            try:
+                while chunk := src.recv(1 << 16):
+                    if record:
+                        self.sent += chunk
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        back = threading.Thread(target=pump, args=(server, client, False), daemon=True)
+        back.start()
+        pump(client, server, True)
+        back.join(10)
+        client.close()
+        server.close()
+        self.listener.close()
+
+
+def record_session(port: int, kernels: dict[str, str]) -> bytes:
+    recorder = Recorder(port)
+    with rpc.connect(HOST, recorder.port) as remote:
+        remote.upload(kernels["so"])
+        mod = remote.load_module("kernels.so")
+        dev = remote.cpu()
+        a = runtime.tensor(np.arange(16, dtype="float32"), dev)
+        b = runtime.empty((16,), "float32", dev)
+        mod["add_one"](a, b)
+        b.numpy()
+        remote.listdir(".")
+        remote.download("kernels.so")
+        mod.time_evaluator("add_one", dev, number=2, repeat=2)(a, b)
+        remote.remove("kernels.so")
+    recorder.thread.join(10)
+    return bytes(recorder.sent)
+
+
+def record_tracker_conversation() -> list[bytes]:
+    """The messages a server and a client send a tracker, each framed as on the wire."""
+    messages = [
+        [Code.UPDATE_INFO, {"key": "server:fuzz", "addr": [None, 9], "arch": "x86_64", "labels": {"a": "b"}}],
+        [Code.PUT, "fuzz", [9, "fuzz:m1"], None],
+        [Code.SUMMARY],
+        [Code.REQUEST, "fuzz", "user", 1],
+        [Code.PING],
+        [Code.GET_PENDING_MATCHKEYS],
+    ]
+    return [encode(m) for m in messages]
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One seeded mutation: flips, inserts, deletes, truncation, duplicated slices, rewritten length fields."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        if not buf:
+            buf += rng.randbytes(8)
+        op = rng.randrange(7)
+        i = rng.randrange(len(buf))
+        if op == 0:
+            buf[i] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            buf[i:i] = rng.randbytes(rng.randint(1, 16))
+        elif op == 2:
+            del buf[i:i + rng.randint(1, 16)]
+        elif op == 3:
+            del buf[rng.randint(0, len(buf)):]
+        elif op == 4:
+            j = rng.randrange(len(buf))
+            buf[i:i] = buf[min(i, j):max(i, j)][:4096]
+        elif op == 5 and i + 4 <= len(buf):
+            buf[i:i + 4] = struct.pack("<I", rng.choice([0, 1, 0x7FFFFFFF, 0xFFFFFFFF, rng.getrandbits(32)]))
+        else:
+            buf[i] = rng.choice([0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xDE, 0xDC])
+    return bytes(buf)
+
+
+@pytest.fixture
+def fuzz_server(private_tmpdir):
+    srv = rpc.Server(port=0, silent=True)
+    yield srv
+    srv.terminate()
+
+
+def test_fuzzed_session_streams(fuzz_server, kernels, private_tmpdir, row, size):
+    r = row("session protocol fuzz")
+    stream = record_session(fuzz_server.port, kernels)
+    assert stream.startswith(PREAMBLE.pack(MAGIC, VERSION, 0))
+    rng = random.Random(20261126)
+    base_fds = fds_of(fuzz_server.pid)
+    worst = 0.0
+    for case in range(scale(150, 3000, size)):
+        exchange(fuzz_server.port, mutate(stream, rng))
+        r.cases += 1
+        try:
+            worst = max(worst, served_in(fuzz_server.port, timeout=10))
+        except (OSError, RPCError) as exc:
+            r.failures += 1
+            r.notes.append(f"case {case}: {exc}")
+            break
+    r.served_after_s = worst
+    ok = wait_until(lambda: not children(fuzz_server.pid), timeout=15) and wait_until(
+        lambda: not session_workspaces(private_tmpdir), timeout=15)
+    extra = fds_of(fuzz_server.pid) - base_fds
+    r.leaks = "none" if ok and extra <= 2 else f"workers {children(fuzz_server.pid)}, fds +{extra}"
+    assert fuzz_server.alive and r.failures == 0, r.notes
+    assert r.leaks == "none"
+
+
+def test_fuzzed_tracker_messages(row, size):
+    r = row("tracker protocol fuzz")
+    messages = record_tracker_conversation()
+    rng = random.Random(7)
+    with rpc.Tracker(port=0, silent=True) as tracker, rpc.connect_tracker(HOST, tracker.port) as watcher:
+        worst = 0.0
+        for case in range(scale(300, 5000, size)):
+            picked = rng.sample(messages, rng.randint(1, len(messages)))
+            exchange(tracker.port, MAGIC_BYTES + mutate(b"".join(picked), rng), timeout=1.0)
+            r.cases += 1
+            start = time.perf_counter()
+            try:
+                watcher.summary()
+            except (OSError, RPCError) as exc:
+                r.failures += 1
+                r.notes.append(f"case {case}: {exc}")
+                break
+            worst = max(worst, time.perf_counter() - start)
+        r.served_after_s = worst
+        assert tracker.alive and r.failures == 0, r.notes
+        assert wait_until(lambda: "fuzz" not in watcher.summary()["queue_info"], timeout=10), \
+            "queues of fuzzed keys outlived their connections"
+
+
+def test_many_sessions_leak_nothing(private_tmpdir, row, size):
+    r = row("sessions opened and closed")
+    srv = rpc.Server(port=0, silent=True)
+    try:
+        served_in(srv.port)
+        base_fds, own_fds = fds_of(srv.pid), fds_of(os.getpid())
+        worst = 0.0
+        for _ in range(scale(200, 1000, size)):
+            worst = max(worst, served_in(srv.port))
+            r.cases += 1
+        r.served_after_s = worst
+        clean = wait_until(lambda: not children(srv.pid), 15) and wait_until(
+            lambda: not session_workspaces(private_tmpdir), 15)
+        extra, own = fds_of(srv.pid) - base_fds, fds_of(os.getpid()) - own_fds
+        r.leaks = "none" if clean and extra <= 2 and own <= 2 else \
+            f"workers {children(srv.pid)}, dirs {len(session_workspaces(private_tmpdir))}, fds +{extra}/+{own}"
+        assert r.leaks == "none"
+    finally:
+        srv.terminate()
+
+
+def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size):
+    r = row("idle connections, server at 1024 fds")
+    count = scale(1200, 2000, size)
+    srv = rpc.Server(port=0, silent=True)
+    idle: list[socket.socket] = []
+    try:
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+        need = count + 256
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        for _ in range(count):
+            try:
+                idle.append(socket.create_connection((HOST, srv.port), timeout=5))
+            except OSError as exc:  # the backlog is full: the server is refusing, which is allowed
+                r.notes.append(f"connect {len(idle)}: {exc}")
+                break
+        r.cases = len(idle)
+        worst = 0.0
+        for _ in range(5):
+            try:
+                worst = max(worst, served_in(srv.port, timeout=30))
+            except (OSError, RPCError) as exc:
+                r.failures += 1
+                r.notes.append(str(exc))
+        r.served_after_s = worst
+        assert srv.alive, "the server died at the fd limit"
+        assert r.failures == 0, r.notes
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.terminate()
+
+
+def test_slow_drip_handshakes(private_tmpdir, row, size):
+    r = row("slow-drip handshakes")
+    count = scale(60, 200, size)
+    seconds = scale(4, 20, size)
+    srv = rpc.Server(port=0, silent=True)
+    drips: list[socket.socket] = []
+    preamble = PREAMBLE.pack(MAGIC, VERSION, 0)
+    try:
+        for _ in range(count):
+            drips.append(socket.create_connection((HOST, srv.port), timeout=5))
+        r.cases = len(drips)
+        worst, sent = 0.0, 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for sock in drips:  # one byte of the preamble, then of garbage, every round
+                try:
+                    sock.send(preamble[sent:sent + 1] or b"\x00")
+                except OSError:
+                    pass  # closed by the server's handshake deadline: allowed
+            sent += 1
+            try:
+                worst = max(worst, served_in(srv.port, timeout=30))
+            except (OSError, RPCError) as exc:
+                r.failures += 1
+                r.notes.append(str(exc))
+            time.sleep(1.0)
+        r.served_after_s = worst
+        assert srv.alive and r.failures == 0, r.notes
+    finally:
+        for sock in drips:
+            sock.close()
+        srv.terminate()
+
+
+def test_farm_under_chaos(private_tmpdir, row, size):
+    """Clients and servers are killed at random; every request is served or answered with an error, none stuck."""
+    r = row("farm under chaos")
+    seconds = scale(8, 60, size)
+    bound = 40.0  # a request that takes longer than this is stuck
+    rng = random.Random(11)
+    stop = threading.Event()
+    durations: list[float] = []
+    outcomes = {"served": 0, "error": 0}
+    lock = threading.Lock()
+    with LocalFarm({"chaos": 3}) as farm:
+        spares: list[rpc.Server] = []
+
+        def client(seed: int) -> None:
+            crng = random.Random(seed)
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    with farm.connect() as tracker:
+                        remote = tracker.request("chaos", timeout=10)
+                    with remote:
+                        remote.upload(b"x" * crng.randint(1, 1 << 16), target="blob")
+                        if crng.random() < 0.2:
+                            remote._chan.close()  # a client that vanishes mid-session
+                        else:
+                            remote.listdir(".")
+                    ok = True
+                except (OSError, RPCError):
+                    ok = False
+                with lock:
+                    durations.append(time.monotonic() - start)
+                    outcomes["served" if ok else "error"] += 1
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 0.8))
+            servers = farm.servers + spares
+            victim = rng.choice(servers)
+            workers = children(victim.pid)
+            if workers and rng.random() < 0.7:  # kill a session worker: its client gets an error
+                try:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            elif len([s for s in servers if s.alive]) > 2:  # kill a server and start another in its place
+                victim.terminate()
+                spares.append(rpc.Server(port=0, tracker_addr=farm.tracker_addr, key="chaos", silent=True))
+        stop.set()
+        for t in threads:
+            t.join(bound + 15)
+        stuck = [t for t in threads if t.is_alive()]
+        for spare in spares:
+            spare.terminate()
+    r.cases = outcomes["served"] + outcomes["error"]
+    r.failures = len(stuck) + sum(d > bound for d in durations)
+    r.served_after_s = max(durations) if durations else None
+    r.notes.append(f"{outcomes['served']} served, {outcomes['error']} errors")
+    assert not stuck, "client threads stuck"
+    assert r.failures == 0, f"requests over {bound} s: {sorted(durations)[-3:]}"
+    assert outcomes["served"] > 0
+
+
+def report_table(rows: list[dict]) -> str:
+    """The figures of every reliability test of the run, one line each."""
+    header = ["reliability", "cases", "failures", "served after (worst)", "leaks", "notes"]
+    lines = [[r["name"], str(r["cases"]), str(r["failures"]),
+              "-" if r["served_after_s"] is None else f"{r['served_after_s'] * 1e3:.0f} ms", r["leaks"],
+              "; ".join(r["notes"])[:80]] for r in rows]
+    widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
