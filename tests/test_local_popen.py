@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from workbench import rpc, runtime
-from workbench.errors import PathDeniedError, RemoteError, SessionCrashedError
+from workbench.errors import ConnectionClosedError, PathDeniedError, RemoteError, SessionCrashedError
 
 
 def exercise(remote, kernels):
@@ -66,5 +66,5 @@ def test_popen_session_from_bytes_of_an_executable(tmp_path):
 def test_popen_session_bad_binary():
     with pytest.raises(OSError, match="cannot start the server binary"):
         rpc.PopenSession("/no/such/server")
-    with pytest.raises(Exception, match="closed the connection during the handshake"):
+    with pytest.raises(ConnectionClosedError, match="closed the connection during the handshake"):
         rpc.PopenSession([shutil.which("true")])

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from workbench import rpc, runtime
-from workbench.errors import AuthenticationError, KeyMismatchError, RemoteError, SessionTimeoutError
+from workbench.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    KeyMismatchError,
+    RemoteError,
+    SessionTimeoutError,
+)
 
 from .conftest import assert_clean, children, session_workspaces, wait_until
 
@@ -169,7 +175,7 @@ def test_idle_socket_timeout(private_tmpdir):
         remote = rpc.connect("127.0.0.1", srv.port)
         assert remote.listdir(".") == []
         assert wait_until(lambda: not children(srv.pid), timeout=5)  # the idle session was ended
-        with pytest.raises(Exception, match="lost|closed"):
+        with pytest.raises(ConnectionClosedError, match="lost|closed"):
             remote.listdir(".")
         assert_clean(srv, private_tmpdir)
 
