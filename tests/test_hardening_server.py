@@ -421,9 +421,9 @@ def test_a_client_killed_mid_call_frees_its_worker_and_the_device(private_tmpdir
 
 # -- 12: crash notices never stall the server -----------------------------------------------------
 def test_workers_of_clients_that_do_not_read_never_stall_the_server(private_tmpdir):
-    """12 clients ask for 32 MiB and read nothing; their workers die: a new client is served at once."""
+    """20 clients ask for 32 MiB and read nothing; their workers die: a new client is served at once."""
     with rpc.Server(port=0, silent=True) as srv:
-        peers = [RawPeer.connect(srv.port) for _ in range(12)]
+        peers = [RawPeer.connect(srv.port) for _ in range(20)]
         try:
             for peer in peers:
                 peer.handshake()
@@ -435,9 +435,9 @@ def test_workers_of_clients_that_do_not_read_never_stall_the_server(private_tmpd
                     time.sleep(0.05)
                     return before > 32 << 10 and bytes_waiting(peer.sock) == before
 
-                assert wait_until(full)
+                assert wait_until(full, timeout=30)
             workers = children(srv.pid)
-            assert len(workers) == 12
+            assert len(workers) == 20
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
             assert wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or
@@ -446,7 +446,7 @@ def test_workers_of_clients_that_do_not_read_never_stall_the_server(private_tmpd
             start = time.monotonic()
             with rpc.connect(HOST, srv.port, connect_timeout=30) as remote:
                 remote.ping()
-            assert time.monotonic() - start < 5  # one second per dead worker would be 12 s
+            assert time.monotonic() - start < 10  # a bound, not a benchmark: one second per dead worker was 20 s
         finally:
             for peer in peers:
                 peer.close()

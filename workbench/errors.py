@@ -22,6 +22,7 @@ class ErrorCode(IntEnum):
     WORKER_DIED = 10  # the session worker crashed or exited
     TOO_LARGE = 11  # a frame or transfer over the limits
     UNSUPPORTED = 12  # a feature this server does not have (session constructor, ...)
+    BUSY = 13  # "server busy" / "proxy busy": at a limit (max_sessions, file descriptors, processes, disk)
 
 
 class WorkbenchError(Exception):
@@ -91,6 +92,22 @@ class UnsupportedError(RPCError):
     code = ErrorCode.UNSUPPORTED
 
 
+class ServerBusyError(RPCError):
+    """The server or proxy is at a limit and refused this connection; the service goes on: try again later.
+
+    Raised for "server busy" (``max_sessions`` sessions running, too many
+    connections in their handshake, out of file descriptors, processes or
+    disk) and "proxy busy" (too many clients of one address waiting).
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     remote = rpc.connect("127.0.0.1", 9091)
+        ... except ServerBusyError:
+        ...     time.sleep(1.0)  # then connect again
+    """
+
+    code = ErrorCode.BUSY
+
+
 class ConnectionClosedError(RPCError, ConnectionError):
     """The peer closed the connection."""
 
@@ -112,6 +129,7 @@ _BY_CODE = {
         SessionCrashedError,
         TooLargeError,
         UnsupportedError,
+        ServerBusyError,
     )
 }
 

@@ -6,12 +6,21 @@ Servers reach it with ``rpc_server --host PROXY --port PORT --through-proxy --ke
 clients connect to it as to a server, with the key. Runs until Ctrl-C or SIGTERM.
 A client whose key's servers are busy or were here within the last minute waits
 up to --timeout-client seconds for one to come back.
+
+    WORKBENCH_PROXY_TOKEN=secret python -m workbench.exec.rpc_proxy --port 9090
+
+With a token (--auth-token or WORKBENCH_PROXY_TOKEN) only servers started with
+the same --registration-token may wait at the proxy. --registration-token (or
+WORKBENCH_REGISTRATION_TOKEN) is what the proxy proves to a --tracker that has
+an auth token.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from ..rpc.registration import PROXY_TOKEN_ENV, REGISTRATION_TOKEN_ENV
 from ..rpc.proxy import HANDSHAKE_TIMEOUT_S, MAX_CLIENTS_PER_SOURCE, PAIRING_TIMEOUT_S, TIMEOUT_CLIENT_S, serve_proxy
 from .rpc_server import parse_tracker
 
@@ -34,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a paired client has to send its CONNECT (default %(default)g)")
     parser.add_argument("--max-clients-per-source", type=int, default=MAX_CLIENTS_PER_SOURCE, metavar="N",
                         help="clients of one address held or being paired at once (default %(default)d)")
+    parser.add_argument("--auth-token", default=None, metavar="TOKEN",
+                        help=f"servers must prove this token to wait here (their --registration-token / "
+                             f"{REGISTRATION_TOKEN_ENV}). Prefer the {PROXY_TOKEN_ENV} variable: command lines are "
+                             "visible to other users")
+    parser.add_argument("--registration-token", default=None, metavar="TOKEN",
+                        help=f"the token to prove to a --tracker started with --auth-token (prefer the "
+                             f"{REGISTRATION_TOKEN_ENV} variable)")
     args = parser.parse_args(argv)
     config = {"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent,
               "tracker_addr": list(args.tracker) if args.tracker else None, "custom_addr": args.custom_addr,
               "timeout_client": args.timeout_client, "handshake_timeout": args.handshake_timeout,
-              "pairing_timeout": args.pairing_timeout, "max_clients_per_source": args.max_clients_per_source}
+              "pairing_timeout": args.pairing_timeout, "max_clients_per_source": args.max_clients_per_source,
+              "auth_token": args.auth_token or os.environ.get(PROXY_TOKEN_ENV) or None,
+              "registration_token": args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None}
     try:
         serve_proxy(config)
     except ValueError as exc:

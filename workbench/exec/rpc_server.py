@@ -3,6 +3,7 @@
     python -m workbench.exec.rpc_server --host 127.0.0.1 --port 9090
     WORKBENCH_RPC_TOKEN=secret python -m workbench.exec.rpc_server --port 9090
     python -m workbench.exec.rpc_server --port 9090 --max-sessions 8 --idle-timeout 600
+    WORKBENCH_REGISTRATION_TOKEN=secret python -m workbench.exec.rpc_server --tracker 127.0.0.1:9190 --key rasp
 
 Runs in the foreground until Ctrl-C or SIGTERM, which also end every session.
 """
@@ -13,6 +14,7 @@ import os
 import sys
 
 from ..rpc.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
+from ..rpc.registration import REGISTRATION_TOKEN_ENV
 from ..rpc.serve import serve
 from ..rpc.server import ServerConfig, callable_spec, check_max_sessions
 from ..rpc.service import configure_cli_logging
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth-token", default=None,
                         help=f"accept only clients knowing this token (prefer the {TOKEN_ENV} variable: "
                              "command lines are visible to other users)")
+    parser.add_argument("--registration-token", default=None, metavar="TOKEN",
+                        help="the token to prove to a --tracker or proxy (--through-proxy) started with --auth-token "
+                             f"(prefer the {REGISTRATION_TOKEN_ENV} variable)")
     args = parser.parse_args(argv)
     try:
         check_max_sessions(args.max_sessions)
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout, token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
         tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr, labels=labels,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
+        registration_token=args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None,
     )
     configure_cli_logging(args.silent)
     try:

@@ -6,12 +6,21 @@ Runs in the foreground until Ctrl-C or SIGTERM. TVM servers and TVM's
 query_rpc_tracker work with it as with TVM's own tracker. A connection that
 sends nothing, or does not read its replies, is closed after the timeouts below
 (0: never); servers and waiting requests are never idle.
+
+    WORKBENCH_TRACKER_TOKEN=secret python -m workbench.exec.rpc_tracker --port 9190
+
+With a token (--auth-token or WORKBENCH_TRACKER_TOKEN) only servers started
+with the same --registration-token may register; TVM's own rpc_server cannot
+(its registration is refused and logged), so leave it off for TVM servers.
+Clients need no token to request devices or read the summary.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from ..rpc.registration import REGISTRATION_TOKEN_ENV, TRACKER_TOKEN_ENV
 from ..rpc.tracker import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, WRITE_TIMEOUT_S, serve_tracker
 
 
@@ -29,10 +38,15 @@ def main(argv: list[str] | None = None) -> int:
                              "silent for this long (default %(default)g; 0: never)")
     parser.add_argument("--write-timeout", type=float, default=WRITE_TIMEOUT_S, metavar="S",
                         help="close a connection that reads none of its replies for this long (default %(default)g)")
+    parser.add_argument("--auth-token", default=None, metavar="TOKEN",
+                        help=f"servers must prove this token to register (their --registration-token / "
+                             f"{REGISTRATION_TOKEN_ENV}); TVM's own servers then cannot register. Prefer the "
+                             f"{TRACKER_TOKEN_ENV} variable: command lines are visible to other users")
     args = parser.parse_args(argv)
     config = {"host": args.host, "port": args.port, "port_end": args.port_end, "silent": args.silent,
               "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
-              "write_timeout": args.write_timeout}
+              "write_timeout": args.write_timeout,
+              "auth_token": args.auth_token or os.environ.get(TRACKER_TOKEN_ENV) or None}
     try:
         serve_tracker(config)
     except ValueError as exc:

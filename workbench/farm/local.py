@@ -25,11 +25,16 @@ class LocalFarm:
 
     The constructor returns once every server is registered; everything ends
     on ``close()``, on leaving a ``with`` block (Ctrl-C included), when the
-    farm is collected, or when this process exits.
+    farm is collected, or when this process exits. With ``registration_token``
+    the farm's tracker takes registrations only from servers that prove it
+    (the farm's own do; add others with ``registration_token=`` too).
+
+        >>> with LocalFarm({"local": 2}, registration_token="s3cret") as farm:  # doctest: +SKIP
+        ...     remote = farm.request("local")
     """
 
     def __init__(self, servers: Mapping[str, int] | None = None, *, host: str = "127.0.0.1", silent: bool = True,
-                 **server_options: Any):
+                 registration_token: str | None = None, **server_options: Any):
         if servers is not None and not isinstance(servers, Mapping):
             raise ValueError(f"LocalFarm takes {{key: number of servers}}, e.g. {{'local': 2}}, not {servers!r}")
         self.servers_per_key = dict(servers or {"local": 1})
@@ -41,11 +46,12 @@ class LocalFarm:
         self.tracker: Tracker | None = None
         self.servers: list[Server] = []
         try:
-            self.tracker = Tracker(host=host, port=0, silent=silent)
+            self.tracker = Tracker(host=host, port=0, silent=silent, auth_token=registration_token)
             for key, count in self.servers_per_key.items():
                 for _ in range(count):
                     self.servers.append(Server(host=host, port=0, key=key, tracker_addr=(host, self.tracker.port),
-                                               silent=silent, **server_options))
+                                               silent=silent, registration_token=registration_token,
+                                               **server_options))
             self._wait_registered()
         except BaseException:
             self.close()

@@ -189,6 +189,8 @@ class BenchmarkResult:
         head = "".join(f"<th>{label}</th>" for label, _ in stats)
         cells = "".join(f"<td>{_number(value * scale, 4)} {unit}</td>" for _, value in stats)
         number = self.config.get("number")
+        if number is not None and (self.config.get("min_repeat_ms") or 0) > 0:
+            number = f"≥ {number}"  # the device raised it until a run lasted min_repeat_ms
         shown = [format_seconds(r) for r in self.results[:20]]
         spark = sparkline_svg(self.results, title="per-repeat time per call: " + ", ".join(shown)
                               + (", …" if len(self.results) > len(shown) else ""))

@@ -555,16 +555,10 @@ def client_handshake(
     import hmac
 
     from ..errors import AuthenticationError
-    from .handshake import ERROR_BUSY, TOKEN_ENV as token_env, auth_proof, check_session_timeout, server_proof
+    from .handshake import TOKEN_ENV as token_env, auth_proof, check_session_timeout, server_proof
     from .protocol import NONCE_BYTES
 
     session_timeout = check_session_timeout(session_timeout)
-
-    def refusal(ctrl: Any) -> RPCError:
-        if isinstance(ctrl, list) and len(ctrl) >= 2 and ctrl[0] == ERROR_BUSY and isinstance(ctrl[1], str):
-            busy = error_reply(ctrl)  # "server busy": its own class once workbench.errors names the code
-            return busy if type(busy) is not RPCError else RPCError(ctrl[1], code=ERROR_BUSY)
-        return error_reply(ctrl)
 
     try:
         chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
@@ -577,7 +571,7 @@ def client_handshake(
         for _ in range(MAX_PROXY_HOPS + 1):
             frame = chan.recv_frame()
             if frame.kind == Kind.ERROR:
-                raise refusal(frame.ctrl)
+                raise error_reply(frame.ctrl)
             hello = frame.ctrl
             if frame.kind != Kind.HELLO or not isinstance(hello, dict):
                 raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
@@ -604,7 +598,7 @@ def client_handshake(
         chan.send_frame(Kind.CONNECT, connect)
         frame = chan.recv_frame()
         if frame.kind == Kind.ERROR:
-            raise refusal(frame.ctrl)
+            raise error_reply(frame.ctrl)
         info = frame.ctrl
         if frame.kind != Kind.OK or not isinstance(info, dict):
             raise ProtocolError(f"{address} answered CONNECT with kind {frame.kind} where OK was expected")

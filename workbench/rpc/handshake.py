@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import (
     AuthenticationError,
+    ErrorCode,
     KeyMismatchError,
     ProtocolError,
     RPCError,
@@ -36,7 +37,7 @@ TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 HANDSHAKE_TIMEOUT_S = 10.0  # the whole handshake, from accept to CONNECT, not each read
 MAX_SESSION_TIMEOUT_S = 365 * 24 * 3600.0  # one year; 0 means no limit
 MAX_CONNECT_CTRL = 64 << 10  # a CONNECT control part is a few hundred bytes
-ERROR_BUSY = 13  # "server busy" (max_sessions reached, or out of processes, files or disk)
+ERROR_BUSY = ErrorCode.BUSY  # "server busy" (max_sessions reached, or out of processes, files or disk)
 SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect")
 CLIENT_LABEL = b"workbench-rpc-v1"
 SERVER_LABEL = b"workbench-rpc-v1-server"

@@ -21,14 +21,25 @@ limit it closes the oldest unfinished opening to make room, or refuses with
 "proxy busy" and stops accepting for a moment (never spinning), and the
 sessions it relays go on.
 
+With ``auth_token``, a server may wait here only after proving it knows the
+token: the proxy answers its REGISTER with a HELLO carrying a fresh nonce, and
+the server's second REGISTER must carry ``registration_proof(token, nonce,
+"proxy")`` (workbench.rpc.registration; the server's ``registration_token``),
+else it is refused with ERROR ``AUTH`` and closed. Wrong proofs from one
+address are checked at most once per ``min(0.25 s * 2**(n-1), 4 s)``; earlier
+ones are refused unchecked. Clients need no token here (their session's
+handshake, token included, is end to end with the server).
+
     >>> proxy = rpc.Proxy(port=0)                                                   # doctest: +SKIP
     >>> rpc.Server(host="127.0.0.1", port=proxy.port, is_proxy=True, key="phone")   # doctest: +SKIP
     >>> rpc.connect("127.0.0.1", proxy.port, key="phone")                          # doctest: +SKIP
 """
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
+import os
 import select
 import selectors
 import socket
@@ -37,10 +48,10 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable
 
-from ..errors import ErrorCode
-from .protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack, unpack
-from .handshake import ERROR_BUSY
-from .registration import TrackerRegistration
+from ..errors import AuthenticationError, ErrorCode
+from .protocol import FLAG_SERVER, HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, pack, unpack
+from .handshake import AuthThrottle, refusal_text
+from .registration import REGISTRATION_TOKEN_ENV, TrackerRegistration, check_token, registration_proof, token_or_env
 from .relay import Relay
 from .service import ServiceHandle, ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
 from .tracker import check_timeout
@@ -61,10 +72,16 @@ class Proxy(ServiceHandle):
     ``timeout_client`` (seconds, 0: refuse at once) is how long a client waits
     for a server of its key to come back (TVM's proxy has the same knob);
     ``handshake_timeout``, ``pairing_timeout`` and ``max_clients_per_source``
-    bound what a stranger can hold (see the module doc).
+    bound what a stranger can hold (see the module doc). ``auth_token``:
+    servers must prove they know it to wait here (their
+    ``registration_token``); None: any server may. ``registration_token``
+    (None: ``$WORKBENCH_REGISTRATION_TOKEN``) is what the proxy proves to a
+    ``tracker_addr`` started with an auth token.
 
         >>> with rpc.Proxy(port=0, timeout_client=10) as proxy:           # doctest: +SKIP
         ...     rpc.connect("127.0.0.1", proxy.port, key="phone")
+        >>> proxy = rpc.Proxy(port=0, auth_token="s3cret")                                   # doctest: +SKIP
+        >>> rpc.Server(port=proxy.port, is_proxy=True, key="phone", registration_token="s3cret")  # doctest: +SKIP
     """
 
     what = "RPC proxy"
@@ -82,11 +99,15 @@ class Proxy(ServiceHandle):
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         pairing_timeout: float = PAIRING_TIMEOUT_S,
         max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
+        auth_token: str | None = None,
+        registration_token: str | None = None,
     ):
         self.host = host
         self._start("workbench.rpc.proxy", dict(
             {"host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
-             "tracker_addr": list(tracker_addr) if tracker_addr else None},
+             "tracker_addr": list(tracker_addr) if tracker_addr else None,
+             "auth_token": check_token("auth_token", auth_token),
+             "registration_token": token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV)},
             **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source)))
 
 
@@ -110,7 +131,7 @@ def proxy_limits(timeout_client: float | None = TIMEOUT_CLIENT_S, handshake_time
 class _Incoming:
     """A connection whose opening (preamble and first frame) has not fully arrived; it holds no more than that."""
 
-    __slots__ = ("sock", "host", "buf", "preamble", "is_server", "deadline")
+    __slots__ = ("sock", "host", "buf", "preamble", "is_server", "deadline", "nonce", "key", "info")
 
     def __init__(self, sock: socket.socket, host: str, deadline: float):
         self.sock = sock
@@ -119,6 +140,9 @@ class _Incoming:
         self.preamble: bytes | None = None
         self.is_server = False
         self.deadline = deadline
+        self.nonce: bytes | None = None  # a server challenged for its registration proof (auth_token set)
+        self.key = ""  # and the key and info of its first REGISTER
+        self.info: dict = {}
 
     def need(self) -> int:
         """Bytes still missing from the part of the opening being read."""
@@ -156,8 +180,11 @@ class ProxyLoop(ServiceLoop):
     def __init__(self, listener: socket.socket, owner_fd: int | None = None,
                  tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None,
                  *, timeout_client: float = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                 pairing_timeout: float = PAIRING_TIMEOUT_S, max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE):
+                 pairing_timeout: float = PAIRING_TIMEOUT_S, max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
+                 auth_token: str | None = None, registration_token: str | None = None):
         super().__init__(listener, owner_fd)
+        self.auth_token = auth_token
+        self.throttle = AuthThrottle()  # wrong registration proofs, by address
         self.timeout_client = timeout_client or 0.0
         self.handshake_timeout = handshake_timeout
         self.pairing_timeout = pairing_timeout
@@ -179,11 +206,11 @@ class ProxyLoop(ServiceLoop):
         self._published: str | None = None
         # told to a connection refused at the file-descriptor limit (a client reads it as "busy")
         self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + _frame(
-            Kind.ERROR, [ERROR_BUSY, "proxy busy: it is out of file descriptors; try again later"])
+            Kind.ERROR, [ErrorCode.BUSY, "proxy busy: it is out of file descriptors; try again later"])
         self.registration = None
         if tracker_addr:
             self.registration = TrackerRegistration(
-                tracker_addr, listener.getsockname()[1], custom_addr, {"key": "server:proxy[]"}
+                tracker_addr, listener.getsockname()[1], custom_addr, {"key": "server:proxy[]"}, registration_token
             )
 
     # -- event loop -------------------------------------------------------------------
@@ -326,6 +353,13 @@ class ProxyLoop(ServiceLoop):
         except Exception as exc:
             self._close_incoming(conn, (ErrorCode.PROTOCOL, f"malformed control message: {exc}"))
             return True
+        if conn.nonce is not None:  # a challenged server: its second REGISTER carries the proof
+            if kind != Kind.REGISTER or not isinstance(ctrl, dict):
+                self._close_incoming(conn, (ErrorCode.PROTOCOL,
+                                            "the proxy expected REGISTER {proof: ...} after its HELLO"))
+            else:
+                self._check_proof(conn, ctrl.get("proof"))
+            return True
         expected = Kind.REGISTER if conn.is_server else Kind.PROXY_CONNECT
         key = ctrl.get("key") if isinstance(ctrl, dict) else None
         if kind == Kind.PROXY_CONNECT and key == "":
@@ -339,10 +373,53 @@ class ProxyLoop(ServiceLoop):
         conn.buf = bytearray()
         if conn.is_server:
             info = ctrl.get("info")
+            if self.auth_token:
+                return self._challenge(conn, key, info if isinstance(info, dict) else {})
             self._register(conn, key, info if isinstance(info, dict) else {})
         else:
             self._client(conn, key)
         return True
+
+    # -- registration tokens ----------------------------------------------------------------
+    def _challenge(self, conn: _Incoming, key: str, info: dict) -> bool:
+        """Ask a server for its registration proof over a fresh nonce; True once ``conn`` has left ``incoming``."""
+        conn.key, conn.info = key, info
+        conn.nonce = os.urandom(NONCE_BYTES)
+        hello = _frame(Kind.HELLO, {"version": VERSION, "proxy": True, "auth": True, "nonce": conn.nonce})
+        try:
+            sent = conn.sock.send(hello)
+        except OSError:
+            sent = 0
+        if sent != len(hello):
+            self._close_incoming(conn)
+            return True
+        return False  # its next frame, REGISTER {proof}, is read like the first
+
+    def _check_proof(self, conn: _Incoming, proof: object) -> None:
+        """A challenged server's second REGISTER: register it if its proof is right, else refuse with AUTH."""
+        host, now = conn.host, time.monotonic()
+        if not proof:
+            text = (f"this proxy takes only servers that prove they know its registration token: start the server "
+                    f"with registration_token=... (rpc_server --registration-token, or ${REGISTRATION_TOKEN_ENV})")
+        else:
+            turn = self.throttle.wait_until(host, now)
+            if turn > now:
+                text = (f"{self.throttle.failures(host, now)} wrong registration proofs came from {host}: its next "
+                        f"proof is checked in {turn - now:.2f} s at the earliest; try again then")
+                self._close_incoming(conn, (ErrorCode.AUTH, text))
+                return
+            self.throttle.attempt(host, now)
+            expected = registration_proof(self.auth_token, conn.nonce, "proxy")
+            if isinstance(proof, bytes) and hmac.compare_digest(proof, expected):
+                self.throttle.succeeded(host)
+                self._register(conn, conn.key, conn.info)
+                return
+            delay = self.throttle.failed(host, now)
+            text = refusal_text(AuthenticationError(
+                "wrong registration token: the server's registration_token differs from the proxy's --auth-token"),
+                self.throttle.failures(host, now), delay)
+        log.warning("refused a server of key %r from %s: %s", conn.key, host, text)
+        self._close_incoming(conn, (ErrorCode.AUTH, text))
 
     # -- servers ------------------------------------------------------------------------
     def _register(self, conn: _Incoming, key: str, info: dict) -> None:
@@ -420,7 +497,7 @@ class ProxyLoop(ServiceLoop):
             self._close_incoming(conn, (ErrorCode.NO_DEVICE, self._no_server(base)))
             return
         if busy >= self.max_clients_per_source:
-            self._close_incoming(conn, (ERROR_BUSY, (
+            self._close_incoming(conn, (ErrorCode.BUSY, (
                 f"proxy busy: {busy} clients from {conn.host} are already waiting for servers at this proxy (at most "
                 f"{self.max_clients_per_source}); wait for them to be served, or start the proxy with a larger "
                 "--max-clients-per-source")))
@@ -655,13 +732,16 @@ def serve_proxy(config: dict[str, Any], ready: Callable[[int], None] | None = No
     setup_logging(config.get("silent", False))
     limits = proxy_limits(**{k: config[k] for k in ("timeout_client", "handshake_timeout", "pairing_timeout",
                                                     "max_clients_per_source") if config.get(k) is not None})
+    tokens = {k: check_token(k, config.get(k)) for k in ("auth_token", "registration_token")}
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9090)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
     stop_on_signals()
     port = listener.getsockname()[1]
     tracker = config.get("tracker_addr")
-    log.info("RPCProxy: bind to %s:%d", config.get("host", "127.0.0.1"), port)
-    loop = ProxyLoop(listener, owner_fd, tuple(tracker) if tracker else None, config.get("custom_addr"), **limits)
+    log.info("RPCProxy: bind to %s:%d%s", config.get("host", "127.0.0.1"), port,
+             " (servers register with the registration token only)" if tokens["auth_token"] else "")
+    loop = ProxyLoop(listener, owner_fd, tuple(tracker) if tracker else None, config.get("custom_addr"), **limits,
+                     **tokens)
     if ready:
         ready(port)
     loop.run()

@@ -62,7 +62,7 @@ from .protocol import (
     pack,
     unpack,
 )
-from .registration import TrackerRegistration
+from .registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
 from .server import ServerConfig, default_max_sessions, resolve_callable
 from .service import ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
 from .worker import (
@@ -131,15 +131,22 @@ class Handshake:
 
 
 class ProxyLink:
-    """A server's connection waiting at a proxy (``is_proxy=True``): one session at a time."""
+    """A server's connection waiting at a proxy (``is_proxy=True``): one session at a time.
 
-    def __init__(self, addr: tuple[str, int], key: str, info: dict):
+    ``token`` is the proxy's registration token: a proxy started with an auth
+    token answers REGISTER with a HELLO carrying a nonce, and takes the server
+    once its second REGISTER carries ``registration_proof(token, nonce, "proxy")``.
+    """
+
+    def __init__(self, addr: tuple[str, int], key: str, info: dict, token: str | None = None):
         self.addr = addr
         self.key = key
         self.info = info
+        self.token = token
         self.sock: socket.socket | None = None
         self._retry_at = 0.0
         self._backoff = 0.1
+        self._refusals = RefusalLog()  # a wrong token is logged at WARNING once, not at every retry
 
     def poll(self, now: float) -> float:
         """Connect and register if due; return the seconds until the next attempt."""
@@ -149,8 +156,15 @@ class ProxyLink:
             try:
                 self.sock = self._register()
                 self._backoff = 0.1
+                self._refusals.reset()
                 log.info("waiting at the proxy %s:%d as key %r", *self.addr, self.key)
                 return 3600.0
+            except AuthenticationError as exc:
+                text = str(exc)
+                log.log(self._refusals.level(text), "the proxy %s:%d refused this server: %s; retrying in %.1f s",
+                        *self.addr, text, self._backoff)
+                self._retry_at = now + self._backoff
+                self._backoff = min(self._backoff * 2, 5.0)
             except (OSError, RPCError) as exc:
                 level = logging.WARNING if isinstance(exc, ProtocolError) else logging.INFO
                 log.log(level, "proxy %s:%d unreachable (%s); retrying in %.1f s", *self.addr, exc, self._backoff)
@@ -164,19 +178,21 @@ class ProxyLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             body = pack({"key": self.key, "info": self.info})
             sock.sendall(PREAMBLE.pack(MAGIC, VERSION, FLAG_SERVER) + HEADER.pack(len(body), Kind.REGISTER, 0, 0) + body)
-            head = _recv_exact(sock, HEADER.size)  # exactly: what follows is a client's
-            if head[:4] == MAGIC:  # a preamble: a server answered, not a proxy
-                raise ProtocolError(
-                    f"{self.addr[0]}:{self.addr[1]} is an RPC server, not a proxy: a server started with "
-                    "is_proxy=True (--through-proxy) needs the address of an RPC proxy "
-                    "(python -m workbench.exec.rpc_proxy; rpc_server and rpc_proxy both default to port 9090: "
-                    "give one of them another --port)"
-                )
-            ctrl_len, kind, _, _ = HEADER.unpack(head)
-            if ctrl_len > MAX_CONNECT_CTRL:
-                raise ProtocolError(f"{self.addr[0]}:{self.addr[1]} answered REGISTER with a {ctrl_len}-byte message: "
-                                    "is it an RPC proxy?")
-            ctrl = unpack(_recv_exact(sock, ctrl_len))
+            kind, ctrl = self._reply(sock, first=True)
+            if kind == Kind.HELLO:  # a proxy with an auth token: prove the registration token over its nonce
+                nonce = ctrl.get("nonce") if isinstance(ctrl, dict) and ctrl.get("auth") else None
+                if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+                    raise ProtocolError(f"the proxy at {self.addr[0]}:{self.addr[1]} answered REGISTER with a HELLO "
+                                        f"that carries no {NONCE_BYTES}-byte nonce")
+                if not self.token:
+                    raise AuthenticationError(
+                        f"the proxy at {self.addr[0]}:{self.addr[1]} takes only servers that prove its registration "
+                        f"token: start this server with registration_token=... (rpc_server --registration-token, or "
+                        f"${REGISTRATION_TOKEN_ENV}) holding the proxy's --auth-token"
+                    )
+                body = pack({"proof": registration_proof(self.token, nonce, "proxy")})
+                sock.sendall(HEADER.pack(len(body), Kind.REGISTER, 0, 0) + body)
+                kind, ctrl = self._reply(sock, first=False)
             if kind == Kind.ERROR:
                 raise error_from_code(*ctrl[:2])
             if kind != Kind.OK:
@@ -186,6 +202,22 @@ class ProxyLink:
         except BaseException:
             sock.close()
             raise
+
+    def _reply(self, sock: socket.socket, first: bool) -> tuple[int, Any]:
+        """One frame from the proxy, read exactly: what follows an OK is a client's."""
+        head = _recv_exact(sock, HEADER.size)
+        if first and head[:4] == MAGIC:  # a preamble: a server answered, not a proxy
+            raise ProtocolError(
+                f"{self.addr[0]}:{self.addr[1]} is an RPC server, not a proxy: a server started with "
+                "is_proxy=True (--through-proxy) needs the address of an RPC proxy "
+                "(python -m workbench.exec.rpc_proxy; rpc_server and rpc_proxy both default to port 9090: "
+                "give one of them another --port)"
+            )
+        ctrl_len, kind, _, _ = HEADER.unpack(head)
+        if ctrl_len > MAX_CONNECT_CTRL:
+            raise ProtocolError(f"{self.addr[0]}:{self.addr[1]} answered REGISTER with a {ctrl_len}-byte message: "
+                                "is it an RPC proxy?")
+        return kind, unpack(_recv_exact(sock, ctrl_len))
 
     def take(self) -> socket.socket | None:
         """The waiting connection became readable: a paired client (returned), or the proxy left."""
@@ -249,13 +281,14 @@ class ServeLoop(ServiceLoop):
         self.system_libs = load_libraries(config.load_library)
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
+        os.environ.pop(REGISTRATION_TOKEN_ENV, None)  # in config: session workers need not inherit it
         if listener is None:  # is_proxy: wait at the proxy instead of listening
             info = dict(device_info(), labels=config.labels)
-            self.proxy_link = ProxyLink((config.host, config.port), config.key, info)
+            self.proxy_link = ProxyLink((config.host, config.port), config.key, info, config.registration_token)
         elif config.tracker_addr:
             info = dict(device_info(), key=f"server:{config.key}", labels=config.labels)
             self.registration = TrackerRegistration(
-                config.tracker_addr, listener.getsockname()[1], config.custom_addr, info
+                config.tracker_addr, listener.getsockname()[1], config.custom_addr, info, config.registration_token
             )
             self.registration.offer(SELF, config.key)
 

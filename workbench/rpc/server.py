@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .handshake import HANDSHAKE_TIMEOUT_S, check_seconds
+from .registration import REGISTRATION_TOKEN_ENV, token_or_env
 from .service import ServiceHandle
 
 
@@ -70,6 +71,7 @@ class ServerConfig:
     max_sessions: int | None = None  # None: default_max_sessions() where the server runs
     idle_timeout: float | None = None  # end sessions that send no request for this long (None: never)
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S  # for the whole handshake, from accept to CONNECT
+    registration_token: str | None = None  # proved to the tracker or proxy this server registers with
 
 
 def callable_spec(func: Callable | str) -> str:
@@ -118,6 +120,10 @@ class Server(ServiceHandle):
     whose client sends no request for ``idle_timeout`` seconds is ended (None,
     the default: never; ``LocalFarm`` turns it on). ``timeout`` is TVM's: the
     socket timeout of a session's reads and writes.
+    ``registration_token`` (None: ``$WORKBENCH_REGISTRATION_TOKEN``) is what
+    the server proves when it registers with ``tracker_addr``, or waits at a
+    proxy (``is_proxy``), started with an auth token; with a wrong or missing
+    one it logs a warning and keeps retrying.
     The server ends with ``terminate()``, when this object is collected, or
     when this process exits. It logs through ``logging`` at this process's
     level for ``workbench`` (nothing below WARNING unless logging was set up);
@@ -150,6 +156,7 @@ class Server(ServiceHandle):
         max_sessions: int | None = None,
         idle_timeout: float | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        registration_token: str | None = None,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -176,6 +183,7 @@ class Server(ServiceHandle):
             max_sessions=check_max_sessions(max_sessions),
             idle_timeout=check_seconds("idle_timeout", idle_timeout),
             handshake_timeout=check_seconds("handshake_timeout", handshake_timeout, allow_none=False),
+            registration_token=token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV),
         )
         self.host = host
         self.key = key

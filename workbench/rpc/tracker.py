@@ -21,6 +21,17 @@ connection that never sent the magic (else the longest idle client) to make
 room, or stops accepting for a moment instead of spinning, and serves the
 connections it has.
 
+With ``auth_token``, only servers that prove they know it may register: a
+connection's PUT, and its UPDATE_INFO naming a server (``server:...``), are
+answered ``[-1, "..."]`` and ignored until it has answered a nonce of the
+tracker's with ``registration_proof`` (workbench.rpc.registration; the server's
+``registration_token``). Clients that only REQUEST or read SUMMARY need no
+token: the devices themselves are protected by the session token. TVM's own
+``rpc_server`` cannot prove a token, so a tracker with one refuses it (and
+logs why). Wrong proofs from one address are checked at most once per
+``min(0.25 s * 2**(n-1), 4 s)`` (n: its wrong proofs); earlier attempts are
+refused unchecked.
+
     >>> from workbench import rpc
     >>> tracker = rpc.Tracker(port=0)
     >>> rpc.Server(port=0, tracker_addr=("127.0.0.1", tracker.port), key="rasp")  # doctest: +SKIP
@@ -29,10 +40,12 @@ connections it has.
 from __future__ import annotations
 
 import heapq
+import hmac
 import itertools
 import json
 import logging
 import math
+import os
 import re
 import selectors
 import socket
@@ -40,7 +53,16 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable
 
-from ..errors import ProtocolError
+from ..errors import AuthenticationError, ProtocolError
+from .handshake import AuthThrottle, refusal_text
+from .registration import (
+    AUTH_NONCE,
+    AUTH_PROOF,
+    NONCE_BYTES,
+    REGISTRATION_TOKEN_ENV,
+    check_token,
+    registration_proof,
+)
 from .service import ServiceHandle, ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
 from .tracker_wire import GREETING, MAGIC_BYTES, NOTHING, Code, MessageReader, encode, quick_ack
 
@@ -64,10 +86,16 @@ class Tracker(ServiceHandle):
 
     ``handshake_timeout``, ``idle_timeout`` and ``write_timeout`` (seconds; 0
     or None: never) bound what a connection may hold (see the module doc).
+    ``auth_token``: servers must prove they know it to register (their
+    ``registration_token``); TVM's own servers then cannot register. None (the
+    default): anyone may register, as with TVM's tracker.
     Ends with ``terminate()``, when collected, or when this process exits.
 
         >>> with rpc.Tracker(port=0, idle_timeout=60) as tracker:  # doctest: +SKIP
         ...     print(rpc.connect_tracker("127.0.0.1", tracker.port).text_summary())
+        >>> tracker = rpc.Tracker(port=0, auth_token="s3cret")                          # doctest: +SKIP
+        >>> rpc.Server(port=0, key="rasp", tracker_addr=("127.0.0.1", tracker.port),    # doctest: +SKIP
+        ...            registration_token="s3cret")
     """
 
     what = "RPC tracker"
@@ -82,9 +110,11 @@ class Tracker(ServiceHandle):
         handshake_timeout: float | None = HANDSHAKE_TIMEOUT_S,
         idle_timeout: float | None = IDLE_TIMEOUT_S,
         write_timeout: float | None = WRITE_TIMEOUT_S,
+        auth_token: str | None = None,
     ):
         self.host = host
-        config = {"host": host, "port": port, "port_end": port_end, "silent": silent}
+        config = {"host": host, "port": port, "port_end": port_end, "silent": silent,
+                  "auth_token": check_token("auth_token", auth_token)}
         for name, value in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
                             ("write_timeout", write_timeout)):
             config[name] = check_timeout(name, value)
@@ -139,7 +169,7 @@ class _Queue:
 
 class _Conn:
     __slots__ = ("sock", "host", "reader", "out", "info", "values", "requests", "matchkeys",
-                 "greeted", "announced", "serves", "opened", "last_message", "last_write")
+                 "greeted", "announced", "serves", "opened", "last_message", "last_write", "authed", "nonce", "refused")
 
     def __init__(self, sock: socket.socket, host: str, now: float):
         self.sock = sock
@@ -154,6 +184,9 @@ class _Conn:
         self.announced = False  # sent UPDATE_INFO: a server (or a proxy), kept however quiet
         self.serves: tuple[str, ...] = ()  # the keys its UPDATE_INFO says it serves ("server:k", "server:proxy[a,b]")
         self.opened = self.last_message = self.last_write = now
+        self.authed = False  # proved the registration token (only asked of a tracker that has one)
+        self.nonce: bytes | None = None  # the registration nonce sent to it, good for one proof
+        self.refused = False  # a registration of it was refused (logged once per connection)
 
 
 def _name(value: Any, what: str, empty: bool = False) -> str:
@@ -203,7 +236,15 @@ def _show(value: Any) -> str:
 
 # the length of each request: (fewest, most) elements, code included
 _ARITY = {Code.PING: (1, 1), Code.STOP: (1, 2), Code.PUT: (3, 4), Code.REQUEST: (2, 4),
-          Code.UPDATE_INFO: (2, 2), Code.SUMMARY: (1, 1), Code.GET_PENDING_MATCHKEYS: (1, 1)}
+          Code.UPDATE_INFO: (2, 2), Code.SUMMARY: (1, 1), Code.GET_PENDING_MATCHKEYS: (1, 1),
+          AUTH_NONCE: (1, 1), AUTH_PROOF: (2, 2)}
+_NAMES = {AUTH_NONCE: "AUTH_NONCE", AUTH_PROOF: "AUTH_PROOF"}
+NO_TOKEN_TEXT = (
+    "this tracker takes registrations only from servers that prove they know its registration token: start the "
+    f"server with registration_token=... (rpc_server --registration-token, or ${REGISTRATION_TOKEN_ENV}); TVM's own "
+    "rpc_server cannot register with a tracker started with --auth-token"
+)
+WRONG_TOKEN_TEXT = "wrong registration token: the server's registration_token differs from the tracker's --auth-token"
 
 
 class TrackerLoop(ServiceLoop):
@@ -216,9 +257,12 @@ class TrackerLoop(ServiceLoop):
         handshake_timeout: float | None = HANDSHAKE_TIMEOUT_S,
         idle_timeout: float | None = IDLE_TIMEOUT_S,
         write_timeout: float | None = WRITE_TIMEOUT_S,
+        auth_token: str | None = None,
     ):
         super().__init__(listener, owner_fd)
         self.stop_key = stop_key
+        self.auth_token = auth_token
+        self.throttle = AuthThrottle()  # wrong registration proofs, by address
         self.queues: dict[str, _Queue] = {}
         self.conns: dict[int, _Conn] = {}
         self.served: Counter[str] = Counter()  # keys of the servers connected (their queues stay, even empty)
@@ -428,7 +472,8 @@ class TrackerLoop(ServiceLoop):
         if arity is None:
             raise ProtocolError(f"unknown tracker code {_show(code)}")
         if not arity[0] <= len(message) <= arity[1]:
-            raise ProtocolError(f"{Code(code).name} takes {arity[0] - 1}..{arity[1] - 1} fields, not {_show(message)}")
+            name = _NAMES.get(code) or Code(code).name
+            raise ProtocolError(f"{name} takes {arity[0] - 1}..{arity[1] - 1} fields, not {_show(message)}")
         if code == Code.PUT:
             where = message[2]
             if not isinstance(where, list) or len(where) != 2:
@@ -436,6 +481,8 @@ class TrackerLoop(ServiceLoop):
             custom_addr = message[3] if len(message) > 3 else None
             if custom_addr is not None:
                 _name(custom_addr, "PUT's custom address")
+            if self.auth_token and not conn.authed:
+                return self._refuse_registration(conn, "PUT")
             self._put(conn, _name(message[1], "PUT's key"), _port(where[0]), _name(where[1], "PUT's match key"),
                       custom_addr)
             self._send(conn, Code.SUCCESS)
@@ -444,8 +491,12 @@ class TrackerLoop(ServiceLoop):
             user = _name(message[2], "REQUEST's user", empty=True) if len(message) > 2 else ""
             self._request(conn, key, user, _priority(message[3]) if len(message) > 3 else 1)
         elif code == Code.UPDATE_INFO:
-            self._update_info(conn, message[1])
-            self._send(conn, Code.SUCCESS)
+            if self._update_info(conn, message[1]):
+                self._send(conn, Code.SUCCESS)
+        elif code == AUTH_NONCE:
+            self._auth_nonce(conn)
+        elif code == AUTH_PROOF:
+            self._auth_proof(conn, message[1])
         elif code == Code.SUMMARY:
             self._send(conn, [Code.SUCCESS, self.summary()])
         elif code == Code.PING:
@@ -459,13 +510,17 @@ class TrackerLoop(ServiceLoop):
             else:
                 self._send(conn, Code.FAIL)
 
-    def _update_info(self, conn: _Conn, info: Any) -> None:
+    def _update_info(self, conn: _Conn, info: Any) -> bool:
+        """Apply an UPDATE_INFO; False if it was refused (a server's, without the registration token)."""
         if not isinstance(info, dict):
             raise ProtocolError(f"UPDATE_INFO takes a JSON object, not {_show(info)}")
         if not _depth(info, MAX_INFO_DEPTH):
             raise ProtocolError(f"UPDATE_INFO nests deeper than {MAX_INFO_DEPTH} levels")
         if "key" in info:
             _name(info["key"], "UPDATE_INFO's key")
+        if self.auth_token and not conn.authed and str(info.get("key", conn.info.get("key", ""))).startswith("server"):
+            self._refuse_registration(conn, "UPDATE_INFO")
+            return False
         addr = info.get("addr")
         if isinstance(addr, list) and addr and addr[0] is None:
             addr[0] = conn.host
@@ -479,6 +534,54 @@ class TrackerLoop(ServiceLoop):
         self._serve_keys(conn, _served_keys(merged.get("key")))
         for key in before:
             self._forget_if_empty(key)
+        return True
+
+    # -- registration tokens ----------------------------------------------------------------
+    def _refuse_registration(self, conn: _Conn, what: str) -> None:
+        if not conn.refused:
+            conn.refused = True
+            log.warning("refused %s from %s: it did not prove the tracker's registration token (a TVM rpc_server "
+                        "cannot: start the tracker without --auth-token to take TVM servers)", what, conn.host)
+        self._send(conn, [Code.FAIL, NO_TOKEN_TEXT])
+
+    def _auth_nonce(self, conn: _Conn) -> None:
+        """``[100]``: a fresh nonce for one registration proof (``{"auth": false}`` from a tracker without a token)."""
+        if not self.auth_token:
+            self._send(conn, [Code.SUCCESS, {"auth": False}])
+            return
+        conn.nonce = os.urandom(NONCE_BYTES)
+        self._send(conn, [Code.SUCCESS, {"auth": True, "nonce": conn.nonce.hex()}])
+
+    def _auth_proof(self, conn: _Conn, proof: Any) -> None:
+        """``[101, hex]``: check a proof over the connection's nonce (used up either way); slow down guessing."""
+        if not isinstance(proof, str) or len(proof) > 4 * NONCE_BYTES:
+            raise ProtocolError(f"AUTH_PROOF takes the proof as {2 * NONCE_BYTES} hex digits, not {_show(proof)}")
+        nonce, conn.nonce = conn.nonce, None
+        if not self.auth_token:
+            self._send(conn, [Code.FAIL, "this tracker takes no registration token: register without a proof"])
+            return
+        if nonce is None:
+            self._send(conn, [Code.FAIL, f"ask for a nonce first ([{AUTH_NONCE}]); each nonce is good for one proof"])
+            return
+        now = time.monotonic()
+        turn = self.throttle.wait_until(conn.host, now)
+        if turn > now:
+            self._send(conn, [Code.FAIL, (
+                f"{self.throttle.failures(conn.host, now)} wrong registration proofs came from {conn.host}: its next "
+                f"proof is checked in {turn - now:.2f} s at the earliest; try again then")])
+            return
+        self.throttle.attempt(conn.host, now)
+        expected = registration_proof(self.auth_token, nonce, "tracker").hex()
+        if hmac.compare_digest(proof.lower().encode(), expected.encode()):
+            self.throttle.succeeded(conn.host)
+            conn.authed = True
+            log.info("%s proved the registration token", conn.host)
+            self._send(conn, Code.SUCCESS)
+            return
+        delay = self.throttle.failed(conn.host, now)
+        log.warning("wrong registration proof from %s", conn.host)
+        self._send(conn, [Code.FAIL, refusal_text(AuthenticationError(WRONG_TOKEN_TEXT),
+                                                  self.throttle.failures(conn.host, now), delay)])
 
     def _queue(self, key: str) -> _Queue:
         queue = self.queues.get(key)
@@ -558,14 +661,16 @@ def serve_tracker(config: dict[str, Any], ready: Callable[[int], None] | None = 
     setup_logging(config.get("silent", False))
     timeouts = {name: check_timeout(name, config.get(name, default)) for name, default in (
         ("handshake_timeout", HANDSHAKE_TIMEOUT_S), ("idle_timeout", IDLE_TIMEOUT_S), ("write_timeout", WRITE_TIMEOUT_S))}
+    token = check_token("auth_token", config.get("auth_token"))
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9190)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
     stop_on_signals()
     port = listener.getsockname()[1]
-    log.info("RPCTracker: bind to %s:%d", config.get("host", "127.0.0.1"), port)
+    log.info("RPCTracker: bind to %s:%d%s", config.get("host", "127.0.0.1"), port,
+             " (servers register with the registration token only)" if token else "")
     if ready:
         ready(port)
-    TrackerLoop(listener, owner_fd, config.get("stop_key"), **timeouts).run()
+    TrackerLoop(listener, owner_fd, config.get("stop_key"), auth_token=token, **timeouts).run()
 
 
 if __name__ == "__main__":
