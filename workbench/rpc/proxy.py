@@ -53,7 +53,16 @@ from .protocol import FLAG_SERVER, HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION
 from .handshake import AuthThrottle, refusal_text
 from .registration import REGISTRATION_TOKEN_ENV, TrackerRegistration, check_token, registration_proof, token_or_env
 from .relay import Relay
-from .service import ServiceHandle, ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
+from .service import (
+    ServiceHandle,
+    ServiceLoop,
+    bind_port,
+    peer_closed,
+    refuse,
+    service_main,
+    setup_logging,
+    stop_on_signals,
+)
 from .tracker import check_timeout
 
 log = logging.getLogger("workbench.rpc.proxy")
@@ -474,14 +483,14 @@ class ProxyLoop(ServiceLoop):
         if self.registration is not None:
             slot = self.registration.find(key)
             server = next((w for q in self.waiting.values() for w in q if id(w) == slot), None)
-            if server is not None and not _peer_closed(server.sock):
+            if server is not None and not peer_closed(server.sock):
                 return server, True
             if server is not None:
                 self._drop_waiting(server, "it closed the connection")
         queue = self.waiting.get(key.partition(":")[0])
         while queue:
             server = queue[0]
-            if not _peer_closed(server.sock):
+            if not peer_closed(server.sock):
                 return server, False
             self._drop_waiting(server, "it closed the connection")
         return None, False
@@ -550,7 +559,7 @@ class ProxyLoop(ServiceLoop):
             queue.remove(held)
             if not queue:
                 del self.held[key]
-            if _peer_closed(held.client.sock):
+            if peer_closed(held.client.sock):
                 with self._relays_lock:
                     self._release_source(held.client.host)
                 self._close_incoming(held.client)
@@ -650,16 +659,6 @@ def next_held(queue: list[_Held], turn: dict[str, int]) -> _Held:
     ``turn`` maps a source address to when it was last served (a counter).
     """
     return min(queue, key=lambda h: (turn.get(h.client.host, -1), h.arrival))
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """True if the peer has closed (or reset) the connection; it may not have sent anything else."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
 
 
 def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:

@@ -66,6 +66,16 @@ def owner_gone(owner_fd: int) -> bool:
     return True
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has closed (or reset) the connection; reads nothing it may have sent."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def refuse(sock: socket.socket, data: bytes = b"") -> None:
     """Close a connection we will not serve, after ``data`` (best effort, never blocking).
 

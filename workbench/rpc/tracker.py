@@ -63,7 +63,7 @@ from .registration import (
     check_token,
     registration_proof,
 )
-from .service import ServiceHandle, ServiceLoop, bind_port, service_main, setup_logging, stop_on_signals
+from .service import ServiceHandle, ServiceLoop, bind_port, peer_closed, service_main, setup_logging, stop_on_signals
 from .tracker_wire import GREETING, MAGIC_BYTES, NOTHING, Code, MessageReader, encode, quick_ack
 
 log = logging.getLogger("workbench.rpc.tracker")
@@ -618,7 +618,7 @@ class TrackerLoop(ServiceLoop):
             if request is None:
                 break
             value = queue.free[0]
-            if _peer_closed(request.conn.sock):  # gone, and its close not read yet: never grant to it
+            if peer_closed(request.conn.sock):  # gone, and its close not read yet: never grant to it
                 self._close(request.conn)
                 continue
             if not self._send(request.conn, [Code.SUCCESS, [value.host, value.port, value.matchkey]]):
@@ -644,16 +644,6 @@ class TrackerLoop(ServiceLoop):
         if waiting:
             summary["waiting"] = waiting
         return summary
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """True if the peer has closed the connection (a request's client only ever waits: it sends nothing)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
 
 
 def serve_tracker(config: dict[str, Any], ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
