@@ -369,6 +369,7 @@ def test_farm_under_chaos(private_tmpdir, row, size):
                         remote = tracker.request("chaos", timeout=10)
                     with remote:
                         remote.upload(b"x" * crng.randint(1, 1 << 16), target="blob")
+                        stop.wait(crng.uniform(0, 0.05))  # a session that lasts a while: its worker can be killed
                         if crng.random() < 0.2:
                             remote._chan.close()  # a client that vanishes mid-session
                         else:
