@@ -1,10 +1,14 @@
 """Modules (.so, .tar linked on the device), functions, kernel errors and crashes."""
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
-from workbench import rpc, runtime
+from workbench import cc, rpc, runtime
 from workbench.errors import (
     BadRequestError,
     RemoteError,
@@ -120,3 +124,36 @@ def test_system_lib_serves_load_library_kernels(kernels, private_tmpdir):
 def test_module_entry_needs_a_name(mod):
     with pytest.raises(BadRequestError, match="no entry function"):
         mod()
+
+
+MATH_KERNEL = r"""
+#include <math.h>
+#include <workbench_kernel.h>
+
+WB_KERNEL(mathk) {
+  WB_EXPECT_ARGS(1);
+  DLTensor* a = WB_ARG_TENSOR(0);
+  float* x = (float*)a->data;
+  for (int64_t i = 0; i < a->shape[0]; ++i) x[i] = expf(x[i]) + logf(x[i] + 2.0f) + powf(x[i], 1.5f);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_tar_modules_link_libm_like_tvm(remote, tmp_path):
+    """A .tar linked on the device binds libm calls to libm's current versions, as TVM's export_library link does."""
+    src = tmp_path / "mathk.c"
+    src.write_text(MATH_KERNEL)
+    remote.upload(cc.create_tar(tmp_path / "mathk.tar", [src]))
+    so = tmp_path / "linked.so"
+    so.write_bytes(remote.download_linked_module("mathk.tar"))
+    symbols = subprocess.run(["readelf", "--dyn-syms", "-W", str(so)], capture_output=True, text=True,
+                             check=True).stdout
+    for name in ("expf", "logf", "powf"):
+        assert re.search(rf"\b{name}@GLIBC_", symbols), f"{name} is not bound to a libm version:\n{symbols}"
+    mod = remote.load_module("mathk.tar")
+    x = np.linspace(0.5, 2.0, 64, dtype="float32")
+    t = runtime.tensor(x, remote.cpu())
+    mod["mathk"](t)
+    np.testing.assert_allclose(t.numpy(), np.exp(x) + np.log(x + 2) + x ** 1.5, rtol=1e-5)
