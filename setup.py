@@ -6,7 +6,8 @@ setup(
         Extension(
             "workbench.runtime._shim",
             sources=["workbench/runtime/_shim.c"],
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O2", "-pthread"],  # the shim's thread pool
+            extra_link_args=["-pthread"],
         )
     ]
 )

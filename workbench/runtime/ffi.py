@@ -5,6 +5,13 @@ int32_t nargs, TVMFFIAny* ret)``. Kernel libraries resolve their one runtime
 symbol, ``TVMFFIErrorSetRaisedFromCStrParts``, against our shim, which is
 loaded RTLD_GLOBAL before any kernel.
 
+TVM-exported libraries also *define* context slots (``__TVMBackendParallelLaunch``,
+``__TVMBackendAllocWorkspace``, ``__tvm_ffi__library_ctx``, ...): pointers that
+TVM's loader fills after ``dlopen`` and that kernels call through. Every library
+loaded here gets each slot filled (``fill_context_slots``): with the shim's thread
+pool, workspace allocator and friends, or, for a runtime function this TVM-free
+runtime does not have, with a stub that fails the call with an error naming it.
+
     >>> lib = NativeLibrary("add_one.so")          # doctest: +SKIP
     >>> lib.get_function("add_one")(a, b)         # doctest: +SKIP
 """
@@ -80,7 +87,7 @@ class KernelError(RemoteError):
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of _shim.c: a built shim without it is stale (built before _shim.c changed).
-_SHIM_NEWEST_SYMBOL = "wb_flush_cache"
+_SHIM_NEWEST_SYMBOL = "wb_missing_function_stub"
 
 
 def _shim_source() -> str:
@@ -96,7 +103,7 @@ def _build_shim() -> str:
         return out
     cc = os.environ.get("CC", "cc")
     tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False).name
-    cmd = [cc, "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"], "-o", tmp, _shim_source()]
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-pthread", "-I", sysconfig.get_paths()["include"], "-o", tmp, _shim_source()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -130,6 +137,11 @@ def shim() -> ctypes.CDLL:
             lib.wb_flush_cache.argtypes = [ctypes.c_int64]
             lib.wb_cache_flushes.restype = ctypes.c_int64
             lib.wb_cache_flushed_bytes.restype = ctypes.c_int64
+            lib.wb_new_library_ctx.restype = ctypes.c_void_p
+            lib.wb_new_library_ctx.argtypes = [ctypes.c_char_p]
+            lib.wb_missing_function_stub.restype = ctypes.c_void_p
+            lib.wb_missing_function_stub.argtypes = [ctypes.c_char_p]
+            lib.wb_workspace_mallocs.restype = ctypes.c_int64
             _shim = lib
         return _shim
 
@@ -151,6 +163,70 @@ def cache_flush_stats() -> tuple[int, int]:
     """How many cache flushes this process ran, and how many bytes they wrote (for tests and diagnostics)."""
     lib = shim()
     return int(lib.wb_cache_flushes()), int(lib.wb_cache_flushed_bytes())
+
+
+def thread_pool_size() -> int:
+    """How many threads a kernel's ``parallel`` loop runs on in this process (the pool starts if needed).
+
+    ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs in this process's affinity mask,
+    read once when the pool starts (per process: a forked worker starts its own).
+
+        >>> thread_pool_size() >= 1
+        True
+    """
+    return int(shim().wb_thread_pool_size())
+
+
+def workspace_mallocs() -> int:
+    """How many kernel workspaces this process took from the system allocator (not its per-thread cache)."""
+    return int(shim().wb_workspace_mallocs())
+
+
+# -- context slots ---------------------------------------------------------------------
+# slot name -> the shim function that fills it (TVM's context functions, tvm/runtime/c_backend_api.h and
+# tvm/ffi/c_api.h); any other __TVM* slot gets a stub that fails naming it.
+_SLOT_FUNCTIONS = {
+    "__TVMBackendParallelLaunch": "wb_parallel_launch",
+    "__TVMBackendParallelBarrier": "wb_parallel_barrier",
+    "__TVMBackendAllocWorkspace": "wb_alloc_workspace",
+    "__TVMBackendFreeWorkspace": "wb_free_workspace",
+    "__TVMFFIErrorSetRaisedFromCStr": "TVMFFIErrorSetRaisedFromCStr",
+    "__TVMFFIErrorSetRaisedFromCStrParts": "TVMFFIErrorSetRaisedFromCStrParts",
+    "__TVMFFIHandleInitOnce": "wb_handle_init_once",
+    "__TVMFFIEnvModLookupFromImports": "wb_env_mod_lookup_from_imports",
+    "__TVMFFIFunctionCall": "wb_ffi_function_call",
+}
+LIBRARY_CTX_SLOT = "__tvm_ffi__library_ctx"
+
+
+def fill_context_slots(lib: ctypes.CDLL, slots: Sequence[str], name: str) -> dict[str, str]:
+    """Write into each of ``slots`` (context slots ``lib`` defines) what TVM's loader would.
+
+    Returns ``{slot: what filled it}`` (a shim function, ``"library context"`` or
+    ``"missing: <function>"``), for logs and tests. Never leaves a slot at 0.
+
+        >>> fill_context_slots(ctypes.CDLL("argsort.so"), ["__TVMFFIFunctionCall"], "argsort.so")  # doctest: +SKIP
+        {'__TVMFFIFunctionCall': 'wb_ffi_function_call'}
+    """
+    native = shim()
+    filled: dict[str, str] = {}
+    for slot in slots:
+        if slot == LIBRARY_CTX_SLOT:
+            address = native.wb_new_library_ctx(name.encode("utf-8", "replace"))
+            what = "library context"
+        elif slot in _SLOT_FUNCTIONS:
+            address = ctypes.cast(getattr(native, _SLOT_FUNCTIONS[slot]), ctypes.c_void_p).value
+            what = _SLOT_FUNCTIONS[slot]
+        else:
+            address = native.wb_missing_function_stub(slot[2:].encode())
+            what = f"missing: {slot[2:]}"
+        if not address:
+            raise RemoteError(f"cannot fill the context slot {slot} of {name}: out of memory")
+        ctypes.c_void_p.in_dll(lib, slot).value = address
+        filled[slot] = what
+    if filled:
+        log.debug("filled the context slots of %s: %s", name, filled)
+    return filled
 
 
 def _last_error() -> str:
@@ -277,6 +353,7 @@ class NativeLibrary:
             text = str(exc).replace(path, shown) if path else str(exc)
             raise RemoteError(f"cannot load {shown}: {text}") from None
         self.names = exported_kernels(path) if path else []
+        self.slots = fill_context_slots(self._lib, context_slots(path), os.path.basename(self.path)) if path else {}
 
     def get_function(self, name: str) -> NativeFunction:
         try:
@@ -308,20 +385,43 @@ def exported_kernels(path: str) -> list[str]:
 
 def dynamic_symbols(path: str) -> set[str]:
     """The names an ELF shared object defines in its dynamic symbol table (empty if unreadable)."""
+    return {name for name, _kind, _size, _ptr in _defined_symbols(path)}
+
+
+STT_OBJECT = 1
+
+
+def context_slots(path: str) -> list[str]:
+    """The context slots an ELF shared object defines: pointer-sized data named ``__TVM*``, and ``__tvm_ffi__library_ctx``.
+
+    (Other ``__tvm_ffi__*`` data, such as ``__tvm_ffi__library_bin``, holds contents, not a slot.)
+
+        >>> context_slots("vadd.so")                        # doctest: +SKIP
+        ['__TVMBackendParallelLaunch']
+    """
+    return sorted(
+        name
+        for name, kind, size, pointer_size in _defined_symbols(path)
+        if kind == STT_OBJECT and size == pointer_size and (name.startswith("__TVM") or name == LIBRARY_CTX_SLOT)
+    )
+
+
+def _defined_symbols(path: str) -> list[tuple[str, int, int, int]]:
+    """``(name, symbol type, size, pointer size)`` of each defined dynamic symbol (empty if unreadable)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return set()
+        return []
     if data[:4] != b"\x7fELF":
-        return set()
+        return []
     try:
         return _dynamic_symbols(data)
     except (struct.error, IndexError, ValueError):
-        return set()  # a truncated or odd file: no symbols we can trust
+        return []  # a truncated or odd file: no symbols we can trust
 
 
-def _dynamic_symbols(data: bytes) -> set[str]:
+def _dynamic_symbols(data: bytes) -> list[tuple[str, int, int, int]]:
     is64 = data[4] == 2
     end = "<" if data[5] == 1 else ">"
     if is64:
@@ -333,7 +433,8 @@ def _dynamic_symbols(data: bytes) -> set[str]:
         shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
         sh_fmt, sym_fmt = end + "IIIIIIIIII", end + "IIIBBH"
     sections = [struct.unpack_from(sh_fmt, data, shoff + i * shentsize) for i in range(shnum)]
-    names = set()
+    pointer_size = 8 if is64 else 4
+    found = []
     for sec in sections:
         if sec[1] != 11:  # SHT_DYNSYM
             continue
@@ -342,7 +443,9 @@ def _dynamic_symbols(data: bytes) -> set[str]:
         for j in range(size // entsize if entsize else 0):
             sym = struct.unpack_from(sym_fmt, data, offset + j * entsize)
             name_off, shndx = sym[0], (sym[3] if is64 else sym[5])
+            info, size = (sym[1], sym[5]) if is64 else (sym[3], sym[2])
             if shndx == 0:  # undefined
                 continue
-            names.add(data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace"))
-    return names
+            name = data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace")
+            found.append((name, info & 0xF, size, pointer_size))
+    return found
