@@ -7,7 +7,6 @@ every wait is bounded, every thread stops and every socket closes with its test.
 from __future__ import annotations
 
 import resource
-import select
 import socket
 import threading
 import time

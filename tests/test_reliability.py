@@ -28,7 +28,7 @@ import pytest
 from workbench import rpc, runtime
 from workbench.errors import RPCError
 from workbench.farm import LocalFarm
-from workbench.rpc.protocol import HEADER, MAGIC, PREAMBLE, VERSION
+from workbench.rpc.protocol import MAGIC, PREAMBLE, VERSION
 from workbench.rpc.tracker_wire import MAGIC_BYTES, Code, encode
 
 from .conftest import children, session_workspaces, wait_until

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable
 import msgpack
 
 from ..errors import ConnectionClosedError, ProtocolError, TooLargeError
-from ..progress import PROGRESS_CHUNK, chunk_slices
+from ..progress import chunk_slices
 
 MAGIC = b"WBRP"
 VERSION = 1
