@@ -19,6 +19,7 @@ from ..runtime.devices import DEVICE_NAMES, device_name
 from ..runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ..runtime.modules import link_tar, load_module
 from ..runtime.storage import DeviceTensor
+from ..runtime.tvm_bridge import TVMModule
 from ..runtime.timer import check_time_options, python_runner, time_repeats
 from ..runtime.workspace import Workspace
 from .protocol import Ext, Handle, Kind
@@ -167,7 +168,7 @@ class SessionHandler:
         self._objects[handle.data] = obj  # keyed by the id's 8 wire bytes: no decoding per lookup
         return handle
 
-    def _get(self, handle: Any, ext: int, cls: type) -> Any:
+    def _get(self, handle: Any, ext: int, cls: type | tuple[type, ...]) -> Any:
         """The live object of type ``cls`` that ``handle`` (of handle type ``ext``) names, or BadRequestError."""
         obj = self._objects.get(handle.data) if type(handle) is Handle and handle.code == ext else None
         if obj is None or not isinstance(obj, cls):
@@ -239,7 +240,7 @@ class SessionHandler:
             raise BadRequestError(f"request LISTDIR takes 0 or 1 arguments, got {len(args)}")
         return self.workspace.listdir(args[0] if args else ".")
 
-    def _module_reply(self, lib: NativeLibrary) -> list:
+    def _module_reply(self, lib: NativeLibrary | TVMModule) -> list:
         return [self._add(Ext.MODULE, lib), lib.names, lib.entry_name]
 
     def load_module(self, args: list, bulk: Bulk | None) -> Any:
@@ -269,7 +270,7 @@ class SessionHandler:
 
     def module_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 2, "MODULE_FUNCTION")
-        lib = self._get(args[0], _MODULE, NativeLibrary)
+        lib = self._get(args[0], _MODULE, (NativeLibrary, TVMModule))
         return self._add(Ext.FUNCTION, lib.get_function(_name(args[1], "kernel")))
 
     def _function(self, handle: Any) -> Callable:

@@ -38,6 +38,7 @@ from typing import BinaryIO, Callable, NamedTuple
 
 from ..errors import BadRequestError, PathDeniedError, RemoteError, UnsupportedError
 from .ffi import NativeLibrary
+from .tvm_bridge import TVMModule, load_with_tvm, tvm_requirement
 
 SHARED_SUFFIXES = (".so", ".dylib", ".dll")
 OBJECT_SUFFIXES = (".o", ".obj")
@@ -329,8 +330,13 @@ def link_tar(tar_path: str, out: str) -> str:
     return out
 
 
-def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary:
+def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary | TVMModule:
     """Load a ``.so`` or a ``.tar`` of objects (linked first).
+
+    A library that only TVM's runtime can run (a Relax VM executable, or kernels
+    calling TVM runtime functions by name) is loaded through apache-tvm where the
+    device has it, and refused here, naming what it needs, where it does not
+    (see ``workbench.runtime.tvm_bridge``).
 
     The library is opened from a new private path (``private_path(name)``):
     the dynamic loader caches libraries by path, so loading a re-uploaded
@@ -344,12 +350,14 @@ def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
     if path.endswith(".tar"):
-        lib = NativeLibrary(link_tar(path, private_path(os.path.splitext(name)[0] + ".so")), name=name)
+        so = link_tar(path, private_path(os.path.splitext(name)[0] + ".so"))
     else:
-        copy = private_path(name)
+        so = private_path(name)
         try:
-            os.link(path, copy)
+            os.link(path, so)
         except OSError:
-            shutil.copyfile(path, copy)
-        lib = NativeLibrary(copy, name=name)
-    return lib
+            shutil.copyfile(path, so)
+    need = tvm_requirement(so)
+    if need is not None:  # a Relax VM executable, or kernels calling runtime functions: TVM's runtime, or a refusal
+        return load_with_tvm(so, name, need)
+    return NativeLibrary(so, name=name)

@@ -1,0 +1,375 @@
+"""Modules our TVM-free runtime cannot run by itself, run through apache-tvm where the device has it.
+
+Two kinds of exported library need TVM's own runtime:
+
+* a **Relax VM executable** (``relax.build(...).export_library``): its
+  ``__tvm_ffi__library_bin`` data carries a serialized ``relax.VMExecutable``,
+  whose ``main`` is bytecode for TVM's Relax virtual machine (the library
+  exports only the model's TIR kernels, no ``main``);
+* a kernel that **calls runtime functions by name** (it defines the
+  ``__TVMFFIEnvModLookupFromImports`` slot), such as ``topi.argsort``, which
+  calls ``tvm.contrib.sort.argsort``: this runtime registers none of them.
+
+``tvm_requirement(path)`` says, from the file alone (no TVM), why a library needs
+TVM, or None. ``load_module`` then loads such a library with
+``tvm.runtime.load_module`` (a Relax VM executable into
+``relax.VirtualMachine(exec, tvm.cpu())``) when TVM is importable on the device,
+and refuses it at load time with a message naming what it needs otherwise.
+Tensors are handed to TVM through DLPack over the session's own memory (no copy).
+TVM is imported only here and only when a library needs it.
+
+The switch ``WORKBENCH_NO_TVM=1`` in the server's (or this process's) environment
+keeps TVM out even where it is installed: such libraries are refused as on a
+device without TVM.
+
+    >>> tvm_requirement("mlp.so")                                 # doctest: +SKIP
+    'a Relax VM executable (relax.build(...).export_library)'
+    >>> mod = load_with_tvm("/ws/mlp.so", "mlp.so")              # doctest: +SKIP
+    >>> mod.get_function("main")(x, w1, w2, out)                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import struct
+import sys
+import weakref
+from typing import Any, NamedTuple
+
+from ..errors import BadRequestError, RemoteError, RemoteNotFoundError, UnsupportedError
+from .ffi import exported_kernels
+
+log = logging.getLogger(__name__)
+
+NO_TVM_ENV = "WORKBENCH_NO_TVM"
+LIBRARY_BIN = "__tvm_ffi__library_bin"
+LOOKUP_SLOT = "__TVMFFIEnvModLookupFromImports"
+VM_EXECUTABLE = "relax.VMExecutable"
+HOST_LIBRARY_KEY = "_lib"  # the library's own code in the import tree of library_bin
+INSTALL_HINT = "pip install apache-tvm"
+# global function names a TVM kernel looks up by name (tvm.contrib.sort.argsort, runtime.*, ...)
+_RUNTIME_NAME = re.compile(rb"(?<=\x00)((?:tvm|runtime|tvm_ffi|ffi|vm|relax)\.[A-Za-z0-9_.]+)\x00")
+_SHT_DYNSYM = 11
+
+
+class TVMRequirement(NamedTuple):
+    """Why a library needs TVM's runtime: ``what`` it is, and the runtime functions it calls by name."""
+
+    what: str
+    functions: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.functions:
+            names = ", ".join(repr(f) for f in self.functions)
+            return f"{self.what} (it needs TVM runtime function{'s' if len(self.functions) > 1 else ''} {names})"
+        return self.what
+
+
+# -- what a library needs, read from the file ---------------------------------------------
+def _symbol_bytes(data: bytes, wanted: str) -> bytes | None:
+    """The contents of the defined dynamic symbol ``wanted`` of an ELF shared object (None if absent)."""
+    if data[:4] != b"\x7fELF":
+        return None
+    is64, end = data[4] == 2, "<" if data[5] == 1 else ">"
+    if is64:
+        shoff, = struct.unpack_from(end + "Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
+        sh_fmt, sym_fmt = end + "IIQQQQIIQQ", end + "IBBHQQ"
+    else:
+        shoff, = struct.unpack_from(end + "I", data, 0x20)
+        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
+        sh_fmt, sym_fmt = end + "IIIIIIIIII", end + "IIIBBH"
+    sections = [struct.unpack_from(sh_fmt, data, shoff + i * shentsize) for i in range(shnum)]
+    target = wanted.encode()
+    for sec in sections:
+        if sec[1] != _SHT_DYNSYM or not sec[9]:
+            continue
+        offset, size, link, entsize = sec[4], sec[5], sec[6], sec[9]
+        strtab = sections[link][4]
+        for j in range(size // entsize):
+            sym = struct.unpack_from(sym_fmt, data, offset + j * entsize)
+            if is64:
+                name_off, shndx, value, sym_size = sym[0], sym[3], sym[4], sym[5]
+            else:
+                name_off, value, sym_size, shndx = sym[0], sym[1], sym[2], sym[5]
+            if shndx == 0 or shndx >= len(sections):
+                continue
+            start = strtab + name_off
+            if data[start:start + len(target) + 1] != target + b"\0":
+                continue
+            home = sections[shndx]
+            at = value - home[3] + home[4]  # address -> file offset through the symbol's section
+            return data[at:at + sym_size] if 0 <= at <= len(data) - sym_size else None
+    return None
+
+
+def library_modules(path: str) -> list[str]:
+    """The kinds of module a TVM library carries in ``__tvm_ffi__library_bin`` besides its own code.
+
+    ``[]`` for a plain kernel library (it has no such data); ``["relax.VMExecutable"]`` for a Relax model.
+
+        >>> library_modules("mlp.so")                               # doctest: +SKIP
+        ['relax.VMExecutable']
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        blob = _symbol_bytes(data, LIBRARY_BIN)
+    except (OSError, struct.error, IndexError, ValueError):
+        return []
+    if not blob:
+        return []
+    return _blob_module_kinds(blob)
+
+
+def _blob_module_kinds(blob: bytes) -> list[str]:
+    """Module keys of a library_bin: ``<u64 nbytes> <vec row_ptr> <vec child_indices> (<str key> [<bytes>])*``."""
+    kinds: list[str] = []
+    try:
+        nbytes, = struct.unpack_from("<Q", blob, 0)
+        end = min(len(blob), 8 + nbytes)
+        pos = 8
+        for _ in range(2):  # the import tree: row pointers, child indices
+            count, = struct.unpack_from("<Q", blob, pos)
+            pos += 8 + 8 * count
+        while pos + 8 <= end:
+            size, = struct.unpack_from("<Q", blob, pos)
+            key = blob[pos + 8:pos + 8 + size].decode("utf-8")
+            pos += 8 + size
+            if key == HOST_LIBRARY_KEY:
+                continue
+            kinds.append(key)
+            payload, = struct.unpack_from("<Q", blob, pos)
+            pos += 8 + payload
+    except (struct.error, UnicodeDecodeError):
+        pass  # a truncated or unknown layout: what was read so far
+    if not kinds and VM_EXECUTABLE.encode() in blob:
+        kinds.append(VM_EXECUTABLE)
+    return kinds
+
+
+def runtime_functions(path: str) -> list[str]:
+    """The TVM runtime functions a kernel library calls by name (empty unless it looks functions up).
+
+        >>> runtime_functions("argsort.so")                         # doctest: +SKIP
+        ['tvm.contrib.sort.argsort']
+    """
+    from .ffi import context_slots
+
+    if LOOKUP_SLOT not in context_slots(path):
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    names = {m.decode() for m in _RUNTIME_NAME.findall(data)}
+    return sorted(n for n in names if not n.endswith(".") and ".." not in n)
+
+
+def tvm_requirement(path: str) -> TVMRequirement | None:
+    """Why the shared object ``path`` needs TVM's runtime to run, or None (it runs on ours).
+
+        >>> tvm_requirement("add_one.so") is None                  # doctest: +SKIP
+        True
+    """
+    kinds = library_modules(path)
+    if VM_EXECUTABLE in kinds:
+        return TVMRequirement("a Relax VM executable (relax.build(...).export_library): its functions run on "
+                              "TVM's Relax virtual machine")
+    if kinds:
+        return TVMRequirement(f"a TVM library carrying {', '.join(repr(k) for k in kinds)} module(s), which "
+                              "TVM's runtime loads")
+    from .ffi import context_slots
+
+    if LOOKUP_SLOT in context_slots(path):
+        functions = tuple(runtime_functions(path))
+        return TVMRequirement("a kernel library that calls into TVM's runtime", functions)
+    return None
+
+
+# -- is TVM there? -------------------------------------------------------------------------
+def tvm_disabled() -> bool:
+    """True when ``WORKBENCH_NO_TVM`` is set (to anything but ``""``/``0``/``false``/``no``)."""
+    return os.environ.get(NO_TVM_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _import_tvm() -> tuple[Any, str]:
+    """``(tvm module, "")``, or ``(None, why not)``; never raises."""
+    if tvm_disabled():
+        return None, f"the server runs with {NO_TVM_ENV}=1, which keeps TVM out"
+    if "tvm" in sys.modules and sys.modules["tvm"] is None:
+        return None, "importing tvm is blocked in this process"
+    if "tvm" not in sys.modules and importlib.util.find_spec("tvm") is None:
+        return None, "apache-tvm is not installed on the device"
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401  (the VM, needed for Relax executables)
+    except Exception as exc:  # any failure to import is "no usable TVM", said with its reason
+        return None, f"importing apache-tvm on the device failed ({type(exc).__name__}: {exc})"
+    return tvm, ""
+
+
+def refusal(name: str, need: TVMRequirement, why: str) -> UnsupportedError:
+    """The error ``load_module`` raises for a library that needs TVM where TVM is not usable."""
+    return UnsupportedError(
+        f"cannot load {name}: it is {need.describe()}, which this TVM-free server cannot run ({why}). "
+        f"The server needs apache-tvm: install it on the device ({INSTALL_HINT}) and restart the server"
+        + (f" without {NO_TVM_ENV}" if tvm_disabled() else "")
+        + "; or export kernels with tvm.compile(...).export_library, which run without TVM"
+    )
+
+
+def load_with_tvm(path: str, name: str, need: TVMRequirement | None = None) -> "TVMModule":
+    """Load ``path`` through TVM's runtime (imported here), or raise UnsupportedError naming what it needs."""
+    need = need or tvm_requirement(path) or TVMRequirement("a TVM library")
+    tvm, why = _import_tvm()
+    if tvm is None:
+        raise refusal(name, need, why)
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as exc:
+        raise RemoteError(f"TVM's runtime cannot load {name}: {_tvm_message(exc)}") from None
+    log.info("loaded %s through TVM %s: %s", name, tvm.__version__, need.describe())
+    return TVMModule(tvm, lib, path, name, need)
+
+
+# -- calling into TVM ------------------------------------------------------------------------
+def _tvm_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class TVMModule:
+    """A library loaded by TVM's runtime: ``names``, ``entry_name`` and ``get_function`` as ``NativeLibrary``."""
+
+    def __init__(self, tvm: Any, lib: Any, path: str, name: str, need: TVMRequirement):
+        self.path = name
+        self.requirement = need
+        self._tvm = tvm
+        self._lib = lib
+        self._tensors: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+        self._vm = None
+        if lib.kind == VM_EXECUTABLE:
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(relax.VMExecutable(lib), tvm.cpu())
+            self.names = self._vm_functions(relax.VMExecutable(lib))
+        else:
+            self.names = exported_kernels(path)
+
+    @staticmethod
+    def _vm_functions(executable: Any) -> list[str]:
+        """The Relax functions of the executable: its bytecode's ``@name:`` blocks (not builtins or TIR kernels)."""
+        return sorted(set(re.findall(r"^@([^:\s]+):", executable.as_text(), re.M))) or ["main"]
+
+    @property
+    def entry_name(self) -> str | None:
+        if "main" in self.names:
+            return "main"
+        return self.names[0] if len(self.names) == 1 else None
+
+    def get_function(self, name: str) -> "TVMFunction":
+        if name not in self.names:
+            listing = ", ".join(self.names) or "none found"
+            raise RemoteNotFoundError(f"no function named {name!r} in {self.path} (it has: {listing})")
+        if self._vm is not None:
+            arity = int(self._vm.module["get_function_arity"](name))
+            return TVMFunction(self, name, self._vm[name], arity)
+        return TVMFunction(self, name, self._lib[name], None)
+
+    def to_tvm(self, value: Any) -> Any:
+        """A session value as TVM takes it: a DeviceTensor becomes a TVM tensor over the same memory (DLPack)."""
+        if getattr(value, "dltensor", None) is None:
+            return value
+        cached = self._tensors.get(value)
+        if cached is None:
+            cached = self._tvm.runtime.from_dlpack(value.numpy())  # page-aligned memory: no copy
+            self._tensors[value] = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"<TVMModule {self.path} ({self._lib.kind}) functions={self.names}>"
+
+
+class TVMFunction:
+    """A function of a ``TVMModule``, called with session values.
+
+    A kernel library's function takes its outputs as arguments (as ours do). A Relax
+    function returns new tensors: pass a tensor for each, after the inputs, and the
+    results are written there (``mod["main"](x, w1, w2, out)``).
+    """
+
+    def __init__(self, module: TVMModule, name: str, fn: Any, arity: int | None):
+        self.module = module
+        self.name = name
+        self.__qualname__ = name
+        self._fn = fn
+        self._arity = arity
+
+    def __call__(self, *args: Any) -> Any:
+        module = self.module
+        arity = self._arity
+        if arity is not None and len(args) < arity:
+            raise BadRequestError(f"{self.name} of {module.path} takes {arity} inputs (then a tensor for each "
+                                  f"output), got {len(args)} arguments")
+        inputs = args if arity is None else args[:arity]
+        outs = () if arity is None else args[arity:]
+        try:
+            result = self._fn(*[module.to_tvm(a) for a in inputs])
+        except Exception as exc:
+            raise RemoteError(f"{self.name}: {_tvm_message(exc)}") from None
+        if arity is None:
+            return _plain(result, self.name)
+        return self._deliver(result, outs)
+
+    def _deliver(self, result: Any, outs: tuple) -> Any:
+        """Write the tensors of ``result`` into ``outs`` (one copy each); return a plain value as it is."""
+        import numpy as np
+
+        flat = _flatten(result)
+        tensors = [r for r in flat if hasattr(r, "__dlpack__")]
+        if not tensors:
+            if outs:
+                raise BadRequestError(f"{self.name} returns no tensor, but got {len(outs)} output argument(s)")
+            return _plain(result, self.name)
+        shapes = ", ".join(f"{r.dtype}{list(r.shape)}" for r in tensors)
+        if len(outs) != len(tensors) or len(tensors) != len(flat):
+            raise BadRequestError(
+                f"{self.name} of {self.module.path} returns {len(flat)} value(s) ({shapes}); pass a tensor for "
+                f"each after the inputs, e.g. out = runtime.empty(shape, dtype, dev); "
+                f"mod[{self.name!r}](*inputs, out)" + (f" (got {len(outs)})" if outs else "")
+            )
+        for i, (got, out) in enumerate(zip(tensors, outs)):
+            if getattr(out, "dltensor", None) is None:
+                raise BadRequestError(f"{self.name}: output argument {i} must be a tensor, not {type(out).__name__}")
+            source = np.from_dlpack(got)
+            target = out.numpy()
+            if source.shape != target.shape or source.dtype != target.dtype:
+                raise BadRequestError(f"{self.name}: output {i} is {source.dtype}{list(source.shape)}, the tensor "
+                                      f"passed for it is {target.dtype}{list(target.shape)}")
+            np.copyto(target, source)
+        return None
+
+    def __repr__(self) -> str:
+        return f"<TVMFunction {self.name} of {self.module.path}>"
+
+
+def _flatten(value: Any) -> list:
+    if hasattr(value, "__dlpack__") or isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        return [value]
+    return [leaf for item in items for leaf in _flatten(item)]
+
+
+def _plain(value: Any, name: str) -> Any:
+    """A TVM return value as the protocol carries it (None, a number, a string, bytes)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    raise BadRequestError(f"{name} returned a {type(value).__name__}, which cannot be sent back; "
+                          "return tensors through output arguments")
