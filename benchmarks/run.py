@@ -10,6 +10,7 @@ Flags:
     --no-tvm      leave the TVM columns (and the TVM tracker rows) out even when ``import tvm`` works
     --no-tracker  leave the second table, "tracker", out
     --no-notebook leave the third table, "notebook" (benchmarks/notebook.py), out
+    --no-tvm-kernels leave the fourth table, "tvm kernels" (benchmarks/tvm_kernels.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -72,9 +73,11 @@ import numpy as np
 if __package__:
     from . import notebook as notebook_bench
     from . import tracker as tracker_bench
+    from . import tvm_kernels as tvm_kernels_bench
 else:  # run as a script: this directory is sys.path[0]
     import notebook as notebook_bench
     import tracker as tracker_bench
+    import tvm_kernels as tvm_kernels_bench
 
 MIB = 1 << 20
 HOST = "127.0.0.1"
@@ -965,6 +968,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tvm", action="store_true", help="leave the TVM columns out")
     parser.add_argument("--no-tracker", action="store_true", help='leave the second table, "tracker", out')
     parser.add_argument("--no-notebook", action="store_true", help='leave the third table, "notebook", out')
+    parser.add_argument("--no-tvm-kernels", action="store_true", help='leave the fourth table, "tvm kernels", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
@@ -1029,6 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_notebook:
         notebook_text, document["notebook"] = notebook_bench.measure_notebook(args.quick)
         print("\n" + notebook_text)
+    if not args.no_tvm_kernels:
+        with owned():  # the TVM helper and our server end before the next step
+            kernels_text, document["tvm_kernels"] = tvm_kernels_bench.measure_tvm_kernels(args.quick, cfg.tvm)
+        print("\n" + kernels_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)
