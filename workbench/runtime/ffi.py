@@ -27,7 +27,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from ..errors import BadRequestError, RemoteError, RemoteNotFoundError
 from .timer import MAX_CACHE_FLUSH_BYTES  # time_evaluator's cache_flush_bytes: 1 GiB covers every cache there is
@@ -385,7 +385,7 @@ def exported_kernels(path: str) -> list[str]:
 
 def dynamic_symbols(path: str) -> set[str]:
     """The names an ELF shared object defines in its dynamic symbol table (empty if unreadable)."""
-    return {name for name, _kind, _size, _ptr in _defined_symbols(path)}
+    return {sym.name for sym in _defined_symbols(path)}
 
 
 STT_OBJECT = 1
@@ -400,28 +400,44 @@ def context_slots(path: str) -> list[str]:
         ['__TVMBackendParallelLaunch']
     """
     return sorted(
-        name
-        for name, kind, size, pointer_size in _defined_symbols(path)
-        if kind == STT_OBJECT and size == pointer_size and (name.startswith("__TVM") or name == LIBRARY_CTX_SLOT)
+        sym.name
+        for sym in _defined_symbols(path)
+        if sym.kind == STT_OBJECT and sym.size == sym.pointer_size
+        and (sym.name.startswith("__TVM") or sym.name == LIBRARY_CTX_SLOT)
     )
 
 
-def _defined_symbols(path: str) -> list[tuple[str, int, int, int]]:
-    """``(name, symbol type, size, pointer size)`` of each defined dynamic symbol (empty if unreadable)."""
+class ElfSymbol(NamedTuple):
+    """A defined dynamic symbol of an ELF file: its type (STT_*), size, the file's pointer size, where its bytes are."""
+
+    name: str
+    kind: int
+    size: int
+    pointer_size: int
+    file_offset: int | None  # None for a symbol outside the file's sections (absolute, common)
+
+
+def _defined_symbols(path: str) -> list[ElfSymbol]:
+    """Each defined dynamic symbol of the ELF file at ``path`` (empty if unreadable)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
         return []
+    return elf_dynamic_symbols(data)
+
+
+def elf_dynamic_symbols(data: bytes) -> list[ElfSymbol]:
+    """Each defined dynamic symbol of an ELF image (empty for anything else, or a truncated or odd file)."""
     if data[:4] != b"\x7fELF":
         return []
     try:
         return _dynamic_symbols(data)
     except (struct.error, IndexError, ValueError):
-        return []  # a truncated or odd file: no symbols we can trust
+        return []  # no symbols we can trust
 
 
-def _dynamic_symbols(data: bytes) -> list[tuple[str, int, int, int]]:
+def _dynamic_symbols(data: bytes) -> list[ElfSymbol]:
     is64 = data[4] == 2
     end = "<" if data[5] == 1 else ">"
     if is64:
@@ -442,10 +458,17 @@ def _dynamic_symbols(data: bytes) -> list[tuple[str, int, int, int]]:
         strtab_off = sections[link][4]
         for j in range(size // entsize if entsize else 0):
             sym = struct.unpack_from(sym_fmt, data, offset + j * entsize)
-            name_off, shndx = sym[0], (sym[3] if is64 else sym[5])
-            info, size = (sym[1], sym[5]) if is64 else (sym[3], sym[2])
+            if is64:
+                name_off, info, shndx, value, sym_size = sym[0], sym[1], sym[3], sym[4], sym[5]
+            else:
+                name_off, value, sym_size, info, shndx = sym[0], sym[1], sym[2], sym[3], sym[5]
             if shndx == 0:  # undefined
                 continue
             name = data[strtab_off + name_off : data.index(b"\0", strtab_off + name_off)].decode(errors="replace")
-            found.append((name, info & 0xF, size, pointer_size))
+            at = None
+            if shndx < len(sections):  # address -> file offset through the symbol's section
+                home = sections[shndx]
+                at = value - home[3] + home[4]
+                at = at if 0 <= at <= len(data) - sym_size else None
+            found.append(ElfSymbol(name, info & 0xF, sym_size, pointer_size, at))
     return found

@@ -51,7 +51,6 @@ HOST_LIBRARY_KEY = "_lib"  # the library's own code in the import tree of librar
 INSTALL_HINT = "pip install apache-tvm"
 # global function names a TVM kernel looks up by name (tvm.contrib.sort.argsort, runtime.*, ...)
 _RUNTIME_NAME = re.compile(rb"(?<=\x00)((?:tvm|runtime|tvm_ffi|ffi|vm|relax)\.[A-Za-z0-9_.]+)\x00")
-_SHT_DYNSYM = 11
 
 
 class TVMRequirement(NamedTuple):
@@ -70,38 +69,11 @@ class TVMRequirement(NamedTuple):
 # -- what a library needs, read from the file ---------------------------------------------
 def _symbol_bytes(data: bytes, wanted: str) -> bytes | None:
     """The contents of the defined dynamic symbol ``wanted`` of an ELF shared object (None if absent)."""
-    if data[:4] != b"\x7fELF":
-        return None
-    is64, end = data[4] == 2, "<" if data[5] == 1 else ">"
-    if is64:
-        shoff, = struct.unpack_from(end + "Q", data, 0x28)
-        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
-        sh_fmt, sym_fmt = end + "IIQQQQIIQQ", end + "IBBHQQ"
-    else:
-        shoff, = struct.unpack_from(end + "I", data, 0x20)
-        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
-        sh_fmt, sym_fmt = end + "IIIIIIIIII", end + "IIIBBH"
-    sections = [struct.unpack_from(sh_fmt, data, shoff + i * shentsize) for i in range(shnum)]
-    target = wanted.encode()
-    for sec in sections:
-        if sec[1] != _SHT_DYNSYM or not sec[9]:
-            continue
-        offset, size, link, entsize = sec[4], sec[5], sec[6], sec[9]
-        strtab = sections[link][4]
-        for j in range(size // entsize):
-            sym = struct.unpack_from(sym_fmt, data, offset + j * entsize)
-            if is64:
-                name_off, shndx, value, sym_size = sym[0], sym[3], sym[4], sym[5]
-            else:
-                name_off, value, sym_size, shndx = sym[0], sym[1], sym[2], sym[5]
-            if shndx == 0 or shndx >= len(sections):
-                continue
-            start = strtab + name_off
-            if data[start:start + len(target) + 1] != target + b"\0":
-                continue
-            home = sections[shndx]
-            at = value - home[3] + home[4]  # address -> file offset through the symbol's section
-            return data[at:at + sym_size] if 0 <= at <= len(data) - sym_size else None
+    from .ffi import elf_dynamic_symbols
+
+    for sym in elf_dynamic_symbols(data):
+        if sym.name == wanted:
+            return None if sym.file_offset is None else data[sym.file_offset:sym.file_offset + sym.size]
     return None
 
 
