@@ -258,6 +258,15 @@ static inline void wb_cpu_relax(void) {
 #endif
 }
 
+/* One round of a spin-wait: mostly a pause, but every 64th round gives the CPU away, so that on a loaded machine
+   a spinner does not burn the time slice of the thread it waits for when both share one CPU. */
+static inline void wb_spin_wait(int spin) {
+  if ((spin & 63) == 63)
+    sched_yield();
+  else
+    wb_cpu_relax();
+}
+
 static int wb_env_threads(const char* name) {
   const char* v = getenv(name);
   if (!v || !*v) return 0;
@@ -310,7 +319,7 @@ static void* wb_pool_main(void* arg) {
   for (;;) {
     unsigned gen = atomic_load(&pool->generation);
     for (int spin = 0; gen == seen && spin < WB_SPIN_ROUNDS && !atomic_load(&pool->stop); ++spin) {
-      wb_cpu_relax();
+      wb_spin_wait(spin);
       gen = atomic_load(&pool->generation);
     }
     if (gen == seen && !atomic_load(&pool->stop)) {
@@ -425,7 +434,7 @@ int wb_parallel_launch(WBParallelLambda flambda, void* cdata, int num_task) {
   wb_in_parallel = 1;
   wb_run_share(r, 0);
   wb_in_parallel = 0;
-  for (int spin = 0; atomic_load(&r->pending) > 0 && spin < WB_SPIN_ROUNDS * 4; ++spin) wb_cpu_relax();
+  for (int spin = 0; atomic_load(&r->pending) > 0 && spin < WB_SPIN_ROUNDS * 4; ++spin) wb_spin_wait(spin);
   if (atomic_load(&r->pending) > 0) {
     pthread_mutex_lock(&pool->mu);
     atomic_store(&pool->caller_sleeping, 1);
