@@ -14,3 +14,17 @@ def register_extras() -> None:
     @rpc.register_func("tests.boom", override=True)
     def boom():
         raise ValueError("boom from a registered function")
+
+
+def register_kernel_calls() -> None:
+    """Functions TVM kernels call by name (T.call_packed) in tests/test_tvm_registered_calls.py."""
+    import numpy as np
+
+    @rpc.register_func("tests.kernel_fill", override=True)
+    def kernel_fill(t, value, step):
+        view = t.numpy()  # the kernel's own memory: writes reach the kernel
+        view[:] = value + step * np.arange(view.size, dtype=view.dtype).reshape(view.shape)
+
+    @rpc.register_func("tests.kernel_boom", override=True)
+    def kernel_boom(t):
+        raise ValueError(f"kernel_boom got a {t.dtype} tensor of shape {t.shape}")

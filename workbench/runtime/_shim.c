@@ -12,8 +12,10 @@
  * slots TVM-exported libraries define (pointers the loader fills after dlopen,
  * see ffi.py fill_context_slots): a thread pool behind TVMBackendParallelLaunch
  * and TVMBackendParallelBarrier, workspaces behind TVMBackendAllocWorkspace and
- * TVMBackendFreeWorkspace, TVMFFIHandleInitOnce, and for every runtime function
- * it does not provide a stub that fails the kernel with an error naming it.
+ * TVMBackendFreeWorkspace, TVMFFIHandleInitOnce, the functions registered in this
+ * process (workbench.runtime.registry) behind TVMFFIEnvModLookupFromImports and
+ * TVMFFIFunctionCall, and for every runtime function it does not provide a stub
+ * that fails the kernel with an error naming it.
  * None of these is exported under a slot's own name (__TVM...): a weak slot in a
  * kernel library would bind to such a definition instead of its own storage.
  *
@@ -664,25 +666,94 @@ static void wb_missing_runtime_function(const char* what) {
   wb_error_set_parts("RuntimeError", parts, 3);
 }
 
+/* -- runtime functions registered in this process (workbench.runtime.registry) ---------------
+ * TVM's generated code for T.call_packed("name", ...) keeps a function handle per name in the
+ * library: TVMFFIHandleInitOnce(&handle, init) where init calls
+ * TVMFFIEnvModLookupFromImports(library_ctx, "name", &handle), then
+ * TVMFFIFunctionCall(handle, args, nargs, &result) on every call.  The handle is a weak
+ * reference owned by the module (the kernel never releases it), and only ever passed back to
+ * TVMFFIFunctionCall, so it is ours to define: a WBFunction, kept for the life of the process.
+ * Python installs the resolver (ffi.py): name -> a packed function calling the registered one,
+ * 1 when nothing is registered under the name, -1 (error set) when resolving failed. */
+typedef int (*WBResolver)(const char* name, void** out_fn);
+static WBResolver wb_resolver;
+
+#define WB_FUNC_MAGIC 0x57424646u /* "WBFF" */
+typedef struct WBFunction {
+  uint32_t magic;
+  WBPackedFunc fn;
+  struct WBFunction* next;
+} WBFunction;
+static WBFunction* wb_functions;
+static pthread_mutex_t wb_functions_lock = PTHREAD_MUTEX_INITIALIZER;
+
+__attribute__((visibility("default")))
+void wb_set_function_resolver(WBResolver resolver) { wb_resolver = resolver; }
+
+/* Set the calling thread's error (for Python callbacks that fail a kernel). */
+__attribute__((visibility("default")))
+void wb_raise(const char* kind, const char* text) { wb_set_error(kind, text); }
+
+static WBFunction* wb_function_handle(WBPackedFunc fn) {
+  pthread_mutex_lock(&wb_functions_lock);
+  WBFunction* h = wb_functions;
+  while (h && h->fn != fn) h = h->next;
+  if (!h && (h = (WBFunction*)calloc(1, sizeof(WBFunction))) != NULL) {
+    h->magic = WB_FUNC_MAGIC;
+    h->fn = fn;
+    h->next = wb_functions;
+    wb_functions = h;
+  }
+  pthread_mutex_unlock(&wb_functions_lock);
+  return h;
+}
+
 __attribute__((visibility("default")))
 int wb_env_mod_lookup_from_imports(void* library_ctx, const char* func_name, void** out) {
   (void)library_ctx;
   if (out) *out = NULL;
+  if (!out || !func_name) {
+    wb_set_error("RuntimeError", "TVMFFIEnvModLookupFromImports called without a function name or result");
+    return -1;
+  }
+  WBResolver resolver = wb_resolver;
+  if (resolver) {
+    void* fn = NULL;
+    int rc = resolver(func_name, &fn);
+    if (rc < 0) return -1; /* the resolver set the error */
+    if (rc == 0 && fn) {
+      WBFunction* h = wb_function_handle((WBPackedFunc)fn);
+      if (!h) {
+        wb_set_error("RuntimeError", "out of memory looking up a runtime function");
+        return -1;
+      }
+      *out = h;
+      return 0;
+    }
+  }
   char what[512];
-  snprintf(what, sizeof(what), "'%s' (looked up through TVMFFIEnvModLookupFromImports)",
-           func_name ? func_name : "?");
+  snprintf(what, sizeof(what),
+           "'%s' (looked up through TVMFFIEnvModLookupFromImports); register it on the server with "
+           "workbench.rpc.register_func (e.g. in server_init_callback), or run the module where apache-tvm "
+           "(pip install apache-tvm), which provides TVM's runtime functions, is installed",
+           func_name);
   wb_missing_runtime_function(what);
   return -1;
 }
 
 __attribute__((visibility("default")))
 int wb_ffi_function_call(void* func, const WBAny* args, int32_t nargs, WBAny* result) {
-  (void)func;
-  (void)args;
-  (void)nargs;
-  (void)result;
-  wb_missing_runtime_function("TVMFFIFunctionCall");
-  return -1;
+  WBFunction* h = (WBFunction*)func;
+  if (!h || h->magic != WB_FUNC_MAGIC) {
+    wb_missing_runtime_function("TVMFFIFunctionCall (on a function this server did not hand out)");
+    return -1;
+  }
+  if (result) {
+    result->type_index = 0; /* None unless the function returns something */
+    result->pad = 0;
+    result->v_int64 = 0;
+  }
+  return h->fn(h, args, nargs, result);
 }
 
 /* A stub per unknown slot name, so that the error names the slot. */

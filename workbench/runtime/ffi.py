@@ -11,6 +11,10 @@ TVM's loader fills after ``dlopen`` and that kernels call through. Every library
 loaded here gets each slot filled (``fill_context_slots``): with the shim's thread
 pool, workspace allocator and friends, or, for a runtime function this TVM-free
 runtime does not have, with a stub that fails the call with an error naming it.
+A kernel's runtime calls (``T.call_packed("name", ...)``, looked up through
+``__TVMFFIEnvModLookupFromImports``) reach the functions registered in this process
+with ``workbench.rpc.register_func``: tensors arrive as ``KernelTensor`` views of
+the kernel's memory (``.numpy()`` writes through), scalars as Python numbers.
 
     >>> lib = NativeLibrary("add_one.so")          # doctest: +SKIP
     >>> lib.get_function("add_one")(a, b)         # doctest: +SKIP
@@ -87,7 +91,7 @@ class KernelError(RemoteError):
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of _shim.c: a built shim without it is stale (built before _shim.c changed).
-_SHIM_NEWEST_SYMBOL = "wb_missing_function_stub"
+_SHIM_NEWEST_SYMBOL = "wb_set_function_resolver"
 
 
 def _shim_source() -> str:
@@ -142,6 +146,11 @@ def shim() -> ctypes.CDLL:
             lib.wb_missing_function_stub.restype = ctypes.c_void_p
             lib.wb_missing_function_stub.argtypes = [ctypes.c_char_p]
             lib.wb_workspace_mallocs.restype = ctypes.c_int64
+            lib.wb_raise.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            lib.wb_raise.restype = None
+            lib.wb_set_function_resolver.argtypes = [_Resolver]
+            lib.wb_set_function_resolver.restype = None
+            lib.wb_set_function_resolver(_resolver)
             _shim = lib
         return _shim
 
@@ -180,6 +189,160 @@ def thread_pool_size() -> int:
 def workspace_mallocs() -> int:
     """How many kernel workspaces this process took from the system allocator (not its per-thread cache)."""
     return int(shim().wb_workspace_mallocs())
+
+
+# -- runtime functions a kernel calls by name (T.call_packed) -----------------------------
+_DL_NUMPY = {0: "int", 1: "uint", 2: "float", 5: "complex"}
+
+
+class KernelTensor:
+    """A tensor a kernel passes to a registered function: a view of the kernel's memory, valid during the call.
+
+    ``numpy()`` is a zero-copy numpy array over it (writes reach the kernel's tensor);
+    ``shape``, ``dtype`` (``"float32"``...), ``dltensor`` (the DLPack struct).
+
+        >>> @rpc.register_func("tests.fill")                       # doctest: +SKIP
+        ... def fill(t, value):
+        ...     t.numpy()[:] = value
+    """
+
+    def __init__(self, address: int):
+        self.dltensor = DLTensor.from_address(address)
+        dl = self.dltensor
+        self.shape = tuple(int(dl.shape[i]) for i in range(dl.ndim))
+        code, bits, lanes = dl.dtype.code, dl.dtype.bits, dl.dtype.lanes
+        base = "bool" if code == 6 else f"{_DL_NUMPY.get(code, f'code{code}_')}{bits}"
+        self.dtype = base if lanes == 1 else f"{base}x{lanes}"
+        self._np_dtype = _numpy_dtype(code, bits, lanes)
+
+    def numpy(self):
+        """A numpy array over the tensor's memory (no copy; writable)."""
+        import numpy as np
+
+        if self._np_dtype is None:
+            raise TypeError(f"a {self.dtype} tensor has no numpy dtype; use .dltensor")
+        dl, dt = self.dltensor, np.dtype(self._np_dtype)
+        count = 1
+        for n in self.shape:
+            count *= n
+        if count == 0 or not dl.data:
+            return np.empty(self.shape, dt)
+        start = dl.data + dl.byte_offset
+        if not dl.strides:
+            raw = (ctypes.c_uint8 * (count * dt.itemsize)).from_address(start)
+            return np.frombuffer(raw, dtype=dt).reshape(self.shape)
+        strides = [int(dl.strides[i]) for i in range(dl.ndim)]
+        if any(s < 0 for s in strides):
+            raise TypeError("a tensor with negative strides cannot be viewed from numpy here; use .dltensor")
+        extent = 1 + sum((n - 1) * s for n, s in zip(self.shape, strides))
+        raw = (ctypes.c_uint8 * (extent * dt.itemsize)).from_address(start)
+        flat = np.frombuffer(raw, dtype=dt)
+        return np.lib.stride_tricks.as_strided(flat, self.shape, [s * dt.itemsize for s in strides])
+
+    def __repr__(self) -> str:
+        return f"<KernelTensor shape={self.shape} dtype={self.dtype}>"
+
+
+def _numpy_dtype(code: int, bits: int, lanes: int) -> str | None:
+    if lanes != 1:
+        return None
+    if code == 6:
+        return "bool" if bits == 8 else None
+    if code in _DL_NUMPY and bits in (8, 16, 32, 64, 128) and not (code == 5 and bits < 64):
+        return f"{_DL_NUMPY[code]}{bits}"
+    return None
+
+
+def _from_any(arg: "TVMFFIAny", i: int, name: str) -> Any:
+    t = arg.type_index
+    if t == TYPE_DLTENSOR_PTR:
+        return KernelTensor(arg.v_ptr)
+    if t == TYPE_INT:
+        return int(arg.v_int64)
+    if t == TYPE_BOOL:
+        return bool(arg.v_int64)
+    if t == TYPE_FLOAT:
+        return float(arg.v_float64)
+    if t == TYPE_NONE:
+        return None
+    if t == TYPE_RAW_STR:
+        return ctypes.string_at(arg.v_ptr).decode("utf-8", "replace") if arg.v_ptr else ""
+    if t == TYPE_BYTE_ARRAY_PTR:
+        ba = ByteArray.from_address(arg.v_ptr)
+        return ctypes.string_at(ba.data, ba.size)
+    if t == TYPE_OPAQUE_PTR:
+        return int(arg.v_ptr or 0)
+    raise TypeError(
+        f"argument {i} of the kernel's call to {name!r} has TVM FFI type {t}, which a function registered "
+        "on this TVM-free server cannot take (it takes tensors, ints, floats, bools, strings and bytes)"
+    )
+
+
+def _to_any(value: Any, ret: "TVMFFIAny", name: str) -> None:
+    import numbers
+
+    if value is None:
+        ret.type_index, ret.v_int64 = TYPE_NONE, 0
+    elif isinstance(value, bool):
+        ret.type_index, ret.v_int64 = TYPE_BOOL, int(value)
+    elif isinstance(value, numbers.Integral) and _I64_MIN <= int(value) <= _I64_MAX:
+        ret.type_index, ret.v_int64 = TYPE_INT, int(value)
+    elif isinstance(value, numbers.Real):
+        ret.type_index, ret.v_float64 = TYPE_FLOAT, float(value)
+    else:
+        raise TypeError(
+            f"{name!r} returned {type(value).__name__}, which a kernel cannot receive; "
+            "return None, a bool, an int (int64) or a float"
+        )
+
+
+def _kernel_call(name: str):
+    """The packed function a kernel calls for ``name``: the function registered under it at call time."""
+
+    def call(_self, args, nargs, ret):
+        try:
+            from .registry import get_global_func
+
+            func = get_global_func(name)
+            values = [_from_any(args[i], i, name) for i in range(nargs)]
+            result = func(*values)
+            if ret:
+                _to_any(result, ret[0], name)
+            return 0
+        except BaseException as exc:  # a Python error must never unwind through the kernel's C frames
+            text = f"{name}: {type(exc).__name__}: {exc}" if str(exc) else f"{name}: {type(exc).__name__}"
+            shim().wb_raise(b"RuntimeError", text.encode("utf-8", "replace"))
+            return -1
+
+    return PackedFunc(call)
+
+
+_Resolver = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p))
+_kernel_calls: dict[str, Any] = {}  # name -> PackedFunc, alive for the process (kernels keep the handle)
+_kernel_calls_lock = threading.Lock()
+
+
+def _resolve(name_p: bytes, out) -> int:
+    """TVMFFIEnvModLookupFromImports: 0 and the packed function for a registered name, 1 for none."""
+    try:
+        from .registry import is_registered
+
+        name = name_p.decode("utf-8", "replace")
+        if not is_registered(name):
+            return 1
+        with _kernel_calls_lock:
+            fn = _kernel_calls.get(name)
+            if fn is None:
+                fn = _kernel_calls[name] = _kernel_call(name)
+        out[0] = ctypes.cast(fn, ctypes.c_void_p).value
+        log.debug("a kernel looked up the registered function %r", name)
+        return 0
+    except BaseException as exc:
+        shim().wb_raise(b"RuntimeError", f"looking up a runtime function failed: {exc}".encode("utf-8", "replace"))
+        return -1
+
+
+_resolver = _Resolver(_resolve)
 
 
 # -- context slots ---------------------------------------------------------------------
@@ -437,7 +600,17 @@ def elf_dynamic_symbols(data: bytes) -> list[ElfSymbol]:
         return []  # no symbols we can trust
 
 
-def _dynamic_symbols(data: bytes) -> list[ElfSymbol]:
+def elf_static_symbol_names(data: bytes) -> set[str]:
+    """The defined symbols of an ELF image's full symbol table (.symtab; empty when stripped or unreadable)."""
+    if data[:4] != b"\x7fELF":
+        return set()
+    try:
+        return {sym.name for sym in _dynamic_symbols(data, section_type=2)}  # SHT_SYMTAB
+    except (struct.error, IndexError, ValueError):
+        return set()
+
+
+def _dynamic_symbols(data: bytes, section_type: int = 11) -> list[ElfSymbol]:
     is64 = data[4] == 2
     end = "<" if data[5] == 1 else ">"
     if is64:
@@ -452,7 +625,7 @@ def _dynamic_symbols(data: bytes) -> list[ElfSymbol]:
     pointer_size = 8 if is64 else 4
     found = []
     for sec in sections:
-        if sec[1] != 11:  # SHT_DYNSYM
+        if sec[1] != section_type:  # SHT_DYNSYM unless asked otherwise
             continue
         offset, size, link, entsize = sec[4], sec[5], sec[6], sec[9]
         strtab_off = sections[link][4]

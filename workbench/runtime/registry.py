@@ -49,6 +49,15 @@ def get_global_func(name: str) -> Callable:
         ) from None
 
 
+def is_registered(name: str) -> bool:
+    """True when a function is registered under ``name`` in this process.
+
+        >>> is_registered("workbench.echo")
+        True
+    """
+    return name in _REGISTRY
+
+
 def list_global_func_names() -> list[str]:
     return sorted(_REGISTRY)
 

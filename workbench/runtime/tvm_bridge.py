@@ -8,7 +8,9 @@ Two kinds of exported library need TVM's own runtime:
   exports only the model's TIR kernels, no ``main``);
 * a kernel that **calls runtime functions by name** (it defines the
   ``__TVMFFIEnvModLookupFromImports`` slot), such as ``topi.argsort``, which
-  calls ``tvm.contrib.sort.argsort``: this runtime registers none of them.
+  calls ``tvm.contrib.sort.argsort``, unless every function it calls is
+  registered in this process (``workbench.rpc.register_func``, e.g. in a
+  server's ``server_init_callback``): then it runs on our runtime.
 
 ``tvm_requirement(path)`` says, from the file alone (no TVM), why a library needs
 TVM, or None. ``load_module`` then loads such a library with
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 NO_TVM_ENV = "WORKBENCH_NO_TVM"
 LIBRARY_BIN = "__tvm_ffi__library_bin"
 LOOKUP_SLOT = "__TVMFFIEnvModLookupFromImports"
+FUNC_HANDLE_PREFIX = ".tvm_func."  # TVM's per-name function handle in a library's symbol table
 VM_EXECUTABLE = "relax.VMExecutable"
 HOST_LIBRARY_KEY = "_lib"  # the library's own code in the import tree of library_bin
 INSTALL_HINT = "pip install apache-tvm"
@@ -123,12 +126,17 @@ def _blob_module_kinds(blob: bytes) -> list[str]:
 
 
 def runtime_functions(path: str) -> list[str]:
-    """The TVM runtime functions a kernel library calls by name (empty unless it looks functions up).
+    """The runtime functions a kernel library calls by name (empty unless it looks functions up).
+
+    TVM's code generator keeps one handle per name, ``.tvm_func.<name>``, in the library's
+    symbol table; a stripped library is searched for TVM's own function names and the names
+    registered in this process instead.
 
         >>> runtime_functions("argsort.so")                         # doctest: +SKIP
         ['tvm.contrib.sort.argsort']
     """
-    from .ffi import context_slots
+    from .ffi import context_slots, elf_static_symbol_names
+    from .registry import list_global_func_names
 
     if LOOKUP_SLOT not in context_slots(path):
         return []
@@ -137,12 +145,19 @@ def runtime_functions(path: str) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    names = {m.decode() for m in _RUNTIME_NAME.findall(data)}
-    return sorted(n for n in names if not n.endswith(".") and ".." not in n)
+    names = {n[len(FUNC_HANDLE_PREFIX):] for n in elf_static_symbol_names(data) if n.startswith(FUNC_HANDLE_PREFIX)}
+    if not names:  # stripped
+        names = {m.decode() for m in _RUNTIME_NAME.findall(data)}
+        names |= {n for n in list_global_func_names() if b"\0" + n.encode() + b"\0" in data}
+    return sorted(n for n in names if n and not n.endswith(".") and ".." not in n)
 
 
 def tvm_requirement(path: str) -> TVMRequirement | None:
     """Why the shared object ``path`` needs TVM's runtime to run, or None (it runs on ours).
+
+    A kernel library that calls runtime functions by name runs on ours when every one of
+    them is registered in this process (``workbench.rpc.register_func``); otherwise the
+    requirement names the ones that are not.
 
         >>> tvm_requirement("add_one.so") is None                  # doctest: +SKIP
         True
@@ -155,10 +170,15 @@ def tvm_requirement(path: str) -> TVMRequirement | None:
         return TVMRequirement(f"a TVM library carrying {', '.join(repr(k) for k in kinds)} module(s), which "
                               "TVM's runtime loads")
     from .ffi import context_slots
+    from .registry import is_registered
 
     if LOOKUP_SLOT in context_slots(path):
         functions = tuple(runtime_functions(path))
-        return TVMRequirement("a kernel library that calls into TVM's runtime", functions)
+        missing = tuple(f for f in functions if not is_registered(f))
+        if functions and not missing:
+            log.debug("%s calls only registered functions: %s", path, ", ".join(functions))
+            return None
+        return TVMRequirement("a kernel library that calls into TVM's runtime", missing)
     return None
 
 
@@ -190,6 +210,8 @@ def refusal(name: str, need: TVMRequirement, why: str) -> UnsupportedError:
         f"cannot load {name}: it is {need.describe()}, which this TVM-free server cannot run ({why}). "
         f"The server needs apache-tvm: install it on the device ({INSTALL_HINT}) and restart the server"
         + (f" without {NO_TVM_ENV}" if tvm_disabled() else "")
+        + (f"; or register {', '.join(repr(f) for f in need.functions)} on the server with "
+           "workbench.rpc.register_func (e.g. in server_init_callback)" if need.functions else "")
         + "; or export kernels with tvm.compile(...).export_library, which run without TVM"
     )
 
