@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import shlex
 import tempfile
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from .compiler import create_shared, create_tar, target_triple
+from .compiler import create_shared, create_tar
+from .targets import ToolchainNotFoundError, parse_target
 
 if TYPE_CHECKING:
     from ..rpc.client import RemoteModule, RPCSession
@@ -28,35 +29,24 @@ class CompileError(RuntimeError):
     """The compiler rejected the source; ``message`` is its diagnostics."""
 
 
-class ToolchainNotFoundError(RuntimeError):
-    """No compiler on this machine builds for the requested target."""
+def compiler_for(target: object = None) -> str | None:
+    """The C compiler command that builds for ``target``: None for this machine's own, else e.g. ``aarch64-linux-gnu-gcc``.
 
+    ``target`` is anything :func:`workbench.cc.targets.parse_target` reads (a triple,
+    a TVM target string or dict); its cpu flags are part of the command returned.
+    A target no installed compiler builds for raises ToolchainNotFoundError naming
+    the package to install.
 
-def _arch_os(triple: str) -> tuple[str, ...]:
-    """``x86_64-pc-linux-gnu`` and ``x86_64-linux-gnu`` both as ``('x86_64', 'linux', 'gnu')``."""
-    parts = triple.strip().lower().split("-")
-    if len(parts) == 4 or (len(parts) == 3 and parts[1] in ("pc", "unknown", "none")):
-        parts = [parts[0]] + parts[2:]
-    return tuple(parts)
-
-
-def compiler_for(triple: str | None = None) -> str | None:
-    """The C compiler that builds for ``triple``: None for this machine's own, else ``TRIPLE-gcc`` if installed.
-
-    A triple no installed compiler targets raises ToolchainNotFoundError naming the package to install.
+        >>> compiler_for("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72")   # doctest: +SKIP
+        'aarch64-linux-gnu-gcc -mcpu=cortex-a72'
     """
-    if not triple or _arch_os(triple) == _arch_os(target_triple()):
+    try:
+        spec = parse_target(target)
+    except ValueError as exc:
+        raise ToolchainNotFoundError(str(exc)) from None
+    if spec.is_host and not spec.flags:
         return None
-    if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+){1,3}", triple):
-        raise ToolchainNotFoundError(f"{triple!r} is not a target triple (e.g. aarch64-linux-gnu)")
-    for name in (f"{triple}-gcc", f"{triple}-cc"):
-        if shutil.which(name):
-            return name
-    package = f"gcc-{triple.replace('_', '-')}"
-    raise ToolchainNotFoundError(
-        f"no C compiler for {triple} on this machine (it compiles for {target_triple()}): install a cross "
-        f"compiler (Debian: apt-get install {package}), or set CC for it, or pass a host target"
-    )
+    return shlex.join(spec.command())
 
 
 def build_source(
