@@ -1,4 +1,4 @@
-"""Functions a test server imports through server_init_callback."""
+"""Functions a test server imports through server_init_callback, and a runner for TVM export scripts."""
 from workbench import rpc
 
 
@@ -28,3 +28,27 @@ def register_kernel_calls() -> None:
     @rpc.register_func("tests.kernel_boom", override=True)
     def kernel_boom(t):
         raise ValueError(f"kernel_boom got a {t.dtype} tensor of shape {t.shape}")
+
+
+def run_export_script(script_text: str, out_dir, what: str, timeout: float) -> dict:
+    """Run a TVM export script (argv[1] = ``out_dir``) in a subprocess; return the JSON report it prints last.
+
+    The test process never imports apache-tvm; a failure or time-out fails the test naming ``what``.
+    """
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    script = out_dir / "export.py"
+    script.write_text(script_text)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(out_dir)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"exporting {what} took over {timeout} s")
+    assert proc.returncode == 0, f"exporting {what} failed:\n{proc.stderr[-4000:]}"
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["tvm_version"].startswith("0.27"), report["tvm_version"]
+    return report

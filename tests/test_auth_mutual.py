@@ -20,9 +20,10 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import AuthenticationError, UnsupportedError
-from workbench.rpc.protocol import HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, pack, unpack
+from workbench.rpc.protocol import HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, unpack
 
 from .conftest import assert_clean, children
+from .wire import frame
 from .test_protocol import IO_TIMEOUT, FakeServer, RawPeer, _read_preamble
 
 HOST = "127.0.0.1"
@@ -42,9 +43,6 @@ def no_token(monkeypatch):
     monkeypatch.delenv("WORKBENCH_RPC_TOKEN", raising=False)
 
 
-def frame(kind: int, ctrl) -> bytes:
-    body = pack(ctrl)
-    return HEADER.pack(len(body), kind, 0, 0) + body
 
 
 def recv_frame(conn: socket.socket) -> tuple[int, object]:

@@ -16,10 +16,11 @@ import pytest
 from workbench import rpc
 from workbench.errors import DeviceNotFoundError, ErrorCode, RPCError
 from workbench.rpc.handshake import ERROR_BUSY
-from workbench.rpc.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack, unpack
+from workbench.rpc.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind
 
 from .conftest import assert_clean, wait_until
-from .test_hardening_tracker import closed_by_peer, cpu_seconds, flood_fds, peak_rss_mb, start_limited, stop_limited
+from .wire import closed_by_peer, frame, read_frame, recv_exact
+from .test_hardening_tracker import cpu_seconds, flood_fds, peak_rss_mb, start_limited, stop_limited
 
 HOST = "127.0.0.1"
 PROBE_KEY = "probe-no-such-key"
@@ -50,24 +51,10 @@ def wait_waiting(port: int, keys: list[str], timeout: float = 15.0) -> None:
         f"keys waiting at the proxy: {waiting_keys(port)}, expected {sorted(keys)}")
 
 
-def frame(kind: int, ctrl) -> bytes:
-    body = pack(ctrl)
-    return HEADER.pack(len(body), kind, 0, 0) + body
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"the proxy closed the connection after {data!r}"
-        data += chunk
-    return data
 
 
-def read_frame(sock: socket.socket) -> tuple[int, object]:
-    ctrl_len, kind, _, bulk_len = HEADER.unpack(recv_exact(sock, HEADER.size))
-    assert bulk_len == 0
-    return kind, unpack(recv_exact(sock, ctrl_len))
 
 
 def silent_client(port: int, key: str, closing: list) -> socket.socket:

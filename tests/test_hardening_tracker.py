@@ -25,6 +25,7 @@ from workbench.errors import ProtocolError
 from workbench.rpc.tracker_wire import MAGIC_BYTES, Code, MessageReader, TrackerConnection, encode
 
 from .conftest import ROOT, wait_until
+from .wire import closed_by_peer
 
 LOCAL = "127.0.0.1"
 
@@ -62,20 +63,6 @@ def framed(body: bytes) -> bytes:
     return struct.pack("<i", len(body)) + body
 
 
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the peer sent before closing; fails if it does not close within ``timeout``."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            return data
-        except socket.timeout:
-            raise AssertionError(f"the tracker kept the connection open (received {data[:200]!r})") from None
-        if not chunk:
-            return data
-        data += chunk
 
 
 def summary_of(conn: TrackerConnection) -> dict:

@@ -24,11 +24,12 @@ import pytest
 from workbench import rpc
 from workbench.errors import AuthenticationError, DeviceNotFoundError, ErrorCode, RPCError, ServerBusyError
 from workbench.farm import LocalFarm
-from workbench.rpc.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack, unpack
+from workbench.rpc.protocol import FLAG_SERVER, MAGIC, PREAMBLE, VERSION, Kind
 from workbench.rpc.registration import AUTH_NONCE, AUTH_PROOF, registration_proof
 from workbench.rpc.tracker_wire import Code, TrackerConnection
 
 from .conftest import ROOT, assert_clean, children, wait_until
+from .wire import frame, read_frame
 
 HOST = "127.0.0.1"
 TOKEN = "registration-s3cret"
@@ -106,24 +107,10 @@ def tracker_proof(nonce: bytes, token: str = TOKEN) -> str:
     return registration_proof(token, nonce, "tracker").hex()
 
 
-def frame(kind: int, ctrl) -> bytes:
-    body = pack(ctrl)
-    return HEADER.pack(len(body), kind, 0, 0) + body
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"the peer closed the connection after {data!r}"
-        data += chunk
-    return data
 
 
-def read_frame(sock: socket.socket) -> tuple[int, object]:
-    ctrl_len, kind, _, bulk_len = HEADER.unpack(recv_exact(sock, HEADER.size))
-    assert bulk_len == 0
-    return kind, unpack(recv_exact(sock, ctrl_len))
 
 
 def closed(sock: socket.socket, timeout: float = 5.0) -> bool:

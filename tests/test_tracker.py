@@ -29,6 +29,7 @@ from workbench.rpc.tracker_client import TrackerError, format_summary
 from workbench.rpc.tracker_wire import MAGIC_BYTES, MAX_MESSAGE, Code, TrackerConnection, encode
 
 from .conftest import assert_clean, session_workspaces, wait_until
+from .wire import closed_by_peer, recv_exact
 
 LOCAL = "127.0.0.1"
 CPU = 1  # DLPack device type of the CPU
@@ -103,13 +104,6 @@ def no_grant(clients, wait: float = 0.2) -> bool:
     return not ready
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"the tracker closed the connection after {data!r}"
-        data += chunk
-    return data
 
 
 def read_reply(sock: socket.socket):
@@ -119,20 +113,6 @@ def read_reply(sock: socket.socket):
     return json.loads(recv_exact(sock, size))
 
 
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the peer sent before closing; fails if it does not close within ``timeout``."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            return data
-        except socket.timeout:
-            raise AssertionError(f"the tracker kept the connection open (received {data!r})") from None
-        if not chunk:
-            return data
-        data += chunk
 
 
 def port_of(remote) -> int:

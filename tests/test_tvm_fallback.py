@@ -25,6 +25,8 @@ from workbench import rpc, runtime
 from workbench.errors import BadRequestError, RemoteError, RemoteNotFoundError, UnsupportedError
 from workbench.runtime import tvm_bridge
 
+from .helpers import run_export_script
+
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
         "apache-tvm is not installed (it is the `tvm` test extra: pip install -e .[test,tvm]); "
@@ -97,17 +99,7 @@ EXTS = pytest.mark.parametrize("ext", ["so", "tar"])
 def exported(tmp_path_factory) -> dict[str, dict[str, str]]:
     """``{"mlp"|"argsort"|"double": {"so": path, "tar": path}}`` exported by apache-tvm 0.27 in a subprocess."""
     out = tmp_path_factory.mktemp("tvm_fallback_modules")
-    script = out / "export.py"
-    script.write_text(EXPORT_SCRIPT)
-    try:
-        proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
-                              timeout=EXPORT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exporting the TVM modules took over {EXPORT_TIMEOUT_S} s")
-    assert proc.returncode == 0, f"exporting the TVM modules failed:\n{proc.stderr[-4000:]}"
-    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["tvm_version"].startswith("0.27"), report["tvm_version"]
-    return report["modules"]
+    return run_export_script(EXPORT_SCRIPT, out, "the TVM modules", EXPORT_TIMEOUT_S)["modules"]
 
 
 @pytest.fixture(scope="module")

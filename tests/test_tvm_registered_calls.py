@@ -13,19 +13,17 @@ runs as ``.so`` and ``.tar``, on a real ``rpc.Server`` and on ``LocalSession``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from tests.helpers import register_kernel_calls
+from tests.helpers import register_kernel_calls, run_export_script
 from workbench import rpc, runtime
 from workbench.errors import RemoteError, UnsupportedError
 from workbench.runtime import tvm_bridge
+
 
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
@@ -82,17 +80,7 @@ EXPORT_SCRIPT = textwrap.dedent(
 def call_kernels(tmp_path_factory) -> dict[str, dict[str, str]]:
     """``{kernel: {"so": path, "tar": path}}`` exported by apache-tvm 0.27 in a subprocess."""
     out = tmp_path_factory.mktemp("tvm_call_kernels")
-    script = out / "export.py"
-    script.write_text(EXPORT_SCRIPT)
-    try:
-        proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
-                              timeout=EXPORT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exporting the TVM kernels took over {EXPORT_TIMEOUT_S} s")
-    assert proc.returncode == 0, f"exporting the TVM kernels failed:\n{proc.stderr[-4000:]}"
-    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["tvm_version"].startswith("0.27"), report["tvm_version"]
-    return report["kernels"]
+    return run_export_script(EXPORT_SCRIPT, out, "the TVM kernels", EXPORT_TIMEOUT_S)["kernels"]
 
 
 def _tvm_free_server(**kwargs) -> rpc.Server:

@@ -14,7 +14,6 @@ pool is sized by ``TVM_NUM_THREADS`` and on ``LocalSession``, against numpy.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import pytest
 from workbench import cc, rpc, runtime
 from workbench.errors import RemoteError, UnsupportedError
 from workbench.runtime import ffi
+
+from .helpers import run_export_script
 
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
@@ -195,17 +196,7 @@ WB_KERNEL(unknown_slot) {
 def tvm_built(tmp_path_factory) -> dict[str, dict[str, str]]:
     """``{kernel: {"so": path, "tar": path}}`` exported by apache-tvm 0.27 in a subprocess."""
     out = tmp_path_factory.mktemp("tvm_slot_kernels")
-    script = out / "export.py"
-    script.write_text(EXPORT_SCRIPT)
-    cmd = [sys.executable, str(script), str(out)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exporting the TVM kernels took over {EXPORT_TIMEOUT_S} s")
-    assert proc.returncode == 0, f"exporting the TVM kernels failed:\n{proc.stderr[-4000:]}"
-    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["tvm_version"].startswith("0.27"), report["tvm_version"]
-    return report["kernels"]
+    return run_export_script(EXPORT_SCRIPT, out, "the TVM kernels", EXPORT_TIMEOUT_S)["kernels"]
 
 
 @pytest.fixture(scope="session")
