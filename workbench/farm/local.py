@@ -126,11 +126,10 @@ def tracker_from_env() -> tuple[str, int] | None:
     """
     text = os.environ.get("WORKBENCH_TRACKER")
     if text:
-        host, sep, port = text.strip().rpartition(":")
-        host = host.strip("[]")  # [::1]:9190
-        if not sep or not host or not _is_port(port):
-            raise ValueError(f"WORKBENCH_TRACKER must be host:port (e.g. 127.0.0.1:9190), not {text!r}")
-        return host, int(port)
+        try:
+            return parse_address(text)  # host:port, or [::1]:9190
+        except ValueError:
+            raise ValueError(f"WORKBENCH_TRACKER must be host:port (e.g. 127.0.0.1:9190), not {text!r}") from None
     host, port = os.environ.get("TVM_TRACKER_HOST"), os.environ.get("TVM_TRACKER_PORT")
     if host or port:  # either one names a tracker; the other defaults as in TVM's query_rpc_tracker
         host, port = host or "127.0.0.1", (port or "9190").strip()
