@@ -90,24 +90,41 @@ class KernelError(RemoteError):
 # -- the shim ------------------------------------------------------------------
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
-# The newest symbol of _shim.c: a built shim without it is stale (built before _shim.c changed).
+# The newest symbol of the shim (kernel_runtime.c): a built shim without it is stale (built before the source changed).
 _SHIM_NEWEST_SYMBOL = "wb_set_function_resolver"
+_NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
 
 
 def _shim_source() -> str:
-    return os.path.join(os.path.dirname(__file__), "_shim.c")
+    """The extension wrapper; the runtime itself is ``_shim_sources()[1]`` (shared with minrpc)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shim.c")
+
+
+def _shim_sources() -> list[str]:
+    """Every file the shim is built from: the wrapper, the kernel runtime, and its header (for staleness)."""
+    return [
+        _shim_source(),
+        os.path.join(_NATIVE_DIR, "kernel_runtime.c"),
+        os.path.join(_NATIVE_DIR, "kernel_runtime.h"),
+    ]
 
 
 def _build_shim() -> str:
-    """Compile the shim where the package was copied without being pip-installed."""
+    """Compile the shim where the package was copied without being pip-installed.
+
+    Rebuilt whenever one of ``_shim_sources()`` is newer than the cached build.
+    """
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "workbench")
     os.makedirs(cache, exist_ok=True)
     out = os.path.join(cache, f"wbshim-{sys.implementation.cache_tag}-{os.uname().machine}.so")
-    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(_shim_source()):
+    sources = _shim_sources()
+    newest = max(os.path.getmtime(path) for path in sources)
+    if os.path.exists(out) and os.path.getmtime(out) >= newest:
         return out
     cc = os.environ.get("CC", "cc")
     tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False).name
-    cmd = [cc, "-shared", "-fPIC", "-O2", "-pthread", "-I", sysconfig.get_paths()["include"], "-o", tmp, _shim_source()]
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-pthread", "-I", sysconfig.get_paths()["include"], "-I", _NATIVE_DIR,
+           "-o", tmp, *[path for path in sources if path.endswith(".c")]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -127,7 +144,7 @@ def shim() -> ctypes.CDLL:
             spec = importlib.util.find_spec("workbench.runtime._shim")
             path = spec.origin if spec and spec.origin and spec.origin.endswith(".so") else None
             if path is None or _SHIM_NEWEST_SYMBOL not in dynamic_symbols(path):
-                path = _build_shim()  # not built, or built from an older _shim.c: never load that one
+                path = _build_shim()  # not built, or built from older sources: never load that one
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             lib.wb_last_error.restype = ctypes.c_char_p
             lib.wb_time_calls.argtypes = [

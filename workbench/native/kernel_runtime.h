@@ -1,0 +1,131 @@
+/*
+ * kernel_runtime.h: what a kernel library gets from the process that loads it.
+ *
+ * Kernels follow the TVM FFI packed C ABI (docs/protocol.md section 11).  This runtime is shared by
+ * the two servers that load kernels without TVM:
+ *   - the Python session server, through workbench/runtime/_shim.c (a CPython extension built from
+ *     _shim.c and kernel_runtime.c) that workbench/runtime/ffi.py loads RTLD_GLOBAL and calls through
+ *     ctypes: every name below is part of that interface, keep them unchanged;
+ *   - minrpc, the native server (native/minrpc), linked with -rdynamic so that kernel libraries bind
+ *     TVMFFIErrorSetRaisedFromCStrParts to the definition here.
+ *
+ * It provides the error setter kernels call, the last error per thread, the timing loop behind
+ * time_evaluator (and its cache flush), and what TVM's runtime gives a kernel through the context
+ * slots a TVM-exported library defines (see fill_context_slots in ffi.py, mr_fill_context_slots in
+ * minrpc): a thread pool (TVMBackendParallelLaunch/Barrier), workspaces (TVMBackendAlloc/FreeWorkspace),
+ * TVMFFIHandleInitOnce, runtime functions looked up by name (TVMFFIEnvModLookupFromImports,
+ * TVMFFIFunctionCall) and, for a runtime function it lacks, a stub failing the kernel naming it.
+ * None of these is exported under a slot's own name (__TVM...): a weak slot in a kernel library
+ * would bind to such a definition instead of its own storage.
+ *
+ * C99 (gnu99) and POSIX threads; no Python headers.
+ */
+#ifndef WORKBENCH_KERNEL_RUNTIME_H
+#define WORKBENCH_KERNEL_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The TVMFFIAny layout: 16 bytes, int32 type index, uint32 padding, an 8-byte value. */
+typedef struct {
+  int32_t type_index; /* 0 None, 1 Int, 2 Bool, 3 Float, 4 opaque pointer, 7 DLTensor*, 8 C string, 9 byte array */
+  uint32_t pad;
+  union {
+    int64_t v_int64;
+    double v_float64;
+    void* v_ptr;
+    const char* v_c_str;
+  };
+} WBAny;
+
+/* The same type under TVM's name (workbench_kernel.h declares an identical one for kernels). */
+#ifndef WORKBENCH_KERNEL_H_
+typedef WBAny TVMFFIAny;
+#endif
+
+/* TVMFFIByteArray: the value of a type-9 argument points at one. */
+typedef struct {
+  const char* data;
+  size_t size;
+} WBByteArray;
+
+/* A kernel (or any packed function): int f(void* self, const TVMFFIAny* args, int32_t nargs, TVMFFIAny* ret). */
+typedef int (*WBPackedFunc)(void* self, const WBAny* args, int32_t nargs, WBAny* ret);
+
+/* Capacity of an error message, including its NUL. */
+#define WB_ERR_CAP 4096
+
+/* -- errors ------------------------------------------------------------------------------------
+ * A kernel reports an error with the setter, then returns non-zero.  The message is
+ * `kind + ": " + parts...` (no prefix for an empty kind, NULL parts skipped, at most 4095 bytes),
+ * kept per thread until read. */
+void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts);
+void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message);
+/* The calling thread's last error ("" when none; also takes one set through TVM's own runtime). */
+const char* wb_last_error(void);
+void wb_clear_error(void);
+/* Set the calling thread's error (a caller failing a kernel, e.g. a registered function). */
+void wb_raise(const char* kind, const char* text);
+
+/* -- timing ------------------------------------------------------------------------------------- */
+/* Write (then read) one byte per cache line of an nbytes buffer: 0, or -1 when it cannot be allocated. */
+int wb_flush_cache(int64_t nbytes);
+int64_t wb_cache_flushes(void);       /* how many flushes ran in this process */
+int64_t wb_cache_flushed_bytes(void); /* and how many bytes they wrote */
+/* Call fn(NULL, args, nargs, &ret) `number` times back to back; *elapsed_ns = the time they took.
+   flush_bytes > 0: flush that many bytes of cache first, outside the timed span.  Returns 0, or the
+   first non-zero return of fn (error set). */
+int wb_time_calls_flushed(void* fn, const WBAny* args, int32_t nargs, int64_t number, int64_t flush_bytes,
+                          int64_t* elapsed_ns);
+int wb_time_calls(void* fn, const WBAny* args, int32_t nargs, int64_t number, int64_t* elapsed_ns);
+
+/* -- the thread pool (TVMBackendParallelLaunch, TVMBackendParallelBarrier) ----------------------- */
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} WBParallelGroupEnv;
+typedef int (*WBParallelLambda)(int task_id, WBParallelGroupEnv* env, void* cdata);
+
+/* TVM_NUM_THREADS, then OMP_NUM_THREADS, then the CPUs this process may run on (1..1024). */
+int wb_default_num_threads(void);
+/* Threads a parallel loop runs on (starts the pool if needed). */
+int wb_thread_pool_size(void);
+/* Run flambda(task, env, cdata) for task in [0, num_task) (num_task <= 0: one per thread): 0, or -1. */
+int wb_parallel_launch(WBParallelLambda flambda, void* cdata, int num_task);
+int wb_parallel_barrier(int task_id, WBParallelGroupEnv* env);
+/* Stop the pool's threads; the next launch starts a new pool. */
+void wb_thread_pool_shutdown(void);
+
+/* -- workspaces (TVMBackendAllocWorkspace, TVMBackendFreeWorkspace) ------------------------------ */
+void* wb_alloc_workspace(int device_type, int device_id, uint64_t nbytes, int dtype_code_hint, int dtype_bits_hint);
+int wb_free_workspace(int device_type, int device_id, void* ptr);
+int64_t wb_workspace_mallocs(void); /* blocks taken from the system allocator, not the per-thread cache */
+
+/* -- the rest of a kernel's runtime ------------------------------------------------------------- */
+/* TVMFFIHandleInitOnce: run init_func once per handle, publishing its result. */
+int wb_handle_init_once(void** handle_addr, int (*init_func)(void** result));
+/* What a library's __tvm_ffi__library_ctx slot points at (never freed); NULL when out of memory. */
+void* wb_new_library_ctx(const char* name);
+
+/* Runtime functions a kernel calls by name (T.call_packed): the resolver maps a name to a packed
+   function: 0 (and *out_fn), 1 when nothing is registered under the name, -1 (error set) on failure.
+   Without a resolver every lookup fails with an error naming the function. */
+typedef int (*WBResolver)(const char* name, void** out_fn);
+void wb_set_function_resolver(WBResolver resolver);
+/* TVMFFIEnvModLookupFromImports and TVMFFIFunctionCall. */
+int wb_env_mod_lookup_from_imports(void* library_ctx, const char* func_name, void** out);
+int wb_ffi_function_call(void* func, const WBAny* args, int32_t nargs, WBAny* result);
+
+/* The address of a function that fails the kernel calling it, naming `function` (a runtime function
+   this TVM-free runtime does not provide, e.g. "TVMBackendGetFuncFromEnv"). */
+void* wb_missing_function_stub(const char* function);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* WORKBENCH_KERNEL_RUNTIME_H */
