@@ -1,0 +1,178 @@
+/*
+ * core.h: what the core files of minrpc share (minrpc.h is the contract with the device files).
+ *
+ *   main.c       options, the TCP listener or stdio, a session process per connection, the tracker loop
+ *   session.c    one session process: handshake, workspace, the worker, its supervision and notices
+ *   requests.c   the worker: the request loop and every request of protocol.md section 6
+ *   workspace.c  the session workspace: confined paths, directories, removal
+ *   conn.c       frames over a socket or a pair of pipes
+ *   msgpack.c    control parts
+ */
+#ifndef MINRPC_CORE_H
+#define MINRPC_CORE_H
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "minrpc.h"
+#include "msgpack.h"
+
+/* ---- protocol constants (docs/protocol.md) ----------------------------------------------------- */
+#define MR_VERSION 1
+#define MR_HEADER 16
+#define MR_MAX_CTRL ((uint64_t)16 << 20)
+#define MR_MAX_BULK ((uint64_t)1 << 40)
+#define MR_MAX_CONNECT_CTRL (64 << 10)
+#define MR_NONCE 32
+#define MR_FLAG_NO_REPLY 1
+#define MR_FLAG_SERVER 1
+#define MR_MAX_SESSION_TIMEOUT 31536000.0
+
+enum {
+    K_OK = 0, K_ERROR = 1, K_HELLO = 2, K_CONNECT = 3, K_REGISTER = 4, K_PROXY_CONNECT = 5,
+    K_PING = 16, K_UPLOAD, K_DOWNLOAD, K_REMOVE, K_LISTDIR, K_LOAD_MODULE, K_LINK_MODULE, K_GET_FUNCTION,
+    K_MODULE_FUNCTION, K_CALL, K_TENSOR_ALLOC, K_TENSOR_WRITE, K_TENSOR_READ, K_FREE, K_TIME_EVAL, K_SYSTEM_LIB,
+};
+
+/* Exit statuses of a worker (the session process learns a clean end from shared memory, not from these). */
+#define MR_EXIT_LOST 89 /* the session's connection was closed under the worker (by the code it ran) */
+/* How a stdio server exits (as python -m workbench.rpc.worker --stdio): PopenSession reads 86 as "the session
+   ended, nothing to report", where any other status of a server that went away is reported as its death. */
+#define MR_EXIT_STDIO_DONE 86
+
+/* ---- configuration (main.c) ---------------------------------------------------------------------- */
+typedef struct {
+    const char* host;
+    int port, port_end;
+    const char* key;
+    const char* tracker_host;
+    int tracker_port;
+    const char* custom_addr;
+    const char* cc;
+    int max_sessions;
+    double idle_timeout;      /* 0: off */
+    double handshake_timeout; /* seconds */
+    int silent;
+    int stdio;
+    char* token;     /* WORKBENCH_RPC_TOKEN, or NULL */
+    char* reg_token; /* WORKBENCH_REGISTRATION_TOKEN, or NULL */
+    const char* target;
+} mr_config;
+
+extern mr_config mr_cfg;
+
+/* Log one line to stderr ("minrpc[pid]: ..."); info lines are dropped with --silent. */
+void mr_log_info(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void mr_log_error(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+int64_t mr_now_ns(void);
+
+/* ---- conn.c: frames over a stream --------------------------------------------------------------- */
+typedef struct {
+    int rfd, wfd;
+    int is_socket;
+    uint8_t* buf; /* receive buffer: buf[start..end) not yet consumed */
+    size_t cap, start, end;
+    int64_t deadline_ns; /* > 0: reads wait at most until then (the handshake) */
+    int err;             /* why the last call failed: 0 = the peer closed, else an errno */
+    int splice_pipe[2];  /* socket -> file without a copy through user space */
+    uint8_t* scratch;    /* bulk on its way to a file, when splice cannot be used */
+    size_t scratch_cap;
+    mp_buf out; /* the reply being built: MR_HEADER bytes of room, then the control part */
+} mr_conn;
+
+void conn_init(mr_conn* c, int rfd, int wfd, int is_socket);
+void conn_free(mr_conn* c);
+/* Make at least n bytes available in c->buf (n <= c->cap): 0, or -1 (c->err). */
+int conn_fill(mr_conn* c, size_t n);
+/* Read exactly n bytes into dst (buffered bytes first, then straight from the stream). */
+int conn_read_exact(mr_conn* c, void* dst, uint64_t n);
+/* Read and drop n bytes. */
+int conn_discard(mr_conn* c, uint64_t n);
+/* Move n stream bytes into the file fd. A failed write is kept in *write_errno (the rest is read and dropped):
+   returns -1 only when reading fails. */
+int conn_bulk_to_fd(mr_conn* c, int fd, uint64_t n, int* write_errno);
+/* Write all of iov (a frame): 0, or -1 (c->err). */
+int conn_writev(mr_conn* c, struct iovec* iov, int n);
+/* Send count bytes of the file fd from its start. */
+int conn_sendfile(mr_conn* c, int fd, uint64_t count);
+
+/* Start a reply / message in c->out: room for the header; then mp_put_* the control part. */
+void conn_begin(mr_conn* c);
+/* Finish the message begun with conn_begin and send it with `bulk_len` bytes of bulk from `bulk` (NULL: none,
+   or the caller sends them right after: pass bulk NULL and a bulk_len). */
+int conn_finish(mr_conn* c, int kind, const void* bulk, uint64_t bulk_len);
+/* Build and send ERROR [code, msg]. */
+int conn_send_error(mr_conn* c, int code, const char* msg);
+/* Send ERROR [code, msg] without blocking (notices): what does not fit is dropped. */
+void conn_send_error_nowait(int fd, int is_socket, int code, const char* msg);
+/* The 16-byte header. */
+void mr_put_header(uint8_t* p, uint32_t ctrl_len, uint16_t kind, uint16_t flags, uint64_t bulk_len);
+
+/* ---- workspace.c --------------------------------------------------------------------------------- */
+typedef struct {
+    char* base;    /* the mkdtemp directory (realpath) */
+    char* root;    /* base/files: what the client sees */
+    char* private_dir; /* base/lib: private copies of loaded modules */
+    unsigned serial;
+} mr_workspace;
+
+/* Create base/files and base/lib in the existing directory base: 0, or -1 (errno). */
+int ws_open(mr_workspace* ws, const char* base);
+void ws_close(mr_workspace* ws);
+/* A new private path for `name` (malloc'ed): base/lib/<n>-<basename>. */
+char* ws_private_path(mr_workspace* ws, const char* name);
+/* The absolute path of a client path (malloc'ed), or NULL with err (BAD_REQUEST / PATH_DENIED). */
+char* ws_resolve(mr_workspace* ws, const mp_node* path, mr_error* err);
+/* Create the directories above `full` (inside the workspace). */
+int ws_make_parents(const mr_workspace* ws, const char* full);
+/* Remove a file or a directory tree (not following symlinks): 0, or -1 (errno). */
+int mr_remove_tree(const char* path);
+
+/* ---- throttle.c: wrong auth proofs slow down their address ------------------------------------------- */
+typedef struct mr_throttle mr_throttle;
+/* A table in memory shared with the session processes forked later; NULL when out of memory. */
+mr_throttle* mr_throttle_new(void);
+/* 0: a CONNECT from addr is evaluated now (and the next one waits its delay); else the mr_now_ns() time its
+   turn comes. */
+int64_t mr_throttle_turn(mr_throttle* t, const uint8_t addr[16]);
+/* A wrong proof from addr: its number of wrong proofs, and *delay_s its next attempt waits. */
+int mr_throttle_failed(mr_throttle* t, const uint8_t addr[16], double* delay_s);
+void mr_throttle_succeeded(mr_throttle* t, const uint8_t addr[16]);
+
+/* ---- session.c ------------------------------------------------------------------------------------ */
+/* What the listener hands a session process. */
+typedef struct {
+    const char* peer;      /* "127.0.0.1:5555" or "stdio" */
+    mr_throttle* throttle; /* NULL: no throttling (stdio, no token) */
+    uint8_t addr[16];      /* the client's address (IPv4 as ::ffff:a.b.c.d), for the throttle */
+    const char* matchkey;  /* with a tracker: the only key accepted; NULL without one */
+    volatile int* sessions; /* shared counter of running sessions (NULL: no limit) */
+    int status_fd;         /* -1, or a pipe to the listener: "S<workspace>\n" when the session starts */
+} mr_session_args;
+
+/* Run one session on rfd/wfd in this (session) process; returns the process exit status. */
+int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args);
+
+/* Set by SIGTERM/SIGINT handlers; session and listener loops check it. */
+extern volatile sig_atomic_t mr_terminate;
+
+/* ---- requests.c ------------------------------------------------------------------------------------ */
+/* Memory shared between a session process and its worker. */
+typedef struct {
+    volatile int ended;             /* the worker ended the session on purpose */
+    volatile int sending;           /* the worker is writing a frame */
+    volatile unsigned long activity; /* odd: waiting for a request; even: serving one */
+} mr_shared;
+
+/* The worker: send the OK with `info_extra` (the server proof or NULL), then serve requests until the client
+   leaves. Returns when the session ends on purpose (the caller sets shared->ended and exits). */
+void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, double session_timeout, const uint8_t* proof);
+
+/* The session info map of the OK reply (devices, arch, ...), with `pid`. */
+void mr_put_session_info(mp_buf* b, double session_timeout, const uint8_t* proof);
+
+#endif
