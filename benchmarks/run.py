@@ -11,6 +11,7 @@ Flags:
     --no-tracker  leave the second table, "tracker", out
     --no-notebook leave the third table, "notebook" (benchmarks/notebook.py), out
     --no-tvm-kernels leave the fourth table, "tvm kernels" (benchmarks/tvm_kernels.py), out
+    --no-minrpc   leave the fifth table, "minrpc" (benchmarks/minrpc.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -42,6 +43,12 @@ registered server entries; registering a server, request to grant (median,
 p99) and summary() for our client, TVM's stock client and a tuned raw client
 against each, with targets for ours at 1000 entries and a growth check.
 
+Then the "notebook" (benchmarks/notebook.py), "tvm kernels"
+(benchmarks/tvm_kernels.py) and "minrpc" (benchmarks/minrpc.py: the native
+server's idle memory, empty call, bulk and time_evaluator overhead beside the
+Python server and TVM's C++ server, and seed 004 on the emulated aarch64
+board) tables.
+
 The last column of the table says what each figure is (the median of how many
 readings, or a single reading). Targets and PASS/FAIL are printed beside our
 figures; nothing is asserted: this is a report. Every process the run starts
@@ -71,10 +78,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 if __package__:
+    from . import minrpc as minrpc_bench
     from . import notebook as notebook_bench
     from . import tracker as tracker_bench
     from . import tvm_kernels as tvm_kernels_bench
 else:  # run as a script: this directory is sys.path[0]
+    import minrpc as minrpc_bench
     import notebook as notebook_bench
     import tracker as tracker_bench
     import tvm_kernels as tvm_kernels_bench
@@ -969,6 +978,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tracker", action="store_true", help='leave the second table, "tracker", out')
     parser.add_argument("--no-notebook", action="store_true", help='leave the third table, "notebook", out')
     parser.add_argument("--no-tvm-kernels", action="store_true", help='leave the fourth table, "tvm kernels", out')
+    parser.add_argument("--no-minrpc", action="store_true", help='leave the fifth table, "minrpc", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
@@ -1037,6 +1047,10 @@ def main(argv: list[str] | None = None) -> int:
         with owned():  # the TVM helper and our server end before the next step
             kernels_text, document["tvm_kernels"] = tvm_kernels_bench.measure_tvm_kernels(args.quick, cfg.tvm)
         print("\n" + kernels_text)
+    if not args.no_minrpc:
+        with owned():  # the servers, qemu and the board's farm end before the next step
+            minrpc_text, document["minrpc"] = minrpc_bench.measure_minrpc(args.quick, cfg.tvm, cfg.cpu)
+        print("\n" + minrpc_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)

@@ -2,8 +2,15 @@
 
     python -m workbench.farm                         # one server of key "local"
     python -m workbench.farm --servers local=2 arm=1
+    python -m workbench.farm --servers local=1 aarch64-qemu=1 minrpc=1
 
-Prints the tracker's address (export it as WORKBENCH_TRACKER=host:port) and its summary.
+Keys: "minrpc" is the native server built for this machine; "<arch>-qemu"
+(aarch64-qemu, armhf-qemu, or a triple: aarch64-linux-gnu-qemu) is an emulated
+board: minrpc cross-compiled and run under qemu-user (Debian: qemu-user,
+gcc-<triple>, libc6-dev-<arch>-cross); any other key is a Python server.
+
+Prints the tracker's address (export it as WORKBENCH_TRACKER=host:port) and its
+summary; runs until Ctrl-C or SIGTERM, then ends every server it started.
 """
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import signal
 import sys
 import threading
 
+from ..cc.targets import ToolchainNotFoundError
+from ..native import MinRPCBuildError
 from .local import LocalFarm
 
 
@@ -41,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         farm = LocalFarm(servers, host=args.host)
     except ValueError as exc:
         parser.error(str(exc))
+    except (ToolchainNotFoundError, MinRPCBuildError) as exc:  # what to install, or the compiler's output
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     with farm:
         host, port = farm.tracker_addr
         print(f"Tracker address {host}:{port}   (export WORKBENCH_TRACKER={host}:{port})\n", flush=True)

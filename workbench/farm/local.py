@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from ..errors import RPCError
 from ..rpc.client import RPCSession
+from ..rpc.minrpc import MinRPCServer
 from ..rpc.server import Server
 from ..rpc.tracker import Tracker
 from ..rpc.tracker_client import TrackerSession, connect_tracker
@@ -18,10 +19,34 @@ from ..rpc.tracker_summary import TrackerSummary
 log = logging.getLogger("workbench.farm")
 READY_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 900.0  # a farm's sessions end after 15 minutes without a request (idle_timeout=None: never)
+MINRPC_KEY = "minrpc"  # a key served by minrpc built for this machine
+# the server options minrpc servers take too; the others are the Python server's own
+MINRPC_OPTIONS = frozenset({"idle_timeout", "max_sessions", "handshake_timeout", "auth_token", "custom_addr"})
+
+
+def minrpc_target(key: str) -> str | None:
+    """What a farm key runs: None for the Python server, "host" for ``minrpc``, the triple of an emulated board
+    for ``<triple-or-arch>-qemu`` (``aarch64-qemu``, ``armhf-qemu``, ``aarch64-linux-gnu-qemu``).
+
+        >>> minrpc_target("local"), minrpc_target("minrpc"), minrpc_target("aarch64-qemu")
+        (None, 'host', 'aarch64-linux-gnu')
+    """
+    from ..native.qemu import qemu_key_triple
+
+    return "host" if key == MINRPC_KEY else qemu_key_triple(key)
 
 
 class LocalFarm:
     """A tracker and ``servers[key]`` servers of each key on free loopback ports.
+
+    Most keys get the Python server (``rpc.Server``). The key ``"minrpc"``
+    gets the native server built for this machine, and a key
+    ``"<arch-or-triple>-qemu"`` (``"aarch64-qemu"``, ``"armhf-qemu"``) an
+    emulated board: minrpc cross-compiled for it and run under qemu-user,
+    registered with its own triple and architecture, linking ``.tar`` modules
+    with the cross compiler. Where qemu, the cross compiler or its C library
+    is missing, the constructor raises ``EmulatorNotFoundError`` naming the
+    Debian packages, before anything starts.
 
     The constructor returns once every server is registered; everything ends
     on ``close()``, on leaving a ``with`` block (Ctrl-C included), when the
@@ -43,19 +68,44 @@ class LocalFarm:
                 raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
         self.host = host
         server_options.setdefault("idle_timeout", IDLE_TIMEOUT_S)  # idle sessions end: a farm is shared
+        self.targets = {key: minrpc_target(key) for key in self.servers_per_key}  # None: the Python server
+        native = sorted(k for k, t in self.targets.items() if t is not None)
+        if native:
+            _check_minrpc_options(native, server_options)
+            self._prepare_minrpc({t for t in self.targets.values() if t is not None})
         self.tracker: Tracker | None = None
-        self.servers: list[Server] = []
+        self.servers: list[Server | MinRPCServer] = []
         try:
             self.tracker = Tracker(host=host, port=0, silent=silent, auth_token=registration_token)
+            tracker_addr = (host, self.tracker.port)
             for key, count in self.servers_per_key.items():
+                target = self.targets[key]
                 for _ in range(count):
-                    self.servers.append(Server(host=host, port=0, key=key, tracker_addr=(host, self.tracker.port),
-                                               silent=silent, registration_token=registration_token,
-                                               **server_options))
+                    if target is None:
+                        self.servers.append(Server(host=host, port=0, key=key, tracker_addr=tracker_addr,
+                                                   silent=silent, registration_token=registration_token,
+                                                   **server_options))
+                    else:
+                        self.servers.append(MinRPCServer(host=host, port=0, key=key, tracker_addr=tracker_addr,
+                                                         target=target, silent=silent,
+                                                         registration_token=registration_token,
+                                                         **server_options))
             self._wait_registered()
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _prepare_minrpc(targets: set[str]) -> None:
+        """Check every emulated board's tools (raising what to install) and build minrpc for each target once."""
+        from ..native import build_minrpc
+        from ..native.qemu import find_emulator
+
+        for target in sorted(targets):
+            if target != "host":
+                find_emulator(target)
+        for target in sorted(targets):
+            build_minrpc(target)
 
     @property
     def tracker_addr(self) -> tuple[str, int]:
@@ -116,6 +166,16 @@ class LocalFarm:
         keys = ", ".join(f"{k}×{n}" for k, n in self.servers_per_key.items())
         port = self.tracker.port if self.tracker else "?"
         return f"<LocalFarm tracker {self.host}:{port} servers {keys}>"
+
+
+def _check_minrpc_options(keys: list[str], options: dict[str, Any]) -> None:
+    other = sorted(set(options) - MINRPC_OPTIONS)
+    if other:
+        raise ValueError(
+            f"LocalFarm: {', '.join(o + '=' for o in other)} {'apply' if len(other) > 1 else 'applies'} to Python "
+            f"servers only, and the keys {', '.join(keys)} are served by minrpc (which takes "
+            f"{', '.join(sorted(MINRPC_OPTIONS))}): start those in a farm of their own"
+        )
 
 
 def tracker_from_env() -> tuple[str, int] | None:

@@ -20,6 +20,8 @@ _EXPORTS = {
     "connect": "client",
     "popen_server_command": "client",
     "Server": "server",
+    "MinRPCServer": "minrpc",
+    "with_minrpc": "minrpc",
     "Proxy": "proxy",
     "Tracker": "tracker",
     "TrackerSession": "tracker_client",
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         connect,
         popen_server_command,
     )
+    from .minrpc import MinRPCServer, with_minrpc
     from .proxy import Proxy
     from .server import Server
     from .tracker import Tracker
