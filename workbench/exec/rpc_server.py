@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from ..farm.local import parse_address
 from ..rpc.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
 from ..rpc.registration import REGISTRATION_TOKEN_ENV
 from ..rpc.serve import serve
@@ -23,10 +24,10 @@ from ..rpc.service import configure_cli_logging
 def parse_tracker(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--tracker takes HOST:PORT, not {text!r}")
-    return host, int(port)
+    try:
+        return parse_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tracker takes HOST:PORT, not {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
