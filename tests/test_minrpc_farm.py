@@ -32,24 +32,15 @@ from workbench.results import BenchmarkResult
 from workbench.testing import EvaluatorConfig, RPCConfig, rpc_run
 
 from .conftest import wait_until
-from .helpers import run_export_script
+from .helpers import ADD_ONE, EM_AARCH64, EM_X86_64, elf_machine, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-EM_X86_64, EM_AARCH64 = 62, 183
 BOARD = "aarch64-qemu"
 TVM_EXPORT_TIMEOUT_S = 300
 
 
-def _board_missing() -> str | None:
-    try:
-        find_emulator("aarch64")
-    except EmulatorNotFoundError as exc:
-        return str(exc)
-    return None
-
-
-BOARD_MISSING = _board_missing()
+BOARD_MISSING = emulated_board_missing()
 needs_board = pytest.mark.skipif(BOARD_MISSING is not None, reason=f"no emulated aarch64 board: {BOARD_MISSING}")
 needs_arm64_gcc = pytest.mark.skipif(
     shutil.which("aarch64-linux-gnu-gcc") is None,
@@ -58,17 +49,6 @@ needs_arm64_gcc = pytest.mark.skipif(
 needs_tvm = pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
                                reason="apache-tvm is not installed (the `tvm` test extra: pip install -e .[test,tvm])")
 
-ADD_ONE = """#include <workbench_kernel.h>
-WB_KERNEL(add_one) {
-  WB_EXPECT_ARGS(2);
-  DLTensor* a = WB_ARG_TENSOR(0);
-  DLTensor* b = WB_ARG_TENSOR(1);
-  int64_t n = 1;
-  for (int i = 0; i < a->ndim; ++i) n *= a->shape[i];
-  for (int64_t i = 0; i < n; ++i) ((float*)b->data)[i] = ((const float*)a->data)[i] + 1.0f;
-  return 0;
-}
-"""
 
 CRASHERS = """#include <signal.h>
 #include <unistd.h>
@@ -77,13 +57,6 @@ WB_KERNEL(segfault) { raise(SIGSEGV); return 0; }
 WB_KERNEL(quit) { _exit(86); return 0; }
 WB_KERNEL(fine) { ret->type_index = kTVMFFIInt; ret->v_int64 = 42; return 0; }
 """
-
-
-def elf_machine(path) -> int:
-    with open(path, "rb") as f:
-        header = f.read(20)
-    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
-    return int.from_bytes(header[18:20], "little")
 
 
 def descendants(pid: int) -> set[int]:
@@ -342,7 +315,7 @@ def test_seed_004_on_the_emulated_board(board_farm, tmp_path):
     with cc.build(ADD_ONE, target="aarch64-linux-gnu", name="add_one") as func:
         path = func.export_library(str(tmp_path / "lib.tar"), fcompile=fcompile)
     with tarfile.open(path) as tar:
-        assert all(elf_machine_bytes(tar.extractfile(m).read(20)) == EM_AARCH64 for m in tar.getmembers())
+        assert all(elf_machine(tar.extractfile(m).read(20)) == EM_AARCH64 for m in tar.getmembers())
     with board_farm.request(BOARD) as remote:
         assert remote.info["arch"] == "aarch64"
         remote.upload(path)
@@ -356,12 +329,7 @@ def test_seed_004_on_the_emulated_board(board_farm, tmp_path):
         cost = time_f(a, b).mean
         assert cost > 0
         linked = remote.download_linked_module("lib.tar")
-        assert elf_machine_bytes(bytes(linked[:20])) == EM_AARCH64
-
-
-def elf_machine_bytes(header: bytes) -> int:
-    assert header[:4] == b"\x7fELF"
-    return int.from_bytes(header[18:20], "little")
+        assert elf_machine(bytes(linked[:20])) == EM_AARCH64
 
 
 @needs_board

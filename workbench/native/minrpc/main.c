@@ -31,29 +31,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* The device's target triple: -DMINRPC_TARGET=..., else from the compiler's predefined macros. */
-#ifndef MINRPC_TARGET
-#if defined(__x86_64__)
-#define MINRPC_TARGET "x86_64-linux-gnu"
-#elif defined(__aarch64__)
-#define MINRPC_TARGET "aarch64-linux-gnu"
-#elif defined(__arm__) && defined(__ARM_PCS_VFP)
-#define MINRPC_TARGET "arm-linux-gnueabihf"
-#elif defined(__arm__)
-#define MINRPC_TARGET "arm-linux-gnueabi"
-#elif defined(__i386__)
-#define MINRPC_TARGET "i686-linux-gnu"
-#elif defined(__riscv) && __riscv_xlen == 64
-#define MINRPC_TARGET "riscv64-linux-gnu"
-#elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
-#define MINRPC_TARGET "powerpc64le-linux-gnu"
-#elif defined(__s390x__)
-#define MINRPC_TARGET "s390x-linux-gnu"
-#else
-#define MINRPC_TARGET "unknown-linux-gnu"
-#endif
-#endif
-
 mr_config mr_cfg;
 volatile sig_atomic_t mr_terminate;
 

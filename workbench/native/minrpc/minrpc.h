@@ -26,6 +26,30 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The device's target triple: -DMINRPC_TARGET=..., else from the compiler's predefined macros. */
+#ifndef MINRPC_TARGET
+#if defined(__x86_64__)
+#define MINRPC_TARGET "x86_64-linux-gnu"
+#elif defined(__aarch64__)
+#define MINRPC_TARGET "aarch64-linux-gnu"
+#elif defined(__arm__) && defined(__ARM_PCS_VFP)
+#define MINRPC_TARGET "arm-linux-gnueabihf"
+#elif defined(__arm__)
+#define MINRPC_TARGET "arm-linux-gnueabi"
+#elif defined(__i386__)
+#define MINRPC_TARGET "i686-linux-gnu"
+#elif defined(__riscv) && __riscv_xlen == 64
+#define MINRPC_TARGET "riscv64-linux-gnu"
+#elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
+#define MINRPC_TARGET "powerpc64le-linux-gnu"
+#elif defined(__s390x__)
+#define MINRPC_TARGET "s390x-linux-gnu"
+#else
+#define MINRPC_TARGET "unknown-linux-gnu"
+#endif
+#endif
+
+
 /* Error codes: docs/protocol.md section 7 (workbench.errors). */
 enum {
     MR_OK = 0,
@@ -50,6 +74,9 @@ typedef struct {
     int code;
     char msg[MR_ERR_CAP];
 } mr_error;
+
+/* Replace every `what` in text (a C string with room for cap bytes) with `with`, as far as it fits (tar.c). */
+void mr_replace_all(char* text, size_t cap, const char* what, const char* with);
 
 /* Set err (printf-style); returns -1 so that callers can `return mr_fail(err, ...)`. */
 int mr_fail(mr_error* err, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -526,20 +526,6 @@ static int copy_file(const char* src, const char* dst) {
     return rc;
 }
 
-/* Replace every occurrence of `what` in text (in place, text has room for cap bytes). */
-static void replace_all(char* text, size_t cap, const char* what, const char* with) {
-    size_t lw = strlen(what), lr = strlen(with);
-    if (!lw) return;
-    char* p = text;
-    while ((p = strstr(p, what)) != NULL) {
-        size_t tail = strlen(p + lw);
-        if ((size_t)(p - text) + lr + tail + 1 > cap) break;
-        memmove(p + lr, p + lw, tail + 1);
-        memcpy(p, with, lr);
-        p += lr;
-    }
-}
-
 /* The entry function: "main" if exported, else the only kernel, else none (protocol.md section 11). */
 static char* entry_of(const mr_strlist* kernels) {
     for (int i = 0; i < kernels->count; ++i)
@@ -573,7 +559,7 @@ static mr_module* open_library(const char* so, const char* name, mr_error* err) 
     if (!m->dl) {
         const char* why = dlerror();
         mr_fail(err, MR_REMOTE, "cannot load %s: %s", name, why ? why : "unknown error");
-        replace_all(err->msg, sizeof(err->msg), so, name);
+        mr_replace_all(err->msg, sizeof(err->msg), so, name);
         goto fail;
     }
     if (mr_fill_context_slots(m->dl, &slots, name, err)) goto fail; /* (the library stays open: never unloaded) */

@@ -1154,8 +1154,7 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Replace every `what` in text (cap bytes of room) with `with`. */
-static void replace_all(char* text, size_t cap, const char* what, const char* with) {
+void mr_replace_all(char* text, size_t cap, const char* what, const char* with) {
     size_t lw = strlen(what), lr = strlen(with);
     if (!lw) return;
     char* p = text;
@@ -1363,8 +1362,8 @@ static int run_linker(const char* cc, const char* work_dir, const char* display,
     snprintf(text, LINK_OUTPUT_CAP + 64, "%s%s", output, truncated ? "\n[... more output dropped]" : "");
     char prefix[4200];
     snprintf(prefix, sizeof(prefix), "%s/", work_dir);
-    replace_all(text, LINK_OUTPUT_CAP + 64, prefix, "");
-    replace_all(text, LINK_OUTPUT_CAP + 64, work_dir, ".");
+    mr_replace_all(text, LINK_OUTPUT_CAP + 64, prefix, "");
+    mr_replace_all(text, LINK_OUTPUT_CAP + 64, work_dir, ".");
     name_members(text, named, MR_ERR_CAP, display, objects);
     size_t len = strlen(named); /* strip, as Python's str.strip() */
     while (len && (named[len - 1] == '\n' || named[len - 1] == ' ' || named[len - 1] == '\r')) named[--len] = '\0';
