@@ -52,3 +52,40 @@ def run_export_script(script_text: str, out_dir, what: str, timeout: float) -> d
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert report["tvm_version"].startswith("0.27"), report["tvm_version"]
     return report
+
+
+# -- shared by the kernel, cross-compilation and minrpc tests ------------------------------------------------
+EM_X86_64, EM_AARCH64 = 62, 183
+
+ADD_ONE = """#include <workbench_kernel.h>
+WB_KERNEL(add_one) {
+  WB_EXPECT_ARGS(2);
+  DLTensor* a = WB_ARG_TENSOR(0);
+  DLTensor* b = WB_ARG_TENSOR(1);
+  int64_t n = 1;
+  for (int i = 0; i < a->ndim; ++i) n *= a->shape[i];
+  for (int64_t i = 0; i < n; ++i) ((float*)b->data)[i] = ((const float*)a->data)[i] + 1.0f;
+  return 0;
+}
+"""
+
+
+def elf_machine(data_or_path) -> int:
+    """The e_machine of an ELF file, given its first bytes or its path."""
+    if not isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        with open(data_or_path, "rb") as f:
+            data_or_path = f.read(20)
+    data = bytes(data_or_path[:20])
+    assert data[:4] == b"\x7fELF", "not an ELF file"
+    return int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")
+
+
+def emulated_board_missing() -> str | None:
+    """Why there is no emulated aarch64 board here (what to install), or None."""
+    from workbench.native.qemu import EmulatorNotFoundError, find_emulator
+
+    try:
+        find_emulator("aarch64")
+    except EmulatorNotFoundError as exc:
+        return str(exc)
+    return None

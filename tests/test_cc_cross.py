@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -18,9 +17,10 @@ import pytest
 from workbench import cc
 from workbench.cc import TargetSpec, ToolchainNotFoundError, parse_target
 
+from .helpers import EM_AARCH64, elf_machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_C = os.path.join(HERE, "kernels", "kernels.c")
-EM_X86_64, EM_AARCH64 = 62, 183
 ARM64_GCC = "aarch64-linux-gnu-gcc"
 needs_aarch64 = pytest.mark.skipif(
     shutil.which(ARM64_GCC) is None,
@@ -28,14 +28,6 @@ needs_aarch64 = pytest.mark.skipif(
 )
 
 
-def elf_machine(data: bytes) -> int:
-    assert data[:4] == b"\x7fELF", "not an ELF file"
-    return struct.unpack("<H" if data[5] == 1 else ">H", data[18:20])[0]
-
-
-def file_machine(path) -> int:
-    with open(path, "rb") as f:
-        return elf_machine(f.read(64))
 
 
 def tar_machines(path) -> list[int]:
@@ -111,12 +103,12 @@ def test_target_spec_is_public_and_typed():
 @needs_aarch64
 def test_create_shared_and_tar_for_aarch64(tmp_path):
     so = cc.create_shared(tmp_path / "k.so", [KERNELS_C], cc=ARM64_GCC)
-    assert file_machine(so) == EM_AARCH64
+    assert elf_machine(so) == EM_AARCH64
     tar = cc.create_tar(tmp_path / "k.tar", [KERNELS_C], cc=ARM64_GCC)
     assert tar_machines(tar) == [EM_AARCH64]
     # objects in, too: link the tar's object into a shared object
     (obj,) = cc.compile_objects([KERNELS_C], tmp_path, cc=ARM64_GCC)
-    assert file_machine(cc.create_shared(tmp_path / "from_obj.so", obj, cc=ARM64_GCC)) == EM_AARCH64
+    assert elf_machine(cc.create_shared(tmp_path / "from_obj.so", obj, cc=ARM64_GCC)) == EM_AARCH64
 
 
 @needs_aarch64
@@ -125,7 +117,7 @@ def test_create_shared_and_tar_for_aarch64(tmp_path):
 def test_cross_compiler_fcompile_formats(tmp_path, how):
     so_f = cc.cross_compiler(how)
     assert so_f.output_format == "so" and so_f.get_target_triple().startswith("aarch64")
-    assert file_machine(so_f(str(tmp_path / "k.so"), [KERNELS_C])) == EM_AARCH64
+    assert elf_machine(so_f(str(tmp_path / "k.so"), [KERNELS_C])) == EM_AARCH64
     tar_f = cc.cross_compiler(how, output_format="tar")
     assert tar_f.output_format == "tar"
     out = tar_f(str(tmp_path / "k_lib"), [KERNELS_C])
@@ -149,14 +141,14 @@ def test_fcompile_options_do_not_pile_up(tmp_path):
     fcompile = cc.cross_compiler("aarch64-linux-gnu", options=["-DWB_BASE"])
     with pytest.raises(RuntimeError, match="leaked"):
         fcompile(str(tmp_path / "a.so"), [str(src)], options=["-DWB_FIRST"])
-    assert file_machine(fcompile(str(tmp_path / "b.so"), [str(src)])) == EM_AARCH64
+    assert elf_machine(fcompile(str(tmp_path / "b.so"), [str(src)])) == EM_AARCH64
 
 
 def test_cross_compiler_for_host_and_callables(tmp_path):
     host = cc.cross_compiler("host")
     with open(sys.executable, "rb") as f:
         host_machine = elf_machine(f.read(64))
-    assert file_machine(host(str(tmp_path / "k.so"), [KERNELS_C])) == host_machine
+    assert elf_machine(host(str(tmp_path / "k.so"), [KERNELS_C])) == host_machine
     wrapped = cc.cross_compiler(cc.create_tar)
     assert wrapped.output_format == "tar"
     assert tar_machines(wrapped(str(tmp_path / "k.tar"), [KERNELS_C])) == [host_machine]
@@ -170,7 +162,7 @@ def test_build_source_for_a_tvm_target(tmp_path):
     with open(KERNELS_C) as f:
         source = f.read()
     out = cc.build_source(source, tmp_path, name="k", target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
-    assert file_machine(out) == EM_AARCH64
+    assert elf_machine(out) == EM_AARCH64
 
 
 def _missing_cross_triple() -> str:
@@ -212,13 +204,13 @@ def test_ndk_compiler_from_the_environment(monkeypatch, tmp_path):
     # the aarch64 gcc stands in for the NDK's clang: what matters is that the variable's compiler builds
     monkeypatch.setenv("TVM_NDK_CC", str(tmp_path / "no-such-clang"))
     monkeypatch.setenv("WORKBENCH_NDK_CC", ARM64_GCC)  # ours wins over TVM's
-    assert file_machine(cc.create_ndk_shared(str(tmp_path / "a.so"), [KERNELS_C])) == EM_AARCH64
+    assert elf_machine(cc.create_ndk_shared(str(tmp_path / "a.so"), [KERNELS_C])) == EM_AARCH64
     fcompile = cc.cross_compiler("ndk")
     assert fcompile.output_format == "so" and fcompile.get_target_triple() == "aarch64-linux-gnu"
-    assert file_machine(fcompile(str(tmp_path / "b.so"), [KERNELS_C])) == EM_AARCH64
+    assert elf_machine(fcompile(str(tmp_path / "b.so"), [KERNELS_C])) == EM_AARCH64
     monkeypatch.delenv("WORKBENCH_NDK_CC")
     monkeypatch.setenv("TVM_NDK_CC", ARM64_GCC)
-    assert file_machine(cc.cross_compiler("aarch64-linux-android")(str(tmp_path / "c.so"), [KERNELS_C])) \
+    assert elf_machine(cc.cross_compiler("aarch64-linux-android")(str(tmp_path / "c.so"), [KERNELS_C])) \
         == EM_AARCH64
 
 
@@ -250,6 +242,6 @@ def test_tvm_export_library_with_our_cross_compiler(tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     so = tmp_path / "add_one.so"
-    assert file_machine(so) == EM_AARCH64
+    assert elf_machine(so) == EM_AARCH64
     assert b"__tvm_ffi_add_one" in so.read_bytes()
     assert tar_machines(tmp_path / "add_one.tar") == [EM_AARCH64]

@@ -28,25 +28,15 @@ import pytest
 
 from workbench import cc, rpc, runtime
 from workbench.errors import BadRequestError, PathDeniedError, RemoteError
-from workbench.native.qemu import EmulatorNotFoundError, find_emulator
 
 from .conftest import session_workspaces, wait_until
-from .helpers import run_export_script
+from .helpers import EM_AARCH64, EM_X86_64, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_C = os.path.join(HERE, "kernels", "kernels.c")
 CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-EM_X86_64, EM_AARCH64 = 62, 183
 
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler to build minrpc: apt-get install gcc")
-
-
-def _board_missing() -> str | None:
-    try:
-        find_emulator("aarch64")
-    except EmulatorNotFoundError as exc:
-        return str(exc)
-    return None
 
 
 # -- the server and sessions -----------------------------------------------------------------------------
@@ -350,7 +340,7 @@ def test_download_linked_module_is_the_linked_library(remote, tmp_path):
 
 
 # -- the emulated aarch64 board ---------------------------------------------------------------------------
-BOARD_MISSING = _board_missing()
+BOARD_MISSING = emulated_board_missing()
 
 
 @pytest.mark.skipif(BOARD_MISSING is not None, reason=f"no emulated aarch64 board: {BOARD_MISSING}")

@@ -27,30 +27,12 @@ from workbench.testing import (
     CPU_CACHE_FLUSH_BYTES, EvaluatorConfig, RPCConfig, local_run, rpc_run, run_in_session,
 )
 
+from .helpers import ADD_ONE, EM_AARCH64, elf_machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAVE_ARM64_GCC = bool(shutil.which("aarch64-linux-gnu-gcc"))
-EM_AARCH64 = 183
 
-
-def file_machine(path) -> int:
-    """The ELF e_machine of an object or shared object."""
-    with open(path, "rb") as f:
-        header = f.read(20)
-    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
-    return int.from_bytes(header[18:20], "little")
-
-ADD_ONE = """#include <workbench_kernel.h>
-WB_KERNEL(add_one) {
-  WB_EXPECT_ARGS(2);
-  DLTensor* a = WB_ARG_TENSOR(0);
-  DLTensor* b = WB_ARG_TENSOR(1);
-  int64_t n = 1;
-  for (int i = 0; i < a->ndim; ++i) n *= a->shape[i];
-  for (int64_t i = 0; i < n; ++i) ((float*)b->data)[i] = ((const float*)a->data)[i] + 1.0f;
-  return 0;
-}
-"""
 
 SCALE_SHIFT = """#include <workbench_kernel.h>
 /* b = a * s + k; a second kernel, main is the entry */
@@ -287,13 +269,13 @@ def test_build_reports_compile_errors_and_bad_input(tmp_path):
 def test_build_for_aarch64(tmp_path, target):
     with cc.build(ADD_ONE, target=target, name="add_one") as mod:
         assert not mod.is_host and mod.target_spec.triple == "aarch64-linux-gnu"
-        assert file_machine(mod.export_library(tmp_path / "k.so")) == EM_AARCH64
+        assert elf_machine(mod.export_library(tmp_path / "k.so")) == EM_AARCH64
         tar = mod.export_library(tmp_path / "k.tar", fcompile="tar")
         with tarfile.open(tar) as t:
             t.extractall(tmp_path / "objs")
-        assert file_machine(tmp_path / "objs" / "add_one.o") == EM_AARCH64
+        assert elf_machine(tmp_path / "objs" / "add_one.o") == EM_AARCH64
         fcompile = cc.cross_compiler("aarch64-linux-gnu")
-        assert file_machine(mod.export_library(tmp_path / "c.so", fcompile=fcompile)) == EM_AARCH64
+        assert elf_machine(mod.export_library(tmp_path / "c.so", fcompile=fcompile)) == EM_AARCH64
         with pytest.raises(RuntimeError, match="built for aarch64-linux-gnu, not for this machine.*rpc_run"):
             mod["add_one"](np.zeros(2, "float32"), np.zeros(2, "float32"))
 
