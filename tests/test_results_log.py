@@ -288,6 +288,18 @@ def test_box_plot_one_box_per_group(mod, remote):
     assert all(t.get_rotation() == 30 for t in ax.get_xticklabels())  # long labels are turned
 
 
+def test_plot_splits_a_function_timed_at_several_shapes(mod, remote):
+    dev = remote.cpu()
+    log = ResultLog()
+    for n in (1024, 4096):
+        a = runtime.tensor(np.ones(n, "float32"), dev)
+        b = runtime.empty((n,), "float32", dev)
+        log.add(mod.time_evaluator("add_one", dev, number=2, repeat=3)(a, b), session=remote, args=(a, b))
+    ax = log.plot("box")
+    assert len(ax.patches) == 2
+    assert tick_texts(ax) == [f"add_one @ {remote.address} [1024;1024]", f"add_one @ {remote.address} [4096;4096]"]
+
+
 def test_bar_plot_means_with_error_bars():
     log = filled_log()
     ax = log.plot(kind="bar")

@@ -253,7 +253,7 @@ class ResultLog:
         return "\n".join(lines)
 
     def plot(self, kind: str = "box", ax: Any = None):
-        """Plot the timings per (function, key or server); returns the matplotlib Axes.
+        """Plot the timings per (function, key or server, and argument shapes where they vary); returns the Axes.
 
         ``kind="box"``: the per-repeat distribution, one box per group;
         ``kind="bar"``: the mean per group with std error bars.
@@ -268,6 +268,12 @@ class ResultLog:
         plt = pyplot()
 
         labels = [_group_label(f, k, s) for f, k, s in zip(frame["function"], frame["key"], frame["server"])]
+        # a function timed at several argument shapes on one device: one group per shape, named by it
+        shapes_per_label: dict[str, set] = {}
+        for label, shape in zip(labels, frame["shapes"]):
+            shapes_per_label.setdefault(label, set()).add(shape)
+        labels = [f"{label} [{shape}]" if len(shapes_per_label[label]) > 1 else label
+                  for label, shape in zip(labels, frame["shapes"])]
         groups: dict[str, list[float]] = {}
         for label, seconds in zip(labels, frame["seconds"]):
             groups.setdefault(label, []).append(float(seconds))
