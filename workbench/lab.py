@@ -172,6 +172,7 @@ def run_headless(notebooks: Path, farm: LocalFarm, output: Path) -> int:
     _require("nbclient", "nbformat", "ipykernel")
     import nbclient
     import nbformat
+    from jupyter_client import KernelManager
 
     host, port = farm.tracker_addr
     output.mkdir(parents=True, exist_ok=True)
@@ -182,9 +183,16 @@ def run_headless(notebooks: Path, farm: LocalFarm, output: Path) -> int:
     started = time.monotonic()
     failure = None
     try:
-        client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, startup_timeout=KERNEL_START_TIMEOUT_S,
-                                         kernel_name="python3", resources={"metadata": {"path": str(output)}})
-        client.execute()
+        with tempfile.TemporaryDirectory(prefix="wb-kernel-") as sockets:
+            # the kernel's channels as Unix sockets in a private folder, not TCP ports on loopback
+            km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+            client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=KERNEL_START_TIMEOUT_S,
+                                             resources={"metadata": {"path": str(output)}})
+            try:
+                client.execute()
+            finally:  # nbclient leaves a kernel manager it was given running
+                if km.has_kernel:
+                    km.shutdown_kernel(now=False)
     except nbclient.exceptions.CellExecutionError:
         failure = _failed_cell(nb)
     except nbclient.exceptions.CellTimeoutError as exc:
