@@ -127,6 +127,31 @@ def test_build_errors_carry_the_compiler_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["broken.c"]  # no half-written program, no temp file
 
 
+def _armhf_missing() -> str | None:
+    try:
+        find_emulator("armhf")
+    except EmulatorNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(_armhf_missing() is not None, reason=f"no emulated armhf board: {_armhf_missing()}")
+def test_seed_004_on_an_emulated_armhf_board(tmp_path):
+    """The 32-bit ARM board: minrpc cross-built for arm-linux-gnueabihf under qemu-arm, a .tar linked there."""
+    with LocalFarm({"armhf-qemu": 1}) as farm, farm.request("armhf-qemu") as remote:
+        assert remote.info["arch"].startswith("armv7") and remote.info["target"] == "arm-linux-gnueabihf"
+        with cc.build(ADD_ONE, target=remote.info["target"], name="add_one") as func:
+            path = func.export_library(str(tmp_path / "lib.tar"))
+        remote.upload(path)
+        func = remote.load_module("lib.tar")
+        dev = remote.cpu()
+        x = np.random.default_rng(3).uniform(size=256).astype("float32")
+        a, b = runtime.tensor(x, dev), runtime.empty((256,), "float32", dev)
+        func["add_one"](a, b)
+        np.testing.assert_allclose(b.numpy(), x + 1, rtol=1e-6)
+        assert func.time_evaluator("add_one", dev, number=10, repeat=2)(a, b).mean > 0
+
+
 def test_missing_cross_compiler_names_the_package():
     for triple in ("riscv64-linux-gnu", "s390x-linux-gnu", "powerpc64le-linux-gnu"):
         if shutil.which(f"{triple}-gcc") is None:
@@ -139,17 +164,14 @@ def test_missing_cross_compiler_names_the_package():
         find_emulator(triple)
 
 
-def test_farm_without_the_board_tools_says_what_to_install():
-    """armhf-qemu where its cross compiler or C library is missing: the farm refuses before starting anything."""
-    try:
-        find_emulator("armhf")
-        pytest.skip("the armhf board tools are installed here")
-    except EmulatorNotFoundError:
-        pass
+def test_farm_without_the_board_tools_says_what_to_install(monkeypatch, tmp_path):
+    """aarch64-qemu on a machine without qemu-user and the cross compiler (a PATH without them): the farm
+    refuses before starting anything, naming the packages."""
+    monkeypatch.setenv("PATH", str(tmp_path))
     before = descendants(os.getpid())
-    packages = packages_for("arm-linux-gnueabihf")
-    with pytest.raises(EmulatorNotFoundError, match=f"apt-get install .*{packages['compiler']}") as info:
-        LocalFarm({"local": 1, "armhf-qemu": 1})
+    packages = packages_for("aarch64-linux-gnu")
+    with pytest.raises(EmulatorNotFoundError, match=f"apt-get install {packages['qemu']} {packages['compiler']}") as info:
+        LocalFarm({"local": 1, BOARD: 1})
     assert packages["libc"] in str(info.value)
     assert descendants(os.getpid()) <= before  # no tracker, no server was started
 
