@@ -446,7 +446,7 @@ def test_workers_of_clients_that_do_not_read_never_stall_the_server(private_tmpd
             start = time.monotonic()
             with rpc.connect(HOST, srv.port, connect_timeout=30) as remote:
                 remote.ping()
-            assert time.monotonic() - start < 10  # a bound, not a benchmark: one second per dead worker was 20 s
+            assert time.monotonic() - start < 15  # a bound, not a benchmark: one second per dead worker was 20 s
         finally:
             for peer in peers:
                 peer.close()
