@@ -98,12 +98,11 @@ class RemoteFunction:
         session._track(self, handle)
 
     def __call__(self, *args: Any) -> Any:
-        session = self.session
         for a in args:
             if type(a) not in _PLAIN:  # a tensor, module or function: it must be this session's
-                session._check_owned(args, self.name)
+                self.session._check_owned(args, self.name)
                 break
-        return session._request(_CALL, [self._wb_handle, list(args)])
+        return self.session._call(_CALL, [self._wb_handle, args])  # a tuple goes out as an array, as a list does
 
     def time_evaluator(
         self,
@@ -310,7 +309,10 @@ class RPCSession:
 
         ``bar(total_bytes)`` opens a progress bar around a bulk part, sent or received: a context
         manager yielding ``update(nbytes)`` or None (``progress.transfer_bar`` with its description bound).
+        A request without bulk parts either way goes the short way, ``_call``.
         """
+        if bulk is None and file is None and recv is None:
+            return self._call(kind, args)
         start = time.perf_counter() if self._log else 0.0
         with self._lock:
             if self._ended is not None:
@@ -319,6 +321,7 @@ class RPCSession:
             try:
                 if self._pending_free:
                     chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
+                    chan.busy = False  # sent whole, and no reply comes
                 if bar is None or (bulk is None and file is None):
                     chan.send_frame(kind, args, bulk, file=file)
                 else:
@@ -331,22 +334,74 @@ class RPCSession:
                     raise error_reply(ctrl)
                 if bulk_len or recv is not None:
                     self._receive_bulk(kind, ctrl, bulk_len, recv, bar)
-            except (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError) as exc:
-                self._end(exc)
-                raise
-            except RPCError as exc:
-                if not isinstance(exc, ConnectionClosedError):
-                    raise  # an error reply: the session goes on
-                lost = self._lost(exc)
-                self._end(lost)
-                raise lost from None
-            except OSError as exc:
-                lost = self._lost(exc)
-                self._end(lost)
+                chan.busy = False
+            except BaseException as exc:
+                lost = self._failed(exc)
+                if lost is None:
+                    raise
                 raise lost from None
         if self._log:
             log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
         return ctrl
+
+    def _call(self, kind: int, args: list) -> Any:
+        """``_request`` for a request without a bulk part whose reply has none (CALL, PING, ...): the short way.
+
+        The request goes out and the reply's first bytes come back in one step (``Channel.request``).
+
+            >>> remote._call(Kind.PING, [])  # doctest: +SKIP
+            {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
+        """
+        start = time.perf_counter() if self._log else 0.0
+        with self._lock:
+            if self._ended is not None:
+                self._ensure_open()
+            try:
+                if self._pending_free:
+                    self._chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
+                    self._chan.busy = False  # sent whole, and no reply comes
+                reply_kind, _, ctrl, bulk_len = self._chan.request(kind, args)
+                if reply_kind == _ERROR:
+                    if bulk_len:
+                        self._chan.discard_bulk(bulk_len)
+                    raise error_reply(ctrl)
+                if bulk_len:
+                    self._receive_bulk(kind, ctrl, bulk_len, None)
+                self._chan.busy = False
+            except BaseException as exc:
+                lost = self._failed(exc)
+                if lost is None:
+                    raise
+                raise lost from None
+        if self._log:
+            log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
+        return ctrl
+
+    def _failed(self, exc: BaseException) -> RPCError | None:
+        """What a request that raised ``exc`` means for the session; the exception to raise instead, or None.
+
+        A crashed or timed-out session, a protocol error or an oversized frame end the session (``exc``
+        is raised); a lost connection ends it too, raised as ``_lost`` describes it; an error reply
+        (the session goes on) and anything else (KeyboardInterrupt, a value msgpack cannot send) are
+        raised as they are; if that happened while a request was on the wire (the channel is ``busy``),
+        the session ends too, since the next reply would be out of step.
+        """
+        if isinstance(exc, (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError)):
+            self._end(exc)
+            return None
+        if isinstance(exc, RPCError) and not isinstance(exc, ConnectionClosedError):
+            self._chan.busy = False
+            return None  # an error reply, read whole: the session goes on
+        if isinstance(exc, OSError):  # ConnectionClosedError is one too
+            lost = self._lost(exc)
+            self._end(lost)
+            return lost
+        if self._chan.busy:  # Ctrl-C (or another exception) between a request's first byte and its reply's last
+            self._end(ConnectionClosedError(
+                f"a request to {self.address} was interrupted ({type(exc).__name__}) before its reply was read, "
+                "so the session was closed (the server stops what it was running and frees the device): "
+                "connect again to go on"))
+        return None  # raised as it is (e.g. a value msgpack cannot send: nothing went out)
 
     def _receive_bulk(self, kind: int, ctrl: Any, bulk_len: int, recv: Receiver | None,
                       bar: Callable[[int], Any] | None = None) -> None:
@@ -689,6 +744,9 @@ class LocalSession(RPCSession):
         super().__init__(_NoChannel(), dict(device_info(), key=""), "local")
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._handler.close)
+
+    def _call(self, kind: int, args: list) -> Any:
+        return self._request(kind, args)
 
     def _request(
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,

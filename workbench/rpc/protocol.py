@@ -24,6 +24,11 @@ import msgpack
 from ..errors import ConnectionClosedError, ProtocolError, TooLargeError
 from ..progress import chunk_slices
 
+try:  # the client's fast path for small requests, in C; a shim built before it lacks it: pure Python then
+    from ..runtime._shim import exchange as _exchange
+except ImportError:  # not built (a tree copied without pip install)
+    _exchange = None
+
 MAGIC = b"WBRP"
 VERSION = 1
 PREAMBLE = struct.Struct("<4sHH")  # magic, version, flags
@@ -189,6 +194,9 @@ class Channel:
         self._start = 0
         self._end = 0
         self._scratch: memoryview | None = None
+        # True from the first byte of a request until its reply is consumed (the client clears it): an
+        # exception in between (Ctrl-C) leaves the stream out of step
+        self.busy = False
 
     # -- raw stream, supplied by subclasses ---------------------------------
     def _recv_into(self, view: memoryview) -> int:
@@ -315,6 +323,19 @@ class Channel:
     def discard_bulk(self, count: int) -> None:
         Channel.recv_bulk_to_fd(self, None, count)
 
+    def request(self, kind: int, ctrl: Any) -> tuple[int, int, Any, int]:
+        """Send a request without a bulk part; return its reply's ``(kind, flags, ctrl, bulk_len)``.
+
+        The reply is a Frame (a plain tuple on SocketChannel's fast path); its bulk part is still on the stream.
+
+            >>> chan.request(Kind.PING, [])  # doctest: +SKIP
+            Frame(kind=0, ctrl={'objects': 0, 'tensors': 0, 'tensor_bytes': 0}, bulk_len=0)
+        """
+        body = _pack(ctrl)
+        self.busy = True
+        self._sendall(_pack_header(len(body), kind, 0, 0) + body)
+        return self.recv_frame()
+
     # -- writing --------------------------------------------------------------
     def send_frame(
         self,
@@ -335,9 +356,11 @@ class Channel:
                 self._sendall(_OK_NIL)
             else:
                 body = _pack(ctrl)
+                self.busy = True
                 self._sendall(_pack_header(len(body), kind, flags, 0) + body)
             return
         body = _pack(ctrl)
+        self.busy = True
         if bulk is not None:
             bulk = memoryview(bulk).cast("B") if not isinstance(bulk, bytes) else bulk
             bulk_len = len(bulk)
@@ -370,10 +393,44 @@ class SocketChannel(Channel):
         self._pipe: tuple[int, int] | None = None
         self._recv_into = sock.recv_into  # bound directly: one Python frame less per call
         self._sendall = sock.sendall
+        self._fileno = sock.fileno  # -1 once closed: exchange() then raises EBADF, as sendall would
+        # the fast path writes to the descriptor itself: a plain socket only (never one that wraps the stream)
+        self._exchange = _exchange if type(sock) is socket.socket else None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a socketpair in tests)
+
+    def request(self, kind: int, ctrl: Any) -> tuple[int, int, Any, int]:
+        """``Channel.request`` with the send and the first receive in one C call (``_shim.exchange``).
+
+        A reply that came whole, alone and without a bulk part is returned as the C call made it (a
+        plain tuple). Else its first bytes are at the start of the receive buffer, and ``recv_frame``
+        reads the frame from there, receiving the rest. Bytes still buffered from before (a notice that
+        came with the last reply) go first, through the plain path, as everything does without the C
+        function (a shim built before it). A socket with a timeout is non-blocking: what would block
+        is left to the socket object, which waits with its timeout.
+
+            >>> remote._chan.request(Kind.PING, [])  # doctest: +SKIP
+            (0, 0, {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}, 0)
+        """
+        body = _pack(ctrl)
+        self.busy = True
+        exchange = self._exchange
+        if exchange is None or self._start != self._end:
+            self._sendall(_pack_header(len(body), kind, 0, 0) + body)
+            return self.recv_frame()
+        got = exchange(self._fileno(), kind, body, self._buf, unpack)
+        if got.__class__ is tuple:  # the whole reply, and nothing more: the buffer stays empty
+            return got
+        if got > 0:  # bytes of the reply at the start of the buffer
+            self._start = 0
+            self._end = got
+        elif got == 0:
+            raise ConnectionClosedError("the peer closed the connection")
+        elif -1 - got < 16 + len(body):  # the send would block (a socket with a timeout): the rest, with its timeout
+            self._sendall((_pack_header(len(body), kind, 0, 0) + body)[-1 - got :])
+        return self.recv_frame()
 
     def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
         if progress is None:
