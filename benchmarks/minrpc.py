@@ -608,21 +608,12 @@ def rows(cfg: MinRPCConfig) -> list[Row]:
     return out
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:#.3g}"
-
-
 def _passes(op: str, value: float, limit: float) -> bool:
     return {"<": value < limit, "<=": value <= limit, ">=": value >= limit}[op]
 
 
 def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
+    _fmt = _run_module().fmt  # the number format of the other tables
     header = ["metric", "minrpc", "spread", "python", "tvm", "raw", "ratio", "target", "result", "met", "statistic"]
     cells: list[list[str]] = []
     doc_rows = []
