@@ -309,6 +309,17 @@ class ProxyLoop(ServiceLoop):
             notice = PREAMBLE.pack(MAGIC, VERSION, 0) + notice
         refuse(conn.sock, notice)  # a few hundred bytes into the socket's buffer, and close (never blocking)
 
+    def _send_opening(self, conn: _Incoming, data: bytes) -> bool:
+        """Send a few bytes of the opening without blocking; False (and ``conn`` closed) if they did not all fit."""
+        try:
+            sent = conn.sock.send(data)
+        except OSError:
+            sent = 0
+        if sent != len(data):
+            self._close_incoming(conn)
+            return False
+        return True
+
     def _read_incoming(self, conn: _Incoming) -> None:
         while True:  # read exactly the opening, part by part: nothing after it
             need = conn.need()
@@ -340,13 +351,7 @@ class ProxyLoop(ServiceLoop):
             if not conn.is_server:  # a client: tell it it reached a proxy, and ask for its key
                 hello = PREAMBLE.pack(MAGIC, VERSION, 0) + _frame(
                     Kind.HELLO, {"version": VERSION, "proxy": True, "nonce": b"", "auth": False})
-                try:
-                    sent = conn.sock.send(hello)
-                except OSError:
-                    sent = 0
-                if sent != len(hello):
-                    self._close_incoming(conn)
-                    return True
+                return not self._send_opening(conn, hello)
             return False
         if len(conn.buf) == HEADER.size:
             ctrl_len, kind, _, bulk_len = HEADER.unpack_from(conn.buf)
@@ -395,14 +400,7 @@ class ProxyLoop(ServiceLoop):
         conn.key, conn.info = key, info
         conn.nonce = os.urandom(NONCE_BYTES)
         hello = _frame(Kind.HELLO, {"version": VERSION, "proxy": True, "auth": True, "nonce": conn.nonce})
-        try:
-            sent = conn.sock.send(hello)
-        except OSError:
-            sent = 0
-        if sent != len(hello):
-            self._close_incoming(conn)
-            return True
-        return False  # its next frame, REGISTER {proof}, is read like the first
+        return not self._send_opening(conn, hello)  # its next frame, REGISTER {proof}, is read like the first
 
     def _check_proof(self, conn: _Incoming, proof: object) -> None:
         """A challenged server's second REGISTER: register it if its proof is right, else refuse with AUTH."""
