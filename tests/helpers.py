@@ -30,6 +30,23 @@ def register_kernel_calls() -> None:
         raise ValueError(f"kernel_boom got a {t.dtype} tensor of shape {t.shape}")
 
 
+# The end of a TVM export script that defines ``main() -> report``: LLVM, the linker and the tar tool write
+# to file descriptor 1, so main() runs with fd 1 sent to stderr, and stdout carries the one JSON line.
+PRINT_MAIN_REPORT = """
+import contextlib as _contextlib, json as _json, os as _os, sys as _sys
+_sys.stdout.flush()
+_saved = _os.dup(1)
+_os.dup2(2, 1)
+try:
+    with _contextlib.redirect_stdout(_sys.stderr):
+        _report = main()
+finally:
+    _sys.stderr.flush()
+    _os.dup2(_saved, 1)
+print(_json.dumps(_report))
+"""
+
+
 def run_export_script(script_text: str, out_dir, what: str, timeout: float) -> dict:
     """Run a TVM export script (argv[1] = ``out_dir``) in a subprocess; return the JSON report it prints last.
 

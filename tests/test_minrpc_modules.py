@@ -30,7 +30,7 @@ from workbench import cc, rpc, runtime
 from workbench.errors import BadRequestError, PathDeniedError, RemoteError
 
 from .conftest import session_workspaces, wait_until
-from .helpers import EM_AARCH64, EM_X86_64, emulated_board_missing, run_export_script
+from .helpers import EM_AARCH64, EM_X86_64, PRINT_MAIN_REPORT, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_C = os.path.join(HERE, "kernels", "kernels.c")
@@ -153,7 +153,7 @@ VN, WN, PR, PC = 1 << 18, 1 << 16, 16, 1024
 
 TVM_EXPORT = textwrap.dedent(
     f"""
-    import contextlib, json, os, sys
+    import os, sys
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
@@ -195,18 +195,8 @@ TVM_EXPORT = textwrap.dedent(
         out["parws"] = build("parws", [r, v], parws)
         return {{"tvm_version": tvm.__version__, "kernels": out}}
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # LLVM and the tar tool print to fd 1: keep stdout for the one JSON line
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            report = main()
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 1)
-    print(json.dumps(report))
     """
-)
+) + PRINT_MAIN_REPORT
 
 
 @pytest.fixture(scope="module")

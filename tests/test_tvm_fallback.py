@@ -25,7 +25,7 @@ from workbench import rpc, runtime
 from workbench.errors import BadRequestError, RemoteError, RemoteNotFoundError, UnsupportedError
 from workbench.runtime import tvm_bridge
 
-from .helpers import run_export_script
+from .helpers import PRINT_MAIN_REPORT, run_export_script
 
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
@@ -43,7 +43,7 @@ VN = 1024
 
 EXPORT_SCRIPT = textwrap.dedent(
     f"""
-    import contextlib, json, os, sys
+    import os, sys
     import tvm
     from tvm import relax, te, topi
     from tvm.script import relax as R
@@ -78,18 +78,8 @@ EXPORT_SCRIPT = textwrap.dedent(
         out["double"] = export("double", tvm.compile(tvm.IRModule.from_expr(prim), target="llvm"))
         return {{"tvm_version": tvm.__version__, "modules": out}}
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # LLVM and the linker print to fd 1: keep stdout for the one JSON line
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            report = main()
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 1)
-    print(json.dumps(report))
     """
-)
+) + PRINT_MAIN_REPORT
 
 RNG = np.random.default_rng(85)
 EXTS = pytest.mark.parametrize("ext", ["so", "tar"])

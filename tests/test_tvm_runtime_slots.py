@@ -26,7 +26,7 @@ from workbench import cc, rpc, runtime
 from workbench.errors import RemoteError, UnsupportedError
 from workbench.runtime import ffi
 
-from .helpers import run_export_script
+from .helpers import PRINT_MAIN_REPORT, run_export_script
 
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
@@ -47,7 +47,7 @@ SORT_N = 64
 
 EXPORT_SCRIPT = textwrap.dedent(
     f"""
-    import contextlib, json, os, sys
+    import os, sys
     import tvm
     from tvm import te, topi
     from tvm.s_tir import Schedule
@@ -106,18 +106,8 @@ EXPORT_SCRIPT = textwrap.dedent(
         out["argsort"] = build("argsort", [s, o])
         return {{"tvm_version": tvm.__version__, "kernels": out}}
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # LLVM and the linker print to fd 1: keep stdout for the one JSON line
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            report = main()
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 1)
-    print(json.dumps(report))
     """
-)
+) + PRINT_MAIN_REPORT
 
 # Slots declared as TVM's code generator declares them: weak, zero-initialised, filled by the loader.
 C_KERNELS = r"""
