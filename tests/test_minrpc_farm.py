@@ -267,6 +267,17 @@ def test_minrpc_server_start_up_errors_are_surfaced(host_minrpc):
             rpc.MinRPCServer(port=first.port, port_end=first.port + 1)  # the only port allowed is taken
 
 
+def test_minrpc_server_that_closes_its_output_before_exiting_reports_its_status(tmp_path):
+    """A server's stdout closes as it exits, a moment before its status can be collected: the error still
+    says how it ended (it once said 'did not say it was listening' for a port already taken)."""
+    fake = tmp_path / "minrpc"
+    fake.write_text("#!/bin/sh\necho 'cannot listen on 127.0.0.1:1: Address already in use' >&2\n"
+                    "exec >&- 2>&-\nsleep 0.3\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"exited with status 3(?s:.*)Address already in use"):
+        rpc.MinRPCServer(binary=fake, start_timeout=30)
+
+
 def test_minrpc_server_ends_with_its_owner(host_minrpc):
     """Collected, or its owner killed outright: the server goes too (no orphan left listening)."""
     import gc

@@ -157,6 +157,12 @@ class MinRPCServer:
                 return int(match.group(2))
             log.debug("minrpc stdout before listening: %s", line.rstrip())
         code = self._proc.poll()
+        if code is None and self._pump.stdout_closed:
+            # its stdout closes as it exits, a moment before its status can be collected
+            try:
+                code = self._proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
         if code is None:
             why = f"did not say it was listening within {timeout:g} s"
         else:
@@ -283,6 +289,11 @@ class _Pump(threading.Thread):
             lowered = text.lower()
             level = logging.WARNING if ("error" in lowered or "warning" in lowered) else logging.INFO
             log.log(level, "%s", text if text.startswith("minrpc") else f"{self.name[:-4]}: {text}")
+
+    @property
+    def stdout_closed(self) -> bool:
+        with self._cond:
+            return self._closed
 
     def next_stdout_line(self, timeout: float) -> str | None:
         """The next line the server printed on stdout, or None (closed, or nothing within ``timeout``)."""

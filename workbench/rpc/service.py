@@ -312,7 +312,11 @@ class ServiceProcess:
                     return int(line.split()[1])
                 if line.startswith("error "):
                     raise RuntimeError(f"the {self.what} failed to start: {json.loads(line[6:])}")
-                if not line:
+                if not line:  # its stdout closes as it exits, a moment before its status can be collected
+                    try:
+                        self._proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
                     break
             elif self._proc.poll() is not None:
                 break
