@@ -28,7 +28,7 @@ from workbench.errors import (
     SessionTimeoutError,
 )
 from workbench.rpc import protocol
-from workbench.rpc.client import RemoteFunction, RPCSession
+from workbench.rpc.client import RemoteFunction, RPCSession, _Caller
 from workbench.rpc.protocol import FLAG_NO_REPLY, HEADER, Ext, Handle, Kind, SocketChannel, pack
 
 from .wire import read_frame, recv_exact
@@ -38,13 +38,16 @@ PEER_TIMEOUT = 10.0
 PATHS = ["c", "python"]
 
 
-def use_path(chan: SocketChannel, path: str) -> None:
-    """Make ``chan`` take the C fast path or the pure-Python one (the path without the C function)."""
+def use_path(chan: SocketChannel, path: str, session: RPCSession | None = None) -> None:
+    """Make ``chan`` (and ``session``'s calls) take the C fast paths or the pure-Python ones (as without them)."""
     if path == "c":
         assert protocol._exchange is not None, "the shim lacks exchange(): rebuild it with `pip install -e .`"
         assert chan._exchange is protocol._exchange
+        assert session is None or isinstance(session._fast, _Caller), "the shim lacks Caller: rebuild it"
     else:
         chan._exchange = None
+        if session is not None:
+            session._fast = None
 
 
 class Peer:
@@ -89,8 +92,8 @@ def wired(request):
     listener.close()
     conn.settimeout(PEER_TIMEOUT)
     chan = SocketChannel(client)
-    use_path(chan, request.param)
     session = RPCSession(chan, {"key": ""}, f"peer:{request.param}")
+    use_path(chan, request.param, session)
     peer = Peer(conn)
     try:
         yield session, peer
@@ -395,7 +398,7 @@ def test_a_signal_whose_handler_returns_does_not_disturb_a_call(wired):
 # -- logging ---------------------------------------------------------------------------------------
 def test_logging_mode_logs_each_request(wired, caplog):
     session, peer = wired
-    session._log = True  # as rpc.connect(..., enable_logging=True) sets it
+    session._log, session._fast = True, None  # as rpc.connect(..., enable_logging=True) sets them
     fn = function(session)
 
     def script(conn):
@@ -409,10 +412,116 @@ def test_logging_mode_logs_each_request(wired, caplog):
     assert any(" CALL: " in record.getMessage() and record.getMessage().endswith(" ms") for record in caplog.records)
 
 
+# -- the call fast path: RemoteFunction(*args) in one C call -------------------------------------------
+EDGE_VALUES = [
+    None, True, False, 0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
+    -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63),
+    0.0, -1.5, float("inf"), 1e300, "", "a" * 31, "b" * 32, "é" * 200, "ç" * 40000,
+    b"", b"\x00" * 255, b"\x01" * 256, b"y" * 70000,
+]
+
+
+def test_arguments_go_out_as_msgpack_packs_them(wired):
+    """Every plain value at each msgpack size boundary, alone and together (an array of over 15): the same bytes
+    as msgpack's (the C encoder's frames, and the Python path's for what does not fit its frame)."""
+    session, peer = wired
+    fn = function(session)
+    together = tuple(v for v in EDGE_VALUES if not isinstance(v, (str, bytes)) or len(v) < 300)
+    other = function(session, 9)  # a session object: its handle goes out
+    calls = [(v,) for v in EDGE_VALUES] + [(), together, (other, "t", other)]
+    wanted = [HEADER.pack(len(pack([fn._wb_handle, args])), Kind.CALL, 0, 0) + pack([fn._wb_handle, args])
+              for args in calls]
+
+    def script(conn):
+        for expected in wanted:
+            assert recv_exact(conn, len(expected)) == expected
+            conn.sendall(reply(None))
+
+    peer.run(script)
+    for args in calls:
+        assert fn(*args) is None
+    peer.join()
+
+
+@pytest.mark.parametrize("wired", ["c"], indirect=True)
+def test_plain_calls_never_reach_the_python_path(wired):
+    session, peer = wired
+    fn = function(session)
+
+    def python_path(args):
+        raise AssertionError(f"the call {args!r} took the Python path")
+
+    fn._call_python = python_path
+
+    tensor = function(session, 9)  # a session object
+
+    def script(conn):
+        for i in range(3):
+            expect_call(conn, [i, "x", 2.5, None, b"b", tensor._wb_handle])
+            conn.sendall(reply([i]))
+
+    peer.run(script)
+    assert [fn(i, "x", 2.5, None, b"b", tensor) for i in range(3)] == [[0], [1], [2]]
+    peer.join()
+
+
+def test_a_closed_session_never_writes_to_its_old_descriptor(wired):
+    """After close() the fast path is shut: a new socket that got the same descriptor number hears nothing."""
+    session, peer = wired
+    fn = function(session)
+    peer.run(lambda conn: None)
+    session.close()
+    listener = socket.create_server((HOST, 0))
+    with listener, socket.create_connection(listener.getsockname()) as other:
+        conn, _ = listener.accept()
+        with conn:
+            with pytest.raises(ConnectionClosedError, match="this session has ended"):
+                fn(1)
+            conn.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                conn.recv(1)
+    peer.join()
+
+
+def test_calls_from_several_threads_each_get_their_own_reply(real):
+    echo = real.get_function("workbench.echo")
+
+    def work(t: int) -> list:
+        return [echo(t, i) for i in range(200)]
+
+    threads = [threading.Thread(target=lambda t=t: results.__setitem__(t, work(t))) for t in range(4)]
+    results: dict[int, list] = {}
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {t: [[t, i] for i in range(200)] for t in range(4)}
+
+
+def test_session_objects_and_odd_arguments(real, server):
+    """Tensors of the session go out as handles; numpy scalars, other sessions' objects,
+    numbers msgpack cannot encode and keyword arguments take the Python path and its errors."""
+    from workbench import rpc, runtime
+
+    echo, nop = real.get_function("workbench.echo"), real.get_function("workbench.nop")
+    a = runtime.tensor(np.arange(3, dtype="float32"), real.cpu(0))
+    assert nop(a, "x", runtime.empty((2,), "int8", real.cpu(0))) is None
+    assert echo(np.int64(7), np.float32(0.5)) == [7, 0.5]
+    with rpc.connect(HOST, server.port) as other:
+        elsewhere = runtime.empty((3,), "float32", other.cpu(0))
+        with pytest.raises(ValueError, match="belongs to session"):
+            echo(elsewhere)
+    with pytest.raises(OverflowError):
+        echo(2**64)
+    with pytest.raises(TypeError, match="positional arguments only"):
+        echo(value=1)
+    assert echo("still usable") == "still usable"
+
+
 # -- a real server ---------------------------------------------------------------------------------
 @pytest.fixture(params=PATHS)
 def real(request, remote):
-    use_path(remote._chan, request.param)
+    use_path(remote._chan, request.param, remote)
     return remote
 
 
@@ -486,7 +595,7 @@ def test_a_shim_without_the_fast_path_keeps_the_python_one(server):
         "from workbench.rpc import protocol\n"
         "assert protocol._exchange is None\n"
         f"with rpc.connect('{HOST}', {server.port}) as remote:\n"
-        "    assert remote._chan._exchange is None\n"
+        "    assert remote._chan._exchange is None and remote._fast is None\n"
         "    echo = remote.get_function('workbench.echo')\n"
         "    assert echo(1, 'two') == [1, 'two'] and echo(b'x' * 3_000_000) == b'x' * 3_000_000\n"
         "print('ok')\n"

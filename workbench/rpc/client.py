@@ -55,6 +55,11 @@ from .protocol import (
 )
 from .buffers import receive_buffer
 
+try:  # the call fast path in C (_shim.c); a shim built before it lacks it: the same calls in Python then
+    from ..runtime._shim import Caller as _Caller, FunctionBase as _FunctionBase
+except ImportError:
+    _Caller, _FunctionBase = None, object
+
 log = logging.getLogger("workbench.rpc.client")
 _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
 
@@ -81,6 +86,13 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _close_channel(chan: Channel, fast: Any) -> None:
+    """A session's finalizer: the fast path is closed first, so it never writes to a closed (reused) descriptor."""
+    if fast is not None:
+        fast.close()
+    chan.close()
+
+
 def error_reply(ctrl: Any) -> RPCError:
     """The exception for an ERROR frame's control part ``[code, message]``."""
     if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[0], int) and isinstance(ctrl[1], str):
@@ -88,8 +100,12 @@ def error_reply(ctrl: Any) -> RPCError:
     return ProtocolError(f"malformed error reply from the peer: {ctrl!r}")
 
 
-class RemoteFunction:
-    """A function living in a session; call it with remote tensors, numbers and strings."""
+class RemoteFunction(_FunctionBase):
+    """A function living in a session; call it with remote tensors, numbers and strings.
+
+    A call with plain values and this session's tensors, modules and functions is one C call
+    (``_shim.FunctionBase``, on a session whose connection allows it); others go through ``_call_python``.
+    """
 
     def __init__(self, session: "RPCSession", handle: Handle, name: str):
         self.session = session
@@ -97,7 +113,12 @@ class RemoteFunction:
         self.name = name
         session._track(self, handle)
 
-    def __call__(self, *args: Any) -> Any:
+    if _FunctionBase is object:  # no C fast path (a shim built before it)
+
+        def __call__(self, *args: Any) -> Any:
+            return self._call_python(args)
+
+    def _call_python(self, args: tuple) -> Any:
         for a in args:
             if type(a) not in _PLAIN:  # a tensor, module or function: it must be this session's
                 self.session._check_owned(args, self.name)
@@ -238,6 +259,7 @@ class RPCSession:
     """
 
     is_remote = True
+    _fast: Any = None  # the call fast path (_shim.Caller) while the session is open, if its connection allows it
 
     def __init__(self, chan: Channel, info: dict[str, Any], address: str, enable_logging: bool = False):
         self._chan = chan
@@ -248,7 +270,9 @@ class RPCSession:
         self._ended: RPCError | None = None
         self._log = enable_logging
         self._number = next(_SESSION_NUMBERS)
-        self._finalizer = weakref.finalize(self, chan.close)
+        if _Caller is not None and getattr(chan, "_exchange", None) is not None and not enable_logging:
+            self._fast = _Caller(chan.sock.fileno(), chan, chan._buf, self._lock, self._pending_free, unpack, Handle)
+        self._finalizer = weakref.finalize(self, _close_channel, chan, self._fast)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -360,14 +384,7 @@ class RPCSession:
                 if self._pending_free:
                     self._chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
                     self._chan.busy = False  # sent whole, and no reply comes
-                reply_kind, _, ctrl, bulk_len = self._chan.request(kind, args)
-                if reply_kind == _ERROR:
-                    if bulk_len:
-                        self._chan.discard_bulk(bulk_len)
-                    raise error_reply(ctrl)
-                if bulk_len:
-                    self._receive_bulk(kind, ctrl, bulk_len, None)
-                self._chan.busy = False
+                ctrl = self._reply(kind, self._chan.request(kind, args))
             except BaseException as exc:
                 lost = self._failed(exc)
                 if lost is None:
@@ -375,6 +392,35 @@ class RPCSession:
                 raise lost from None
         if self._log:
             log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
+        return ctrl
+
+    def _resume_call(self, got: Any, frame: bytes) -> Any:
+        """The rest of a CALL the C fast path began (``_shim.FunctionBase``), with the session lock held.
+
+        ``got`` is what ``exchange`` returned (the reply was not one whole frame, or was an error) or
+        the exception it raised; ``frame`` is the request's bytes.
+        """
+        with self._lock:
+            try:
+                if isinstance(got, BaseException):
+                    raise got
+                return self._reply(_CALL, self._chan.resume(got, frame))
+            except BaseException as exc:
+                lost = self._failed(exc)
+                if lost is None:
+                    raise
+                raise lost from None
+
+    def _reply(self, kind: int, frame: tuple[int, int, Any, int]) -> Any:
+        """The control part of the reply ``frame`` to a request of ``kind``; an error reply raised."""
+        reply_kind, _, ctrl, bulk_len = frame
+        if reply_kind == _ERROR:
+            if bulk_len:
+                self._chan.discard_bulk(bulk_len)
+            raise error_reply(ctrl)
+        if bulk_len:
+            self._receive_bulk(kind, ctrl, bulk_len, None)
+        self._chan.busy = False
         return ctrl
 
     def _failed(self, exc: BaseException) -> RPCError | None:

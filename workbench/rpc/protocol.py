@@ -423,13 +423,19 @@ class SocketChannel(Channel):
         got = exchange(self._fileno(), kind, body, self._buf, unpack)
         if got.__class__ is tuple:  # the whole reply, and nothing more: the buffer stays empty
             return got
+        return self.resume(got, _pack_header(len(body), kind, 0, 0) + body)
+
+    def resume(self, got: int, frame: bytes) -> tuple[int, int, Any, int]:
+        """The reply to ``frame``, a request that ``exchange`` (or the call fast path) began and returned ``got`` for."""
+        if got.__class__ is tuple:  # the whole reply, and nothing more
+            return got
         if got > 0:  # bytes of the reply at the start of the buffer
             self._start = 0
             self._end = got
         elif got == 0:
             raise ConnectionClosedError("the peer closed the connection")
-        elif -1 - got < 16 + len(body):  # the send would block (a socket with a timeout): the rest, with its timeout
-            self._sendall((_pack_header(len(body), kind, 0, 0) + body)[-1 - got :])
+        elif -1 - got < len(frame):  # the send would block (a socket with a timeout): the rest, with its timeout
+            self._sendall(frame[-1 - got :])
         return self.recv_frame()
 
     def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
