@@ -48,11 +48,6 @@ static uint64_t get_le(const unsigned char *p, int bytes) {
   return v;
 }
 
-/*
- * The reply at buf[:got] as the tuple (kind, flags, ctrl, 0) when it is exactly one whole frame without
- * a bulk part, its control part decoded by unpack(bytes) (nil without a call: the most common reply);
- * Py_None (a marker, not a new reference) when it is anything else, for the caller's buffered reader.
- */
 /* Whether buf[:got] is exactly one whole frame without a bulk part. */
 static int is_whole_reply(const unsigned char *buf, Py_ssize_t got) {
   return got >= HEADER_SIZE && get_le(buf + 8, 8) == 0 && get_le(buf, 4) == (uint64_t)(got - HEADER_SIZE);
@@ -68,6 +63,11 @@ static PyObject *reply_ctrl(const unsigned char *buf, Py_ssize_t got, PyObject *
   return ctrl;
 }
 
+/*
+ * The reply at buf[:got] as the tuple (kind, flags, ctrl, 0) when it is exactly one whole frame without
+ * a bulk part, its control part decoded by unpack(bytes) (nil without a call: the most common reply);
+ * Py_None (a marker, not a new reference) when it is anything else, for the caller's buffered reader.
+ */
 static PyObject *whole_reply(const unsigned char *buf, Py_ssize_t got, PyObject *unpack) {
   if (!is_whole_reply(buf, got)) return Py_None;
   PyObject *ctrl = reply_ctrl(buf, got, unpack);
@@ -91,7 +91,7 @@ static PyObject *whole_reply(const unsigned char *buf, Py_ssize_t got, PyObject 
   return frame;
 }
 
-/* sendmsg() of what is left of the frame (header, then control part) from byte `sent` on; errno as sendmsg's. */
+/* What is left of the frame (header, then control part) from byte `sent` on, sent once; errno as send's. */
 static ssize_t send_rest(int fd, unsigned char *head, const Py_buffer *ctrl, Py_ssize_t sent, int flags) {
   if (head + HEADER_SIZE == (unsigned char *)ctrl->buf) /* one piece of memory (the call fast path's frame) */
     return send(fd, head + sent, (size_t)(HEADER_SIZE + ctrl->len - sent), flags | MSG_NOSIGNAL);
@@ -114,33 +114,10 @@ static ssize_t send_rest(int fd, unsigned char *head, const Py_buffer *ctrl, Py_
 }
 
 /*
- * exchange(fd, kind, ctrl, buffer, unpack) -> tuple or int
- *
- * The client's fast path for a request without a bulk part: sends one frame of kind `kind` with the
- * control part `ctrl` (bytes-like, already msgpack), flags 0 and no bulk part on the connected socket
- * `fd`, then receives once into the writable `buffer` (what one recv() brings, at most len(buffer)
- * bytes).  Returns:
- *
- *   a tuple      the whole request went out and exactly one whole reply without a bulk part came
- *                back: (kind, flags, unpack(control part), 0); nothing of it stays for the reader;
- *   n > 0        the whole request went out and n bytes of the reply are at buffer[:n], for the
- *                buffered reader (a partial reply, one with a bulk part, or more than one frame);
- *   0            the whole request went out and the peer closed the connection (end of stream);
- *   -1 - sent    the socket would block (it is non-blocking: a Python socket with a timeout) after
- *                `sent` bytes of the frame (header included): the caller sends the rest, if any, and
- *                receives through the socket object, which waits with the socket's timeout.
- *
- * It behaves as socket.sendall() then socket.recv_into() on a blocking socket: system errors raise
- * OSError from errno (BrokenPipeError, ConnectionResetError, EBADF for a closed socket's fd -1, ...);
- * the Python signal handlers run after each send and whenever a system call is interrupted (EINTR),
- * and if one raises (KeyboardInterrupt on Ctrl-C) so does this call, else the call goes on where it
- * stopped.  The GIL is released while the call waits: a send that cannot complete at once, and the
- * receive.  An error of unpack is raised as it is.
- */
-/*
  * The send and the receive of exchange(), for callers that checked their arguments: `head` is the
  * frame's header, `ctrl` its control part, `buf` the receive buffer.  Returns what exchange() returns
- * (a new reference), or NULL with an exception set.
+ * (a new reference), or NULL with an exception set; with `received`, a reply is never decoded: the
+ * bytes received are returned as a number and stored there.
  */
 static PyObject *exchange_io(int fd, unsigned char *head, const Py_buffer *ctrl, const Py_buffer *buf,
                              PyObject *unpack, Py_ssize_t *received) {
@@ -196,6 +173,30 @@ static PyObject *exchange_io(int fd, unsigned char *head, const Py_buffer *ctrl,
   return result == Py_None ? PyLong_FromSsize_t(n) : result;
 }
 
+/*
+ * exchange(fd, kind, ctrl, buffer, unpack) -> tuple or int
+ *
+ * The client's fast path for a request without a bulk part: sends one frame of kind `kind` with the
+ * control part `ctrl` (bytes-like, already msgpack), flags 0 and no bulk part on the connected socket
+ * `fd`, then receives once into the writable `buffer` (what one recv() brings, at most len(buffer)
+ * bytes).  Returns:
+ *
+ *   a tuple      the whole request went out and exactly one whole reply without a bulk part came
+ *                back: (kind, flags, unpack(control part), 0); nothing of it stays for the reader;
+ *   n > 0        the whole request went out and n bytes of the reply are at buffer[:n], for the
+ *                buffered reader (a partial reply, one with a bulk part, or more than one frame);
+ *   0            the whole request went out and the peer closed the connection (end of stream);
+ *   -1 - sent    the socket would block (it is non-blocking: a Python socket with a timeout) after
+ *                `sent` bytes of the frame (header included): the caller sends the rest, if any, and
+ *                receives through the socket object, which waits with the socket's timeout.
+ *
+ * It behaves as socket.sendall() then socket.recv_into() on a blocking socket: system errors raise
+ * OSError from errno (BrokenPipeError, ConnectionResetError, EBADF for a closed socket's fd -1, ...);
+ * the Python signal handlers run after each send and whenever a system call is interrupted (EINTR),
+ * and if one raises (KeyboardInterrupt on Ctrl-C) so does this call, else the call goes on where it
+ * stopped.  The GIL is released while the call waits: a send that cannot complete at once, and the
+ * receive.  An error of unpack is raised as it is.
+ */
 static PyObject *shim_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
   if (nargs != 5) {
@@ -252,6 +253,9 @@ static PyObject *shim_exchange(PyObject *self, PyObject *const *args, Py_ssize_t
  *     session._resume_call(got, frame) with the lock still held, where `got` is what exchange()
  *     returned or the exception it raised, and `frame` the request's bytes.
  */
+static PyObject *str_fast, *str_acquire, *str_release, *str_busy, *str_start, *str_end, *str_call_python,
+    *str_resume_call, *str_session, *str_wb_handle; /* interned names, set by PyInit__shim */
+
 enum { STACK_FRAME = 4096 }; /* a request encoded here fits this; a bigger one takes the Python path */
 
 typedef struct {
@@ -357,14 +361,14 @@ static int out_arg(Out *o, PyObject *v, PyObject *session, PyObject *handle_type
     return out_put(o, PyBytes_AS_STRING(v), n);
   }
   /* a tensor, module or function: encoded when it is this session's (the Python path says why not) */
-  PyObject *owner = PyObject_GetAttrString(v, "session");
+  PyObject *owner = PyObject_GetAttr(v, str_session);
   if (owner == NULL) {
     PyErr_Clear();
     return -1;
   }
   Py_DECREF(owner); /* compared by identity only */
   if (owner != session) return -1;
-  PyObject *handle = PyObject_GetAttrString(v, "_wb_handle");
+  PyObject *handle = PyObject_GetAttr(v, str_wb_handle);
   if (handle == NULL) {
     PyErr_Clear();
     return -1;
@@ -467,8 +471,6 @@ typedef struct {
   PyObject *handle;
 } FunctionObject;
 
-static PyObject *str_fast, *str_acquire, *str_release, *str_busy, *str_start, *str_end, *str_call_python,
-    *str_resume_call;
 
 /* lock.release(), keeping the exception being raised (if any); -1 if the release itself failed. */
 static int release_lock(PyObject *lock) {
@@ -637,7 +639,7 @@ PyMODINIT_FUNC PyInit__shim(void) {
     const char *text;
   } names[] = {{&str_fast, "_fast"}, {&str_acquire, "acquire"}, {&str_release, "release"}, {&str_busy, "busy"},
                {&str_start, "_start"}, {&str_end, "_end"}, {&str_call_python, "_call_python"},
-               {&str_resume_call, "_resume_call"}};
+               {&str_resume_call, "_resume_call"}, {&str_session, "session"}, {&str_wb_handle, "_wb_handle"}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
     if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) return NULL;
   if (PyType_Ready(&CallerType) < 0 || PyType_Ready(&FunctionType) < 0) return NULL;
