@@ -30,6 +30,55 @@ def register_kernel_calls() -> None:
         raise ValueError(f"kernel_boom got a {t.dtype} tensor of shape {t.shape}")
 
 
+# The start of a TVM export script. ``build(name, args, schedule=None)`` compiles a TE function for the host
+# (after ``schedule(sch)`` on its Schedule, if given) and exports it into argv[1] as .so and .tar, returning
+# {"so": path, "tar": path}. ``scheduled_kernels(vn, wn, pr, pc)`` builds the kernels with real schedules that
+# need TVM's runtime: "vadd" (a parallel loop over vn floats), "twostage" (a wn-float intermediate: a
+# workspace) and "parws" (a parallel loop over pr rows, each with a pc-float workspace in its task).
+TVM_BUILD = """
+import os, sys
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+
+def build(name, args, schedule=None):
+    mod = tvm.IRModule.from_expr(te.create_prim_func(args).with_attr("global_symbol", name))
+    if schedule is not None:
+        sch = Schedule(mod)
+        sch.work_on(name)
+        schedule(sch)
+        mod = sch.mod
+    exe = tvm.compile(mod, target="llvm")
+    files = {}
+    for ext in ("so", "tar"):
+        files[ext] = os.path.abspath(os.path.join(sys.argv[1], name + "." + ext))
+        exe.export_library(files[ext])
+    return files
+
+def scheduled_kernels(vn, wn, pr, pc):
+    out = {}
+    a, b = te.placeholder((vn,), name="A"), te.placeholder((vn,), name="B")
+    c = te.compute((vn,), lambda i: a[i] + b[i], name="C")
+    def parallel(sch):
+        (i,) = sch.get_loops(sch.get_sblock("C"))
+        outer, _ = sch.split(i, [None, 4096])
+        sch.parallel(outer)
+    out["vadd"] = build("vadd", [a, b, c], parallel)
+    p = te.placeholder((wn,), name="P")
+    t = te.compute((wn,), lambda i: p[i] * 2.0, name="T")
+    q = te.compute((wn,), lambda i: t[(i * 7) % wn] + 1.0, name="Q")
+    out["twostage"] = build("twostage", [p, q])
+    r = te.placeholder((pr, pc), name="R")
+    u = te.compute((pr, pc), lambda i, j: r[i, j] * 2.0, name="U")
+    v = te.compute((pr, pc), lambda i, j: u[i, (j * 7) % pc] + 1.0, name="V")
+    def parws(sch):
+        i, _ = sch.get_loops(sch.get_sblock("V"))
+        sch.parallel(i)
+        sch.compute_at(sch.get_sblock("U"), i)
+    out["parws"] = build("parws", [r, v], parws)
+    return out
+"""
+
 # The end of a TVM export script that defines ``main() -> report``: LLVM, the linker and the tar tool write
 # to file descriptor 1, so main() runs with fd 1 sent to stderr, and stdout carries the one JSON line.
 PRINT_MAIN_REPORT = """

@@ -30,7 +30,7 @@ from workbench import cc, rpc, runtime
 from workbench.errors import BadRequestError, PathDeniedError, RemoteError
 
 from .conftest import session_workspaces, wait_until
-from .helpers import EM_AARCH64, EM_X86_64, PRINT_MAIN_REPORT, emulated_board_missing, run_export_script
+from .helpers import EM_AARCH64, EM_X86_64, PRINT_MAIN_REPORT, TVM_BUILD, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_C = os.path.join(HERE, "kernels", "kernels.c")
@@ -151,50 +151,10 @@ def test_every_tar_dialect_links(remote, objects, tmp_path, dialect):
 # -- apache-tvm's export_library -------------------------------------------------------------------------
 VN, WN, PR, PC = 1 << 18, 1 << 16, 16, 1024
 
-TVM_EXPORT = textwrap.dedent(
+TVM_EXPORT = TVM_BUILD + textwrap.dedent(
     f"""
-    import os, sys
-    import tvm
-    from tvm import te
-    from tvm.s_tir import Schedule
-
-    def build(name, args, schedule=None):
-        mod = tvm.IRModule.from_expr(te.create_prim_func(args).with_attr("global_symbol", name))
-        if schedule is not None:
-            sch = Schedule(mod)
-            sch.work_on(name)
-            schedule(sch)
-            mod = sch.mod
-        exe = tvm.compile(mod, target="llvm")
-        files = {{}}
-        for ext in ("so", "tar"):
-            files[ext] = os.path.join(sys.argv[1], name + "." + ext)
-            exe.export_library(files[ext])
-        return files
-
     def main():
-        out = {{}}
-        a, b = te.placeholder(({VN},), name="A"), te.placeholder(({VN},), name="B")
-        c = te.compute(({VN},), lambda i: a[i] + b[i], name="C")
-        def parallel(sch):
-            (i,) = sch.get_loops(sch.get_sblock("C"))
-            outer, _ = sch.split(i, [None, 4096])
-            sch.parallel(outer)
-        out["vadd"] = build("vadd", [a, b, c], parallel)
-        p = te.placeholder(({WN},), name="P")
-        t = te.compute(({WN},), lambda i: p[i] * 2.0, name="T")
-        q = te.compute(({WN},), lambda i: t[(i * 7) % {WN}] + 1.0, name="Q")
-        out["twostage"] = build("twostage", [p, q])
-        r = te.placeholder(({PR}, {PC}), name="R")
-        u = te.compute(({PR}, {PC}), lambda i, j: r[i, j] * 2.0, name="U")
-        v = te.compute(({PR}, {PC}), lambda i, j: u[i, (j * 7) % {PC}] + 1.0, name="V")
-        def parws(sch):
-            i, _ = sch.get_loops(sch.get_sblock("V"))
-            sch.parallel(i)
-            sch.compute_at(sch.get_sblock("U"), i)
-        out["parws"] = build("parws", [r, v], parws)
-        return {{"tvm_version": tvm.__version__, "kernels": out}}
-
+        return {{"tvm_version": tvm.__version__, "kernels": scheduled_kernels({VN}, {WN}, {PR}, {PC})}}
     """
 ) + PRINT_MAIN_REPORT
 

@@ -26,7 +26,7 @@ from workbench import cc, rpc, runtime
 from workbench.errors import RemoteError, UnsupportedError
 from workbench.runtime import ffi
 
-from .helpers import PRINT_MAIN_REPORT, run_export_script
+from .helpers import PRINT_MAIN_REPORT, TVM_BUILD, run_export_script
 
 if importlib.util.find_spec("tvm") is None:
     pytest.skip(
@@ -45,38 +45,12 @@ WN = 1 << 20  # two-stage length: a 4 MiB float32 intermediate
 PR, PC = 64, 1024  # parallel + workspace: rows, columns (a 4 KiB workspace per row, in each task)
 SORT_N = 64
 
-EXPORT_SCRIPT = textwrap.dedent(
+EXPORT_SCRIPT = TVM_BUILD + textwrap.dedent(
     f"""
-    import os, sys
-    import tvm
-    from tvm import te, topi
-    from tvm.s_tir import Schedule
-
-    def build(name, args, schedule=None):
-        prim = te.create_prim_func(args).with_attr("global_symbol", name)
-        mod = tvm.IRModule.from_expr(prim)
-        if schedule is not None:
-            sch = Schedule(mod)
-            sch.work_on(name)
-            schedule(sch)
-            mod = sch.mod
-        exe = tvm.compile(mod, target="llvm")
-        files = {{}}
-        for ext in ("so", "tar"):
-            files[ext] = os.path.abspath(os.path.join(sys.argv[1], name + "." + ext))
-            exe.export_library(files[ext])
-        return files
+    from tvm import topi
 
     def main():
-        out = {{}}
-        a = te.placeholder(({VN},), name="A")
-        b = te.placeholder(({VN},), name="B")
-        c = te.compute(({VN},), lambda i: a[i] + b[i], name="C")
-        def vadd_schedule(sch):
-            (i,) = sch.get_loops(sch.get_sblock("C"))
-            outer, _ = sch.split(i, [None, 4096])
-            sch.parallel(outer)
-        out["vadd"] = build("vadd", [a, b, c], vadd_schedule)
+        out = scheduled_kernels({VN}, {WN}, {PR}, {PC})
 
         x = te.placeholder(({MN}, {MN}), name="X")
         w = te.placeholder(({MN}, {MN}), name="W")
@@ -87,25 +61,10 @@ EXPORT_SCRIPT = textwrap.dedent(
             sch.parallel(i)
         out["matmul"] = build("matmul", [x, w, y], matmul_schedule)
 
-        p = te.placeholder(({WN},), name="P")
-        t = te.compute(({WN},), lambda i: p[i] * 2.0, name="T")
-        q = te.compute(({WN},), lambda i: t[(i * 7) % {WN}] + 1.0, name="Q")
-        out["twostage"] = build("twostage", [p, q])
-
-        r = te.placeholder(({PR}, {PC}), name="R")
-        u = te.compute(({PR}, {PC}), lambda i, j: r[i, j] * 2.0, name="U")
-        v = te.compute(({PR}, {PC}), lambda i, j: u[i, (j * 7) % {PC}] + 1.0, name="V")
-        def parws_schedule(sch):
-            i, _ = sch.get_loops(sch.get_sblock("V"))
-            sch.parallel(i)
-            sch.compute_at(sch.get_sblock("U"), i)
-        out["parws"] = build("parws", [r, v], parws_schedule)
-
         s = te.placeholder(({SORT_N},), name="S")
         o = topi.argsort(s, axis=0, is_ascend=True, dtype="int32")
         out["argsort"] = build("argsort", [s, o])
         return {{"tvm_version": tvm.__version__, "kernels": out}}
-
     """
 ) + PRINT_MAIN_REPORT
 
