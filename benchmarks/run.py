@@ -348,20 +348,6 @@ def stderr_to_devnull() -> Iterator[None]:
         os.close(devnull)
 
 
-@contextlib.contextmanager
-def environ(name: str, value: str) -> Iterator[None]:
-    """Processes started inside see ``name=value`` in their environment."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -712,7 +698,7 @@ def _import_tvm(res: Results) -> Any:
 
 def start_tvm_server(tvm: Any, scratch: str) -> Any:
     port = free_port()
-    with stderr_to_devnull(), environ("TMPDIR", scratch):  # a TVM server logs every transfer
+    with stderr_to_devnull(), tvm_kernels_bench.env_var("TMPDIR", scratch):  # a TVM server logs every transfer
         return tvm.rpc.Server(host=HOST, port=port, port_end=port + 100, silent=True)
 
 
