@@ -1,5 +1,11 @@
-"""Functions a test server imports through server_init_callback, and a runner for TVM export scripts."""
+"""Functions a test server imports through server_init_callback, a runner for TVM export scripts, and tars."""
+import io
+import tarfile
+from typing import Iterable, Mapping, Union
+
 from workbench import rpc
+
+TarMember = Union[bytes, tarfile.TarInfo]
 
 
 def register_extras() -> None:
@@ -155,3 +161,19 @@ def emulated_board_missing() -> str | None:
     except EmulatorNotFoundError as exc:
         return str(exc)
     return None
+
+
+def make_tar(path, members: Mapping[str, TarMember] | Iterable[tuple[str, TarMember]],
+             fmt: int = tarfile.PAX_FORMAT, mode: str = "w") -> str:
+    """A tar written by Python's tarfile, members in order: ``name -> contents`` (a dict, or pairs); a TarInfo
+    stands for links and odd entries."""
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for name, data in members.items() if isinstance(members, Mapping) else members:
+            if isinstance(data, tarfile.TarInfo):
+                data.name = name
+                tar.addfile(data)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)

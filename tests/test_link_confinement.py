@@ -8,7 +8,6 @@ Real kernels (tests/kernels, TVM's export_library .tar) still link.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from workbench import cc, runtime
 from workbench.errors import BadRequestError, PathDeniedError, RemoteError
 from workbench.runtime import modules
 
+from .helpers import make_tar
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The exact attack of the issue, and variants that a bare gcc -shared links successfully.
@@ -33,20 +34,6 @@ LINKER_SCRIPTS = {
     "binary-then-elf": b"TARGET(binary)\nINPUT(%s)\nTARGET(elf64-x86-64)\n",
     "group": b"GROUP(%s)\n",
 }
-
-
-def make_tar(path, members: dict[str, bytes | tarfile.TarInfo]) -> str:
-    """A tar with ``name -> contents`` (a TarInfo for links and odd entries)."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            if isinstance(data, tarfile.TarInfo):
-                data.name = name
-                tar.addfile(data)
-            else:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ from workbench import cc, rpc, runtime
 from workbench.errors import BadRequestError, PathDeniedError, RemoteError
 
 from .conftest import session_workspaces, wait_until
-from .helpers import EM_AARCH64, EM_X86_64, PRINT_MAIN_REPORT, TVM_BUILD, emulated_board_missing, run_export_script
+from .helpers import (
+    EM_AARCH64, EM_X86_64, PRINT_MAIN_REPORT, TVM_BUILD, emulated_board_missing, make_tar, run_export_script,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_C = os.path.join(HERE, "kernels", "kernels.c")
@@ -79,20 +81,6 @@ def objects(tmp_path_factory) -> dict[str, bytes]:
     (kernels,) = cc.compile_objects([KERNELS_C], out / "kernels")
     built["kernels"] = open(kernels, "rb").read()
     return built
-
-
-def make_tar(path, members, fmt=tarfile.PAX_FORMAT, mode="w") -> str:
-    """A tar written by Python's tarfile: ``(name, bytes or TarInfo)`` in order."""
-    with tarfile.open(path, mode, format=fmt) as tar:
-        for name, data in members:
-            if isinstance(data, tarfile.TarInfo):
-                data.name = name
-                tar.addfile(data)
-            else:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def gnu_tar(path, directory, *flags: str) -> str:
