@@ -33,6 +33,8 @@ from .test_protocol import (
     GET_ECHO,
     GET_ECHO_OK,
     IO_TIMEOUT,
+    OVERSIZED_FRAME_IDS,
+    OVERSIZED_FRAMES,
     RawPeer,
     ping_ok,
     upload_head,
@@ -57,7 +59,6 @@ from workbench.rpc.protocol import (
     FLAG_SERVER,
     HEADER,
     MAGIC,
-    MAX_BULK,
     MAX_CTRL,
     PREAMBLE,
     VERSION,
@@ -441,15 +442,7 @@ def test_handshake_deadline(started, private_tmpdir):
 
 
 # -- frames after the handshake ------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "ctrl_len, bulk_len, named",
-    [
-        (MAX_CTRL + 1, 0, f"control part of {MAX_CTRL + 1} bytes is over the {MAX_CTRL}-byte limit"),
-        (0xFFFFFFFF, 0, f"control part of {0xFFFFFFFF} bytes"),
-        (1, MAX_BULK + 1, f"bulk part of {MAX_BULK + 1} bytes is over the {MAX_BULK}-byte limit"),
-    ],
-    ids=["ctrl-over-limit", "ctrl-max-u32", "bulk-over-limit"],
-)
+@pytest.mark.parametrize("ctrl_len, bulk_len, named", OVERSIZED_FRAMES, ids=OVERSIZED_FRAME_IDS)
 def test_oversized_frame(server, private_tmpdir, ctrl_len, bulk_len, named):
     with raw_session(server) as peer:
         peer.send(HEADER.pack(ctrl_len, Kind.PING, 0, bulk_len))

@@ -291,15 +291,16 @@ def test_unknown_protocol_version(server, remote, private_tmpdir, version):
 
 
 # -- (d) oversized frames: ERROR, then that connection closes -------------------------------
-@pytest.mark.parametrize(
-    "ctrl_len, bulk_len, named",
-    [
-        (MAX_CTRL + 1, 0, f"control part of {MAX_CTRL + 1} bytes is over the {MAX_CTRL}-byte limit"),
-        (0xFFFFFFFF, 0, f"control part of {0xFFFFFFFF} bytes"),
-        (1, MAX_BULK + 1, f"bulk part of {MAX_BULK + 1} bytes is over the {MAX_BULK}-byte limit"),
-    ],
-    ids=["ctrl-over-limit", "ctrl-max-u32", "bulk-over-limit"],
-)
+# (ctrl_len, bulk_len, what the error names): every server (minrpc too) answers each with an ERROR, then closes
+OVERSIZED_FRAMES = [
+    (MAX_CTRL + 1, 0, f"control part of {MAX_CTRL + 1} bytes is over the {MAX_CTRL}-byte limit"),
+    (0xFFFFFFFF, 0, f"control part of {0xFFFFFFFF} bytes"),
+    (1, MAX_BULK + 1, f"bulk part of {MAX_BULK + 1} bytes is over the {MAX_BULK}-byte limit"),
+]
+OVERSIZED_FRAME_IDS = ["ctrl-over-limit", "ctrl-max-u32", "bulk-over-limit"]
+
+
+@pytest.mark.parametrize("ctrl_len, bulk_len, named", OVERSIZED_FRAMES, ids=OVERSIZED_FRAME_IDS)
 def test_oversized_frame(server, remote, private_tmpdir, ctrl_len, bulk_len, named):
     with RawPeer.connect(server.port) as peer:
         peer.handshake()
