@@ -20,7 +20,7 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import AuthenticationError, UnsupportedError
-from workbench.rpc.protocol import HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, unpack
+from workbench.rpc.wire.protocol import HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, unpack
 
 from .conftest import assert_clean, children
 from .wire import frame
@@ -153,7 +153,7 @@ def handshake_from(source: str, port: int, token: str) -> tuple[int, object]:
 
 
 def test_wrong_proofs_from_one_address_are_slowed_down(no_token, private_tmpdir):
-    from workbench.rpc.handshake import AuthThrottle
+    from workbench.rpc.wire.handshake import AuthThrottle
 
     with rpc.Server(port=0, silent=True, auth_token="right") as srv:
         waits = []
@@ -182,7 +182,7 @@ def test_wrong_proofs_from_one_address_are_slowed_down(no_token, private_tmpdir)
 
 
 def test_the_throttle_is_bounded_and_forgets():
-    from workbench.rpc.handshake import AuthThrottle
+    from workbench.rpc.wire.handshake import AuthThrottle
 
     throttle = AuthThrottle(base_s=0.25, max_s=4.0, forget_s=60.0, max_addresses=2)
     for n in range(1, 10):

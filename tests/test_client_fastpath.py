@@ -27,9 +27,9 @@ from workbench.errors import (
     RemoteNotFoundError,
     SessionTimeoutError,
 )
-from workbench.rpc import protocol
-from workbench.rpc.client import RemoteFunction, RPCSession, _Caller
-from workbench.rpc.protocol import FLAG_NO_REPLY, HEADER, Ext, Handle, Kind, SocketChannel, pack
+from workbench.rpc.wire import protocol
+from workbench.rpc.client.session import RemoteFunction, RPCSession, _Caller
+from workbench.rpc.wire.protocol import FLAG_NO_REPLY, HEADER, Ext, Handle, Kind, SocketChannel, pack
 
 from .wire import read_frame, recv_exact
 
@@ -592,7 +592,7 @@ def test_a_shim_without_the_fast_path_keeps_the_python_one(server):
         "import sys, types\n"
         "sys.modules['workbench.runtime._shim'] = types.ModuleType('workbench.runtime._shim')  # no exchange\n"
         "from workbench import rpc\n"
-        "from workbench.rpc import protocol\n"
+        "from workbench.rpc.wire import protocol\n"
         "assert protocol._exchange is None\n"
         f"with rpc.connect('{HOST}', {server.port}) as remote:\n"
         "    assert remote._chan._exchange is None and remote._fast is None\n"

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from workbench import rpc
-from workbench.rpc.tracker_client import TrackerError
+from workbench.rpc.client.tracker_session import TrackerError
 from workbench.farm import LocalFarm, default_tracker, local, tracker_from_env
 
 from .conftest import ROOT, children, wait_until

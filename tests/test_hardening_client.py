@@ -14,7 +14,7 @@ import pytest
 
 from workbench import rpc, runtime
 from workbench.errors import BadRequestError, DeviceNotFoundError, RemoteError
-from workbench.rpc.protocol import Ext, Handle, Kind
+from workbench.rpc.wire.protocol import Ext, Handle, Kind
 
 from .conftest import assert_clean
 

@@ -15,8 +15,8 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import DeviceNotFoundError, ErrorCode, RPCError
-from workbench.rpc.handshake import ERROR_BUSY
-from workbench.rpc.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind
+from workbench.rpc.wire.handshake import ERROR_BUSY
+from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind
 
 from .conftest import assert_clean, wait_until
 from .wire import closed_by_peer, frame, read_frame, recv_exact
@@ -235,7 +235,7 @@ def test_one_source_may_hold_only_so_many_clients(private_tmpdir, closing):
 def test_at_the_fd_limit_the_proxy_backs_off_and_serves_its_sessions(private_tmpdir, closing):
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 256:
         pytest.skip("this test opens 120 connections")
-    proc, port = start_limited("proxy", "serve_proxy", 48)
+    proc, port = start_limited("proxy.proxy", "serve_proxy", 48)
     try:
         with rpc.Server(host=HOST, port=port, is_proxy=True, key="fd", silent=True) as server:
             assert wait_until(lambda: _connects(port, "fd"), 15)
@@ -262,7 +262,7 @@ def test_at_the_fd_limit_the_proxy_backs_off_and_serves_its_sessions(private_tmp
 def test_at_the_fd_limit_silent_connections_make_room_for_clients(private_tmpdir, closing):
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 256:
         pytest.skip("this test opens 120 connections")
-    proc, port = start_limited("proxy", "serve_proxy", 48)
+    proc, port = start_limited("proxy.proxy", "serve_proxy", 48)
     try:
         with rpc.Server(host=HOST, port=port, is_proxy=True, key="fd", silent=True) as server:
             assert wait_until(lambda: _connects(port, "fd"), 15)
@@ -287,7 +287,7 @@ def test_held_clients_are_served_in_turn_by_source_address():
 
     (Tests run on 127.0.0.1 only, so this is the policy itself, on the proxy's own records.)
     """
-    from workbench.rpc.proxy import _Held, _Incoming, next_held
+    from workbench.rpc.proxy.proxy import _Held, _Incoming, next_held
 
     hosts = ["10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.2"]
     queue = [_Held(_Incoming(None, host, 0.0), "k", 60.0, n, 0.0) for n, host in enumerate(hosts)]

@@ -38,7 +38,7 @@ from workbench.errors import (
     SessionTimeoutError,
 )
 from workbench.farm import LocalFarm
-from workbench.rpc.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack
+from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack
 
 from .conftest import ROOT, assert_clean, children, session_workspaces, wait_until
 from .test_protocol import CPU, FLOAT32, RawPeer
@@ -222,7 +222,7 @@ def test_idle_connections_at_a_low_fd_limit_leave_the_server_serving(private_tmp
 
 BACKOFF_SCRIPT = textwrap.dedent("""
     import json, os, resource, socket, sys, time
-    from workbench.rpc.service import ServiceLoop
+    from workbench.rpc.service.loop import ServiceLoop
 
     class Hoard(ServiceLoop):
         # keeps every connection it accepts, until it runs out of descriptors

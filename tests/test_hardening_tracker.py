@@ -20,9 +20,9 @@ import time
 import pytest
 
 from workbench import rpc
-from workbench.rpc.tracker import MAX_REQUESTS_PER_CONN, PRIORITY_MAX, PRIORITY_MIN
+from workbench.rpc.tracker.tracker import MAX_REQUESTS_PER_CONN, PRIORITY_MAX, PRIORITY_MIN
 from workbench.errors import ProtocolError
-from workbench.rpc.tracker_wire import MAGIC_BYTES, Code, MessageReader, TrackerConnection, encode
+from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, MessageReader, TrackerConnection, encode
 
 from .conftest import ROOT, wait_until
 from .wire import closed_by_peer
@@ -370,7 +370,7 @@ def flood_fds(port: int, count: int, closing: list, opening: bytes = b"") -> lis
 def test_at_the_fd_limit_the_tracker_backs_off_and_serves_its_connections(closing):
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 256:
         pytest.skip("this test opens 120 connections")
-    proc, port = start_limited("tracker", "serve_tracker", 48)
+    proc, port = start_limited("tracker.tracker", "serve_tracker", 48)
     try:
         member = TrackerConnection(LOCAL, port, timeout=10)
         closing.append(member)
@@ -400,7 +400,7 @@ def test_at_the_fd_limit_the_tracker_backs_off_and_serves_its_connections(closin
 def test_at_the_fd_limit_silent_connections_make_room_for_clients(closing):
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 256:
         pytest.skip("this test opens 120 connections")
-    proc, port = start_limited("tracker", "serve_tracker", 48)
+    proc, port = start_limited("tracker.tracker", "serve_tracker", 48)
     try:
         member = TrackerConnection(LOCAL, port, timeout=10)
         closing.append(member)

@@ -21,7 +21,7 @@ from workbench import runtime  # noqa: E402
 from workbench.notebook import MagicError  # noqa: E402
 from workbench.results import BenchmarkResult, default_log  # noqa: E402
 from workbench.rpc import RemoteModule, RPCSession, connect_tracker  # noqa: E402
-from workbench.rpc.tracker_client import TrackerError  # noqa: E402
+from workbench.rpc.client.tracker_session import TrackerError  # noqa: E402
 
 from .conftest import wait_until  # noqa: E402
 
@@ -238,7 +238,7 @@ def test_core_imports_no_notebook_packages():
     code = (
         "import sys\n"
         "import workbench, workbench.rpc, workbench.runtime, workbench.cc, workbench.results, workbench.farm\n"
-        "import workbench.exec.rpc_server, workbench.rpc.worker, workbench.rpc.tracker_client\n"
+        "import workbench.exec.rpc_server, workbench.rpc.server.worker, workbench.rpc.client.tracker_session\n"
         "from workbench.rpc import connect, Server, Tracker, RPCSession\n"
         "bad = sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib', 'tqdm') if m in sys.modules)\n"
         "print(','.join(bad))\n"

@@ -54,7 +54,7 @@ from workbench.errors import (
     SessionTimeoutError,
     UnsupportedError,
 )
-from workbench.rpc.protocol import (
+from workbench.rpc.wire.protocol import (
     FLAG_NO_REPLY,
     FLAG_SERVER,
     HEADER,

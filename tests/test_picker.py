@@ -22,8 +22,8 @@ from comm.base_comm import BaseComm
 
 from workbench import rpc
 from workbench.errors import RPCError
-from workbench.rpc.tracker_summary import TrackerSummary
-from workbench.rpc.tracker_wire import Code, TrackerConnection
+from workbench.rpc.tracker.summary import TrackerSummary
+from workbench.rpc.tracker.wire import Code, TrackerConnection
 
 from .conftest import ROOT, wait_until
 
@@ -479,7 +479,7 @@ def test_without_ipywidgets_a_static_table_is_shown(tracker, spawn):
 
 
 def test_imports_stay_light():
-    code = ("import sys; import workbench.rpc.tracker_summary, workbench.rpc.tracker_client; "
+    code = ("import sys; import workbench.rpc.tracker.summary, workbench.rpc.client.tracker_session; "
             "bad = [m for m in ('IPython', 'ipywidgets', 'matplotlib') if m in sys.modules]; "
             "import workbench.notebook.picker; "
             "bad += [m for m in ('matplotlib',) if m in sys.modules]; print(bad)")

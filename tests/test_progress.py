@@ -384,7 +384,7 @@ def test_core_modules_do_not_import_jupyter():
     import subprocess
 
     code = (
-        "import sys, workbench.progress, workbench.rpc.client\n"
+        "import sys, workbench.progress, workbench.rpc.client.session\n"
         "bad = [m for m in ('IPython', 'ipywidgets', 'matplotlib', 'tqdm') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -398,7 +398,7 @@ def test_channel_sends_and_receives_in_reported_chunks(timeout, source, tmp_path
     """A frame over a real TCP connection: sendfile (or sendall) and recv_into chunk by chunk, each reported."""
     import socket
 
-    from workbench.rpc.protocol import Kind, SocketChannel
+    from workbench.rpc.wire.protocol import Kind, SocketChannel
 
     data = payload(BIG)
     with socket.create_server(("127.0.0.1", 0)) as listener:

@@ -22,7 +22,7 @@ import pytest
 from .conftest import assert_clean, wait_until
 from workbench import rpc
 from workbench.errors import ConnectionClosedError, ErrorCode, ProtocolError, RPCError
-from workbench.rpc.protocol import (
+from workbench.rpc.wire.protocol import (
     FLAG_NO_REPLY,
     HEADER,
     MAGIC,
@@ -38,7 +38,7 @@ from workbench.rpc.protocol import (
     pack,
     unpack,
 )
-from workbench.rpc.worker import server_handshake
+from workbench.rpc.server.worker import server_handshake
 
 IO_TIMEOUT = 5.0  # no single read in this file may wait longer
 FLOAT32 = [2, 32, 1]  # DLPack [code, bits, lanes]

@@ -31,8 +31,8 @@ from workbench.errors import (
     RemoteNotFoundError,
     UnsupportedError,
 )
-from workbench.rpc.relay import Relay
-from workbench.rpc.tracker_client import TrackerError
+from workbench.rpc.wire.relay import Relay
+from workbench.rpc.client.tracker_session import TrackerError
 
 from .conftest import ROOT, assert_clean, children, session_workspaces, wait_until
 

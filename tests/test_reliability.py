@@ -28,8 +28,8 @@ import pytest
 from workbench import rpc, runtime
 from workbench.errors import RPCError
 from workbench.farm import LocalFarm
-from workbench.rpc.protocol import MAGIC, PREAMBLE, VERSION
-from workbench.rpc.tracker_wire import MAGIC_BYTES, Code, encode
+from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION
+from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, encode
 
 from .conftest import children, session_workspaces, wait_until
 

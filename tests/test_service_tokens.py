@@ -24,9 +24,9 @@ import pytest
 from workbench import rpc
 from workbench.errors import AuthenticationError, DeviceNotFoundError, ErrorCode, RPCError, ServerBusyError
 from workbench.farm import LocalFarm
-from workbench.rpc.protocol import FLAG_SERVER, MAGIC, PREAMBLE, VERSION, Kind
-from workbench.rpc.registration import AUTH_NONCE, AUTH_PROOF, registration_proof
-from workbench.rpc.tracker_wire import Code, TrackerConnection
+from workbench.rpc.wire.protocol import FLAG_SERVER, MAGIC, PREAMBLE, VERSION, Kind
+from workbench.rpc.tracker.registration import AUTH_NONCE, AUTH_PROOF, registration_proof
+from workbench.rpc.tracker.wire import Code, TrackerConnection
 
 from .conftest import ROOT, assert_clean, children, wait_until
 from .wire import frame, read_frame

@@ -18,8 +18,8 @@ import pytest
 from workbench import rpc, runtime
 from workbench.errors import BadRequestError, RemoteNotFoundError
 from workbench.results import BenchmarkResult
-from workbench.rpc.client import RemoteFunction, RemoteModule
-from workbench.rpc.protocol import Kind
+from workbench.rpc.client.session import RemoteFunction, RemoteModule
+from workbench.rpc.wire.protocol import Kind
 from workbench.runtime.timer import time_repeats
 
 from .conftest import assert_clean

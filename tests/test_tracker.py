@@ -25,8 +25,9 @@ import pytest
 from workbench import rpc
 from workbench.cc.compiler import target_triple
 from workbench.errors import KeyMismatchError
-from workbench.rpc.tracker_client import TrackerError, format_summary
-from workbench.rpc.tracker_wire import MAGIC_BYTES, MAX_MESSAGE, Code, TrackerConnection, encode
+from workbench.rpc.client.tracker_session import TrackerError
+from workbench.rpc.tracker.summary import format_summary
+from workbench.rpc.tracker.wire import MAGIC_BYTES, MAX_MESSAGE, Code, TrackerConnection, encode
 
 from .conftest import assert_clean, session_workspaces, wait_until
 from .wire import closed_by_peer, recv_exact

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 
-from workbench.rpc.protocol import HEADER, pack, unpack
+from workbench.rpc.wire.protocol import HEADER, pack, unpack
 
 
 def frame(kind: int, ctrl) -> bytes:

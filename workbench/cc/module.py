@@ -23,7 +23,8 @@ from .source import CompileError, _c_string, compiler_for
 from .targets import parse_target
 
 if TYPE_CHECKING:
-    from ..rpc.client import LocalSession, RemoteModule
+    from ..rpc.client.local import LocalSession
+    from ..rpc.client.session import RemoteModule
 
 _KERNEL_RE = re.compile(r"\bWB_KERNEL\(\s*([A-Za-z_]\w*)\s*\)|\b__tvm_ffi_([A-Za-z]\w*)\s*\(")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -171,7 +172,7 @@ class Module:
                 f"workbench.testing.rpc_run(mod, 'cpu', args)"
             )
         if self._loaded is None:
-            from ..rpc.client import LocalSession
+            from ..rpc.client.local import LocalSession
 
             so = self.export_library(os.path.join(self._workdir, f"{self.name}.so"))
             session = LocalSession()

@@ -20,7 +20,7 @@ from .compiler import create_shared, create_tar
 from .targets import ToolchainNotFoundError, parse_target
 
 if TYPE_CHECKING:
-    from ..rpc.client import RemoteModule, RPCSession
+    from ..rpc.client.session import RemoteModule, RPCSession
 
 EXPORTS = ("so", "tar")
 

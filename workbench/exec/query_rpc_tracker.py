@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..errors import RPCError
-from ..rpc.tracker_client import connect_tracker
+from ..rpc.client.tracker_session import connect_tracker
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,14 @@ import argparse
 import os
 import sys
 
-from ..rpc.registration import PROXY_TOKEN_ENV, REGISTRATION_TOKEN_ENV
-from ..rpc.proxy import HANDSHAKE_TIMEOUT_S, MAX_CLIENTS_PER_SOURCE, PAIRING_TIMEOUT_S, TIMEOUT_CLIENT_S, serve_proxy
+from ..rpc.tracker.registration import PROXY_TOKEN_ENV, REGISTRATION_TOKEN_ENV
+from ..rpc.proxy.proxy import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_CLIENTS_PER_SOURCE,
+    PAIRING_TIMEOUT_S,
+    TIMEOUT_CLIENT_S,
+    serve_proxy,
+)
 from .rpc_server import parse_tracker
 
 

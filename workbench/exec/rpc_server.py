@@ -14,11 +14,11 @@ import os
 import sys
 
 from ..farm.local import parse_address
-from ..rpc.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
-from ..rpc.registration import REGISTRATION_TOKEN_ENV
-from ..rpc.serve import serve
-from ..rpc.server import ServerConfig, callable_spec, check_max_sessions
-from ..rpc.service import configure_cli_logging
+from ..rpc.wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
+from ..rpc.tracker.registration import REGISTRATION_TOKEN_ENV
+from ..rpc.server.serve import serve
+from ..rpc.server.server import ServerConfig, callable_spec, check_max_sessions
+from ..rpc.service.process import configure_cli_logging
 
 
 def parse_tracker(text: str | None) -> tuple[str, int] | None:

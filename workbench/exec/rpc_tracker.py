@@ -20,8 +20,8 @@ import argparse
 import os
 import sys
 
-from ..rpc.registration import REGISTRATION_TOKEN_ENV, TRACKER_TOKEN_ENV
-from ..rpc.tracker import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, WRITE_TIMEOUT_S, serve_tracker
+from ..rpc.tracker.registration import REGISTRATION_TOKEN_ENV, TRACKER_TOKEN_ENV
+from ..rpc.tracker.tracker import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, WRITE_TIMEOUT_S, serve_tracker
 
 
 def main(argv: list[str] | None = None) -> int:

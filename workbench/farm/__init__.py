@@ -10,7 +10,7 @@ the one set by ``set_default_tracker``/``start_farm``, else
 ``WORKBENCH_TRACKER=host:port`` (or TVM's ``TVM_TRACKER_HOST`` and
 ``TVM_TRACKER_PORT``), else an embedded LocalFarm started on first use.
 """
-from ..rpc.tracker_client import RequestCancelled, WaitStatus
+from ..rpc.client.tracker_session import RequestCancelled, WaitStatus
 from .local import (
     LocalFarm,
     current_farm,

@@ -9,12 +9,12 @@ import time
 from typing import Any, Mapping
 
 from ..errors import RPCError
-from ..rpc.client import RPCSession
-from ..rpc.minrpc import MinRPCServer
-from ..rpc.server import Server
-from ..rpc.tracker import Tracker
-from ..rpc.tracker_client import TrackerSession, connect_tracker
-from ..rpc.tracker_summary import TrackerSummary
+from ..rpc.client.session import RPCSession
+from ..rpc.server.minrpc import MinRPCServer
+from ..rpc.server.server import Server
+from ..rpc.tracker.tracker import Tracker
+from ..rpc.client.tracker_session import TrackerSession, connect_tracker
+from ..rpc.tracker.summary import TrackerSummary
 
 log = logging.getLogger("workbench.farm")
 READY_TIMEOUT_S = 30.0

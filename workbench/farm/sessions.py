@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from ..rpc.client import RPCSession, connect
-from ..rpc.tracker_client import TrackerError, TrackerSession, WaitStatus
+from ..rpc.client.session import RPCSession, connect
+from ..rpc.client.tracker_session import TrackerError, TrackerSession, WaitStatus
 from .local import current_farm, default_tracker, parse_address
 
 

@@ -83,9 +83,7 @@ def resolve_compiler(target: Any = "host", cc: str | Sequence[str] | None = None
         >>> resolve_compiler("aarch64-linux-gnu")        # doctest: +SKIP
         (['aarch64-linux-gnu-gcc'], 'aarch64-linux-gnu')
     """
-    from ..cc.compiler import _compiler, target_triple
-    from ..cc.targets import ToolchainNotFoundError, parse_target
-    from .qemu import normalize_triple
+    from ..cc.targets import ToolchainNotFoundError, _compiler, normalize_triple, parse_target, target_triple
 
     spec = parse_target(normalize_triple(target) if isinstance(target, str) and target != "host" else target)
     if cc is not None:

@@ -33,7 +33,7 @@ from ..errors import WorkbenchError
 from ..farm import default_tracker, open_session, set_default_tracker, start_farm, stop_farm
 from ..farm.__main__ import parse_servers
 from ..results import default_log
-from ..rpc.client import RemoteFunction, RemoteModule, RPCSession
+from ..rpc.client.session import RemoteFunction, RemoteModule, RPCSession
 
 log = logging.getLogger("workbench.notebook")
 DEFAULT_SESSION = "remote"
@@ -160,7 +160,7 @@ class WorkbenchMagics(Magics):
         set_default_tracker(args.address)
         addr = default_tracker()
         if args.no_picker:
-            from ..rpc.tracker_client import TrackerSession
+            from ..rpc.client.tracker_session import TrackerSession
 
             with TrackerSession(addr) as tracker:
                 print(f"default tracker: {tracker.address}\n")

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import RPCError
-from ..rpc.tracker_summary import TrackerSummary
+from ..rpc.tracker.summary import TrackerSummary
 
 if TYPE_CHECKING:
-    from ..rpc.client import RPCSession
-    from ..rpc.tracker_client import TrackerSession
+    from ..rpc.client.session import RPCSession
+    from ..rpc.client.tracker_session import TrackerSession
 
 log = logging.getLogger("workbench.notebook.picker")
 
@@ -374,7 +374,7 @@ class DevicePicker:
         return self._addr
 
     def _poll(self) -> TrackerSummary:
-        from ..rpc.tracker_client import TrackerSession
+        from ..rpc.client.tracker_session import TrackerSession
 
         owned = self._owned
         with owned.lock:

@@ -10,7 +10,7 @@
  * ctypes (workbench/runtime/ffi.py).
  *
  * The module itself holds the client's fast paths: exchange(), for requests without a bulk part
- * (workbench/rpc/protocol.py, SocketChannel.request): the request sent and the first bytes of its
+ * (workbench/rpc/wire/protocol.py, SocketChannel.request): the request sent and the first bytes of its
  * reply received in one call from Python, the reply decoded here when it came whole; and Caller and
  * FunctionBase, which make RemoteFunction(*args) one C call (encoding included, see below).  A shim
  * built before them lacks them; the client then keeps its pure-Python paths.
@@ -236,7 +236,7 @@ static PyObject *shim_exchange(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 /*
- * The call fast path: RemoteFunction(*args) in one C call (workbench/rpc/client.py).
+ * The call fast path: RemoteFunction(*args) in one C call (workbench/rpc/client/session.py).
  *
  * FunctionBase is RemoteFunction's base: it holds the function's `session` and `_wb_handle`, and
  * calling it encodes the CALL request here (msgpack, bit for bit as msgpack-python packs it), takes

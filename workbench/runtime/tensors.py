@@ -18,7 +18,7 @@ from .devices import Device
 from .storage import SUPPORTED_BITS
 
 _KIND_CODES = {"i": 0, "u": 1, "f": 2, "c": 5, "b": 6}
-TENSOR_ALLOC, TENSOR_WRITE, TENSOR_READ = 26, 27, 28  # protocol kinds (workbench.rpc.protocol.Kind)
+TENSOR_ALLOC, TENSOR_WRITE, TENSOR_READ = 26, 27, 28  # protocol kinds (workbench.rpc.wire.protocol.Kind)
 
 
 def dl_dtype(dtype: Any) -> list[int]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..rpc.client import RPCSession
-    from ..rpc.tracker_client import TrackerSession
+    from ..rpc.client.session import RPCSession
+    from ..rpc.client.tracker_session import TrackerSession
 
 # Bytes written before each timed repeat when enable_cpu_cache_flush is set: more than the
 # last-level cache of the boards and desktops this runs on (a Raspberry Pi 4 has 1 MiB, most
@@ -107,7 +107,7 @@ class RPCConfig:
 
     def connect_tracker(self) -> "TrackerSession":
         """A connection to the tracker (fields from the environment where missing)."""
-        from ..rpc.tracker_client import connect_tracker
+        from ..rpc.client.tracker_session import connect_tracker
 
         config = RPCConfig.normalized(self)
         return connect_tracker(config.tracker_host, config.tracker_port)

@@ -94,7 +94,7 @@ def local_run(
         ...                            evaluator_config=EvaluatorConfig(number=10, repeat=3))   # doctest: +SKIP
         >>> result.mean                                                                       # doctest: +SKIP
     """
-    from ..rpc.client import LocalSession
+    from ..rpc.client.local import LocalSession
 
     evaluator_config = evaluator_config or EvaluatorConfig()
     export, output_format = _normalize_export(export_func, output_format)

@@ -7,7 +7,7 @@ handshake itself (``serve.Handshake``) and forks a worker for an accepted
 CONNECT (``serve_accepted``); the stdio server runs the whole handshake in the
 worker (``run_session``).
 
-    python -m workbench.rpc.worker --stdio        # the server binary for PopenSession
+    python -m workbench.rpc.server.worker --stdio        # the server binary for PopenSession
 """
 from __future__ import annotations
 
@@ -22,31 +22,16 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable
 
-from ..errors import (
-    ConnectionClosedError,
-    RemoteNotFoundError,
-    RPCError,
-    UnsupportedError,
-    code_of,
-    ErrorCode,
-)
-from ..runtime.ffi import NativeLibrary
-from ..runtime.workspace import Workspace
-from .handler import Bulk, Reply, SessionHandler, device_info
-from .handshake import (  # noqa: F401  (auth_proof, check_key, SESSION_CONSTRUCTORS: re-exported)
-    HANDSHAKE_TIMEOUT_S,
-    SESSION_CONSTRUCTORS,
-    TOKEN_ENV,
-    auth_proof,
-    check_connect,
-    check_key,
-    hello,
-)
-from .relay import relay
-from .protocol import (
+from ...errors import ConnectionClosedError, RemoteNotFoundError, RPCError, UnsupportedError, code_of, ErrorCode
+from ...runtime.ffi import NativeLibrary
+from ...runtime.workspace import Workspace
+from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
+from .handler import Bulk, Reply, SessionHandler, device_info, error_text
+from ..wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_connect, hello
+from ..wire.relay import relay
+from ..wire.protocol import (
     FLAG_NO_REPLY,
     MAGIC,
     NONCE_BYTES,
@@ -60,36 +45,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-EXIT_CLEAN = 0x56  # the client left; nothing to report
-EXIT_TIMED_OUT = 0x57  # session_timeout or idle_timeout expired; the worker told the client itself
-EXIT_REFUSED = 0x58  # the handshake failed: no session was served
-EXIT_LOST = 0x59  # the session's connection was closed under the worker (by the code it ran)
-ENDED_ON_PURPOSE = (EXIT_CLEAN, EXIT_TIMED_OUT, EXIT_REFUSED)
 _OK = int(Kind.OK)
-
-
-def death_notice(returncode: int, ended_on_purpose: bool | None = None) -> str | None:
-    """What to tell the client when its worker ended with ``returncode`` (None: nothing).
-
-    ``ended_on_purpose`` is what the worker reported (``EndReport``); without
-    a report the exit status decides, which a kernel calling ``exit()`` can fake.
-    """
-    if ended_on_purpose is None:
-        ended_on_purpose = returncode in ENDED_ON_PURPOSE
-    if ended_on_purpose:
-        return None
-    if returncode < 0:
-        sig = signal.Signals(-returncode)
-        what = f"was killed by signal {sig.value} ({sig.name}: {signal.strsignal(sig)})"
-    elif returncode == EXIT_LOST:
-        what = (f"exited with status {returncode}: the code it ran closed the session's connection "
-                "(did it close every file descriptor?)")
-    else:
-        what = f"exited with status {returncode} (did the code it ran call exit()?)"
-    return (
-        f"the session worker {what}, most likely in the function it was running; "
-        "the server is still up: connect again to go on"
-    )
 
 
 class EndReport:
@@ -146,7 +102,7 @@ def server_handshake(
     client as an ERROR frame and raised here. (The server process runs the
     same checks without blocking: ``serve.Handshake``.)
     """
-    from ..errors import ProtocolError
+    from ...errors import ProtocolError
 
     magic, version, _flags = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
     chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
@@ -179,13 +135,6 @@ def server_handshake(
         info = dict(info, proof=opts["proof"])
     chan.send_frame(Kind.OK, info)
     return opts
-
-
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, (RPCError, OSError)):
-        return str(exc)
-    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-12:]).rstrip()
-    return f"{type(exc).__name__}: {exc}\n\nRemote traceback (most recent call last):\n{tail}"
 
 
 def serve_requests(
@@ -229,7 +178,7 @@ def serve_requests(
                 log.warning("request %s failed: %s", kind, exc)
                 continue
             with lock:
-                send_frame(Kind.ERROR, [int(code_of(exc)), _error_text(exc)])
+                send_frame(Kind.ERROR, [int(code_of(exc)), error_text(exc)])
             continue
         if flags & FLAG_NO_REPLY:
             continue
@@ -477,8 +426,8 @@ def connect_inner(ctor: list, session_timeout: float) -> tuple[socket.socket, di
     never with this server's own: a server must not answer other hosts'
     challenges with its token.
     """
-    from .client import client_handshake
-    from .handshake import check_constructor, connect_token
+    from ..wire.handshake import client_handshake
+    from ..wire.handshake import check_constructor, connect_token
 
     check_constructor(ctor)
     url, port = ctor[1], ctor[2]
@@ -537,7 +486,7 @@ def serve_stdio(workspace: Workspace, **session_args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.rpc.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m workbench.rpc.server.worker", description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--stdio", action="store_true", help="serve one session on stdin/stdout")
     mode.add_argument("--fd", type=int, help="serve one accepted session on this inherited socket fd "

@@ -11,17 +11,16 @@ import getpass
 import itertools
 import logging
 import os
-import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-from ..errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError
-from .client import RPCSession, connect
-from .tracker_summary import TrackerSummary
-from .tracker_wire import Code, TrackerConnection
+from ...errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError
+from .session import RPCSession, connect
+from ..tracker.summary import TrackerSummary, format_summary, server_keys
+from ..tracker.wire import Code, TrackerConnection
 
 log = logging.getLogger("workbench.rpc.tracker")
 T = TypeVar("T")
@@ -83,20 +82,6 @@ def _user() -> str:
         return f"{getpass.getuser()}@{socket.gethostname()}"
     except Exception:  # no user database in a container: any label will do
         return "workbench"
-
-
-@functools.lru_cache(maxsize=8192)
-def _server_keys(info_key: str) -> tuple[str, ...]:
-    name = info_key.split(":", 1)[1] if ":" in info_key else info_key
-    proxied = re.fullmatch(r"proxy\[(.*)\](?::.*)?", name)
-    if proxied:
-        return tuple(k for k in proxied.group(1).split(",") if k)
-    return (name,)
-
-
-def server_keys(info_key: str) -> list[str]:
-    """The device keys behind a server-list entry: ``server:rasp`` or ``server:proxy[a,b]``."""
-    return list(_server_keys(info_key))
 
 
 class TrackerSession:
@@ -194,7 +179,7 @@ class TrackerSession:
             >>> stop = threading.Event()                                      # doctest: +SKIP
             >>> tracker.request("rasp", on_wait=print, cancel=stop)           # doctest: +SKIP
         """
-        from ..progress import wait_bar
+        from ...progress import wait_bar
 
         if max_retry < 1:
             raise ValueError(f"max_retry must be >= 1, not {max_retry}")
@@ -338,28 +323,3 @@ def connect_tracker(url: str, port: int) -> TrackerSession:
     return TrackerSession((url, port))
 
 
-def format_summary(data: dict[str, Any]) -> str:
-    """The "Server List" and "Queue Status" tables of seed 003."""
-    servers = sorted(data.get("server_info", []), key=lambda s: str(s.get("key", "")))
-    totals: dict[str, int] = {}
-    addrs = [":".join(map(str, s.get("addr") or ["?", "?"])) for s in servers]
-    column = max([24] + [len(a) + 2 for a in addrs])  # a long address never runs into its key
-    rule = "-" * max([40] + [column + len(str(s.get("key", ""))) for s in servers])
-    lines = ["Server List", rule, f"{'server-address':<{column}}key", rule]
-    for server, addr in zip(servers, addrs):
-        lines.append(f"{addr:<{column}}{server.get('key', '')}")
-        for key in server_keys(str(server.get("key", ""))):
-            totals[key] = totals.get(key, 0) + 1
-    lines += [rule, ""]
-    queues = data.get("queue_info", {})
-    keys = sorted(set(queues) | set(totals))
-    width = max([len(k) for k in keys] + [len("key")]) + 2
-    title = f"{'key':<{width}}total  free  pending"
-    lines += ["Queue Status", "-" * len(title), title, "-" * len(title)]
-    for key in keys:
-        queue = queues.get(key, {})
-        total, free, pending = totals.get(key, 0), queue.get("free", 0), queue.get("pending", 0)
-        if total or free or pending:
-            lines.append(f"{key:<{width}}{total:<7d}{free:<6d}{pending:d}")
-    lines.append("-" * len(title))
-    return "\n".join(lines) + "\n"

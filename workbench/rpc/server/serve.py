@@ -35,10 +35,10 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from ..errors import AuthenticationError, ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
-from ..runtime.workspace import Workspace
+from ...errors import AuthenticationError, ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
+from ...runtime.workspace import Workspace
 from .handler import device_info
-from .handshake import (
+from ..wire.handshake import (
     ERROR_BUSY,
     MAX_CONNECT_CTRL,
     TOKEN_ENV,
@@ -47,7 +47,7 @@ from .handshake import (
     hello,
     refusal_text,
 )
-from .protocol import (
+from ..wire.protocol import (
     FLAG_SERVER,
     HEADER,
     MAGIC,
@@ -62,19 +62,12 @@ from .protocol import (
     pack,
     unpack,
 )
-from .registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
+from ..tracker.registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
 from .server import ServerConfig, default_max_sessions, resolve_callable
-from .service import ServiceLoop, bind_port, refuse, service_main, setup_logging, stop_on_signals
-from .worker import (
-    ENDED_ON_PURPOSE,
-    EXIT_REFUSED,
-    EndReport,
-    death_notice,
-    load_libraries,
-    serve_accepted,
-    shutdown,
-    worker_signals,
-)
+from ..service.loop import ServiceLoop, bind_port, refuse
+from ..service.process import service_main, setup_logging, stop_on_signals
+from ..wire.exits import ENDED_ON_PURPOSE, EXIT_REFUSED, death_notice
+from .worker import EndReport, load_libraries, serve_accepted, shutdown, worker_signals
 
 log = logging.getLogger("workbench.rpc.server")
 SELF = "self"  # the one tracker slot of a server
@@ -601,7 +594,7 @@ class ServeLoop(ServiceLoop):
 
     def _popen_worker(self, conn: socket.socket, workspace: str, opts: dict[str, Any]) -> subprocess.Popen:
         cfg = self.config
-        cmd = [sys.executable, "-m", "workbench.rpc.worker", "--fd", str(conn.fileno()),
+        cmd = [sys.executable, "-m", "workbench.rpc.server.worker", "--fd", str(conn.fileno()),
                "--workspace", workspace, "--key", cfg.key]
         for lib in cfg.load_library:
             cmd += ["--load-library", lib]
@@ -743,7 +736,7 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owne
 
 
 def main() -> None:
-    """Entry of a server started by ``rpc.Server`` (see workbench.rpc.service)."""
+    """Entry of a server started by ``rpc.Server`` (see workbench.rpc.service.process)."""
     service_main(lambda config, ready, owner_fd: serve(ServerConfig(**config), ready, owner_fd))
 
 

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .handshake import HANDSHAKE_TIMEOUT_S, check_seconds
-from .registration import REGISTRATION_TOKEN_ENV, token_or_env
-from .service import ServiceHandle
+from ..wire.handshake import HANDSHAKE_TIMEOUT_S, check_seconds
+from ..tracker.registration import REGISTRATION_TOKEN_ENV, token_or_env
+from ..service.process import ServiceHandle
 
 
 def default_max_sessions() -> int:
@@ -187,7 +187,7 @@ class Server(ServiceHandle):
         )
         self.host = host
         self.key = key
-        self._start("workbench.rpc.serve", dataclasses.asdict(self.config))
+        self._start("workbench.rpc.server.serve", dataclasses.asdict(self.config))
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"

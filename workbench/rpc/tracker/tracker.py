@@ -1,6 +1,6 @@
 """``rpc.Tracker``: one queue of devices per key, shared by many users.
 
-It speaks TVM's tracker protocol (workbench.rpc.tracker_wire), so TVM servers
+It speaks TVM's tracker protocol (workbench.rpc.tracker.wire), so TVM servers
 can register with it and TVM's ``query_rpc_tracker`` can read it. Free servers
 are handed out first in, first out; waiting requests by priority (higher
 first), then arrival. Unlike TVM's, a request whose client has gone leaves its
@@ -24,7 +24,7 @@ connections it has.
 With ``auth_token``, only servers that prove they know it may register: a
 connection's PUT, and its UPDATE_INFO naming a server (``server:...``), are
 answered ``[-1, "..."]`` and ignored until it has answered a nonce of the
-tracker's with ``registration_proof`` (workbench.rpc.registration; the server's
+tracker's with ``registration_proof`` (workbench.rpc.tracker.registration; the server's
 ``registration_token``). Clients that only REQUEST or read SUMMARY need no
 token: the devices themselves are protected by the session token. TVM's own
 ``rpc_server`` cannot prove a token, so a tracker with one refuses it (and
@@ -53,18 +53,12 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable
 
-from ..errors import AuthenticationError, ProtocolError
-from .handshake import AuthThrottle, refusal_text
-from .registration import (
-    AUTH_NONCE,
-    AUTH_PROOF,
-    NONCE_BYTES,
-    REGISTRATION_TOKEN_ENV,
-    check_token,
-    registration_proof,
-)
-from .service import ServiceHandle, ServiceLoop, bind_port, peer_closed, service_main, setup_logging, stop_on_signals
-from .tracker_wire import GREETING, MAGIC_BYTES, NOTHING, Code, MessageReader, encode, quick_ack
+from ...errors import AuthenticationError, ProtocolError
+from ..wire.handshake import AuthThrottle, refusal_text
+from .registration import AUTH_NONCE, AUTH_PROOF, NONCE_BYTES, REGISTRATION_TOKEN_ENV, check_token, registration_proof
+from ..service.process import ServiceHandle, service_main, setup_logging, stop_on_signals
+from ..service.loop import ServiceLoop, bind_port, peer_closed
+from .wire import GREETING, MAGIC_BYTES, NOTHING, Code, MessageReader, encode, quick_ack
 
 log = logging.getLogger("workbench.rpc.tracker")
 
@@ -118,7 +112,7 @@ class Tracker(ServiceHandle):
         for name, value in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
                             ("write_timeout", write_timeout)):
             config[name] = check_timeout(name, value)
-        self._start("workbench.rpc.tracker", config)
+        self._start("workbench.rpc.tracker.tracker", config)
 
 
 def check_timeout(name: str, value: float | None) -> float | None:

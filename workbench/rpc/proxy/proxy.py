@@ -24,7 +24,7 @@ sessions it relays go on.
 With ``auth_token``, a server may wait here only after proving it knows the
 token: the proxy answers its REGISTER with a HELLO carrying a fresh nonce, and
 the server's second REGISTER must carry ``registration_proof(token, nonce,
-"proxy")`` (workbench.rpc.registration; the server's ``registration_token``),
+"proxy")`` (workbench.rpc.tracker.registration; the server's ``registration_token``),
 else it is refused with ERROR ``AUTH`` and closed. Wrong proofs from one
 address are checked at most once per ``min(0.25 s * 2**(n-1), 4 s)``; earlier
 ones are refused unchecked. Clients need no token here (their session's
@@ -48,22 +48,20 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable
 
-from ..errors import AuthenticationError, ErrorCode
-from .protocol import FLAG_SERVER, HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, pack, unpack
-from .handshake import AuthThrottle, refusal_text
-from .registration import REGISTRATION_TOKEN_ENV, TrackerRegistration, check_token, registration_proof, token_or_env
-from .relay import Relay
-from .service import (
-    ServiceHandle,
-    ServiceLoop,
-    bind_port,
-    peer_closed,
-    refuse,
-    service_main,
-    setup_logging,
-    stop_on_signals,
+from ...errors import AuthenticationError, ErrorCode
+from ..wire.protocol import FLAG_SERVER, HEADER, MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Kind, pack, unpack
+from ..wire.handshake import AuthThrottle, refusal_text
+from ..tracker.registration import (
+    REGISTRATION_TOKEN_ENV,
+    TrackerRegistration,
+    check_token,
+    registration_proof,
+    token_or_env,
 )
-from .tracker import check_timeout
+from ..wire.relay import Relay
+from ..service.process import ServiceHandle, service_main, setup_logging, stop_on_signals
+from ..service.loop import ServiceLoop, bind_port, peer_closed, refuse
+from ..tracker.tracker import check_timeout
 
 log = logging.getLogger("workbench.rpc.proxy")
 
@@ -112,7 +110,7 @@ class Proxy(ServiceHandle):
         registration_token: str | None = None,
     ):
         self.host = host
-        self._start("workbench.rpc.proxy", dict(
+        self._start("workbench.rpc.proxy.proxy", dict(
             {"host": host, "port": port, "port_end": port_end, "silent": silent, "custom_addr": custom_addr,
              "tracker_addr": list(tracker_addr) if tracker_addr else None,
              "auth_token": check_token("auth_token", auth_token),

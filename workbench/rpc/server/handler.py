@@ -10,19 +10,20 @@ import inspect
 import logging
 import os
 import platform
+import traceback
 from typing import Any, BinaryIO, Callable
 
-from ..cc.compiler import target_triple
-from ..errors import BadRequestError, DeviceNotFoundError, RPCError, code_of, error_from_code
-from ..runtime import registry
-from ..runtime.devices import DEVICE_NAMES, device_name
-from ..runtime.ffi import NativeFunction, NativeLibrary, flush_cache
-from ..runtime.modules import link_tar, load_module
-from ..runtime.storage import DeviceTensor
-from ..runtime.tvm_bridge import TVMModule
-from ..runtime.timer import check_time_options, python_runner, time_repeats
-from ..runtime.workspace import Workspace
-from .protocol import Ext, Handle, Kind
+from ...cc.compiler import target_triple
+from ...errors import BadRequestError, DeviceNotFoundError, RPCError, code_of, error_from_code
+from ...runtime import registry
+from ...runtime.devices import DEVICE_NAMES, device_name
+from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
+from ...runtime.modules import link_tar, load_module
+from ...runtime.storage import DeviceTensor
+from ...runtime.tvm_bridge import TVMModule
+from ...runtime.timer import check_time_options, python_runner, time_repeats
+from ...runtime.workspace import Workspace
+from ..wire.protocol import Ext, Handle, Kind
 
 log = logging.getLogger(__name__)
 
@@ -381,3 +382,11 @@ def _check_binds(fn: Callable, values: list, name: str) -> None:
         signature.bind(*values)
     except TypeError as exc:
         raise BadRequestError(f"{name}: {exc}") from None
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of an ERROR reply for ``exc``: its text, with the remote traceback where it is no RPCError."""
+    if isinstance(exc, (RPCError, OSError)):
+        return str(exc)
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-12:]).rstrip()
+    return f"{type(exc).__name__}: {exc}\n\nRemote traceback (most recent call last):\n{tail}"

@@ -14,6 +14,8 @@ Works on a TVM tracker's answer too: fields it does not send come out as "".
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
@@ -38,8 +40,6 @@ class TrackerSummary(dict):
         for each key it serves). Keys with no server, nothing free and nobody
         waiting (a queue the tracker keeps after its last server left) are left out.
         """
-        from .tracker_client import server_keys
-
         totals: dict[str, int] = {}
         for server in self._servers():
             for key in server_keys(str(server.get("key", ""))):
@@ -61,8 +61,6 @@ class TrackerSummary(dict):
         ``{address "host:port", key, arch, target, devices "cpu(0), cl(0)", labels "board=pi4, os=linux"}``;
         ``key`` is the device key (``"a, b"`` for a proxy serving two keys); missing fields are "".
         """
-        from .tracker_client import server_keys
-
         rows = []
         for server in self._servers():
             raw_key = server.get("key")
@@ -119,8 +117,6 @@ class TrackerSummary(dict):
         return "\n".join(parts)
 
     def __repr__(self) -> str:
-        from .tracker_client import format_summary
-
         return format_summary(self).rstrip("\n")
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -156,7 +152,7 @@ def _address(addr: Any) -> str:
 
 
 def _devices(devices: Any) -> str:
-    from ..runtime.devices import device_name
+    from ...runtime.devices import device_name
 
     if not isinstance(devices, list):
         return ""
@@ -173,3 +169,44 @@ def _labels(labels: Any) -> str:
     if not isinstance(labels, dict):
         return ""
     return ", ".join(f"{name}={value}" for name, value in sorted(labels.items(), key=lambda kv: str(kv[0])))
+
+
+@functools.lru_cache(maxsize=8192)
+def _server_keys(info_key: str) -> tuple[str, ...]:
+    name = info_key.split(":", 1)[1] if ":" in info_key else info_key
+    proxied = re.fullmatch(r"proxy\[(.*)\](?::.*)?", name)
+    if proxied:
+        return tuple(k for k in proxied.group(1).split(",") if k)
+    return (name,)
+
+
+def server_keys(info_key: str) -> list[str]:
+    """The device keys behind a server-list entry: ``server:rasp`` or ``server:proxy[a,b]``."""
+    return list(_server_keys(info_key))
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """The "Server List" and "Queue Status" tables of seed 003."""
+    servers = sorted(data.get("server_info", []), key=lambda s: str(s.get("key", "")))
+    totals: dict[str, int] = {}
+    addrs = [":".join(map(str, s.get("addr") or ["?", "?"])) for s in servers]
+    column = max([24] + [len(a) + 2 for a in addrs])  # a long address never runs into its key
+    rule = "-" * max([40] + [column + len(str(s.get("key", ""))) for s in servers])
+    lines = ["Server List", rule, f"{'server-address':<{column}}key", rule]
+    for server, addr in zip(servers, addrs):
+        lines.append(f"{addr:<{column}}{server.get('key', '')}")
+        for key in server_keys(str(server.get("key", ""))):
+            totals[key] = totals.get(key, 0) + 1
+    lines += [rule, ""]
+    queues = data.get("queue_info", {})
+    keys = sorted(set(queues) | set(totals))
+    width = max([len(k) for k in keys] + [len("key")]) + 2
+    title = f"{'key':<{width}}total  free  pending"
+    lines += ["Queue Status", "-" * len(title), title, "-" * len(title)]
+    for key in keys:
+        queue = queues.get(key, {})
+        total, free, pending = totals.get(key, 0), queue.get("free", 0), queue.get("pending", 0)
+        if total or free or pending:
+            lines.append(f"{key:<{width}}{total:<7d}{free:<6d}{pending:d}")
+    lines.append("-" * len(title))
+    return "\n".join(lines) + "\n"

@@ -19,20 +19,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
+import socket
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
-from ..errors import (
+from ...errors import (
     AuthenticationError,
+    ConnectionClosedError,
     ErrorCode,
     KeyMismatchError,
     ProtocolError,
     RPCError,
     UnsupportedError,
+    error_from_code,
 )
-from .protocol import NONCE_BYTES, VERSION
+from .protocol import MAGIC, NONCE_BYTES, PREAMBLE, VERSION, Channel, Kind
 
+MAX_PROXY_HOPS = 4  # proxies a client follows on the way to a server
 TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
 HANDSHAKE_TIMEOUT_S = 10.0  # the whole handshake, from accept to CONNECT, not each read
 MAX_SESSION_TIMEOUT_S = 365 * 24 * 3600.0  # one year; 0 means no limit
@@ -146,7 +151,6 @@ def check_connect(
     the server's own proof for the OK reply (None when the server has no token
     or the client sent no nonce of its own). Raises the RPCError to refuse with.
     """
-    from .protocol import Kind
 
     if kind != Kind.CONNECT or not isinstance(opts, dict):
         raise ProtocolError(
@@ -253,3 +257,92 @@ def refusal_text(exc: RPCError, failures: int = 0, delay: float = 0.0) -> str:
     if isinstance(exc, AuthenticationError) and failures > 1:
         text += f" (wrong proof {failures} from this address: its next attempt waits {delay:g} s)"
     return text
+
+
+def error_reply(ctrl: Any) -> RPCError:
+    """The exception for an ERROR frame's control part ``[code, message]``."""
+    if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[0], int) and isinstance(ctrl[1], str):
+        return error_from_code(ctrl[0], ctrl[1])
+    return ProtocolError(f"malformed error reply from the peer: {ctrl!r}")
+
+
+def client_handshake(
+    chan: Channel,
+    address: str,
+    *,
+    key: str = "",
+    session_timeout: float = 0,
+    token: str | None = None,
+    constructor_args: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Run the client side of the handshake on ``chan``; return the server's session info.
+
+    With a ``token``, authentication is mutual: the client proves it knows the
+    token, and the server must prove it knows it too, over a nonce of the
+    client's, before this returns. A server that says it needs no token, or
+    cannot prove it, is refused before anything of the session is sent to it
+    (a stranger registered at a tracker or a proxy gets no kernels and no data).
+    """
+    session_timeout = check_session_timeout(session_timeout)
+
+    try:
+        chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
+        magic, version, _ = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
+        if magic != MAGIC:
+            raise ProtocolError(
+                f"{address} is not an rpc-workbench server (it answered {magic!r}); "
+                "check the port (a tracker or a TVM server listens elsewhere?)"
+            )
+        for _ in range(MAX_PROXY_HOPS + 1):
+            frame = chan.recv_frame()
+            if frame.kind == Kind.ERROR:
+                raise error_reply(frame.ctrl)
+            hello = frame.ctrl
+            if frame.kind != Kind.HELLO or not isinstance(hello, dict):
+                raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
+            if not hello.get("proxy"):
+                break
+            chan.send_frame(Kind.PROXY_CONNECT, {"key": key or ""})  # a proxy: pair us with a server of key
+        else:
+            raise ProtocolError(f"more than {MAX_PROXY_HOPS} proxies on the way to {address}")
+        ctor = list(constructor_args) if constructor_args else None
+        connect = {"key": key or "", "timeout": session_timeout, "proof": None, "ctor": ctor}
+        if token:
+            nonce = hello.get("nonce")
+            if not hello.get("auth"):
+                raise AuthenticationError(
+                    f"{address} says it needs no auth token, but this client has one (auth_token= or "
+                    f"{TOKEN_ENV}): it cannot prove it is the server you meant (a stranger registered at a "
+                    "tracker or proxy?), so nothing was sent to it. If that server really runs without a token, "
+                    "connect without one (auth_token=\"\")"
+                )
+            if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+                raise ProtocolError(f"{address} sent a HELLO without a {NONCE_BYTES}-byte nonce")
+            client_nonce = os.urandom(NONCE_BYTES)
+            connect.update(proof=auth_proof(token, nonce), cnonce=client_nonce)
+        chan.send_frame(Kind.CONNECT, connect)
+        frame = chan.recv_frame()
+        if frame.kind == Kind.ERROR:
+            raise error_reply(frame.ctrl)
+        info = frame.ctrl
+        if frame.kind != Kind.OK or not isinstance(info, dict):
+            raise ProtocolError(f"{address} answered CONNECT with kind {frame.kind} where OK was expected")
+        if token:
+            proof = info.pop("proof", None)
+            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_proof(token, nonce, client_nonce)):
+                raise AuthenticationError(
+                    f"{address} did not prove that it knows the auth token (its proof is "
+                    f"{'wrong' if proof else 'missing'}): it may not be the server you meant, or it runs an "
+                    "rpc-workbench older than mutual authentication (update it); nothing was sent to it"
+                )
+        return info
+    except (ConnectionClosedError, BrokenPipeError, ConnectionResetError):
+        raise ConnectionClosedError(
+            f"{address} closed the connection during the handshake: is it an rpc-workbench server "
+            "(TVM servers and trackers are not)?"
+        ) from None
+    except socket.timeout:
+        raise ProtocolError(
+            f"{address} did not answer the handshake in time: is it an rpc-workbench server, "
+            "and is it overloaded?"
+        ) from None

@@ -1,4 +1,4 @@
-"""Client sessions: ``connect``, ``RPCSession``, ``LocalSession``, ``PopenSession``.
+"""Client sessions over a socket: ``connect``, ``RPCSession``, ``RemoteModule``, ``RemoteFunction``.
 
     >>> from workbench import rpc, runtime
     >>> remote = rpc.connect("127.0.0.1", 9091)           # doctest: +SKIP
@@ -15,16 +15,12 @@ import logging
 import operator
 import os
 import socket
-import stat
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
 from typing import Any, Callable, Sequence
 
-from ..errors import (
+from ...errors import (
     BadRequestError,
     ConnectionClosedError,
     DeviceNotFoundError,
@@ -33,38 +29,22 @@ from ..errors import (
     SessionCrashedError,
     SessionTimeoutError,
     TooLargeError,
-    code_of,
-    error_from_code,
 )
-from ..progress import chunk_slices, expected_time_eval_seconds, timed_bar, transfer_bar
-from ..runtime.devices import Device, device_name, device_type_code
-from ..runtime.timer import check_time_options
-from .protocol import (
-    FLAG_NO_REPLY,
-    MAGIC,
-    PREAMBLE,
-    VERSION,
-    Channel,
-    Handle,
-    Kind,
-    PipeChannel,
-    SocketChannel,
-    pack,
-    unpack,
-    write_all,
-)
-from .buffers import receive_buffer
+from ...progress import expected_time_eval_seconds, timed_bar, transfer_bar
+from ...runtime.devices import Device, device_name, device_type_code
+from ...runtime.timer import check_time_options
+from ..wire.buffers import receive_buffer
+from ..wire.handshake import TOKEN_ENV, check_session_timeout, client_handshake, error_reply
+from ..wire.protocol import FLAG_NO_REPLY, Channel, Handle, Kind, SocketChannel, unpack
 
 try:  # the call fast path in C (_shim.c); a shim built before it lacks it: the same calls in Python then
-    from ..runtime._shim import Caller as _Caller, FunctionBase as _FunctionBase
+    from ...runtime._shim import Caller as _Caller, FunctionBase as _FunctionBase
 except ImportError:
     _Caller, _FunctionBase = None, object
 
 log = logging.getLogger("workbench.rpc.client")
 _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
 
-TOKEN_ENV = "WORKBENCH_RPC_TOKEN"
-MAX_PROXY_HOPS = 4
 Receiver = Callable[[int, Any], memoryview]
 _PLAIN = frozenset({int, float, str, bool, bytes, type(None)})  # argument types that hold no session object
 _SESSION_NUMBERS = itertools.count(1)
@@ -91,13 +71,6 @@ def _close_channel(chan: Channel, fast: Any) -> None:
     if fast is not None:
         fast.close()
     chan.close()
-
-
-def error_reply(ctrl: Any) -> RPCError:
-    """The exception for an ERROR frame's control part ``[code, message]``."""
-    if isinstance(ctrl, list) and len(ctrl) >= 2 and isinstance(ctrl[0], int) and isinstance(ctrl[1], str):
-        return error_from_code(ctrl[0], ctrl[1])
-    return ProtocolError(f"malformed error reply from the peer: {ctrl!r}")
 
 
 class RemoteFunction(_FunctionBase):
@@ -155,7 +128,7 @@ class RemoteFunction(_FunctionBase):
 
             >>> timer = fn.time_evaluator(dev, number=100, repeat=5, progress=False)  # doctest: +SKIP
         """
-        from ..results import BenchmarkResult
+        from ...results import BenchmarkResult
 
         self.session._check_device(dev)
         where = [dev.device_type, dev.device_id]
@@ -635,95 +608,6 @@ class RPCSession:
         return self.device("webgpu", dev_id)
 
 
-# -- handshake and constructors ------------------------------------------------------
-def client_handshake(
-    chan: Channel,
-    address: str,
-    *,
-    key: str = "",
-    session_timeout: float = 0,
-    token: str | None = None,
-    constructor_args: Sequence[Any] | None = None,
-) -> dict[str, Any]:
-    """Run the client side of the handshake on ``chan``; return the server's session info.
-
-    With a ``token``, authentication is mutual: the client proves it knows the
-    token, and the server must prove it knows it too, over a nonce of the
-    client's, before this returns. A server that says it needs no token, or
-    cannot prove it, is refused before anything of the session is sent to it
-    (a stranger registered at a tracker or a proxy gets no kernels and no data).
-    """
-    import hmac
-
-    from ..errors import AuthenticationError
-    from .handshake import TOKEN_ENV as token_env, auth_proof, check_session_timeout, server_proof
-    from .protocol import NONCE_BYTES
-
-    session_timeout = check_session_timeout(session_timeout)
-
-    try:
-        chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
-        magic, version, _ = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
-        if magic != MAGIC:
-            raise ProtocolError(
-                f"{address} is not an rpc-workbench server (it answered {magic!r}); "
-                "check the port (a tracker or a TVM server listens elsewhere?)"
-            )
-        for _ in range(MAX_PROXY_HOPS + 1):
-            frame = chan.recv_frame()
-            if frame.kind == Kind.ERROR:
-                raise error_reply(frame.ctrl)
-            hello = frame.ctrl
-            if frame.kind != Kind.HELLO or not isinstance(hello, dict):
-                raise ProtocolError(f"{address} sent kind {frame.kind} where HELLO was expected")
-            if not hello.get("proxy"):
-                break
-            chan.send_frame(Kind.PROXY_CONNECT, {"key": key or ""})  # a proxy: pair us with a server of key
-        else:
-            raise ProtocolError(f"more than {MAX_PROXY_HOPS} proxies on the way to {address}")
-        ctor = list(constructor_args) if constructor_args else None
-        connect = {"key": key or "", "timeout": session_timeout, "proof": None, "ctor": ctor}
-        if token:
-            nonce = hello.get("nonce")
-            if not hello.get("auth"):
-                raise AuthenticationError(
-                    f"{address} says it needs no auth token, but this client has one (auth_token= or "
-                    f"{token_env}): it cannot prove it is the server you meant (a stranger registered at a "
-                    "tracker or proxy?), so nothing was sent to it. If that server really runs without a token, "
-                    "connect without one (auth_token=\"\")"
-                )
-            if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-                raise ProtocolError(f"{address} sent a HELLO without a {NONCE_BYTES}-byte nonce")
-            client_nonce = os.urandom(NONCE_BYTES)
-            connect.update(proof=auth_proof(token, nonce), cnonce=client_nonce)
-        chan.send_frame(Kind.CONNECT, connect)
-        frame = chan.recv_frame()
-        if frame.kind == Kind.ERROR:
-            raise error_reply(frame.ctrl)
-        info = frame.ctrl
-        if frame.kind != Kind.OK or not isinstance(info, dict):
-            raise ProtocolError(f"{address} answered CONNECT with kind {frame.kind} where OK was expected")
-        if token:
-            proof = info.pop("proof", None)
-            if not isinstance(proof, bytes) or not hmac.compare_digest(proof, server_proof(token, nonce, client_nonce)):
-                raise AuthenticationError(
-                    f"{address} did not prove that it knows the auth token (its proof is "
-                    f"{'wrong' if proof else 'missing'}): it may not be the server you meant, or it runs an "
-                    "rpc-workbench older than mutual authentication (update it); nothing was sent to it"
-                )
-        return info
-    except (ConnectionClosedError, BrokenPipeError, ConnectionResetError):
-        raise ConnectionClosedError(
-            f"{address} closed the connection during the handshake: is it an rpc-workbench server "
-            "(TVM servers and trackers are not)?"
-        ) from None
-    except socket.timeout:
-        raise ProtocolError(
-            f"{address} did not answer the handshake in time: is it an rpc-workbench server, "
-            "and is it overloaded?"
-        ) from None
-
-
 def connect(
     url: str,
     port: int,
@@ -749,8 +633,6 @@ def connect(
 
         >>> remote = rpc.connect("127.0.0.1", 9091, session_timeout=60)  # doctest: +SKIP
     """
-    from .handshake import check_session_timeout
-
     check_session_timeout(session_timeout)  # before connecting
     address = f"{url}:{port}"
     try:
@@ -773,204 +655,3 @@ def connect(
     return RPCSession(chan, info, address, enable_logging)
 
 
-class LocalSession(RPCSession):
-    """The session API served in this process (no network, no worker process).
-
-        >>> remote = rpc.LocalSession()
-        >>> remote.listdir(".")
-        []
-    """
-
-    is_remote = False
-
-    def __init__(self) -> None:
-        from .handler import SessionHandler, device_info
-
-        self._handler = SessionHandler()
-        super().__init__(_NoChannel(), dict(device_info(), key=""), "local")
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, self._handler.close)
-
-    def _call(self, kind: int, args: list) -> Any:
-        return self._request(kind, args)
-
-    def _request(
-        self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
-        bar: Callable[[int], Any] | None = None,
-    ) -> Any:
-        from .handler import Bulk, Reply
-        from .worker import _error_text
-
-        with self._lock:
-            self._ensure_open()
-            if self._pending_free:
-                self._handler.handle(Kind.FREE, self._take_frees(), None)
-            incoming = None
-            sending = None
-            if bulk is not None:
-                src = memoryview(bulk).cast("B")
-                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
-                                lambda fd, n: write_all(fd, src))
-            elif file is not None:
-                f, size = file
-                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
-                                lambda fd, n: _copy_file(f.fileno(), fd, n))
-            if bar is not None and incoming is not None:
-                sending = bar(incoming.size)
-            try:
-                if sending is None:
-                    reply = self._handler.handle(kind, unpack(pack(args)), incoming)
-                else:
-                    with sending as update:
-                        if update is not None:  # the same copies, chunk by chunk, each reported
-
-                            def read_into(view: memoryview) -> None:
-                                for part in chunk_slices(len(view), update):
-                                    if bulk is not None:
-                                        view[part] = src[part]
-                                    else:
-                                        _read_fully(f, view[part])
-
-                            def to_fd(fd: int, n: int) -> None:
-                                for part in chunk_slices(n, update):
-                                    if bulk is not None:
-                                        write_all(fd, src[part])
-                                        continue
-                                    offset = part.start
-                                    while offset < part.stop:  # sendfile from successive offsets
-                                        sent = os.sendfile(fd, f.fileno(), offset, part.stop - offset)
-                                        if not sent:
-                                            raise ProtocolError("the file shrank while it was being copied")
-                                        offset += sent
-
-                            incoming = Bulk(incoming.size, read_into, lambda n: None, to_fd)
-                        reply = self._handler.handle(kind, unpack(pack(args)), incoming)
-            except RPCError:
-                raise
-            except Exception as exc:
-                raise error_from_code(code_of(exc), _error_text(exc)) from exc
-            if type(reply) is not Reply:
-                value = unpack(pack(reply))
-                if recv is not None:
-                    recv(0, value)
-                return value
-            value = unpack(pack(reply.value))
-            try:
-                if bar is None:
-                    if reply.file is not None:
-                        _read_fully(reply.file[0], recv(reply.file[1], value))
-                    else:
-                        recv(len(reply.bulk), value)[:] = reply.bulk
-                else:
-                    size = reply.file[1] if reply.file is not None else memoryview(reply.bulk).nbytes
-                    with bar(size) as update:
-                        view = recv(size, value)
-                        source = memoryview(reply.bulk).cast("B") if reply.file is None else None
-                        for part in chunk_slices(size, update):  # one piece when there is no bar
-                            if source is None:
-                                _read_fully(reply.file[0], view[part])
-                            else:
-                                view[part] = source[part]
-            finally:
-                if reply.file is not None:
-                    reply.file[0].close()
-            return value
-
-
-def _copy_file(src_fd: int, dst_fd: int, count: int) -> None:
-    offset = 0
-    while offset < count:
-        sent = os.sendfile(dst_fd, src_fd, offset, count - offset)
-        if not sent:
-            raise ProtocolError("the file shrank while it was being copied")
-        offset += sent
-
-
-def _read_fully(f: Any, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise ProtocolError("the file shrank while it was being read")
-        got += n
-
-
-class _NoChannel(Channel):
-    def close(self) -> None:
-        pass
-
-
-def popen_server_command() -> list[str]:
-    """The command of the Python stdio server, a binary for PopenSession."""
-    return [sys.executable, "-m", "workbench.rpc.worker", "--stdio"]
-
-
-class PopenSession(RPCSession):
-    """A session served by a child process over its stdin/stdout.
-
-    ``binary`` is a path to a server executable, a command list, or the bytes of
-    an executable (written to a temporary file first).
-
-        >>> remote = rpc.PopenSession(rpc.popen_server_command())
-        >>> remote.info["arch"] == os.uname().machine
-        True
-        >>> remote.close()
-    """
-
-    def __init__(self, binary: str | os.PathLike | Sequence[str] | bytes | bytearray, *, key: str = "", session_timeout: float = 0):
-        self._tempfile = None
-        if isinstance(binary, (bytes, bytearray)):
-            fd, path = tempfile.mkstemp(prefix="wb-popen-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(binary)
-            os.chmod(path, stat.S_IRWXU)
-            self._tempfile = path
-            cmd = [path]
-        elif isinstance(binary, (str, os.PathLike)):
-            cmd = [os.fspath(binary)]
-        else:
-            cmd = [os.fspath(part) for part in binary]
-        try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        except OSError as exc:
-            self._remove_tempfile()
-            raise OSError(f"cannot start the server binary {cmd[0]!r}: {exc.strerror or exc}") from None
-        chan = PipeChannel(self._proc.stdout.fileno(), self._proc.stdin.fileno())
-        address = f"popen:{os.path.basename(cmd[0])}[{self._proc.pid}]"
-        try:
-            info = client_handshake(chan, address, key=key, session_timeout=session_timeout, token=os.environ.get(TOKEN_ENV))
-        except BaseException:
-            self._shutdown(self._proc, self._tempfile)
-            raise
-        super().__init__(chan, info, address)
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, PopenSession._shutdown, self._proc, self._tempfile)
-
-    def _lost(self, exc: BaseException) -> RPCError:
-        from .worker import death_notice
-
-        try:
-            code = self._proc.wait(2)
-        except subprocess.TimeoutExpired:
-            return super()._lost(exc)
-        notice = death_notice(code)
-        return SessionCrashedError(notice) if notice else super()._lost(exc)
-
-    def _remove_tempfile(self) -> None:
-        if self._tempfile:
-            os.unlink(self._tempfile)
-
-    @staticmethod
-    def _shutdown(proc: subprocess.Popen, tempfile_path: str | None) -> None:
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if tempfile_path and os.path.exists(tempfile_path):
-            os.unlink(tempfile_path)

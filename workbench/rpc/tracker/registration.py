@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-from ..errors import AuthenticationError, ConnectionClosedError, ProtocolError, RPCError
-from .tracker_wire import Code, TrackerConnection
+from ...errors import AuthenticationError, ConnectionClosedError, ProtocolError, RPCError
+from .wire import Code, TrackerConnection
 
 log = logging.getLogger("workbench.rpc.registration")
 

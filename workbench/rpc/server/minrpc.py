@@ -28,8 +28,8 @@ import time
 import weakref
 from typing import Any, Callable, Sequence
 
-from .handshake import TOKEN_ENV, check_seconds
-from .registration import REGISTRATION_TOKEN_ENV, check_token
+from ..wire.handshake import TOKEN_ENV, check_seconds
+from ..tracker.registration import REGISTRATION_TOKEN_ENV, check_token
 from .server import check_max_sessions
 
 log = logging.getLogger("workbench.rpc.minrpc")
@@ -91,9 +91,9 @@ class MinRPCServer:
         handshake_timeout: float | None = None,
         start_timeout: float = START_TIMEOUT_S,
     ):
-        from ..cc.targets import parse_target
-        from ..native import build_minrpc
-        from ..native.qemu import find_emulator, normalize_triple
+        from ...cc.targets import parse_target
+        from ...native import build_minrpc
+        from ...native.qemu import find_emulator, normalize_triple
 
         self.host = host
         self.key = key or ""
@@ -374,8 +374,8 @@ def with_minrpc(
         >>> cc.build(ADD_ONE_C, target="aarch64-linux-gnu").export_library("prog", fcompile=fcompile)  # doctest: +SKIP
         >>> tvm_lib.export_library("prog", fcompile=with_minrpc("gcc"))          # doctest: +SKIP
     """
-    from ..cc.compiler import _is_compiler_command, _options, create_shared, create_tar
-    from ..native import MINRPC_CFLAGS, MINRPC_LIBS, NATIVE_DIR, build_minrpc, minrpc_sources, resolve_compiler
+    from ...cc.compiler import _is_compiler_command, _options, create_shared, create_tar
+    from ...native import MINRPC_CFLAGS, MINRPC_LIBS, NATIVE_DIR, build_minrpc, minrpc_sources, resolve_compiler
 
     if server not in POPEN_SERVERS:
         raise ValueError(
@@ -399,7 +399,7 @@ def with_minrpc(
         else:
             call = compile_func
     elif isinstance(compile_func, str) and compile_func.strip().lower() == "ndk":
-        from ..cc.targets import ndk_compiler
+        from ...cc.targets import ndk_compiler
 
         cc_command = ndk_compiler()
     elif isinstance(compile_func, str) and _is_compiler_command(compile_func):
@@ -418,7 +418,7 @@ def with_minrpc(
         if call is None:
             return build_minrpc(target, cc=command, objects=[os.fspath(o) for o in objects], output=output,
                                 options=extra)
-        from ..cc.compiler import include_path
+        from ...cc.compiler import include_path
 
         flags = [*MINRPC_CFLAGS, "-I", NATIVE_DIR, "-I", include_path(), *extra, *MINRPC_LIBS]
         result = call(output, [os.fspath(o) for o in objects] + minrpc_sources(), options=flags)

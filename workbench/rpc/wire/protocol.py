@@ -21,11 +21,11 @@ from typing import Any, BinaryIO, Callable
 
 import msgpack
 
-from ..errors import ConnectionClosedError, ProtocolError, TooLargeError
-from ..progress import chunk_slices
+from ...errors import ConnectionClosedError, ProtocolError, TooLargeError
+from ...progress import chunk_slices
 
 try:  # the client's fast path for small requests, in C; a shim built before it lacks it: pure Python then
-    from ..runtime._shim import exchange as _exchange
+    from ...runtime._shim import exchange as _exchange
 except ImportError:  # not built (a tree copied without pip install)
     _exchange = None
 

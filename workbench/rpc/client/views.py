@@ -7,11 +7,11 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..errors import RPCError
-from ..runtime.devices import device_name
+from ...errors import RPCError
+from ...runtime.devices import device_name
 
 if TYPE_CHECKING:
-    from .client import RemoteModule, RPCSession
+    from .session import RemoteModule, RPCSession
 
 _STYLE = "border-collapse:collapse;text-align:left"
 _CELL = "padding:1px 10px 1px 0;text-align:left;vertical-align:top"

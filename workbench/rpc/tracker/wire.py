@@ -14,7 +14,7 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-from ..errors import ConnectionClosedError, ProtocolError
+from ...errors import ConnectionClosedError, ProtocolError
 
 MAGIC = 0x2F271
 MAGIC_BYTES = struct.pack("<i", MAGIC)

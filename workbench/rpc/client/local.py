@@ -1,0 +1,221 @@
+"""Sessions without a network: ``LocalSession`` (in this process) and ``PopenSession`` (a child over pipes).
+
+    >>> remote = rpc.LocalSession()                    # doctest: +SKIP
+    >>> remote = rpc.PopenSession("./minrpc_server")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import weakref
+from typing import Any, Callable, Sequence
+
+from ...errors import ProtocolError, RPCError, SessionCrashedError, code_of, error_from_code
+from ...progress import chunk_slices
+from ..wire.exits import death_notice
+from ..wire.handshake import TOKEN_ENV, client_handshake
+from ..wire.protocol import Channel, Kind, PipeChannel, pack, unpack, write_all
+from .session import Receiver, RPCSession
+
+
+class LocalSession(RPCSession):
+    """The session API served in this process (no network, no worker process).
+
+        >>> remote = rpc.LocalSession()
+        >>> remote.listdir(".")
+        []
+    """
+
+    is_remote = False
+
+    def __init__(self) -> None:
+        from ..server.handler import SessionHandler, device_info  # the serving side, in this process
+
+        self._handler = SessionHandler()
+        super().__init__(_NoChannel(), dict(device_info(), key=""), "local")
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, self._handler.close)
+
+    def _call(self, kind: int, args: list) -> Any:
+        return self._request(kind, args)
+
+    def _request(
+        self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
+        bar: Callable[[int], Any] | None = None,
+    ) -> Any:
+        from ..server.handler import Bulk, Reply, error_text
+
+        with self._lock:
+            self._ensure_open()
+            if self._pending_free:
+                self._handler.handle(Kind.FREE, self._take_frees(), None)
+            incoming = None
+            sending = None
+            if bulk is not None:
+                src = memoryview(bulk).cast("B")
+                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
+                                lambda fd, n: write_all(fd, src))
+            elif file is not None:
+                f, size = file
+                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
+                                lambda fd, n: _copy_file(f.fileno(), fd, n))
+            if bar is not None and incoming is not None:
+                sending = bar(incoming.size)
+            try:
+                if sending is None:
+                    reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+                else:
+                    with sending as update:
+                        if update is not None:  # the same copies, chunk by chunk, each reported
+
+                            def read_into(view: memoryview) -> None:
+                                for part in chunk_slices(len(view), update):
+                                    if bulk is not None:
+                                        view[part] = src[part]
+                                    else:
+                                        _read_fully(f, view[part])
+
+                            def to_fd(fd: int, n: int) -> None:
+                                for part in chunk_slices(n, update):
+                                    if bulk is not None:
+                                        write_all(fd, src[part])
+                                        continue
+                                    offset = part.start
+                                    while offset < part.stop:  # sendfile from successive offsets
+                                        sent = os.sendfile(fd, f.fileno(), offset, part.stop - offset)
+                                        if not sent:
+                                            raise ProtocolError("the file shrank while it was being copied")
+                                        offset += sent
+
+                            incoming = Bulk(incoming.size, read_into, lambda n: None, to_fd)
+                        reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+            except RPCError:
+                raise
+            except Exception as exc:
+                raise error_from_code(code_of(exc), error_text(exc)) from exc
+            if type(reply) is not Reply:
+                value = unpack(pack(reply))
+                if recv is not None:
+                    recv(0, value)
+                return value
+            value = unpack(pack(reply.value))
+            try:
+                if bar is None:
+                    if reply.file is not None:
+                        _read_fully(reply.file[0], recv(reply.file[1], value))
+                    else:
+                        recv(len(reply.bulk), value)[:] = reply.bulk
+                else:
+                    size = reply.file[1] if reply.file is not None else memoryview(reply.bulk).nbytes
+                    with bar(size) as update:
+                        view = recv(size, value)
+                        source = memoryview(reply.bulk).cast("B") if reply.file is None else None
+                        for part in chunk_slices(size, update):  # one piece when there is no bar
+                            if source is None:
+                                _read_fully(reply.file[0], view[part])
+                            else:
+                                view[part] = source[part]
+            finally:
+                if reply.file is not None:
+                    reply.file[0].close()
+            return value
+
+
+def _copy_file(src_fd: int, dst_fd: int, count: int) -> None:
+    offset = 0
+    while offset < count:
+        sent = os.sendfile(dst_fd, src_fd, offset, count - offset)
+        if not sent:
+            raise ProtocolError("the file shrank while it was being copied")
+        offset += sent
+
+
+def _read_fully(f: Any, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise ProtocolError("the file shrank while it was being read")
+        got += n
+
+
+class _NoChannel(Channel):
+    def close(self) -> None:
+        pass
+
+
+def popen_server_command() -> list[str]:
+    """The command of the Python stdio server, a binary for PopenSession."""
+    return [sys.executable, "-m", "workbench.rpc.server.worker", "--stdio"]
+
+
+class PopenSession(RPCSession):
+    """A session served by a child process over its stdin/stdout.
+
+    ``binary`` is a path to a server executable, a command list, or the bytes of
+    an executable (written to a temporary file first).
+
+        >>> remote = rpc.PopenSession(rpc.popen_server_command())
+        >>> remote.info["arch"] == os.uname().machine
+        True
+        >>> remote.close()
+    """
+
+    def __init__(self, binary: str | os.PathLike | Sequence[str] | bytes | bytearray, *, key: str = "", session_timeout: float = 0):
+        self._tempfile = None
+        if isinstance(binary, (bytes, bytearray)):
+            fd, path = tempfile.mkstemp(prefix="wb-popen-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(binary)
+            os.chmod(path, stat.S_IRWXU)
+            self._tempfile = path
+            cmd = [path]
+        elif isinstance(binary, (str, os.PathLike)):
+            cmd = [os.fspath(binary)]
+        else:
+            cmd = [os.fspath(part) for part in binary]
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            self._remove_tempfile()
+            raise OSError(f"cannot start the server binary {cmd[0]!r}: {exc.strerror or exc}") from None
+        chan = PipeChannel(self._proc.stdout.fileno(), self._proc.stdin.fileno())
+        address = f"popen:{os.path.basename(cmd[0])}[{self._proc.pid}]"
+        try:
+            info = client_handshake(chan, address, key=key, session_timeout=session_timeout, token=os.environ.get(TOKEN_ENV))
+        except BaseException:
+            self._shutdown(self._proc, self._tempfile)
+            raise
+        super().__init__(chan, info, address)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, PopenSession._shutdown, self._proc, self._tempfile)
+
+    def _lost(self, exc: BaseException) -> RPCError:
+        try:
+            code = self._proc.wait(2)
+        except subprocess.TimeoutExpired:
+            return super()._lost(exc)
+        notice = death_notice(code)
+        return SessionCrashedError(notice) if notice else super()._lost(exc)
+
+    def _remove_tempfile(self) -> None:
+        if self._tempfile:
+            os.unlink(self._tempfile)
+
+    @staticmethod
+    def _shutdown(proc: subprocess.Popen, tempfile_path: str | None) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if tempfile_path and os.path.exists(tempfile_path):
+            os.unlink(tempfile_path)
