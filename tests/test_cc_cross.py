@@ -16,6 +16,8 @@ import pytest
 
 from workbench import cc
 from workbench.cc import TargetSpec, ToolchainNotFoundError, parse_target
+from workbench.cc.targets import normalize_triple
+from workbench.native.qemu import qemu_key_triple
 
 from .helpers import EM_AARCH64, elf_machine
 
@@ -92,6 +94,51 @@ def test_host_cpu_flags_kept():
 def test_unreadable_targets_say_what_to_write(bad):
     with pytest.raises(ValueError, match="triple"):
         parse_target(bad)
+
+
+# every spelling of a target the code and the docs use (farm keys, build_minrpc, MinRPCServer, cross_compiler,
+# seed 004) -> the Debian triple that names its cross packages
+TRIPLES = [
+    ("aarch64", "aarch64-linux-gnu"), ("arm64", "aarch64-linux-gnu"), (" ARM64 ", "aarch64-linux-gnu"),
+    ("aarch64-linux-gnu", "aarch64-linux-gnu"), ("aarch64-unknown-linux-gnu", "aarch64-linux-gnu"),
+    ("arm64-linux-gnu", "aarch64-linux-gnu"), ("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72", "aarch64-linux-gnu"),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "aarch64-linux-gnu"),
+    ({"kind": "llvm", "mtriple": "arm64"}, "aarch64-linux-gnu"), ("llvm -mtriple=aarch64", "aarch64-linux-gnu"),
+    ("armhf", "arm-linux-gnueabihf"), ("arm", "arm-linux-gnueabihf"), ("armv7", "arm-linux-gnueabihf"),
+    ("armv7l", "arm-linux-gnueabihf"), ("arm-linux-gnueabihf", "arm-linux-gnueabihf"),
+    ("armv7l-linux-gnueabihf", "arm-linux-gnueabihf"), ("armv6l-linux-gnueabihf", "arm-linux-gnueabihf"),
+    ("arm-linux-gnueabi", "arm-linux-gnueabi"),
+    ("llvm -mtriple=armv7l-linux-gnueabihf -mcpu=cortex-a53 -mattr=+neon", "arm-linux-gnueabihf"),
+    ("riscv64", "riscv64-linux-gnu"), ("riscv64-unknown-linux-gnu", "riscv64-linux-gnu"),
+    ("ppc64le", "powerpc64le-linux-gnu"), ("ppc64el", "powerpc64le-linux-gnu"),
+    ("ppc64le-linux-gnu", "powerpc64le-linux-gnu"), ("s390x", "s390x-linux-gnu"),
+    ("x86_64-linux-gnu", "x86_64-linux-gnu"), ("x86_64-pc-linux-gnu", "x86_64-linux-gnu"),
+    ("amd64-linux-gnu", "x86_64-linux-gnu"), ("i386-linux-gnu", "i686-linux-gnu"),
+    ("aarch64-linux-android", "aarch64-linux-android"), ("arm64-linux-android", "aarch64-linux-android"),
+]
+
+
+@pytest.mark.parametrize("target,triple", TRIPLES, ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v))
+def test_one_normaliser_for_targets_boards_and_farm_keys(target, triple):
+    assert normalize_triple(target) == triple
+    assert normalize_triple(triple) == triple  # its answers are fixed points
+    if isinstance(target, str) and " " not in target.strip():
+        assert qemu_key_triple(target.strip() + "-qemu") == triple  # a farm key names the same board
+
+
+@pytest.mark.parametrize("target", ["host", "HOST", "llvm", "c", None, {"kind": "llvm"}, "llvm -mcpu=native"])
+def test_normaliser_host_forms_are_this_machines_triple(target):
+    assert normalize_triple(target) == normalize_triple(cc.target_triple()) == HOST
+    assert "-pc-" not in HOST and "-unknown-" not in HOST
+
+
+@pytest.mark.parametrize("bad", ["x86_64", "amd64", "x86", "i686", "not a target", "llvm -mtriple=bad!"])
+def test_normaliser_refuses_what_is_no_target(bad):
+    with pytest.raises(ValueError, match="triple"):
+        normalize_triple(bad)
+    if " " not in bad:
+        with pytest.raises(ValueError, match=f"farm key '{bad}-qemu'"):
+            qemu_key_triple(bad + "-qemu")
 
 
 def test_target_spec_is_public_and_typed():

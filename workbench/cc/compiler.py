@@ -7,9 +7,7 @@
 """
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -18,33 +16,15 @@ import tarfile
 import tempfile
 from typing import Any, Callable, Sequence
 
+# target_triple and _compiler live in .targets (the lower layer) and are re-exported here, where callers import them
+from .targets import _compiler, dump_machine, ndk_compiler, parse_target, target_triple
+
 COMPILE_TIMEOUT_S = 300
-
-
-@functools.lru_cache(maxsize=None)
-def target_triple(cc: str | None = None) -> str:
-    """This machine's target triple, as its C compiler names it (``gcc -dumpmachine``)."""
-    try:
-        proc = subprocess.run(_compiler(cc) + ["-dumpmachine"], capture_output=True, text=True, timeout=10)
-        if proc.returncode == 0 and proc.stdout.strip():
-            return proc.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return f"{platform.machine()}-{platform.system().lower()}-gnu"
 
 
 def include_path() -> str:
     """The directory holding ``workbench_kernel.h``."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "include")
-
-
-def _compiler(cc: str | None) -> list[str]:
-    cmd = shlex.split(cc or os.environ.get("CC") or "cc")
-    if not shutil.which(cmd[0]):
-        raise FileNotFoundError(
-            f"C compiler {cmd[0]!r} not found: install gcc (apt-get install gcc) or pass cc='...'"
-        )
-    return cmd
 
 
 def _run(cmd: list[str]) -> None:
@@ -140,8 +120,6 @@ def create_ndk_shared(
         >>> os.environ["WORKBENCH_NDK_CC"] = "$NDK/.../aarch64-linux-android21-clang"   # doctest: +SKIP
         >>> create_ndk_shared("lib.so", ["add_one.c"])                                    # doctest: +SKIP
     """
-    from .targets import ndk_compiler
-
     return create_shared(output, objects_or_sources, ["-lm"] + _options(options), cc=shlex.join(ndk_compiler()))
 
 
@@ -169,8 +147,6 @@ def cross_compiler(
         'so'
         >>> tvm_module.export_library("lib.so", fcompile=fcompile)         # doctest: +SKIP
     """
-    from .targets import dump_machine, ndk_compiler, parse_target
-
     if output_format not in (None, "so", "tar"):
         raise ValueError(f"output_format must be 'so' or 'tar', not {output_format!r}")
     base = _options(options)

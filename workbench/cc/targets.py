@@ -9,11 +9,19 @@ TVM's old CLI string (``"llvm -mtriple=armv7l-linux-gnueabihf -mcpu=cortex-a53
     >>> spec = parse_target("llvm -mtriple=armv7l-linux-gnueabihf -mcpu=cortex-a53 -mattr=+neon")
     >>> spec.compiler, spec.flags, spec.package
     ('arm-linux-gnueabihf-gcc', ('-mcpu=cortex-a53', '-mfpu=neon'), 'gcc-arm-linux-gnueabihf')
+
+:func:`normalize_triple` is the one place a target (or a short architecture
+name such as ``"arm64"`` or ``"armhf"``) becomes the Debian triple that names
+its cross packages; the emulated boards (``workbench.native.qemu``) use it too.
+This module is the bottom of ``workbench.cc``: it imports nothing else of
+workbench (``compiler`` imports it, not the other way round).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -21,15 +29,44 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .compiler import target_triple
-
 NDK_ENV_VARS = ("WORKBENCH_NDK_CC", "TVM_NDK_CC")
 _TRIPLE_RE = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+){1,3}")
 _HOST_WORDS = {"", "host", "llvm", "c", "native", "cpu"}
+# short names (Debian architecture names, the arch part of a triple) -> Debian triple; a farm key
+# "<name>-qemu" ("aarch64-qemu", "armhf-qemu") and any target or mtriple may use them
+ARCH_ALIASES = {
+    "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu",
+    "armhf": "arm-linux-gnueabihf", "arm": "arm-linux-gnueabihf", "armv7": "arm-linux-gnueabihf",
+    "armv7l": "arm-linux-gnueabihf",
+    "riscv64": "riscv64-linux-gnu", "ppc64le": "powerpc64le-linux-gnu", "ppc64el": "powerpc64le-linux-gnu",
+    "s390x": "s390x-linux-gnu",
+}
 
 
 class ToolchainNotFoundError(RuntimeError):
     """No compiler on this machine builds for the requested target."""
+
+
+def _compiler(cc: str | None) -> list[str]:
+    """The C compiler command ``cc`` (default ``$CC`` or ``cc``); FileNotFoundError if it is not installed."""
+    cmd = shlex.split(cc or os.environ.get("CC") or "cc")
+    if not shutil.which(cmd[0]):
+        raise FileNotFoundError(
+            f"C compiler {cmd[0]!r} not found: install gcc (apt-get install gcc) or pass cc='...'"
+        )
+    return cmd
+
+
+@functools.lru_cache(maxsize=None)
+def target_triple(cc: str | None = None) -> str:
+    """This machine's target triple, as its C compiler names it (``gcc -dumpmachine``)."""
+    try:
+        proc = subprocess.run(_compiler(cc) + ["-dumpmachine"], capture_output=True, text=True, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"{platform.machine()}-{platform.system().lower()}-gnu"
 
 
 @dataclass(frozen=True)
@@ -114,6 +151,20 @@ def parse_target(target: Any = None) -> TargetSpec:
     return TargetSpec(triple, f"{triple}-gcc", flags, False, f"gcc-{triple.replace('_', '-')}")
 
 
+def normalize_triple(target: Any = None) -> str:
+    """The Debian triple (the one its cross packages are named by) of anything :func:`parse_target` reads, or of
+    a short architecture name (``"aarch64"``, ``"arm64"``, ``"armhf"``, ``"armv7l"``, ``"riscv64"``, ...).
+
+    ``"host"``, ``"llvm"``, ``None`` give this machine's triple; ValueError for what is not a target.
+
+        >>> normalize_triple("arm64"), normalize_triple("aarch64-unknown-linux-gnu")
+        ('aarch64-linux-gnu', 'aarch64-linux-gnu')
+        >>> normalize_triple("armhf"), normalize_triple("llvm -mtriple=armv7l-linux-gnueabihf")
+        ('arm-linux-gnueabihf', 'arm-linux-gnueabihf')
+    """
+    return parse_target(target).triple
+
+
 def _attributes(target: Any) -> dict[str, Any]:
     """The target's llvm attributes (mtriple, mcpu, mattr) from any accepted form."""
     if target is None:
@@ -142,7 +193,7 @@ def _attributes(target: Any) -> dict[str, Any]:
                 continue
             attrs[key] = value if sep else True
         return attrs
-    if len(words) == 1 and _TRIPLE_RE.fullmatch(text):
+    if len(words) == 1 and (_TRIPLE_RE.fullmatch(text) or text.lower() in ARCH_ALIASES):
         return {"mtriple": text}
     raise ValueError(
         f"cannot read target {target!r}: write a triple ('aarch64-linux-gnu'), a TVM target "
@@ -159,7 +210,11 @@ def _arch_os(triple: str) -> tuple[str, ...]:
 
 
 def _normalize(triple: str) -> str:
-    """LLVM's spelling of a triple -> the Debian multiarch triple its cross gcc is named by."""
+    """LLVM's spelling of a triple (or a short name of :data:`ARCH_ALIASES`) -> the Debian multiarch triple its
+    cross gcc is named by."""
+    alias = ARCH_ALIASES.get(triple.strip().lower())
+    if alias is not None:
+        return alias
     if not _TRIPLE_RE.fullmatch(triple.strip()):
         raise ValueError(f"{triple!r} is not a target triple (e.g. aarch64-linux-gnu)")
     arch, *rest = _arch_os(triple)

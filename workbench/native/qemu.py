@@ -20,7 +20,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from ..cc.targets import ToolchainNotFoundError
+# the one target normaliser (and its short names) is the toolchain's; re-exported here for existing callers
+from ..cc.targets import ToolchainNotFoundError, normalize_triple
 
 # arch (as the first part of a Debian triple) -> (qemu-user program, Debian architecture name)
 QEMU_ARCHES = {
@@ -29,14 +30,6 @@ QEMU_ARCHES = {
     "riscv64": ("qemu-riscv64", "riscv64"),
     "powerpc64le": ("qemu-ppc64le", "ppc64el"),
     "s390x": ("qemu-s390x", "s390x"),
-}
-# short names a farm key may use ("aarch64-qemu", "armhf-qemu") -> Debian triple
-ARCH_ALIASES = {
-    "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu",
-    "armhf": "arm-linux-gnueabihf", "arm": "arm-linux-gnueabihf", "armv7": "arm-linux-gnueabihf",
-    "armv7l": "arm-linux-gnueabihf",
-    "riscv64": "riscv64-linux-gnu", "ppc64le": "powerpc64le-linux-gnu", "ppc64el": "powerpc64le-linux-gnu",
-    "s390x": "s390x-linux-gnu",
 }
 QEMU_KEY_SUFFIX = "-qemu"
 
@@ -69,7 +62,7 @@ class Emulator:
 
 
 def qemu_key_triple(key: str) -> str | None:
-    """The triple a farm key of the form ``<triple-or-arch>-qemu`` names, else None.
+    """The triple a farm key of the form ``<triple-or-arch>-qemu`` names (by :func:`normalize_triple`), else None.
 
         >>> qemu_key_triple("aarch64-qemu"), qemu_key_triple("arm-linux-gnueabihf-qemu"), qemu_key_triple("local")
         ('aarch64-linux-gnu', 'arm-linux-gnueabihf', None)
@@ -82,19 +75,6 @@ def qemu_key_triple(key: str) -> str | None:
     except ValueError:
         raise ValueError(f"farm key {key!r}: {name!r} is not an architecture or triple; write e.g. aarch64-qemu, "
                          "armhf-qemu or aarch64-linux-gnu-qemu") from None
-
-
-def normalize_triple(target: Any) -> str:
-    """``"aarch64"``, ``"arm64"``, ``"armhf"``, a triple or a TVM target as the Debian triple of its cross packages.
-
-        >>> normalize_triple("arm64"), normalize_triple("llvm -mtriple=armv7l-linux-gnueabihf")
-        ('aarch64-linux-gnu', 'arm-linux-gnueabihf')
-    """
-    from ..cc.targets import parse_target
-
-    if isinstance(target, str) and target.strip().lower() in ARCH_ALIASES:
-        return ARCH_ALIASES[target.strip().lower()]
-    return parse_target(target).triple
 
 
 def packages_for(triple: str) -> dict[str, str]:
