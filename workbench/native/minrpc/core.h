@@ -39,11 +39,13 @@ enum {
 
 /* Exit statuses of a worker (the session process learns a clean end from shared memory, not from these). */
 #define MR_EXIT_LOST 89 /* the session's connection was closed under the worker (by the code it ran) */
-/* How a stdio server exits (as python -m workbench.rpc.worker --stdio): PopenSession reads 86 as "the session
+/* How a stdio server exits (as python -m workbench.rpc.server.worker --stdio): PopenSession reads 86 as "the session
    ended, nothing to report", where any other status of a server that went away is reported as its death. */
 #define MR_EXIT_STDIO_DONE 86
 
 /* ---- configuration (main.c) ---------------------------------------------------------------------- */
+/* The options main.c parses; it keeps the one instance to itself and hands the session a pointer
+   (mr_session_args.cfg), which passes it on to the worker (mr_worker_run). */
 typedef struct {
     const char* host;
     int port, port_end;
@@ -62,7 +64,11 @@ typedef struct {
     const char* target;
 } mr_config;
 
-extern mr_config mr_cfg;
+/* The one global the units share: set by the SIGTERM/SIGINT handlers (the listener's in main.c, a session
+   process's in session.c), which can reach nothing but a static flag, and checked by the listener loop, the
+   session's handshake and supervision, and conn.c's blocking reads (which give up with EINTR once it is set).
+   Defined in main.c. */
+extern volatile sig_atomic_t mr_terminate;
 
 /* Log one line to stderr ("minrpc[pid]: ..."); info lines are dropped with --silent. */
 void mr_log_info(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -146,6 +152,7 @@ void mr_throttle_succeeded(mr_throttle* t, const uint8_t addr[16]);
 /* ---- session.c ------------------------------------------------------------------------------------ */
 /* What the listener hands a session process. */
 typedef struct {
+    const mr_config* cfg;  /* the server's options */
     const char* peer;      /* "127.0.0.1:5555" or "stdio" */
     mr_throttle* throttle; /* NULL: no throttling (stdio, no token) */
     uint8_t addr[16];      /* the client's address (IPv4 as ::ffff:a.b.c.d), for the throttle */
@@ -157,9 +164,6 @@ typedef struct {
 /* Run one session on rfd/wfd in this (session) process; returns the process exit status. */
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args);
 
-/* Set by SIGTERM/SIGINT handlers; session and listener loops check it. */
-extern volatile sig_atomic_t mr_terminate;
-
 /* ---- requests.c ------------------------------------------------------------------------------------ */
 /* Memory shared between a session process and its worker. */
 typedef struct {
@@ -168,11 +172,13 @@ typedef struct {
     volatile unsigned long activity; /* odd: waiting for a request; even: serving one */
 } mr_shared;
 
-/* The worker: send the OK with `info_extra` (the server proof or NULL), then serve requests until the client
-   leaves. Returns when the session ends on purpose (the caller sets shared->ended and exits). */
-void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, double session_timeout, const uint8_t* proof);
+/* The worker: send the OK with `proof` (the server proof or NULL), then serve requests until the client
+   leaves; `cfg` gives the key and target of the session info and the --cc of .tar links. Returns when the
+   session ends on purpose (the caller sets shared->ended and exits). */
+void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_config* cfg, double session_timeout,
+                   const uint8_t* proof);
 
 /* The session info map of the OK reply (devices, arch, ...), with `pid`. */
-void mr_put_session_info(mp_buf* b, double session_timeout, const uint8_t* proof);
+void mr_put_session_info(mp_buf* b, const mr_config* cfg, double session_timeout, const uint8_t* proof);
 
 #endif

@@ -31,8 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
-mr_config mr_cfg;
-volatile sig_atomic_t mr_terminate;
+static mr_config mr_cfg; /* the options: sessions get a pointer to it (mr_session_args.cfg) */
+volatile sig_atomic_t mr_terminate; /* (core.h says why it is global) */
 
 /* ---- shared helpers -------------------------------------------------------------------------------- */
 /* (mr_fail, minrpc.h's error setter, lives in elf.c) */
@@ -76,7 +76,7 @@ static const char USAGE[] =
     "minrpc: a small native rpc-workbench session server (docs/protocol.md, version 1).\n"
     "\n"
     "With no arguments, or --stdio, serve one session on stdin/stdout (workbench.rpc.PopenSession), then exit\n"
-    "with status 86 (as python -m workbench.rpc.worker --stdio: the session ended, nothing to report).\n"
+    "with status 86 (as python -m workbench.rpc.server.worker --stdio: the session ended, nothing to report).\n"
     "Otherwise listen on TCP and print one line, \"minrpc listening on HOST:PORT\".\n"
     "\n"
     "  --host H               address to bind (default 127.0.0.1)\n"
@@ -432,6 +432,7 @@ static void start_session(int fd, const struct sockaddr_storage* addr, int liste
         fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
         mr_session_args args;
         memset(&args, 0, sizeof(args));
+        args.cfg = &mr_cfg;
         args.peer = peer;
         args.throttle = throttle;
         if (addr->ss_family == AF_INET) { /* as ::ffff:a.b.c.d */
@@ -660,6 +661,7 @@ int main(int argc, char** argv) {
         fcntl(out, F_SETFD, FD_CLOEXEC);
         mr_session_args args;
         memset(&args, 0, sizeof(args));
+        args.cfg = &mr_cfg;
         args.peer = "stdio";
         args.status_fd = -1;
         mr_session_main(0, out, 0, &args);

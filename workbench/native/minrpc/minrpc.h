@@ -165,7 +165,7 @@ const char* mr_find_cc(const char* preferred);
 
 /* ---- tracker.c -------------------------------------------------------------- */
 /*
- * Registration with a tracker (TVM wire format, DESIGN.md; workbench/rpc/registration.py does the same in
+ * Registration with a tracker (TVM wire format, DESIGN.md; workbench/rpc/tracker/registration.py does the same in
  * Python): connect, prove the registration token if given ([100] / [101, hex proof]), UPDATE_INFO with
  * `{"key": "server:<key>", "addr": [custom_addr or null, port], "devices": [[1, 0]], "arch": ...,
  * "system": "Linux", "cpu_count": n, "pid": n, "target": triple, "server": "minrpc"}`,

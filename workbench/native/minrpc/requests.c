@@ -5,7 +5,7 @@
  * its session. It owns the session's objects: tensors (page-aligned, zero-filled anonymous memory),
  * modules (dlopen'ed private copies) and functions (kernels, or the registered functions below), named by
  * handles whose ids come from one counter and are never reused. Error texts are those of the Python
- * server (workbench/rpc/handler.py and the runtime modules it calls), so clients see the same messages.
+ * server (workbench/rpc/server/handler.py and the runtime modules it calls), so clients see the same messages.
  *
  * The hot path (an empty CALL) does no allocation: the control part is parsed into an arena reset after
  * each request, the reply is built in one reused buffer and sent with one write.
@@ -103,6 +103,7 @@ typedef struct {
 } mr_slot;
 
 static struct {
+    const mr_config* cfg;
     mr_conn* c;
     mr_workspace* ws;
     mr_shared* shared;
@@ -286,7 +287,7 @@ static int bulk_drop(void) {
 }
 
 /* ---- the session info (the handshake's OK) --------------------------------------------------------- */
-void mr_put_session_info(mp_buf* b, double session_timeout, const uint8_t* proof) {
+void mr_put_session_info(mp_buf* b, const mr_config* cfg, double session_timeout, const uint8_t* proof) {
     struct utsname u;
     if (uname(&u) != 0) strcpy(u.machine, "unknown");
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -305,9 +306,9 @@ void mr_put_session_info(mp_buf* b, double session_timeout, const uint8_t* proof
     mp_put_cstr(b, "pid");
     mp_put_int(b, getpid());
     mp_put_cstr(b, "target");
-    mp_put_cstr(b, mr_cfg.target);
+    mp_put_cstr(b, cfg->target);
     mp_put_cstr(b, "key");
-    mp_put_cstr(b, mr_cfg.key);
+    mp_put_cstr(b, cfg->key);
     mp_put_cstr(b, "session_timeout");
     mp_put_float(b, session_timeout);
     mp_put_cstr(b, "server");
@@ -592,7 +593,7 @@ static int module_reply(mr_module* m, mr_error* err) {
 
 /* Link the .tar at `tar` (client name `name`) into a new private .so; returns its path (malloc'ed) or NULL. */
 static char* link_tar(const char* tar, const char* name, const char* so_name, mr_error* err) {
-    const char* cc = mr_find_cc(mr_cfg.cc);
+    const char* cc = mr_find_cc(S.cfg->cc);
     if (!cc) {
         mr_fail(err, MR_UNSUPPORTED, "this device has no C compiler to link a .tar module: install gcc on the device, "
                                      "or cross-compile and upload a .so instead");
@@ -1410,8 +1411,10 @@ static int send_error_closing(int code, const char* msg) {
     return rc;
 }
 
-void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, double session_timeout, const uint8_t* proof) {
+void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_config* cfg, double session_timeout,
+                   const uint8_t* proof) {
     memset(&S, 0, sizeof(S));
+    S.cfg = cfg;
     S.c = c;
     S.ws = ws;
     S.shared = shared;
@@ -1419,7 +1422,7 @@ void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, double sessi
     static mr_error err; /* 4 KiB: kept out of the stack of kernels */
 
     conn_begin(c);
-    mr_put_session_info(&c->out, session_timeout, proof);
+    mr_put_session_info(&c->out, cfg, session_timeout, proof);
     shared->sending = 1;
     int rc = conn_finish(c, K_OK, NULL, 0);
     shared->sending = 0;

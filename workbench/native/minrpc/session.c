@@ -120,9 +120,10 @@ static void death_notice(int status, char* out, size_t cap) {
              "connect again to go on", what);
 }
 
-/* CONNECT's checks (workbench/rpc/handshake.py check_connect, in that order). 0 and the options, or refused. */
+/* CONNECT's checks (workbench/rpc/wire/handshake.py check_connect, in that order). 0 and the options, or refused. */
 static int check_connect(handshake* hs, int kind, const mp_node* opts, const uint8_t* nonce,
                          const mr_session_args* args, double* timeout, uint8_t* server_proof, int* has_proof) {
+    const mr_config* cfg = args->cfg;
     const char* matchkey = args->matchkey;
     char a[300], b[300];
     *has_proof = 0;
@@ -132,7 +133,7 @@ static int check_connect(handshake* hs, int kind, const mp_node* opts, const uin
                                     "proxy (python -m workbench.exec.rpc_proxy), not to a server" : "");
         return -1;
     }
-    if (mr_cfg.token) {
+    if (cfg->token) {
         const mp_node* proof = mp_map_get(opts, "proof");
         int missing = !proof || proof->type == MP_NIL || ((proof->type == MP_BIN || proof->type == MP_STR) && !proof->len) ||
                       ((proof->type == MP_BOOL || proof->type == MP_INT) && proof->v.i == 0);
@@ -142,7 +143,7 @@ static int check_connect(handshake* hs, int kind, const mp_node* opts, const uin
             return -1;
         }
         uint8_t expected[32];
-        mr_hmac_sha256(mr_cfg.token, strlen(mr_cfg.token), "workbench-rpc-v1", 16, nonce, MR_NONCE, expected);
+        mr_hmac_sha256(cfg->token, strlen(cfg->token), "workbench-rpc-v1", 16, nonce, MR_NONCE, expected);
         if (proof->type != MP_BIN || proof->len != 32 || !mr_equal_ct((const uint8_t*)proof->v.s, expected, 32)) {
             char more[128] = "";
             if (args->throttle) {
@@ -167,7 +168,7 @@ static int check_connect(handshake* hs, int kind, const mp_node* opts, const uin
             uint8_t both[2 * MR_NONCE];
             memcpy(both, nonce, MR_NONCE);
             memcpy(both + MR_NONCE, cnonce->v.s, MR_NONCE);
-            mr_hmac_sha256(mr_cfg.token, strlen(mr_cfg.token), "workbench-rpc-v1-server", 23, both, sizeof(both),
+            mr_hmac_sha256(cfg->token, strlen(cfg->token), "workbench-rpc-v1-server", 23, both, sizeof(both),
                            server_proof);
             *has_proof = 1;
         }
@@ -184,17 +185,17 @@ static int check_connect(handshake* hs, int kind, const mp_node* opts, const uin
         }
         client_key = key->v.s;
     }
-    py_repr_str(mr_cfg.key, strlen(mr_cfg.key), a, sizeof(a));
+    py_repr_str(cfg->key, strlen(cfg->key), a, sizeof(a));
     if (matchkey) {
         if (strcmp(client_key, matchkey) != 0) {
             refuse(hs, MR_KEY_MISMATCH, "this server of key %s is handed out by a tracker: request it with "
                    "rpc.connect_tracker(host, port).request(%s)", a, a);
             return -1;
         }
-    } else if (*mr_cfg.key && *client_key) {
+    } else if (*cfg->key && *client_key) {
         const char* colon = strchr(client_key, ':');
         size_t n = colon ? (size_t)(colon - client_key) : strlen(client_key);
-        if (n != strlen(mr_cfg.key) || strncmp(client_key, mr_cfg.key, n) != 0) {
+        if (n != strlen(cfg->key) || strncmp(client_key, cfg->key, n) != 0) {
             refuse(hs, MR_KEY_MISMATCH, "this server serves key %s, the client asked for %s", a,
                    py_repr_str(client_key, strlen(client_key), b, sizeof(b)));
             return -1;
@@ -242,8 +243,9 @@ static int check_connect(handshake* hs, int kind, const mp_node* opts, const uin
 /* Read the preamble and CONNECT under the handshake deadline; returns 0 with the session's options. */
 static int run_handshake(handshake* hs, const mr_session_args* args, double* timeout, uint8_t* proof, int* has_proof,
                          mp_arena* arena) {
+    const mr_config* cfg = args->cfg;
     mr_conn* c = hs->c;
-    c->deadline_ns = mr_now_ns() + (int64_t)(mr_cfg.handshake_timeout * 1e9);
+    c->deadline_ns = mr_now_ns() + (int64_t)(cfg->handshake_timeout * 1e9);
     if (conn_fill(c, 8)) return -1; /* not even a preamble: nothing to say */
     uint8_t pre[8];
     memcpy(pre, c->buf + c->start, 8);
@@ -281,7 +283,7 @@ static int run_handshake(handshake* hs, const mr_session_args* args, double* tim
     mp_put_cstr(&c->out, "nonce");
     mp_put_bin(&c->out, nonce, MR_NONCE);
     mp_put_cstr(&c->out, "auth");
-    mp_put_bool(&c->out, mr_cfg.token != NULL);
+    mp_put_bool(&c->out, cfg->token != NULL);
     if (conn_finish(c, K_HELLO, NULL, 0)) return -1;
     /* CONNECT */
     if (conn_fill(c, MR_HEADER)) goto io_failed;
@@ -320,7 +322,7 @@ static int run_handshake(handshake* hs, const mr_session_args* args, double* tim
         return -1;
     }
     if (bulk_len && conn_discard(c, bulk_len)) goto io_failed; /* a bulk part on CONNECT means nothing */
-    if (mr_cfg.token && args->throttle) { /* after wrong proofs from this address, CONNECTs wait their turn */
+    if (cfg->token && args->throttle) { /* after wrong proofs from this address, CONNECTs wait their turn */
         int64_t turn;
         while ((turn = mr_throttle_turn(args->throttle, args->addr)) != 0) {
             if (turn > c->deadline_ns || mr_terminate) {
@@ -337,7 +339,7 @@ static int run_handshake(handshake* hs, const mr_session_args* args, double* tim
 io_failed:
     if (c->err == ETIMEDOUT)
         refuse(hs, MR_PROTOCOL, "the handshake did not complete within %g s (the server's handshake_timeout); "
-               "closing this connection", mr_cfg.handshake_timeout);
+               "closing this connection", cfg->handshake_timeout);
     return -1;
 }
 
@@ -356,6 +358,7 @@ static void kill_worker(pid_t pid, int* status) {
 }
 
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args) {
+    const mr_config* cfg = args->cfg;
     mr_conn c;
     conn_init(&c, rfd, wfd, is_socket);
     if (pipe(self_pipe) == 0) {
@@ -383,7 +386,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     /* max_sessions (the listener counts sessions in shared memory; with a tracker, one at a time) */
     int counted = 0;
     if (args->sessions) {
-        int limit = mr_cfg.tracker_host ? 1 : mr_cfg.max_sessions;
+        int limit = cfg->tracker_host ? 1 : cfg->max_sessions;
         int running = __atomic_fetch_add(args->sessions, 1, __ATOMIC_SEQ_CST);
         if (running >= limit) {
             __atomic_fetch_sub(args->sessions, 1, __ATOMIC_SEQ_CST);
@@ -433,7 +436,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         close(self_pipe[1]);
         if (args->status_fd >= 0) close(args->status_fd);
         setvbuf(stderr, NULL, _IOLBF, 0);
-        mr_worker_run(&c, &ws, shared, timeout, has_proof ? proof : NULL);
+        mr_worker_run(&c, &ws, shared, cfg, timeout, has_proof ? proof : NULL);
         shared->ended = 1; /* the session ended on purpose: nothing to report */
         _exit(0);
     }
@@ -442,7 +445,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     /* supervise the worker */
     int64_t start = mr_now_ns();
     int64_t session_deadline = timeout > 0 ? start + (int64_t)(timeout * 1e9) : 0;
-    int64_t idle_ns = mr_cfg.idle_timeout > 0 ? (int64_t)(mr_cfg.idle_timeout * 1e9) : 0;
+    int64_t idle_ns = cfg->idle_timeout > 0 ? (int64_t)(cfg->idle_timeout * 1e9) : 0;
     unsigned long seen = (unsigned long)-1;
     int64_t since = start;
     int watch_conn = 1, hung_up = 0;
@@ -473,7 +476,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             kill_worker(pid, &status);
             notice_code = MR_SESSION_TIMEOUT;
             snprintf(notice, sizeof(notice), "the session was idle for %g s (the server's idle_timeout) and the server "
-                     "ended it: connect again", mr_cfg.idle_timeout);
+                     "ended it: connect again", cfg->idle_timeout);
             break;
         }
         if (hung_up) { /* the client is gone: a worker busy with the same request twice in a row is stopped */

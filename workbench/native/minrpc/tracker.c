@@ -1,5 +1,5 @@
 /*
- * tracker.c: minrpc's registration with a tracker (TVM's wire format; workbench/rpc/registration.py does the
+ * tracker.c: minrpc's registration with a tracker (TVM's wire format; workbench/rpc/tracker/registration.py does the
  * same for the Python server, and this file follows it).
  *
  * The wire (DESIGN.md): the client sends the magic 0x2F271 as an int32 little-endian, the tracker echoes it;
