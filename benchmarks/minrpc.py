@@ -52,8 +52,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-MIB = 1 << 20
-HOST = "127.0.0.1"
+if __package__:
+    from . import harness
+else:  # run as a script: this directory is sys.path[0]
+    import harness
+
 RSS_TARGET_MB = 2.0
 TE_TARGET_US = 1.0
 BULK_TARGET = 0.5
@@ -71,22 +74,13 @@ WB_KERNEL(add_one) {
 SIDES = ("minrpc", "python", "tvm")
 
 
-def _run_module() -> Any:
-    """benchmarks/run.py (its process, pinning and native helpers), imported late: it imports this module."""
-    if __package__:
-        from . import run
-    else:
-        import run
-    return run
-
-
 @dataclass(frozen=True)
 class MinRPCConfig:
     runs: int = 5  # fresh starts for RSS; rounds of time_evaluator
     call_rounds: int = 10  # interleaved rounds of call blocks, per placement
     call_block: int = 200  # calls per block
     call_warmup: int = 200
-    bulk_bytes: int = 64 * MIB
+    bulk_bytes: int = 64 * harness.MIB
     bulk_rounds: int = 5
     bulk_block: int = 2
     te_number: int = 1000
@@ -99,8 +93,8 @@ class MinRPCConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "MinRPCConfig":
-        values = dict(runs=3, call_rounds=4, call_block=100, call_warmup=50, bulk_bytes=8 * MIB, bulk_rounds=2,
-                      bulk_block=1, te_repeat=3, board_runs=2, budget_s=150.0)
+        values = dict(runs=3, call_rounds=4, call_block=100, call_warmup=50, bulk_bytes=8 * harness.MIB,
+                      bulk_rounds=2, bulk_block=1, te_repeat=3, board_runs=2, budget_s=150.0)
         values.update(overrides)
         return cls(**values)
 
@@ -247,8 +241,6 @@ class Servers:
     def __init__(self, cfg: MinRPCConfig, figures: Figures, scratch: str):
         from workbench import rpc
 
-        run = _run_module()
-        self.run = run
         self.servers: list[Any] = []
         self.sessions: dict[str, Any] = {}
         self.nop: dict[str, Any] = {}
@@ -260,16 +252,16 @@ class Servers:
         self.python = rpc.Server(port=0, silent=True)
         self.servers.append(self.python)
         for side, server in (("minrpc", self.minrpc), ("python", self.python)):
-            remote = rpc.connect(HOST, server.port)
+            remote = rpc.connect(harness.HOST, server.port)
             self._load(side, remote)
         self.tvm = None
         if cfg.tvm:
             with figures.attempt(("calls_pinned", "calls_split", "te"), ("tvm",)):
                 tvm = tvm_module()
                 figures.facts["tvm_version"] = tvm.__version__
-                self.tvm = run.start_tvm_server(tvm, scratch)
+                self.tvm = harness.start_tvm_server(tvm, scratch)
                 self.servers.append(self.tvm)
-                remote = tvm.rpc.connect(HOST, self.tvm.port)
+                remote = tvm.rpc.connect(harness.HOST, self.tvm.port)
                 self.sessions["tvm"] = remote
                 self.devs["tvm"] = remote.cpu(0)
                 remote.upload(self.nop_so)
@@ -291,7 +283,7 @@ class Servers:
         two system calls of any client; the Python client's encoding and decoding are left out."""
         import subprocess
 
-        from workbench.rpc.protocol import HEADER, Kind, pack
+        from workbench.rpc.wire.protocol import HEADER, Kind, pack
 
         if self.c_program is None:
             self.c_program = build_c_client(scratch)
@@ -326,7 +318,6 @@ def measure_rss(cfg: MinRPCConfig, figures: Figures, scratch: str, deadline: Dea
     """VmRSS of each server's listening process after one session came and went, over fresh starts."""
     from workbench import rpc
 
-    run = _run_module()
     tvm = None
     if cfg.tvm:
         with figures.attempt(("rss",), ("tvm",)):
@@ -334,26 +325,26 @@ def measure_rss(cfg: MinRPCConfig, figures: Figures, scratch: str, deadline: Dea
 
     def minrpc() -> float:
         with rpc.MinRPCServer(port=0) as server:
-            with rpc.connect(HOST, server.port) as remote:
+            with rpc.connect(harness.HOST, server.port) as remote:
                 remote.ping()
-            run.wait_until(lambda: not run.descendants(server.pid), run.IDLE_WAIT_S)
+            harness.wait_until(lambda: not harness.descendants(server.pid), harness.IDLE_WAIT_S)
             return vm_rss_mb(server.pid)
 
     def python() -> float:
         with rpc.Server(port=0, silent=True) as server:
-            with rpc.connect(HOST, server.port) as remote:
+            with rpc.connect(harness.HOST, server.port) as remote:
                 remote.ping()
-            run.wait_until(lambda: not run.descendants(server.pid), run.IDLE_WAIT_S)
+            harness.wait_until(lambda: not harness.descendants(server.pid), harness.IDLE_WAIT_S)
             return vm_rss_mb(server.pid)
 
     def tvm_side() -> float:
-        server = run.start_tvm_server(tvm, scratch)
+        server = harness.start_tvm_server(tvm, scratch)
         try:
-            remote = tvm.rpc.connect(HOST, server.port)
+            remote = tvm.rpc.connect(harness.HOST, server.port)
             remote.cpu(0)
             del remote
             pid = server.proc._proc.pid  # the PopenWorker process that listens
-            run.wait_until(lambda: not run.descendants(pid), run.IDLE_WAIT_S)
+            harness.wait_until(lambda: not harness.descendants(pid), harness.IDLE_WAIT_S)
             time.sleep(0.1)
             return vm_rss_mb(pid)
         finally:
@@ -366,14 +357,13 @@ def measure_rss(cfg: MinRPCConfig, figures: Figures, scratch: str, deadline: Dea
     for i in range(cfg.runs):
         deadline.check("the RSS runs")
         for side, measure in measures.items():
-            with figures.attempt(("rss",), (side,)), run.owned():
+            with figures.attempt(("rss",), (side,)), harness.owned():
                 figures.add("rss", side, measure())
 
 
 def measure_calls(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: Any, deadline: Deadline,
                   scratch: str) -> None:
     """Empty-call round trips, interleaved, pinned to one CPU and across two."""
-    run = servers.run
     sides = [s for s in SIDES if s in servers.sessions]
     wire: dict[str, Callable[[int, int, int | None], list[float]]] = {}
     for side in ("minrpc", "python"):
@@ -385,19 +375,19 @@ def measure_calls(cfg: MinRPCConfig, figures: Figures, servers: Servers, native:
         placements.append(("calls_split", cfg.cpu, cfg.other_cpu))
     for row, cpu, peer_cpu in placements:
         deadline.check(row)
-        run.pin(run.descendants(os.getpid()), {peer_cpu})  # every server and session process
-        with run.pinned_here(cpu):
+        harness.pin(harness.descendants(os.getpid()), {peer_cpu})  # every server and session process
+        with harness.pinned_here(cpu):
             calls = {side: servers.call(side) for side in sides if side not in wire}
             for side in calls:
-                run.run_timed(calls[side], cfg.call_warmup)
+                harness.run_timed(calls[side], cfg.call_warmup)
             for rnd in range(cfg.call_rounds):
                 block: dict[str, float] = {}
-                for what in run.rotated([*sides, "raw"], rnd):
+                for what in harness.rotated([*sides, "raw"], rnd):
                     if what == "raw":
                         if native is None:
                             continue
                         with figures.attempt((row,), ("raw",)):
-                            times = native.ping(run.PING_BYTES, min(cfg.call_warmup, cfg.call_block),
+                            times = native.ping(harness.PING_BYTES, min(cfg.call_warmup, cfg.call_block),
                                                 cfg.call_block, cpu, peer_cpu)
                             figures.pooled.setdefault((row, "raw"), []).extend(t * 1e6 for t in times)
                             figures.add(row, "raw", statistics.median(times) * 1e6)
@@ -405,7 +395,7 @@ def measure_calls(cfg: MinRPCConfig, figures: Figures, servers: Servers, native:
                     if what in wire:
                         times = wire[what](min(cfg.call_warmup, cfg.call_block), cfg.call_block, cpu)
                     else:
-                        times = run.run_timed(calls[what], cfg.call_block)
+                        times = harness.run_timed(calls[what], cfg.call_block)
                     key = (row + "_wire", what[:-5]) if what in wire else (row, what)
                     figures.pooled.setdefault(key, []).extend(t * 1e6 for t in times)
                     block[what] = statistics.median(times) * 1e6
@@ -413,7 +403,7 @@ def measure_calls(cfg: MinRPCConfig, figures: Figures, servers: Servers, native:
                 if "tvm" in block:
                     figures.rounds.setdefault(row, []).append(block["minrpc"] / block["tvm"])
     all_cpus = set(os.sched_getaffinity(0))
-    run.pin(run.descendants(os.getpid()), all_cpus)
+    harness.pin(harness.descendants(os.getpid()), all_cpus)
 
 
 BULK_ROWS = ("upload", "download", "to_device", "from_device")
@@ -423,7 +413,6 @@ def measure_bulk(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: 
     """Bulk transfers on minrpc and the Python server against the native limit, interleaved per round."""
     from workbench import runtime
 
-    run = servers.run
     data = np.random.default_rng(0).bytes(cfg.bulk_bytes)
     arr = np.frombuffer(data, dtype=np.float32)
     ops: dict[str, dict[str, Callable[[], Any]]] = {}
@@ -442,28 +431,27 @@ def measure_bulk(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: 
         }
     cpu = cfg.cpu
     peer = cfg.cpu if cfg.other_cpu is None else cfg.other_cpu
-    run.pin(run.descendants(os.getpid()), {peer})
-    mib = cfg.bulk_bytes / MIB
+    harness.pin(harness.descendants(os.getpid()), {peer})
     raw_windows: dict[str, dict[str, list[float]]] = {}
     try:
-        with run.pinned_here(cpu):
+        with harness.pinned_here(cpu):
             for row in BULK_ROWS:
                 deadline.check(f"the bulk row {row}")
                 for side in ops:
                     ops[side][row]()  # warm-up
-                raw = raw_windows[row] = {m: [] for m in run.BULK_METHODS}
+                raw = raw_windows[row] = {m: [] for m in harness.BULK_METHODS}
                 for rnd in range(cfg.bulk_rounds):
-                    for what in run.rotated([*ops, *run.BULK_METHODS], rnd):
+                    for what in harness.rotated([*ops, *harness.BULK_METHODS], rnd):
                         if what in ops:
-                            times = run.run_timed(ops[what][row], cfg.bulk_block)
-                            figures.add(row, what, mib / statistics.median(times))
+                            times = harness.run_timed(ops[what][row], cfg.bulk_block)
+                            figures.add(row, what, harness.mib_s(cfg.bulk_bytes, times))
                         elif native is not None:
                             with figures.attempt((row,), ("raw",)):
                                 times = native.bulk(what, cfg.bulk_bytes, cfg.bulk_block, cpu, peer)
-                                raw[what].append(mib / statistics.median(times))
+                                raw[what].append(harness.mib_s(cfg.bulk_bytes, times))
     finally:
-        run.pin(run.descendants(os.getpid()), set(os.sched_getaffinity(0)))
-    pooled = {m: [v for w in raw_windows.values() for v in w[m]] for m in run.BULK_METHODS}
+        harness.pin(harness.descendants(os.getpid()), set(os.sched_getaffinity(0)))
+    pooled = {m: [v for w in raw_windows.values() for v in w[m]] for m in harness.BULK_METHODS}
     measured = [m for m, v in pooled.items() if v]
     if not measured:
         return
@@ -524,14 +512,13 @@ def measure_board(cfg: MinRPCConfig, figures: Figures, scratch: str, deadline: D
 
 
 def measure(cfg: MinRPCConfig, figures: Figures) -> None:
-    run = _run_module()
     deadline = Deadline(cfg.budget_s)
     began = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="workbench-bench-minrpc-")
     native = None
     try:
         with figures.attempt(("calls_pinned", "calls_split", *BULK_ROWS), ("raw",)):
-            native = run.Native.build()
+            native = harness.Native.build()
         with figures.attempt(("build",), ("minrpc",)):
             from workbench.native import build_minrpc
 
@@ -540,7 +527,7 @@ def measure(cfg: MinRPCConfig, figures: Figures) -> None:
             figures.facts["build_s"] = time.perf_counter() - t  # 0 when cached
         with figures.attempt(("rss",), SIDES):
             measure_rss(cfg, figures, scratch, deadline)
-        with run.owned(), figures.attempt(("calls_pinned", "calls_split", *BULK_ROWS, "te"), SIDES):
+        with harness.owned(), figures.attempt(("calls_pinned", "calls_split", *BULK_ROWS, "te"), SIDES):
             servers = Servers(cfg, figures, scratch)
             try:
                 with figures.attempt(("calls_pinned", "calls_split"), SIDES):
@@ -551,7 +538,7 @@ def measure(cfg: MinRPCConfig, figures: Figures) -> None:
                     measure_bulk(cfg, figures, servers, native, deadline)
             finally:
                 servers.close()
-        with run.owned(), figures.attempt(("board", "board_compile", "board_load", "board_run"), ("minrpc",)):
+        with harness.owned(), figures.attempt(("board", "board_compile", "board_load", "board_run"), ("minrpc",)):
             measure_board(cfg, figures, scratch, deadline)
     finally:
         if native is not None:
@@ -574,7 +561,7 @@ class Row:
 
 
 def rows(cfg: MinRPCConfig) -> list[Row]:
-    size = f"{cfg.bulk_bytes // MIB} MiB"
+    size = f"{cfg.bulk_bytes // harness.MIB} MiB"
     out = [
         Row("rss", "idle RSS of the listening process", "MB", None, ("<", RSS_TARGET_MB), "< 2 MB"),
         Row("calls_pinned", "empty call round trip, pinned to 1 CPU", "µs", "tvm", ("<=", 1.0), "<= 1.00x tvm",
@@ -613,7 +600,6 @@ def _passes(op: str, value: float, limit: float) -> bool:
 
 
 def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
-    _fmt = _run_module().fmt  # the number format of the other tables
     header = ["metric", "minrpc", "spread", "python", "tvm", "raw", "ratio", "target", "result", "met", "statistic"]
     cells: list[list[str]] = []
     doc_rows = []
@@ -636,11 +622,11 @@ def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
         if row.base == "raw" and figures.facts.get("raw_method"):
             statistic += f"; raw: {figures.facts['raw_method'].replace('-', ' -> ')}"
         cells.append([
-            f"{row.label} ({row.unit})", _fmt(med["minrpc"]),
-            f"{_fmt(min(ours))}..{_fmt(max(ours))}" if ours else "",
-            _fmt(med["python"]) if "python" in row.sides else "-",
-            _fmt(med["tvm"]) if "tvm" in row.sides and cfg.tvm else "-",
-            _fmt(med["raw"]) if row.with_raw else "-",
+            f"{row.label} ({row.unit})", harness.fmt(med["minrpc"]),
+            harness.span(ours) if ours else "",
+            harness.fmt(med["python"]) if "python" in row.sides else "-",
+            harness.fmt(med["tvm"]) if "tvm" in row.sides and cfg.tvm else "-",
+            harness.fmt(med["raw"]) if row.with_raw else "-",
             f"{ratio:.2f}x" if ratio is not None else ("n/a" if row.base else "-"),
             row.target_text or "-", result, met, statistic,
         ])
@@ -648,12 +634,6 @@ def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
                          "target": row.target_text, "result": result, "met": met,
                          "values": {s: figures.values.get((row.key, s), []) for s in (*SIDES, "raw")},
                          "round_ratios": figures.rounds.get(row.key, [])})
-    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-
-    def line(items: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in (0, len(items) - 1) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(items, widths))).rstrip()
-
     tvm = f"tvm {figures.facts['tvm_version']}" if "tvm_version" in figures.facts else "no tvm"
     head = (f"minrpc: the native server beside the Python server and TVM's C++ server ({tvm}), "
             f"{figures.facts.get('elapsed_s', 0):.0f} s")
@@ -684,7 +664,7 @@ def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
             grouped.setdefault(f"{side} n/a ({reason})", []).append(labels[key])
     notes += [f"{what}: {'; '.join(sorted(set(which)))}" for what, which in grouped.items()]
     notes += figures.notes
-    text = "\n".join([head, "", line(header), "  ".join("-" * w for w in widths), *map(line, cells), "", *notes])
+    text = "\n".join([head, "", *harness.table_lines(header, cells), "", *notes])
     doc = {"config": dataclasses.asdict(cfg), "facts": figures.facts, "rows": doc_rows, "notes": notes}
     return text, doc
 
@@ -717,8 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
-    run = _run_module()
-    with run.owned():
+    with harness.owned():
         text, doc = measure_minrpc(args.quick, not args.no_tvm, args.cpu)
     print(text)
     if args.json:

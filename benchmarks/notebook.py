@@ -36,9 +36,11 @@ from typing import Any, Callable
 from workbench.demo import ADD_ONE_C
 
 if __package__:
+    from . import harness
     from . import progress as progress_bench
     from . import tracker as tracker_bench
 else:  # run as a script: this directory is sys.path[0]
+    import harness
     import progress as progress_bench
     import tracker as tracker_bench
 
@@ -111,7 +113,7 @@ def tracker_with(n: int):
     """A Tracker with ``n`` registered server entries (raw registrations, as benchmarks/tracker.py makes them)."""
     from workbench import rpc
 
-    tracker_bench.ensure_fd_limit(n + 256)
+    harness.ensure_fd_limit(n + 256)
     tracker = rpc.Tracker(port=0, silent=True)
     population = tracker_bench.Population(tracker.port)
     try:

@@ -34,8 +34,11 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-MIB = 1 << 20
-HOST = "127.0.0.1"
+if __package__:
+    from . import harness
+else:  # run as a script: this directory is sys.path[0]
+    import harness
+
 TARGET_PERCENT = 2.0
 PAIRS_PER_RUN = 5
 BAR_REPS = 200  # bar-only repetitions for the direct cost
@@ -99,7 +102,7 @@ def _summary(on: list[list[float]], off: list[list[float]], bar_s: float, count_
     }
 
 
-def progress_overhead(runs: int = 5, size: int = 256 * MIB, budget_s: float = BUDGET_S) -> dict[str, Any]:
+def progress_overhead(runs: int = 5, size: int = 256 * harness.MIB, budget_s: float = BUDGET_S) -> dict[str, Any]:
     """Time ``runs`` runs of ``size``-byte uploads and downloads to a local Server with the bar on and off.
 
     Returns ``{"size_bytes", "runs", "target_percent", "stderr_is_tty", "upload": {...}, "download": {...}}``,
@@ -119,9 +122,9 @@ def progress_overhead(runs: int = 5, size: int = 256 * MIB, budget_s: float = BU
     data = np.random.default_rng(0).bytes(size)
     uploads = itertools.count()
     times: dict[str, dict[bool, list[list[float]]]] = {op: {True: [], False: []} for op in ("upload", "download")}
-    server = rpc.Server(host=HOST, port=0, silent=True)
+    server = rpc.Server(host=harness.HOST, port=0, silent=True)
     try:
-        remote = rpc.connect(HOST, server.port)
+        remote = rpc.connect(harness.HOST, server.port)
         try:
             remote.upload(data, target=SOURCE, progress=False)
 
@@ -167,7 +170,7 @@ def progress_overhead(runs: int = 5, size: int = 256 * MIB, budget_s: float = BU
 
 
 def report(figures: dict[str, Any]) -> str:
-    size = figures["size_bytes"] // MIB
+    size = figures["size_bytes"] // harness.MIB
     lines = [
         f"progress-bar overhead: {size} MiB transfers to a local Server, {figures['runs']} runs of "
         f"{figures['pairs_per_run']} on/off pairs (interleaved), bar on stderr"
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.size_mib < 1:
         parser.error("--runs and --size-mib must be >= 1")
-    figures = progress_overhead(args.runs, args.size_mib * MIB)
+    figures = progress_overhead(args.runs, args.size_mib * harness.MIB)
     print(report(figures), flush=True)
     if args.json:
         with open(args.json, "w") as f:

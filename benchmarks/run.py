@@ -66,39 +66,31 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 if __package__:
+    from . import harness
     from . import minrpc as minrpc_bench
     from . import notebook as notebook_bench
     from . import tracker as tracker_bench
     from . import tvm_kernels as tvm_kernels_bench
 else:  # run as a script: this directory is sys.path[0]
+    import harness
     import minrpc as minrpc_bench
     import notebook as notebook_bench
     import tracker as tracker_bench
     import tvm_kernels as tvm_kernels_bench
 
-MIB = 1 << 20
-HOST = "127.0.0.1"
 IO_TIMEOUT_S = 30.0  # every socket this script opens
-LOOP_BUDGET_S = 20.0  # wall-clock cap of each timing loop
-IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
-PING_BYTES = 16
 REMOTE_FILE = "bench.bin"
-RAW_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw", "rawnet.c")
-BULK_METHODS = ("send-recv", "sendfile-recv", "send-splice", "sendfile-splice")  # rawnet's SOURCE-SINK
-NATIVE_TIMEOUT_S = 60.0  # one rawnet run
-BUILD_TIMEOUT_S = 60.0
 INTERLEAVE_BLOCKS = 10  # the calls of each placement are timed in this many blocks per side
 _upload_serial = itertools.count()
 
@@ -118,8 +110,8 @@ TRACKER_HARD_LIMIT_S = 60.0  # added to the tracker's own budget (after which it
 
 @dataclass(frozen=True)
 class Config:
-    bulk_bytes: int = 64 * MIB
-    tvm_bulk_bytes: int = 16 * MIB
+    bulk_bytes: int = 64 * harness.MIB
+    tvm_bulk_bytes: int = 16 * harness.MIB
     bulk_rounds: int = 5  # each bulk row: this many rounds of (a block of ours, a block of each native method)
     bulk_block: int = 2  # transfers per block
     bulk_reps: int = 5  # the proxy rows (not interleaved)
@@ -134,8 +126,8 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
-        return cls(bulk_bytes=8 * MIB, tvm_bulk_bytes=4 * MIB, bulk_rounds=2, bulk_block=1, bulk_reps=2,
-                   tvm_bulk_reps=1, calls=300, warmup=50, startups=2, tvm_startups=1, **overrides)
+        return cls(bulk_bytes=8 * harness.MIB, tvm_bulk_bytes=4 * harness.MIB, bulk_rounds=2, bulk_block=1,
+                   bulk_reps=2, tvm_bulk_reps=1, calls=300, warmup=50, startups=2, tvm_startups=1, **overrides)
 
     @property
     def bulk_placement(self) -> tuple[int, int]:
@@ -180,34 +172,10 @@ class Results:
             yield
         except Exception as exc:
             for key in keys:
-                self.note_missing(side, key, reason_of(exc))
-
-
-def reason_of(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+                self.note_missing(side, key, harness.reason_of(exc))
 
 
 # -- timing -----------------------------------------------------------------------
-def run_timed(fn: Callable[[], Any], count: int, budget_s: float = LOOP_BUDGET_S) -> list[float]:
-    """Seconds taken by each of up to ``count`` calls of ``fn`` (at least one; stops once the budget is spent)."""
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(max(count, 1)):
-        start = time.perf_counter()
-        fn()
-        end = time.perf_counter()
-        times.append(end - start)
-        if end > deadline:
-            break
-    return times
-
-
-def mib_s(nbytes: int, times: list[float]) -> float:
-    """MiB/s of a transfer of ``nbytes`` that took the median of ``times`` seconds."""
-    return nbytes / MIB / statistics.median(times)
-
-
 class SectionTimeout(Exception):
     """A section ran out of time (not an OSError, so socket code does not mistake it for its own timeout)."""
 
@@ -235,132 +203,14 @@ def time_limit(seconds: float, what: str) -> Iterator[Limit]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 # -- processes --------------------------------------------------------------------
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process in /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return parents
-
-
-def descendants(pid: int) -> set[int]:
-    parents = _parents()
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def pin(pids: Iterable[int], cpus: set[int]) -> None:
-    """Pin every thread of ``pids`` to ``cpus``; processes they fork later inherit it."""
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), cpus)
-
-
-def rss_mb(pids: Iterable[int]) -> float:
-    """VmRSS summed over ``pids``, in MB (10**6 bytes)."""
-    kib = 0
-    for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-            kib += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-    return kib * 1024 / 1e6
-
-
-@contextlib.contextmanager
-def pinned_here(cpu: int | None) -> Iterator[None]:
-    """Run this thread on ``cpu`` inside the block (None: leave it alone)."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
-class Owned:
-    """The processes started below this one while the block runs (``pids()``); all are killed at its end."""
-
-    def __init__(self) -> None:
-        self._before = descendants(os.getpid())
-
-    def pids(self) -> set[int]:
-        return descendants(os.getpid()) - self._before
-
-    def end(self) -> None:
-        pids = self.pids()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:  # reap our own children; grandchildren go to init
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-
-
-@contextlib.contextmanager
-def owned() -> Iterator[Owned]:
-    processes = Owned()
-    try:
-        yield processes
-    finally:
-        processes.end()
-
-
-@contextlib.contextmanager
-def stderr_to_devnull() -> Iterator[None]:
-    """Processes started inside inherit /dev/null as stderr (a TVM server logs every transfer)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def startup_s(start: Callable[[], Any], connect: Callable[[Any], Any], close: Callable[[Any], None],
               stop: Callable[[Any], None], reps: int) -> list[float]:
     """Seconds from starting a server until a client session is up, for each of up to ``reps`` starts."""
     times = []
-    deadline = time.perf_counter() + LOOP_BUDGET_S
+    deadline = time.perf_counter() + harness.LOOP_BUDGET_S
     for _ in range(max(reps, 1)):
-        with owned():
+        with harness.owned():
             begin = time.perf_counter()
             server = start()
             try:
@@ -375,95 +225,29 @@ def startup_s(start: Callable[[], Any], connect: Callable[[Any], Any], close: Ca
 
 
 # -- the native limit ---------------------------------------------------------------------
-class Native:
-    """The native raw baselines: ``benchmarks/raw/rawnet.c``, built with gcc -O2 into a temporary directory.
-
-    Each call runs the program once (it forks its own peer, both ends pinned
-    as asked) and returns the seconds of each timed transfer or round trip.
-
-        >>> with Native.build() as native:                                  # doctest: +SKIP
-        ...     native.ping(16, warmup=50, count=200, cpu=0, peer_cpu=0)   # [4.6e-06, ...]
-    """
-
-    def __init__(self, binary: str, scratch: str):
-        self.binary = binary
-        self.scratch = scratch  # also where the sendfile source and the splice destinations live
-
-    @classmethod
-    def build(cls) -> "Native":
-        compiler = next((c for c in (os.environ.get("CC"), "gcc", "cc") if c and shutil.which(c.split()[0])), None)
-        if compiler is None:
-            raise RuntimeError(f"no C compiler to build {os.path.relpath(RAW_SOURCE)}: install gcc (apt-get install gcc)")
-        scratch = tempfile.mkdtemp(prefix="workbench-bench-raw-")
-        binary = os.path.join(scratch, "rawnet")
-        try:
-            proc = subprocess.run([*compiler.split(), "-O2", "-o", binary, RAW_SOURCE],
-                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-            if proc.returncode != 0:
-                raise RuntimeError(f"building {os.path.relpath(RAW_SOURCE)} with {compiler} failed (status "
-                                   f"{proc.returncode}): {proc.stderr.strip() or 'no message'}")
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        return cls(binary, scratch)
-
-    def close(self) -> None:
-        shutil.rmtree(self.scratch, ignore_errors=True)
-
-    def __enter__(self) -> "Native":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _run(self, *args: Any) -> list[float]:
-        cmd = [self.binary, *map(str, args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NATIVE_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise RuntimeError(f"rawnet {args[0]} failed (status {proc.returncode}): {proc.stderr.strip()}")
-        return json.loads(proc.stdout)["seconds"]
-
-    def bulk(self, method: str, nbytes: int, reps: int, cpu: int | None, peer_cpu: int | None) -> list[float]:
-        """Seconds of each of ``reps`` transfers of ``nbytes`` (after one untimed), by ``method`` (BULK_METHODS)."""
-        return self._run("bulk", method, nbytes, reps, _cpu_arg(cpu), _cpu_arg(peer_cpu), self.scratch)
-
-    def ping(self, size: int, warmup: int, count: int, cpu: int | None, peer_cpu: int | None) -> list[float]:
-        """Seconds of each of ``count`` round trips of ``size`` bytes, after ``warmup`` untimed ones."""
-        return self._run("ping", size, warmup, count, _cpu_arg(cpu), _cpu_arg(peer_cpu))
-
-
-def _cpu_arg(cpu: int | None) -> int:
-    return -1 if cpu is None else cpu
-
-
 class NativeRuns:
     """The native baselines as the sections use them: after the first failure, every raw figure is n/a with its reason."""
 
-    def __init__(self, native: Native | None, absent: str | None = None):
+    def __init__(self, native: harness.Native | None, absent: str | None = None):
         self.native = native
         self.failure = absent
 
-    def run(self, res: Results, key: str, measure: Callable[[Native], list[float]]) -> list[float]:
+    def run(self, res: Results, key: str, measure: Callable[[harness.Native], list[float]]) -> list[float]:
         if self.native is not None and self.failure is None:
             try:
                 return measure(self.native)
             except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
-                self.failure = reason_of(exc)
+                self.failure = harness.reason_of(exc)
         res.note_missing("raw", key, self.failure or "not measured")
         return []
-
-
-def rotated(items: Sequence[str], by: int) -> list[str]:
-    by %= len(items)
-    return [*items[by:], *items[:by]]
 
 
 def measure_raw(cfg: Config, res: Results, native: NativeRuns) -> None:
     """The raw section: build the native program (its figures are taken in the sections that compare with it)."""
     try:
-        native.native, native.failure = Native.build(), None
+        native.native, native.failure = harness.Native.build(), None
     except Exception as exc:
-        native.failure = reason_of(exc)
+        native.failure = harness.reason_of(exc)
         raise
 
 
@@ -480,29 +264,29 @@ def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[st
         with res.attempt("ours", key):
             op()  # warm-up
             ours: list[float] = []
-            raw = windows[key] = {m: [] for m in BULK_METHODS}
+            raw = windows[key] = {m: [] for m in harness.BULK_METHODS}
             for round_ in range(cfg.bulk_rounds):
-                for what in rotated(["ours", *BULK_METHODS], round_):
+                for what in harness.rotated(["ours", *harness.BULK_METHODS], round_):
                     if what == "ours":
-                        ours += run_timed(op, cfg.bulk_block)
+                        ours += harness.run_timed(op, cfg.bulk_block)
                     else:
                         raw[what] += native.run(res, key, lambda n: n.bulk(what, cfg.bulk_bytes, cfg.bulk_block,
                                                                             cpu, peer_cpu))
-            res.set("ours", key, mib_s(cfg.bulk_bytes, ours), len(ours))
-    pooled = {m: [t for raw in windows.values() for t in raw[m]] for m in BULK_METHODS}
+            res.set("ours", key, harness.mib_s(cfg.bulk_bytes, ours), len(ours))
+    pooled = {m: [t for raw in windows.values() for t in raw[m]] for m in harness.BULK_METHODS}
     for m, times in pooled.items():
         if times:
-            res.set("raw", f"bulk:{m}", mib_s(cfg.bulk_bytes, times), len(times))
+            res.set("raw", f"bulk:{m}", harness.mib_s(cfg.bulk_bytes, times), len(times))
         else:
             res.note_missing("raw", f"bulk:{m}", native.failure or "not measured")
-    measured = [m for m in BULK_METHODS if pooled[m]]
+    measured = [m for m in harness.BULK_METHODS if pooled[m]]
     if not measured:
         return
-    fastest = max(measured, key=lambda m: mib_s(cfg.bulk_bytes, pooled[m]))
+    fastest = max(measured, key=lambda m: harness.mib_s(cfg.bulk_bytes, pooled[m]))
     res.facts["raw_fastest"] = fastest
     for key, raw in windows.items():
         if raw[fastest]:
-            res.set("raw", key, mib_s(cfg.bulk_bytes, raw[fastest]), len(raw[fastest]))
+            res.set("raw", key, harness.mib_s(cfg.bulk_bytes, raw[fastest]), len(raw[fastest]))
             res.facts.setdefault("raw_method", {})[key] = fastest
 
 
@@ -512,15 +296,15 @@ def interleaved_calls(cfg: Config, res: Results, native: NativeRuns, key: str, c
     of one block each, in an order that rotates from round to round: the machine's drift weighs on all alike."""
     block = max(cfg.calls // INTERLEAVE_BLOCKS, 1)
     for fn in calls.values():
-        run_timed(fn, cfg.warmup)
+        harness.run_timed(fn, cfg.warmup)
     times: dict[str, list[float]] = {side: [] for side in ("raw", *calls)}
     for round_ in range(INTERLEAVE_BLOCKS):
-        for side in rotated(list(times), round_):
+        for side in harness.rotated(list(times), round_):
             if side == "raw":
-                times["raw"] += native.run(res, key, lambda n: n.ping(PING_BYTES, min(cfg.warmup, block), block,
-                                                                      cpu, peer_cpu))
+                times["raw"] += native.run(res, key, lambda n: n.ping(harness.PING_BYTES, min(cfg.warmup, block),
+                                                                      block, cpu, peer_cpu))
             else:
-                times[side] += run_timed(calls[side], block)
+                times[side] += harness.run_timed(calls[side], block)
     for side, seconds in times.items():
         if seconds:
             res.set(side, key, statistics.median(seconds) * 1e6, len(seconds))
@@ -532,8 +316,8 @@ def measure_bulk(side: str, res: Results, ops: dict[str, Callable[[], Any]], nby
     for key, op in ops.items():
         with res.attempt(side, key):
             op()
-            times = run_timed(op, reps)
-            res.set(side, key, mib_s(nbytes, times), len(times))
+            times = harness.run_timed(op, reps)
+            res.set(side, key, harness.mib_s(nbytes, times), len(times))
 
 
 def check_contents(side: str, res: Results, downloaded: Any, from_device: np.ndarray, data: bytes) -> None:
@@ -543,13 +327,13 @@ def check_contents(side: str, res: Results, downloaded: Any, from_device: np.nda
             res.facts.setdefault("warnings", []).append(f"{side}: {what} returned different bytes than were sent")
 
 
-def measure_idle_rss(side: str, res: Results, processes: Owned, idle: int) -> None:
+def measure_idle_rss(side: str, res: Results, processes: harness.Owned, idle: int) -> None:
     """VmRSS of the server's processes once its sessions are gone (``idle``: how many there are then)."""
     gc.collect()  # drop the session's last references (a failure's traceback too), so it closes
     with res.attempt(side, "rss"):
-        wait_until(lambda: len(processes.pids()) <= idle, IDLE_WAIT_S)
+        harness.wait_until(lambda: len(processes.pids()) <= idle, harness.IDLE_WAIT_S)
         time.sleep(0.1)
-        res.set(side, "rss", rss_mb(processes.pids()), 1)
+        res.set(side, "rss", harness.rss_mb(processes.pids()), 1)
         res.facts[f"{side}_server_processes"] = len(processes.pids())
 
 
@@ -561,14 +345,14 @@ def measure_ours(cfg: Config, res: Results, native: NativeRuns) -> None:
         return rpc.Server(port=0, silent=True)
 
     def connect(server: Any) -> Any:
-        return rpc.connect(HOST, server.port)
+        return rpc.connect(harness.HOST, server.port)
 
     with res.attempt("ours", "startup"):
         times = startup_s(start, connect, lambda remote: remote.close(), lambda server: server.terminate(),
                           cfg.startups)
         res.set("ours", "startup", statistics.median(times), len(times))
 
-    with res.attempt("ours", *BULK_KEYS, "rss"), owned() as processes:
+    with res.attempt("ours", *BULK_KEYS, "rss"), harness.owned() as processes:
         server = start()
         try:
             idle = len(processes.pids())
@@ -588,8 +372,8 @@ def measure_ours(cfg: Config, res: Results, native: NativeRuns) -> None:
                     "from_device": on_device.numpy,
                 }
                 cpu, peer_cpu = cfg.bulk_placement
-                pin(processes.pids(), {peer_cpu})  # the server and this session's worker
-                with pinned_here(cpu):
+                harness.pin(processes.pids(), {peer_cpu})  # the server and this session's worker
+                with harness.pinned_here(cpu):
                     interleaved_bulk(cfg, res, native, ops)
             finally:
                 remote.close()
@@ -606,24 +390,24 @@ def measure_calls(cfg: Config, res: Results, native: NativeRuns) -> None:
     keys = [key for key, _, _ in cfg.call_placements()]
     scratch = tempfile.mkdtemp(prefix="workbench-bench-tvm-")  # TVM servers killed mid-session leave temp dirs
     try:
-        with res.attempt("ours", *keys), owned() as processes:
+        with res.attempt("ours", *keys), harness.owned() as processes:
             server = rpc.Server(port=0, silent=True)
             servers: list[Any] = [server]
             sessions: list[Any] = []
             calls: dict[str, Callable[[], Any]] = {}
             try:
-                sessions.append(rpc.connect(HOST, server.port))
+                sessions.append(rpc.connect(harness.HOST, server.port))
                 calls["ours"] = sessions[-1].get_function("workbench.nop")
                 if tvm is not None:
                     with res.attempt("tvm", *keys):
-                        servers.append(start_tvm_server(tvm, scratch))
-                        sessions.append(tvm.rpc.connect(HOST, servers[-1].port))
+                        servers.append(harness.start_tvm_server(tvm, scratch))
+                        sessions.append(tvm.rpc.connect(harness.HOST, servers[-1].port))
                         calls["tvm"] = sessions[-1].get_function("testing.nop")  # a C++ no-op from tvm_ffi
                 for key, cpu, peer_cpu in cfg.call_placements():
                     with res.attempt("ours", key):
                         if peer_cpu is not None:
-                            pin(processes.pids(), {peer_cpu})  # both servers and their session processes
-                        with pinned_here(cpu):
+                            harness.pin(processes.pids(), {peer_cpu})  # both servers and their session processes
+                        with harness.pinned_here(cpu):
                             interleaved_calls(cfg, res, native, key, cpu, peer_cpu, calls)
             finally:
                 for session in sessions:
@@ -647,15 +431,15 @@ def measure_proxy(cfg: Config, res: Results, native: NativeRuns) -> None:
     from workbench import rpc, runtime
 
     keys = [f"proxy_{key}" for key, _ in PROXY_OPS]
-    with res.attempt("ours", *keys), owned():
+    with res.attempt("ours", *keys), harness.owned():
         proxy = rpc.Proxy(port=0, silent=True)
         server = None
         try:
-            server = rpc.Server(host=HOST, port=proxy.port, is_proxy=True, key="bench", silent=True)
+            server = rpc.Server(host=harness.HOST, port=proxy.port, is_proxy=True, key="bench", silent=True)
             deadline = time.monotonic() + 10
             while True:  # the server registers with the proxy in the background
                 try:
-                    remote = rpc.connect(HOST, proxy.port, key="bench")
+                    remote = rpc.connect(harness.HOST, proxy.port, key="bench")
                     break
                 except Exception:
                     if time.monotonic() > deadline:
@@ -696,12 +480,6 @@ def _import_tvm(res: Results) -> Any:
     return tvm
 
 
-def start_tvm_server(tvm: Any, scratch: str) -> Any:
-    port = free_port()
-    with stderr_to_devnull(), tvm_kernels_bench.env_var("TMPDIR", scratch):  # a TVM server logs every transfer
-        return tvm.rpc.Server(host=HOST, port=port, port_end=port + 100, silent=True)
-
-
 def measure_tvm(cfg: Config, res: Results, native: NativeRuns) -> None:
     tvm = _import_tvm(res)
     if tvm is None:
@@ -717,7 +495,7 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
     nbytes = cfg.tvm_bulk_bytes
 
     def connect(server: Any) -> Any:
-        return tvm.rpc.connect(HOST, server.port)
+        return tvm.rpc.connect(harness.HOST, server.port)
 
     def stop(server: Any) -> None:
         # terminate() needs psutil to end the server's children; owned() ends whatever it leaves
@@ -725,7 +503,7 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
             server.terminate()
 
     with res.attempt("tvm", "startup"):
-        times = startup_s(lambda: start_tvm_server(tvm, scratch), connect, lambda remote: None, stop,
+        times = startup_s(lambda: harness.start_tvm_server(tvm, scratch), connect, lambda remote: None, stop,
                           cfg.tvm_startups)
         res.set("tvm", "startup", statistics.median(times), len(times))
 
@@ -747,8 +525,8 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
         measure_bulk("tvm", res, ops, nbytes, cfg.tvm_bulk_reps)
         # returning drops the session: TVM serves one session at a time
 
-    with res.attempt("tvm", *BULK_KEYS, "rss"), owned() as processes:
-        server = start_tvm_server(tvm, scratch)
+    with res.attempt("tvm", *BULK_KEYS, "rss"), harness.owned() as processes:
+        server = harness.start_tvm_server(tvm, scratch)
         try:
             idle = len(processes.pids())
             session_figures(server)
@@ -784,36 +562,27 @@ class Metric:
 
 
 def metrics(cfg: Config) -> list[Metric]:
-    size = f"{cfg.bulk_bytes // MIB} MiB"
+    size = f"{cfg.bulk_bytes // harness.MIB} MiB"
     bulk = Target(">=", 0.8, True, ">= 0.80x native")
     return [
         *[Metric(f"native raw bulk {size}, {method.replace('-', ' -> ')} (info)", "MiB/s", None, f"bulk:{method}")
-          for method in BULK_METHODS],
+          for method in harness.BULK_METHODS],
         Metric(f"upload {size}", "MiB/s", "upload", "upload", bulk, True),
         Metric(f"download {size}", "MiB/s", "download", "download", bulk, True),
         Metric(f"to device, runtime.tensor {size}", "MiB/s", "to_device", "to_device", bulk, True),
         Metric(f"to device, Tensor.copyfrom {size}", "MiB/s", "copyfrom", "copyfrom", bulk, True),
         Metric(f"from device, Tensor.numpy {size}", "MiB/s", "from_device", "from_device", bulk, True),
-        Metric(f"empty call round trip, unpinned (raw: {PING_BYTES} B C ping-pong)", "µs", "call", "call"),
-        Metric(f"empty call round trip, pinned to 1 CPU (raw: {PING_BYTES} B C ping-pong)", "µs",
+        Metric(f"empty call round trip, unpinned (raw: {harness.PING_BYTES} B C ping-pong)", "µs", "call",
+               "call"),
+        Metric(f"empty call round trip, pinned to 1 CPU (raw: {harness.PING_BYTES} B C ping-pong)", "µs",
                "call_pinned", "call_pinned"),
-        *([Metric(f"empty call round trip, across 2 CPUs (raw: {PING_BYTES} B C ping-pong)", "µs",
+        *([Metric(f"empty call round trip, across 2 CPUs (raw: {harness.PING_BYTES} B C ping-pong)", "µs",
                   "call_split", "call_split")] if cfg.other_cpu is not None else []),
         *[Metric(f"through the proxy: {what} {size} (raw = our direct)", "MiB/s", f"proxy_{key}", key,
                  Target(">=", 0.4, True, ">= 0.40x direct"), base_side="ours") for key, what in PROXY_OPS],
         Metric("server start-up to connected", "s", "startup", None, Target("<", 0.2, False, "< 0.2 s")),
         Metric("idle server RSS", "MB", "rss", None, Target("<", 60, False, "< 60 MB")),
     ]
-
-
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:#.3g}"
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -862,7 +631,7 @@ def row_values(m: Metric, res: Results, tvm_wanted: bool) -> dict[str, Any]:
 
 def row_cells(m: Metric, v: dict[str, Any], tvm_wanted: bool) -> list[str]:
     def cell(value: float | None, wanted: bool, suffix: str = "") -> str:
-        return fmt(value) + (suffix if value is not None else "") if wanted else "-"
+        return harness.fmt(value) + (suffix if value is not None else "") if wanted else "-"
 
     has = m.key is not None
     return [
@@ -879,15 +648,7 @@ def row_cells(m: Metric, v: dict[str, Any], tvm_wanted: bool) -> list[str]:
     ]
 
 
-def render_table(rows: list[list[str]]) -> str:
-    header = ["metric", "ours", "raw", "ratio", "target", "result", "tvm", "tvm ratio", "statistic"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+TABLE_HEADER = ["metric", "ours", "raw", "ratio", "target", "result", "tvm", "tvm ratio", "statistic"]
 
 
 def missing_notes(ms: list[Metric], res: Results, tvm_wanted: bool) -> list[str]:
@@ -919,9 +680,10 @@ def explanations(cfg: Config, res: Results) -> list[str]:
     split = (f"; across 2 CPUs: this process (the C client) on CPU {cfg.cpu}, the servers and their workers "
              f"(the C peer) on CPU {cfg.other_cpu}" if cfg.other_cpu is not None else "")
     return [
-        *([f"* TVM bulk figures move {cfg.tvm_bulk_bytes // MIB} MiB per transfer (TVM is slow; unpinned, not "
-           f"interleaved); ours and raw move {cfg.bulk_bytes // MIB} MiB."] if tvm else []),
-        f"raw = the native limit, {os.path.relpath(RAW_SOURCE)} (gcc -O2, both ends in C, pinned like ours). "
+        *([f"* TVM bulk figures move {cfg.tvm_bulk_bytes // harness.MIB} MiB per transfer (TVM is slow; unpinned, "
+           f"not interleaved); ours and raw move {cfg.bulk_bytes // harness.MIB} MiB."] if tvm else []),
+        f"raw = the native limit, {os.path.relpath(harness.RAW_SOURCE)} (gcc -O2, both ends in C, "
+        "pinned like ours). "
         "Bulk rows: the native way that is fastest over every window (of send or sendfile into recv or splice to "
         "a file; the info rows pool every window), its median in the row's own window; named in the statistic column.",
         f"interleaved: each bulk row is timed in {cfg.bulk_rounds} rounds of a block of {cfg.bulk_block} of ours "
@@ -942,7 +704,7 @@ def explanations(cfg: Config, res: Results) -> list[str]:
 def report(cfg: Config, res: Results, elapsed_s: float) -> tuple[str, dict[str, Any]]:
     ms = metrics(cfg)
     values = [row_values(m, res, cfg.tvm) for m in ms]
-    table = render_table([row_cells(m, v, cfg.tvm) for m, v in zip(ms, values)])
+    table = "\n".join(harness.table_lines(TABLE_HEADER, [row_cells(m, v, cfg.tvm) for m, v in zip(ms, values)]))
     tvm = f"tvm {res.facts['tvm_version']}" if "tvm_version" in res.facts else "no tvm"
     head = (
         f"rpc-workbench benchmark: python {platform.python_version()}, {platform.system()} {platform.release()}, "
@@ -985,7 +747,7 @@ def measure_tracker(quick: bool, tvm: bool) -> tuple[str, dict[str, Any]]:
     results = tracker_bench.TrackerResults()
     seconds = tcfg.budget_s + TRACKER_HARD_LIMIT_S
     try:
-        with owned(), time_limit(seconds, "tracker"):
+        with harness.owned(), time_limit(seconds, "tracker"):
             tracker_bench.measure(tcfg, results, passthrough=(SectionTimeout,))
     except SectionTimeout:
         results.mark_missing(f"interrupted: the section hit its {seconds:g} s time limit")
@@ -1011,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, measure, keys in sections:
             side = "raw" if name == "raw" else "tvm" if name == "tvm" else "ours"
-            with owned(), res.attempt(side, *keys), time_limit(SECTION_LIMITS_S[name], name) as limit:
+            with harness.owned(), res.attempt(side, *keys), time_limit(SECTION_LIMITS_S[name], name) as limit:
                 measure(cfg, res, native)
             if limit.expired:
                 res.facts.setdefault("warnings", []).append(
@@ -1030,11 +792,11 @@ def main(argv: list[str] | None = None) -> int:
         notebook_text, document["notebook"] = notebook_bench.measure_notebook(args.quick)
         print("\n" + notebook_text)
     if not args.no_tvm_kernels:
-        with owned():  # the TVM helper and our server end before the next step
+        with harness.owned():  # the TVM helper and our server end before the next step
             kernels_text, document["tvm_kernels"] = tvm_kernels_bench.measure_tvm_kernels(args.quick, cfg.tvm)
         print("\n" + kernels_text)
     if not args.no_minrpc:
-        with owned():  # the servers, qemu and the board's farm end before the next step
+        with harness.owned():  # the servers, qemu and the board's farm end before the next step
             minrpc_text, document["minrpc"] = minrpc_bench.measure_minrpc(args.quick, cfg.tvm, cfg.cpu)
         print("\n" + minrpc_text)
     if json_path:

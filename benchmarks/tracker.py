@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import socket
 import statistics
@@ -48,7 +47,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-HOST = "127.0.0.1"
+if __package__:
+    from . import harness
+else:  # run as a script: this directory is sys.path[0]
+    import harness
+
 KEY = "bench"
 MAGIC = struct.pack("<i", 0x2F271)
 LENGTH = struct.Struct("<i")
@@ -145,11 +148,6 @@ class TrackerResults:
         return None
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def attempt(row: dict[str, Any], figures: tuple[str, ...], passthrough: tuple[type[BaseException], ...]) -> Iterator[None]:
     """Run a measurement; if it fails, the figures it did not set are n/a with the reason, and the run goes on."""
@@ -160,7 +158,7 @@ def attempt(row: dict[str, Any], figures: tuple[str, ...], passthrough: tuple[ty
     except Exception as exc:
         for figure in figures:
             if row[figure] is None:
-                row["missing"].setdefault(figure, _reason(exc))
+                row["missing"].setdefault(figure, harness.reason_of(exc))
 
 
 # -- the tuned raw client ---------------------------------------------------------------
@@ -175,7 +173,7 @@ class RawConnection:
     """A tracker connection at the wire: TCP_NODELAY, length and body in one write, TCP_QUICKACK on reads."""
 
     def __init__(self, port: int):
-        self.sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT_S)
+        self.sock = socket.create_connection((harness.HOST, port), timeout=IO_TIMEOUT_S)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._buf = bytearray()
@@ -303,10 +301,10 @@ class OursClient:
     """TrackerSession for grants and summaries; TrackerRegistration (the server's path) for registering."""
 
     def __init__(self, tracker_port: int):
-        from workbench.rpc.tracker_client import TrackerSession
+        from workbench.rpc.client.tracker_session import TrackerSession
 
         self.tracker_port = tracker_port
-        self.session = TrackerSession((HOST, tracker_port))
+        self.session = TrackerSession((harness.HOST, tracker_port))
 
     def grant(self) -> tuple[str, int, str]:
         return self.session._grant(KEY, 1, None)  # request() minus connecting to the server
@@ -315,10 +313,10 @@ class OursClient:
         return self.session.summary()
 
     def register(self, port: int, matchkey: str) -> float:
-        from workbench.rpc.registration import TrackerRegistration
+        from workbench.rpc.tracker.registration import TrackerRegistration
 
         begin = time.perf_counter()
-        registration = TrackerRegistration((HOST, self.tracker_port), port, None, {"key": f"server:{KEY}"})
+        registration = TrackerRegistration((harness.HOST, self.tracker_port), port, None, {"key": f"server:{KEY}"})
         registration.offer(0, KEY)  # not connected yet: recorded, offered by _connect
         registration._connect(time.monotonic())  # connect, magic, UPDATE_INFO, PUT: what poll() does first
         elapsed = time.perf_counter() - begin
@@ -341,7 +339,7 @@ class StockClient:
 
         self.base = base
         self.tracker_port = tracker_port
-        self.session = tvm.rpc.connect_tracker(HOST, tracker_port)
+        self.session = tvm.rpc.connect_tracker(harness.HOST, tracker_port)
         self.session._sock.settimeout(IO_TIMEOUT_S)
 
     def grant(self) -> tuple[str, int, str]:
@@ -355,7 +353,7 @@ class StockClient:
     def register(self, port: int, matchkey: str) -> float:
         base = self.base
         begin = time.perf_counter()
-        sock = base.connect_with_retry((HOST, self.tracker_port))  # tvm/rpc/server.py, _listen_loop
+        sock = base.connect_with_retry((harness.HOST, self.tracker_port))  # tvm/rpc/server.py, _listen_loop
         try:
             sock.settimeout(IO_TIMEOUT_S)
             sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
@@ -381,34 +379,17 @@ CLIENTS: dict[str, Callable[[int], Any]] = {"ours": OursClient, "tuned raw": Raw
 def ours_tracker() -> Iterator[int]:
     from workbench import rpc
 
-    tracker = rpc.Tracker(host=HOST, port=0, silent=True)
+    tracker = rpc.Tracker(host=harness.HOST, port=0, silent=True)
     try:
         yield tracker.port
     finally:
         tracker.terminate()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                    found.append(int(entry))
-    return found
-
-
 def _end_group(proc: subprocess.Popen) -> None:
     """End the TVM tracker: its popen_worker child first (the tracker, waiting on it, reaps it), then the rest
     of its process group, then the tracker itself."""
-    children = _children(proc.pid)
+    children = harness.children(proc.pid)
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -429,9 +410,9 @@ def _text(path: str) -> str:
 def tvm_tracker(results: TrackerResults) -> Iterator[int]:
     """``python -m tvm.exec.rpc_tracker`` in its own process group (it runs the tracker in a child), ended with it."""
     with tempfile.NamedTemporaryFile("w+", prefix="workbench-bench-tvm-tracker-", suffix=".log") as log:
-        first = _free_port()
+        first = harness.free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(first),
+            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", harness.HOST, "--port", str(first),
              "--port-end", str(first + 50)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
@@ -458,7 +439,7 @@ def tvm_tracker(results: TrackerResults) -> Iterator[int]:
 def coalesced_handshake(port: int) -> str:
     """Send the magic and a PING in one write (one segment on loopback); say what the tracker did."""
     body = json.dumps([PING]).encode()
-    with socket.create_connection((HOST, port), timeout=3.0) as sock:
+    with socket.create_connection((harness.HOST, port), timeout=3.0) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(MAGIC + LENGTH.pack(len(body)) + body)
         data = b""
@@ -546,15 +527,6 @@ def measure_pair(pair: Pair, n: int, population: Population, cfg: TrackerConfig,
             row["register_count"] = len(samples)
 
 
-def ensure_fd_limit(needed: int) -> None:
-    """Raise this process's open-file limit (trackers started later inherit it) to fit ``needed`` sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise RuntimeError(f"{needed} connections need {needed} open files; the hard limit is {hard} (ulimit -Hn)")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
 def measure(cfg: TrackerConfig, results: TrackerResults,
             passthrough: tuple[type[BaseException], ...] = ()) -> TrackerResults:
     """Fill ``results`` tracker by tracker, N by N (what a time limit interrupts stays measured).
@@ -571,13 +543,13 @@ def measure(cfg: TrackerConfig, results: TrackerResults,
             results.facts["tvm_version"] = getattr(tvm, "__version__", "?")
         except Exception as exc:
             tvm_ok = False
-            results.facts["tvm_absent"] = f"import tvm failed ({_reason(exc)})"
+            results.facts["tvm_absent"] = f"import tvm failed ({harness.reason_of(exc)})"
     pairs_of = {side: [p for p in PAIRS if p.tracker == side and (tvm_ok or not p.needs_tvm)] for side in ("ours", "tvm")}
     for pair in pairs_of["ours"] + pairs_of["tvm"]:
         for n in cfg.sizes:
             results.row(pair, n)
     try:
-        ensure_fd_limit(2 * max(cfg.sizes) + 256)
+        harness.ensure_fd_limit(2 * max(cfg.sizes) + 256)
         _measure_trackers(cfg, results, pairs_of, began, passthrough)
     finally:
         results.facts["elapsed_s"] = time.monotonic() - began
@@ -597,7 +569,7 @@ def _measure_trackers(cfg: TrackerConfig, results: TrackerResults, pairs_of: dic
                 except passthrough:
                     raise
                 except Exception as exc:
-                    results.facts[f"handshake_{side}"] = f"not checked ({_reason(exc)})"
+                    results.facts[f"handshake_{side}"] = f"not checked ({harness.reason_of(exc)})"
                 population = Population(port)
                 try:
                     for n in cfg.sizes:
@@ -614,12 +586,12 @@ def _measure_trackers(cfg: TrackerConfig, results: TrackerResults, pairs_of: dic
         except passthrough:
             raise
         except Exception as exc:
-            results.warnings.append(f"{side} tracker: {_reason(exc)}")
+            results.warnings.append(f"{side} tracker: {harness.reason_of(exc)}")
             for row in results.rows:
                 if row["tracker"] == side:
                     for figure in FIGURES:
                         if row[figure] is None:
-                            row["missing"].setdefault(figure, _reason(exc))
+                            row["missing"].setdefault(figure, harness.reason_of(exc))
 
 
 # -- the report -------------------------------------------------------------------------
@@ -651,15 +623,6 @@ def _fmt(value: float | None) -> str:
     if value >= 10:
         return f"{value:.1f}"
     return f"{value:.3f}" if value < 1 else f"{value:.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
 
 
 def missing_notes(results: TrackerResults) -> list[str]:
@@ -696,9 +659,9 @@ def report(cfg: TrackerConfig, results: TrackerResults) -> tuple[str, dict[str, 
     tvm = f"apache-tvm {results.facts['tvm_version']}'s" if "tvm_version" in results.facts else "no TVM"
     lines = [f"tracker: ours and {tvm}, with N registered server entries each, "
              f"{results.facts.get('elapsed_s', 0):.0f} s", ""]
-    lines += _table(header, cells)
+    lines += harness.table_lines(header, cells, left=2, left_last=False)
     lines += ["", f"targets: our tracker with our client (TrackerSession, TrackerRegistration) at N={big}"]
-    lines += _table(["check", "value", "target", "result"], check_cells, left=1)
+    lines += harness.table_lines(["check", "value", "target", "result"], check_cells, left=1, left_last=False)
     notes = [
         "",
         "register: fresh connection, magic, UPDATE_INFO, PUT (median); grant: REQUEST to the grant on an open "

@@ -42,11 +42,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-HOST = "127.0.0.1"
+if __package__:
+    from . import harness
+else:  # run as a script (or imported by the TVM helper): this directory is on sys.path
+    import harness
+
 EXPORT_TIMEOUT_S = 120.0  # the helper's export (LLVM) and start-up
 REPLY_TIMEOUT_S = 30.0  # one timing request to the helper
 TARGET_KERNEL = 1.10
@@ -277,20 +281,6 @@ class TvmSide:
         self.close()
 
 
-@contextlib.contextmanager
-def env_var(name: str, value: str) -> Iterator[None]:
-    """Processes started inside the block see ``name=value`` (our server's workers read TVM_NUM_THREADS)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def _cpu_seconds(pids: set[int]) -> float:
     """User + system CPU seconds of every thread of ``pids`` so far."""
     ticks = 0
@@ -301,24 +291,11 @@ def _cpu_seconds(pids: set[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _descendants() -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def quiesce(max_s: float = QUIESCE_MAX_S) -> float:
     """Wait until the processes this one started use no CPU (the side just timed has stopped spinning: TVM's idle
     pool threads spin, yielding, for tens of ms after a launch), at most ``max_s``; the seconds waited."""
     began = time.perf_counter()
-    pids = _descendants()
+    pids = harness.descendants(os.getpid())
     before = _cpu_seconds(pids)
     while time.perf_counter() - began < max_s:
         time.sleep(QUIESCE_STEP_S)
@@ -356,9 +333,9 @@ def measure(cfg: KernelsConfig, res: KernelResults) -> None:
             res.facts["tvm_version"] = tvm_side.info["tvm_version"]
             res.facts["export_s"] = tvm_side.info["export_s"]
             files = tvm_side.info["files"]
-            with env_var("TVM_NUM_THREADS", str(threads)):
-                server = rpc.Server(host=HOST, port=0, silent=True)
-            remote = rpc.connect(HOST, server.port)
+            with harness.env_var("TVM_NUM_THREADS", str(threads)):
+                server = rpc.Server(host=harness.HOST, port=0, silent=True)
+            remote = rpc.connect(harness.HOST, server.port)
             dev = remote.cpu(0)
             ours: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
             for name, (_, shapes, _) in table.items():
@@ -434,8 +411,8 @@ def report(cfg: KernelsConfig, res: KernelResults) -> tuple[str, dict[str, Any]]
             ratio = statistics.median(o) / statistics.median(t)
             met = sum(r <= target for r in rr)
             rows.append([
-                label, "." + ext, us(statistics.median(o)), f"{us(min(o))}..{us(max(o))}",
-                us(statistics.median(t)), f"{us(min(t))}..{us(max(t))}", f"{ratio:.2f}x", f"<= {target:.2f}x",
+                label, "." + ext, us(statistics.median(o)), harness.span(o, us),
+                us(statistics.median(t)), harness.span(t, us), f"{ratio:.2f}x", f"<= {target:.2f}x",
                 "PASS" if ratio <= target else "FAIL", f"{met}/{len(rr)}",
                 f"median of {len(o)}, number={res.number.get(name)}",
             ])
@@ -445,12 +422,6 @@ def report(cfg: KernelsConfig, res: KernelResults) -> tuple[str, dict[str, Any]]
                 "tvm_max_s": max(t), "ratio": ratio, "target": target, "pass": ratio <= target,
                 "round_ratios": rr, "number": res.number.get(name), "ours_values": o, "tvm_values": t,
             })
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in (0, 1, len(cells) - 1) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
     head = (f"tvm kernels: tvm {res.facts.get('tvm_version', '?')}, TVM_NUM_THREADS={threads} on both sides, "
             f"{cfg.rounds} interleaved rounds x {cfg.repeat} repeats per side, "
             f"{res.facts.get('elapsed_s', 0):.0f} s (export {res.facts.get('export_s', 0):.0f} s)")
@@ -465,7 +436,7 @@ def report(cfg: KernelsConfig, res: KernelResults) -> tuple[str, dict[str, Any]]
         "TVM pins its pool's worker threads to CPUs (TVM_BIND_THREADS); ours does not pin.",
         *res.notes,
     ]
-    text = "\n".join([head, "", line(header), "  ".join("-" * w for w in widths), *map(line, rows), "", *notes])
+    text = "\n".join([head, "", *harness.table_lines(header, rows, left=2), "", *notes])
     return text, {"config": {"rounds": cfg.rounds, "repeat": cfg.repeat, "threads": threads}, "facts": res.facts,
                   "rows": doc_rows, "notes": notes}
 
