@@ -65,8 +65,8 @@ NOP_C = "#include <workbench_kernel.h>\nWB_KERNEL(nop) { return 0; }\n"
 ADD_ONE_C = """#include <workbench_kernel.h>
 WB_KERNEL(add_one) {
   WB_EXPECT_ARGS(2);
-  DLTensor* a = WB_ARG_TENSOR(0);
-  DLTensor* b = WB_ARG_TENSOR(1);
+  DLTensor* a = WB_ARG_TENSOR_OF(0, float32, 1);
+  DLTensor* b = WB_ARG_TENSOR_OF(1, float32, 1);
   for (int64_t i = 0; i < a->shape[0]; ++i) ((float*)b->data)[i] = ((const float*)a->data)[i] + 1.0f;
   return 0;
 }

@@ -253,7 +253,7 @@ def test_demo_runs_on_the_embedded_farm():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "started a local device farm" in res.stdout
     assert "b == a + 1" in res.stdout
-    assert "BenchmarkResult" in res.stdout
+    assert "per call (mean ± std. dev. of 5 runs, 100 calls each)" in res.stdout
 
 
 def test_demo_uses_the_configured_tracker():
@@ -264,7 +264,7 @@ def test_demo_uses_the_configured_tracker():
         assert res.returncode == 0, res.stdout + res.stderr
         assert "using the tracker at %s:%d" % farm.tracker_addr in res.stdout
         assert "started a local device farm" not in res.stdout
-        assert "b == a + 1" in res.stdout and "BenchmarkResult" in res.stdout
+        assert "b == a + 1" in res.stdout and "per call (mean ± std. dev." in res.stdout
 
 
 def test_demo_errors_are_one_line(private_tmpdir):

@@ -160,7 +160,7 @@ def test_compile_error_names_cell_lines(shell, ns):
     with pytest.raises(MagicError) as info:
         shell.run_cell_magic("rpc_compile", "bad", bad)
     text = str(info.value)
-    assert "cell:5:" in text and "undeclared_thing" in text
+    assert "cell:6:" in text and "undeclared_thing" in text  # line 1 in the notebook is the %%rpc_compile line
     assert "/tmp" not in text and "wb-src-" not in text
 
 

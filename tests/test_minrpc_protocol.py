@@ -826,7 +826,8 @@ def test_time_eval_option_checks(server, private_tmpdir, options, named):
         assert named in peer.expect_error(ErrorCode.BAD_REQUEST)
         peer.send_frame(Kind.TIME_EVAL, [nop, CPU, {"f_preproc": "no.such"}, []])
         assert "no function named 'no.such'" in peer.expect_error(ErrorCode.NOT_FOUND)
-        assert len(peer.request(Kind.TIME_EVAL, [nop, CPU, {"number": 2, "repeat": 3}, []])) == 3
+        *seconds, calls = peer.request(Kind.TIME_EVAL, [nop, CPU, {"number": 2, "repeat": 3}, []])
+        assert len(seconds) == 3 and calls == [2, 2, 2]  # then the calls each repeat made
     still_serving(server, private_tmpdir)
 
 

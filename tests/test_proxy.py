@@ -451,7 +451,7 @@ def test_rpc_proxy_cli(private_tmpdir, tmp_path, no_token):
                 [sys.executable, "-m", "workbench.exec.rpc_server", "--through-proxy", "--host", HOST,
                  "--port", str(port), "--key", "cli-board", "--silent"], cwd=ROOT)
             with rpc.connect_tracker(HOST, tracker_proc.port) as tracker:
-                with tracker.request("cli-board", timeout=20) as remote:
+                with tracker.request("cli-board", timeout=20, wait=True) as remote:
                     assert remote.info["pid"] in children(server.pid)
                     roundtrip(remote, 1 << 20)
                 assert "server:proxy[cli-board]" in tracker.text_summary()

@@ -70,7 +70,7 @@ def test_benchmark_result_repr_and_plot_use_micro_sign():
 def test_benchmark_result_html_has_numbers_and_sparkline():
     r = hand_built("add_one", [1e-3, 3e-3, 2e-3], number=10)
     page = r._repr_html_()
-    for text in ("add_one", "cpu(0)", "2 ms", "1 ms", "3 ms", "0.8165 ms", ">3<", ">10<"):
+    for text in ("add_one", "cpu(0)", "mean (ms)", ">2<", ">1<", ">3<", ">0.8165<", ">10<"):  # the unit in the header
         assert text in page, text
     assert "<svg" in page and page.count("<circle") == 3
     assert r.describe() in page
@@ -236,8 +236,8 @@ def test_repr_and_html():
     assert "run 1: add_one: 2 µs ± 816 ns (3 repeats)" in text
     page = log._repr_html_()
     assert "3 runs, 6 timings" in page
-    assert "mean (µs)" in page and "median (µs)" in page  # one unit for all runs
-    for number in (">2<", ">5<", ">20<", ">0.8165<", ">1024<", ">4096<"):
+    assert "mean (µs)" in page and "median (µs)" in page and "std (ns)" in page  # one unit per column
+    for number in (">2<", ">5<", ">20<", ">816.5<", ">1024<", ">4096<"):
         assert number in page, number
     assert page.count("<svg") == 3  # a sparkline per run
     assert "&lt;NA&gt;" not in page and "<NA>" not in page

@@ -460,7 +460,7 @@ def test_request_priority_through_tracker_sessions(tracker, spawn, session, clos
 CLIENT_SCRIPT = """
 import sys
 from workbench import rpc
-rpc.connect_tracker("127.0.0.1", int(sys.argv[1])).request("queued", timeout=60)
+rpc.connect_tracker("127.0.0.1", int(sys.argv[1])).request("queued", timeout=60, wait=True)
 """
 
 
@@ -491,7 +491,7 @@ def test_request_failure_says_key_servers_and_wait(tracker, spawn, session, clos
         session.request("nobody", max_retry=0)
     start = time.monotonic()
     with pytest.raises(TrackerError, match=r"key 'nobody' .* after (0\.[5-9]|1\.\d) s \(0 server\(s\) registered for it\)"):
-        session.request("nobody", timeout=0.5)
+        session.request("nobody", timeout=0.5, wait=True)  # asked to wait: queues for a key nobody serves
     assert time.monotonic() - start < 5
     assert queue(session, "nobody") == {"free": 0, "pending": 0}  # the timed-out request left the queue
     # a server exists but is busy

@@ -21,14 +21,15 @@ import numpy as np
 from . import cc, rpc, runtime
 from .errors import WorkbenchError
 from .farm import LocalFarm, parse_address, tracker_from_env
+from .results.benchmark import format_seconds
 
 ADD_ONE_C = r"""
 #include <workbench_kernel.h>
 
 WB_KERNEL(add_one) {
   WB_EXPECT_ARGS(2);
-  DLTensor* a = WB_ARG_TENSOR(0);
-  DLTensor* b = WB_ARG_TENSOR(1);
+  DLTensor* a = WB_ARG_TENSOR_OF(0, float32, 1);
+  DLTensor* b = WB_ARG_TENSOR_OF(1, float32, 1);
   const float* x = (const float*)a->data;
   float* y = (float*)b->data;
   for (int64_t i = 0; i < a->shape[0]; ++i) y[i] = x[i] + 1.0f;
@@ -56,7 +57,9 @@ def run(remote: rpc.RPCSession, n: int = 1024) -> None:
     timer = func.time_evaluator("add_one", dev, number=100, repeat=5)
     result = timer(a, b)
     print(result)
-    print(result.to_frame().to_string(index=False))
+    frame = result.to_frame()
+    frame["time per call"] = frame.pop("seconds").map(format_seconds)
+    print(frame.to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:

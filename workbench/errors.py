@@ -6,6 +6,7 @@ workbench.errors.SessionCrashedError`` works the same for local and remote code.
 """
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 
@@ -23,6 +24,8 @@ class ErrorCode(IntEnum):
     TOO_LARGE = 11  # a frame or transfer over the limits
     UNSUPPORTED = 12  # a feature this server does not have (session constructor, ...)
     BUSY = 13  # "server busy" / "proxy busy": at a limit (max_sessions, file descriptors, processes, disk)
+    KERNEL_CRASHED = 14  # the kernel a call ran died (signal, exit()); the session goes on
+    CANCELLED = 15  # the request was cancelled by the client (CANCEL frame)
 
 
 class WorkbenchError(Exception):
@@ -62,6 +65,27 @@ class RemoteError(RPCError):
     code = ErrorCode.REMOTE
 
 
+class RemoteTypeError(RemoteError, TypeError):
+    """The remote code raised a TypeError: a kernel's checked argument (``WB_ARG_TENSOR_OF``, ``WB_EXPECT_ARGS``,
+    ``WB_FAIL("TypeError", ...)``) or a Python function on the server; ``except TypeError`` catches it.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     mod["add_one"](1.5, b)
+        ... except TypeError as exc:
+        ...     print(exc)  # add_one: TypeError: argument 0 of add_one: expected a 1-d float32 tensor, got a float (1.5)
+    """
+
+
+class ArgumentTypeError(BadRequestError, TypeError):
+    """The client refused an argument before sending it (a numpy array, a list for a kernel): nothing was sent.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     mod["add_one"](np.zeros(4, "float32"), b)
+        ... except TypeError as exc:
+        ...     print(exc)  # ... copy it to the device first: runtime.tensor(x, dev) ...
+    """
+
+
 class PathDeniedError(RPCError, PermissionError):
     code = ErrorCode.PATH_DENIED
 
@@ -82,6 +106,28 @@ class SessionCrashedError(RPCError):
     """The session's worker process died (segfault, abort, exit() in a kernel)."""
 
     code = ErrorCode.WORKER_DIED
+
+
+class KernelCrashedError(SessionCrashedError):
+    """The kernel a call ran died (a signal such as SIGSEGV, ``abort()``, ``exit()``); the session goes on.
+
+    The session's tensors (with what the kernel wrote), modules and functions stay
+    valid, so the next call works. It is a ``SessionCrashedError`` for code that
+    caught crashes before sessions survived them.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     f(a)
+        ... except KernelCrashedError as exc:
+        ...     print(exc)   # "the kernel f was killed by signal 11 (SIGSEGV: ...) ..."
+    """
+
+    code = ErrorCode.KERNEL_CRASHED
+
+
+class CallCancelledError(RPCError):
+    """The request was cancelled by the client (it sent CANCEL after a KeyboardInterrupt); the client discards it."""
+
+    code = ErrorCode.CANCELLED
 
 
 class TooLargeError(RPCError):
@@ -130,16 +176,30 @@ _BY_CODE = {
         TooLargeError,
         UnsupportedError,
         ServerBusyError,
+        KernelCrashedError,
+        CallCancelledError,
     )
 }
 
 
+# "add_one: TypeError: argument 0 ..." (a kernel's error, either server) or "TypeError: ..." (a Python function's)
+_REMOTE_TYPE_ERROR = re.compile(r"(?:[A-Za-z_][\w.]*: )?TypeError: ")
+
+
 def error_from_code(code: int, message: str) -> RPCError:
-    """Build the exception a client raises for an error frame."""
+    """Build the exception a client raises for an error frame.
+
+    A remote error whose kind is TypeError is a :class:`RemoteTypeError`, so ``except TypeError`` works.
+
+        >>> type(error_from_code(5, "add_one: TypeError: expected 2 arguments, got 1")).__name__
+        'RemoteTypeError'
+    """
     try:
         code = ErrorCode(code)
     except ValueError:
         return RPCError(f"{message} (unknown error code {code})")
+    if code == ErrorCode.REMOTE and _REMOTE_TYPE_ERROR.match(message):
+        return RemoteTypeError(message, code=code)
     return _BY_CODE.get(code, RPCError)(message, code=code)
 
 
@@ -150,3 +210,28 @@ def code_of(exc: BaseException) -> ErrorCode:
     if isinstance(exc, FileNotFoundError):
         return ErrorCode.NOT_FOUND
     return ErrorCode.REMOTE
+
+
+class TrackerError(RPCError):
+    """The tracker refused, or no session could be had through it (also importable from ``rpc.client.tracker_session``)."""
+
+
+class KeyNotFoundError(TrackerError, LookupError):
+    """No server is registered for the requested device key (a typo, or a board not started yet).
+
+    Raised at once by ``TrackerSession.request(key)`` unless ``wait=True``. ``key`` is
+    the key asked for, ``keys`` maps each key that has servers to ``(free, total)``,
+    ``closest`` is the likeliest intended key (or None).
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     remote = tracker.request("rasp")
+        ... except KeyNotFoundError as exc:
+        ...     remote = tracker.request(exc.closest or "rasp", wait=True)
+    """
+
+    def __init__(self, message: str, *, key: str = "", keys: dict[str, tuple[int, int]] | None = None,
+                 closest: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.keys = dict(keys or {})
+        self.closest = closest

@@ -4,13 +4,19 @@
     python -m workbench.lab --servers local=2 aarch64-qemu=1
     python -m workbench.lab --no-browser --port 8888     # serve only; open the URL JupyterLab prints
     python -m workbench.lab --headless                   # run 01-quickstart without a browser, print its results
+    python -m workbench.lab --serve                      # serve JupyterLab even with no display and no terminal
     python -m workbench.lab -- --ServerApp.ip=0.0.0.0    # what follows -- goes to `jupyter lab` as it is
 
 The farm's tracker is exported to the kernels as WORKBENCH_TRACKER, so
 `%rpc_tracker` and `%rpc_connect` find it with no address. Ctrl-C (or SIGTERM)
-ends JupyterLab with its kernels, then the farm. Without a display (no $DISPLAY
-or $WAYLAND_DISPLAY on Linux) and with no terminal on stdin, the plain command
-runs the headless variant instead of serving forever.
+ends JupyterLab with its kernels, then the farm.
+
+Which variant runs: --headless or --serve say it. Otherwise the lab serves
+JupyterLab, unless there is neither a display (no $DISPLAY or $WAYLAND_DISPLAY
+on Linux) nor a terminal on stdin, as on a CI runner: then nobody could open
+the lab, so the plain command runs the headless variant and says so on its
+first line. An IDE or a script on a desktop has a display, so it serves.
+--no-browser or --port also mean serving.
 """
 from __future__ import annotations
 
@@ -75,6 +81,22 @@ def has_display() -> bool:
     if sys.platform == "darwin" or sys.platform.startswith("win"):
         return True
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def headless_reason(*, serve: bool = False, no_browser: bool = False, port: int | None = None) -> str | None:
+    """Why the plain command runs the headless variant here, or None when it serves JupyterLab.
+
+    It goes headless only when nothing asks for serving (--serve, --no-browser, --port) and there is
+    neither a display nor a terminal on stdin: a CI runner, a container, a script run from cron.
+
+        >>> headless_reason(serve=True) is None
+        True
+    """
+    if serve or no_browser or port is not None or has_display():
+        return None
+    if sys.stdin is not None and sys.stdin.isatty():
+        return None
+    return "no display ($DISPLAY and $WAYLAND_DISPLAY unset) and no terminal on stdin"
 
 
 def _require(*modules: str) -> None:
@@ -261,8 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(prog="python -m workbench.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--headless", action="store_true",
-                        help=f"run {QUICKSTART} with nbclient against the farm and print its results (no browser)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--headless", action="store_true",
+                      help=f"run {QUICKSTART} with nbclient against the farm and print its results (no browser); "
+                           "the default where there is neither a display nor a terminal")
+    mode.add_argument("--serve", action="store_true",
+                      help="serve JupyterLab even where there is neither a display nor a terminal (a script, an IDE "
+                           "without a display, a container): open the URL it prints")
     parser.add_argument("--port", type=int, default=None, help="JupyterLab's port (default: 8888 or the next free one)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser; serve and print the URL")
     parser.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, metavar="KEY=N",
@@ -279,10 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     headless = args.headless
-    if not headless and not args.no_browser and args.port is None and not has_display() \
-            and not (sys.stdin and sys.stdin.isatty()):
-        print("no display ($DISPLAY/$WAYLAND_DISPLAY unset) and no terminal on stdin: running the headless "
-              "variant (--headless). To serve JupyterLab anyway: python -m workbench.lab --no-browser", flush=True)
+    reason = None if headless else headless_reason(serve=args.serve, no_browser=args.no_browser, port=args.port)
+    if reason:
+        print(f"python -m workbench.lab: {reason}, so nobody could open the lab here: running the headless "
+              f"variant (--headless): it runs {QUICKSTART}, prints its results and exits. "
+              "To serve JupyterLab instead: python -m workbench.lab --serve (then open the URL it prints)",
+              flush=True)
         headless = True
     try:
         notebooks = notebook_dir(args.notebook_dir)
@@ -303,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("\ninterrupted", file=sys.stderr)
                 return 130
-        return serve(notebooks, farm, port=args.port, open_browser=not args.no_browser, extra=extra)
+        # --serve with no display: no browser to open, the URL JupyterLab prints is the way in
+        return serve(notebooks, farm, port=args.port, open_browser=not args.no_browser and has_display(),
+                     extra=extra)
 
 
 if __name__ == "__main__":

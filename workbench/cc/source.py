@@ -5,7 +5,9 @@
     >>> mod["add_one"](a, b)                                        # doctest: +SKIP
 
 This is what ``%%rpc_compile`` runs. Compiler messages name the source by
-``source_name`` with the line numbers of the text given, not of a temp file.
+``source_name`` with the line numbers of the text given, not of a temp file
+(counted from ``first_line``: a cell's C text starts on the line below its
+``%%rpc_compile`` line, so the magic passes 2).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Sequence
 
+from ..errors import WorkbenchError
 from .compiler import create_shared, create_tar
 from .targets import ToolchainNotFoundError, parse_target
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 EXPORTS = ("so", "tar")
 
 
-class CompileError(RuntimeError):
+class CompileError(WorkbenchError, RuntimeError):
     """The compiler rejected the source; ``message`` is its diagnostics."""
 
 
@@ -58,20 +61,29 @@ def build_source(
     export: str = "so",
     options: Sequence[str] | None = None,
     source_name: str | None = None,
+    first_line: int = 1,
 ) -> str:
     """Compile C ``source`` into ``out_dir/NAME.so`` (or ``.tar`` of objects, linked on the device); return the path.
 
-    Diagnostics come as CompileError, naming ``source_name`` (default ``NAME.c``) and the source's own lines.
+    Diagnostics come as CompileError, naming ``source_name`` (default ``NAME.c``) and the source's own lines,
+    numbered from ``first_line`` (where the text starts in the editor that shows it).
+
+        >>> build_source("int f(void) {\n  return x;\n}\n", tmp, name="f", source_name="cell",
+        ...              first_line=2)                                          # doctest: +SKIP
+        CompileError: cell: In function 'f':
+        cell:3:10: error: 'x' undeclared (first use in this function)
     """
     if export not in EXPORTS:
         raise ValueError(f"export must be one of {', '.join(EXPORTS)}, not {export!r}")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
         raise ValueError(f"module name {name!r} must be a plain file name (letters, digits, _ . -)")
+    if isinstance(first_line, bool) or not isinstance(first_line, int) or first_line < 1:
+        raise ValueError(f"first_line must be a line number >= 1, not {first_line!r}")
     cc = compiler_for(target)
     shown = source_name or f"{name}.c"
     src = os.path.join(os.fspath(out_dir), f"{name}.c")
     with open(src, "w") as f:  # the #line directive makes the compiler report the text's own name and lines
-        f.write(f'#line 1 "{_c_string(shown)}"\n{source}')
+        f.write(f'#line {first_line} "{_c_string(shown)}"\n{source}')
         if not source.endswith("\n"):
             f.write("\n")
     output = os.path.join(os.fspath(out_dir), f"{name}.{export}")
@@ -95,18 +107,20 @@ def load_source(
     export: str = "so",
     options: Sequence[str] | None = None,
     source_name: str | None = None,
+    first_line: int = 1,
     timings: dict[str, float] | None = None,
 ) -> "RemoteModule":
     """Build ``source`` for the session's device, upload it as ``NAME.so``/``NAME.tar``, load it and return the module.
 
     The target defaults to the triple the device published; ``timings``, if
     given, receives the seconds spent in ``compile`` and in ``upload_load``.
+    ``source_name`` and ``first_line`` are how diagnostics name the text (see build_source).
     """
     target = target or remote.info.get("target")
     with tempfile.TemporaryDirectory(prefix="wb-src-") as tmp:
         start = time.perf_counter()
         path = build_source(source, tmp, name=name, target=target, export=export, options=options,
-                            source_name=source_name)
+                            source_name=source_name, first_line=first_line)
         compiled = time.perf_counter()
         remote.upload(path)
         module = remote.load_module(os.path.basename(path))

@@ -10,7 +10,7 @@ the one set by ``set_default_tracker``/``start_farm``, else
 ``WORKBENCH_TRACKER=host:port`` (or TVM's ``TVM_TRACKER_HOST`` and
 ``TVM_TRACKER_PORT``), else an embedded LocalFarm started on first use.
 """
-from ..rpc.client.tracker_session import RequestCancelled, WaitStatus
+from ..rpc.client.tracker_session import KeyNotFoundError, RequestCancelled, WaitStatus
 from .local import (
     LocalFarm,
     current_farm,
@@ -24,6 +24,6 @@ from .local import (
 from .sessions import open_session
 
 __all__ = [
-    "LocalFarm", "RequestCancelled", "WaitStatus", "current_farm", "default_tracker", "open_session",
+    "KeyNotFoundError", "LocalFarm", "RequestCancelled", "WaitStatus", "current_farm", "default_tracker", "open_session",
     "parse_address", "set_default_tracker", "start_farm", "stop_farm", "tracker_from_env",
 ]

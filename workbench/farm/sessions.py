@@ -2,8 +2,9 @@
 
     >>> from workbench.farm import open_session
     >>> remote = open_session(key="local")                  # a free "local" device of the default tracker
-    >>> remote = open_session("10.0.0.5:9090")              # doctest: +SKIP   (a server, directly)
+    >>> remote = open_session("10.0.0.5:9090")              # a server, directly  # doctest: +SKIP
     >>> remote = open_session(key="rasp", tracker="tracker:9190", timeout=60)   # doctest: +SKIP
+    >>> remote = open_session(key="rasp", wait=True)        # queue until a "rasp" server registers  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def open_session(
     cancel: threading.Event | None = None,
     progress: bool | None = None,
     auth_token: str | None = None,
+    wait: bool = False,
 ) -> RPCSession:
     """Connect to a server (``address``; a proxy too, with ``key``) or get a free device of ``key`` from a tracker.
 
@@ -35,7 +37,10 @@ def open_session(
     to the embedded farm's first key, or the only key the tracker serves.
     While queued, ``on_wait`` gets a ``WaitStatus`` about every quarter second;
     ``timeout`` bounds the wait, and setting ``cancel`` (a ``threading.Event``)
-    or Ctrl-C withdraws the request from the tracker's queue.
+    or Ctrl-C withdraws the request from the tracker's queue. A key no server
+    is registered for fails at once with a ``KeyNotFoundError`` naming the keys
+    there are and the closest one, unless ``wait=True`` (then it queues until
+    one registers, like TVM's client).
     """
     if address is not None:
         if tracker is not None:
@@ -48,7 +53,7 @@ def open_session(
         if key is None:
             key = _default_key(session, tracker_addr)
         return session.request(key, priority=priority, session_timeout=session_timeout, timeout=timeout,
-                               auth_token=auth_token, on_wait=on_wait, cancel=cancel, progress=progress)
+                               auth_token=auth_token, on_wait=on_wait, cancel=cancel, progress=progress, wait=wait)
 
 
 def _default_key(tracker: TrackerSession, addr: tuple[str, int]) -> str:
@@ -61,5 +66,5 @@ def _default_key(tracker: TrackerSession, addr: tuple[str, int]) -> str:
     if not keys:
         raise TrackerError(f"the tracker at {tracker.address} has no servers registered; start one "
                            f"(python -m workbench.exec.rpc_server --tracker {tracker.address} --key NAME) "
-                           "or name a key to wait for")
+                           "or wait for one: key=NAME, wait=True (%rpc_connect --key NAME --wait)")
     raise TrackerError(f"the tracker at {tracker.address} serves several keys ({', '.join(keys)}): name one with key=")

@@ -8,8 +8,18 @@
     >>> DevicePicker()                 # doctest: +SKIP   (the default tracker's devices, live)
 
 Imported only inside IPython; the core (workbench.rpc, runtime, cc, results,
-farm) never imports it.
+farm) never imports it. It needs the package's notebook extra:
+``pip install "rpc-workbench[notebook]"``.
 """
+try:
+    import IPython  # noqa: F401  (the magics are IPython's; the rest of the extra loads when used)
+except ImportError as exc:
+    raise ModuleNotFoundError(
+        'workbench.notebook needs IPython, which is not installed: install the notebook extra with '
+        'pip install "rpc-workbench[notebook]" (in a clone of the repository: pip install -e ".[notebook]")',
+        name=exc.name or "IPython",
+    ) from None
+
 from .magics import MagicError, WorkbenchMagics, load_ipython_extension, unload_ipython_extension
 
 

@@ -1,7 +1,7 @@
 """The IPython magics: ``%load_ext workbench`` registers them.
 
     %rpc_farm --servers local=2          start the embedded farm, the default tracker from now on
-    %rpc_tracker [HOST:PORT]             set the default tracker and show the live device picker
+    %rpc_tracker [HOST:PORT]             show the default tracker (or set it) and its live device picker
     %rpc_connect [HOST:PORT] [--key K]   bind a session as `remote` (no address: a free device of the tracker)
     %rpc_disconnect [NAME]               close a bound session
     %%rpc_compile NAME                   compile the cell's C kernel, upload, load, bind the module as NAME
@@ -28,6 +28,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from . import tracebacks
 from .. import cc
 from ..errors import WorkbenchError
 from ..farm import default_tracker, open_session, set_default_tracker, start_farm, stop_farm
@@ -37,15 +38,19 @@ from ..rpc.client.session import RemoteFunction, RemoteModule, RPCSession
 
 log = logging.getLogger("workbench.notebook")
 DEFAULT_SESSION = "remote"
+CELL_FIRST_LINE = 2  # a %%rpc_compile cell's C text starts below the magic's line: line 2 in the editor
 
 
 class MagicError(Exception):
     """A magic failed for a reason the user can act on: shown as one line, without a traceback."""
 
 
-def _show_magic_error(shell, etype, value, tb, tb_offset=None):
-    """Show a MagicError as its message alone (ipykernel sends it to the front end as the cell's error)."""
-    shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+def _discard(session: RPCSession, module: RemoteModule) -> None:
+    """Remove the file of a module that will not be bound (best effort: the session may refuse or be gone)."""
+    try:
+        session.remove(module.path)
+    except (WorkbenchError, OSError) as exc:
+        log.debug("could not remove %s: %s", module.path, exc)
 
 
 def _unquote(value: str) -> str:
@@ -55,11 +60,51 @@ def _unquote(value: str) -> str:
     return value
 
 
+def _tracker_origin(addr: tuple[str, int]) -> str:
+    """Where the default tracker ``addr`` comes from, for %rpc_tracker's first line: " (the embedded farm)"."""
+    from ..farm import current_farm, tracker_from_env
+
+    farm = current_farm()
+    if farm is not None and farm.tracker_addr == addr:
+        return " (the embedded farm)"
+    try:
+        if tracker_from_env() == addr:
+            return " (configured: $WORKBENCH_TRACKER or TVM_TRACKER_HOST/PORT)"
+    except ValueError:
+        pass
+    return " (set by %rpc_tracker HOST:PORT)"
+
+
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment`` (a ``#`` after a space, outside quotes), as in Python or a shell.
+
+        >>> strip_comment('--servers local=2   # an embedded farm')
+        '--servers local=2'
+        >>> strip_comment('mod["a #1"](a, b) -r 3')
+        'mod["a #1"](a, b) -r 3'
+    """
+    quote, escaped = None, False
+    for i, ch in enumerate(line):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
+
+
 def _friendly(func: Callable) -> Callable:
     """Parse the magic's arguments; turn the library's errors into one-line MagicErrors unless --debug."""
 
     @functools.wraps(func)
     def wrapper(self: "WorkbenchMagics", line: str, cell: str | None = None):
+        line = strip_comment(line)  # IPython hands a magic its whole line, a trailing "# ..." included
         debug = "--debug" in line.split()
         try:
             return func(self, line) if cell is None else func(self, line, cell)
@@ -142,28 +187,32 @@ class WorkbenchMagics(Magics):
     # -- %rpc_tracker ---------------------------------------------------------------------
     @magic_arguments()
     @argument("address", nargs="?", metavar="HOST:PORT",
-              help="the tracker (default: $WORKBENCH_TRACKER or TVM_TRACKER_HOST/PORT, else the embedded farm)")
+              help="make this tracker the default (none: show the current default and keep it)")
     @argument("--interval", type=float, default=1.0, help="seconds between polls of the device panel")
-    @argument("--no-picker", action="store_true", help="only set the default tracker; print its summary")
+    @argument("--no-picker", action="store_true", help="no device panel; print the tracker's summary")
     @argument("--debug", action="store_true", help="show the full traceback of an error")
     @line_magic
     @_friendly
     def rpc_tracker(self, line: str = ""):
-        """Set the default tracker and show the live device panel (pick a key, press Connect).
+        """Show the default tracker's live device panel (pick a key, press Connect); with HOST:PORT, set it first.
 
-        %rpc_tracker                    the configured tracker, else the embedded farm (started on demand)
-        %rpc_tracker 10.0.0.2:9190      a tracker of yours (ours or TVM's)
+        %rpc_tracker                    the current default: the farm of %rpc_farm, else the configured
+                                        tracker ($WORKBENCH_TRACKER), else the embedded farm (started on
+                                        demand); never changes which one it is
+        %rpc_tracker 10.0.0.2:9190      make a tracker of yours the default (ours or TVM's)
         """
         args = parse_argstring(self.rpc_tracker, line)
         if args.interval <= 0:
             raise UsageError("--interval must be > 0 seconds")
-        set_default_tracker(args.address)
+        if args.address:
+            set_default_tracker(args.address)
         addr = default_tracker()
+        print(f"default tracker: {addr[0]}:{addr[1]}{_tracker_origin(addr)}")
         if args.no_picker:
             from ..rpc.client.tracker_session import TrackerSession
 
             with TrackerSession(addr) as tracker:
-                print(f"default tracker: {tracker.address}\n")
+                print()
                 print(tracker.text_summary())
             return None
         from .picker import DevicePicker
@@ -182,6 +231,8 @@ class WorkbenchMagics(Magics):
     @argument("--session-timeout", type=float, default=0, metavar="S",
               help="the server ends the session after S seconds (default 0: no limit)")
     @argument("--timeout", type=float, default=None, metavar="S", help="give up waiting for a device after S seconds")
+    @argument("--wait", action="store_true",
+              help="queue for a key no server is registered for yet (default: fail at once, naming the keys there are)")
     @argument("-o", "--name", default=DEFAULT_SESSION, metavar="NAME", help="the name to bind (default: remote)")
     @argument("--debug", action="store_true", help="show the full traceback of an error")
     @line_magic
@@ -191,9 +242,12 @@ class WorkbenchMagics(Magics):
 
         %rpc_connect                          a free device of the default tracker (the farm's first key)
         %rpc_connect --key rasp4 --timeout 60 a free "rasp4" device, waiting at most a minute
+        %rpc_connect --key rasp4 --wait       queue even if no "rasp4" server has registered yet
         %rpc_connect 192.168.1.7:9090         a server, directly
 
-        While queued, a bar shows the place in the queue and the time waited;
+        A key no server is registered for fails at once, naming the keys there
+        are and the closest one (unless --wait). While queued, a bar shows the
+        place in the queue, the time waited and the keys there are;
         interrupting the kernel cancels the request.
         """
         args = parse_argstring(self.rpc_connect, line)
@@ -203,8 +257,10 @@ class WorkbenchMagics(Magics):
             raise UsageError("--timeout must be > 0 seconds")
         if not args.name.isidentifier():
             raise UsageError(f"-o takes a Python name, not {args.name!r}")
+        if args.address and args.wait:
+            raise UsageError("--wait is for a tracker's queue: it does not go with a server address")
         session = open_session(args.address, key=args.key, tracker=args.tracker, priority=args.priority,
-                               session_timeout=args.session_timeout, timeout=args.timeout)
+                               session_timeout=args.session_timeout, timeout=args.timeout, wait=args.wait)
         self._bind(args.name, session)
         display(session)
         return None
@@ -240,7 +296,9 @@ class WorkbenchMagics(Magics):
         #include <workbench_kernel.h>
         WB_KERNEL(add_one) { ... }
 
-        Compiler errors name the cell's own lines ("cell:3:10: error: ...").
+        Compiler errors name the lines as the notebook numbers them, the
+        %%rpc_compile line being line 1 ("cell:4:10: error: ..."). A cell with
+        no WB_KERNEL(name) is an error: the module would have nothing to call.
         """
         args = parse_argstring(self.rpc_compile, line)
         if not args.name.isidentifier():
@@ -255,11 +313,17 @@ class WorkbenchMagics(Magics):
         self.last_compile_timings = {}
         try:
             module = cc.load_source(session, cell, name=args.name, target=args.target, export=args.export,
-                                    options=flags, source_name="cell", timings=self.last_compile_timings)
+                                    options=flags, source_name="cell", first_line=CELL_FIRST_LINE,
+                                    timings=self.last_compile_timings)
         except cc.CompileError as exc:
             if args.debug:
                 raise
             raise MagicError(f"the C compiler rejected the cell:\n{exc}") from None
+        if not module.function_names:
+            _discard(session, module)
+            raise MagicError(f"rpc_compile: the cell declares no kernel, so `{args.name}` would have no function to "
+                             f"call: declare one with WB_KERNEL(name) {{ ... }} from #include <workbench_kernel.h>, "
+                             f"e.g. WB_KERNEL({args.name}) {{ ...; return 0; }}")
         self._bind(args.name, module)
         display(module)
         return None
@@ -347,7 +411,8 @@ class WorkbenchMagics(Magics):
     def rpc_results(self, line: str = ""):
         """The timings of %rpc_time so far: a DataFrame (one row per repeat), a plot, or a file.
 
-        %rpc_results                 the tidy DataFrame
+        %rpc_results                 the tidy DataFrame (times in seconds)
+        %rpc_results --summary       one row per run, each time column in one unit (mean (µs), ...)
         %rpc_results --plot --kind bar
         %rpc_results --csv timings.csv
         """
@@ -408,11 +473,15 @@ def _is_call(text: str) -> bool:
 
 
 def load_ipython_extension(ipython) -> None:
-    """Register the magics (``%load_ext workbench``) and the one-line display of their errors."""
+    """Register the magics (``%load_ext workbench``) and the short display of errors.
+
+    A magic's error shows as one line; an error the workbench raises on purpose in a
+    plain call (``mod["f"](a)``, ``remote.download(...)``) shows the cell's frames and
+    the message, not the library's (``%tb`` shows all; see ``workbench.notebook.tracebacks``).
+    """
     magics = WorkbenchMagics(ipython)
     ipython.register_magics(magics)
-    if not ipython.custom_exceptions or ipython.custom_exceptions == (MagicError,):
-        ipython.set_custom_exc((MagicError,), _show_magic_error)
+    tracebacks.install(ipython, MagicError)
     log.debug("rpc-workbench magics loaded")
 
 
@@ -420,7 +489,6 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get(WorkbenchMagics.__name__)
     if magics is not None:
         magics.close()
-    if ipython.custom_exceptions == (MagicError,):
-        ipython.set_custom_exc((), None)
+    tracebacks.uninstall(ipython)
     if sys.modules.get("workbench.farm"):
         stop_farm()

@@ -110,13 +110,36 @@ class BenchmarkResult:
     In a notebook it shows as a small table with a sparkline of the repeats.
     """
 
-    def __init__(self, results: Sequence[float], *, name: str = "", device: str = "", config: dict[str, Any] | None = None):
+    def __init__(self, results: Sequence[float], *, name: str = "", device: str = "",
+                 config: dict[str, Any] | None = None, numbers: Sequence[int] | None = None,
+                 context: dict[str, str] | None = None):
         if not results:
             raise ValueError("a BenchmarkResult needs at least one timing")
         self.results = tuple(float(r) for r in results)
         self.name = name
         self.device = device
         self.config = dict(config or {})
+        #: the calls each repeat actually made (the device may raise ``number`` for min_repeat_ms), or None
+        self.numbers: tuple[int, ...] | None = None
+        if numbers is not None:
+            if len(numbers) != len(self.results) or any(isinstance(n, bool) or int(n) < 1 for n in numbers):
+                raise ValueError(f"numbers must hold one call count >= 1 per repeat ({len(self.results)}), "
+                                 f"not {list(numbers)!r:.80}")
+            self.numbers = tuple(int(n) for n in numbers)
+        #: where it ran: key, server (address), arch and target of the session, where known
+        self.context: dict[str, str] = {k: str(v) for k, v in (context or {}).items() if v is not None}
+
+    @property
+    def number(self) -> int | None:
+        """Calls per repeat: what each repeat made (the smallest where they differ), else the requested ``number``.
+
+            >>> BenchmarkResult([1e-6, 1e-6], config={"number": 1}, numbers=[5000, 5000]).number
+            5000
+        """
+        if self.numbers is not None:
+            return min(self.numbers)
+        number = self.config.get("number")
+        return None if number is None else int(number)
 
     @property
     def mean(self) -> float:
@@ -161,8 +184,12 @@ class BenchmarkResult:
         """
         runs = len(self.results)
         detail = f"mean ± std. dev. of {runs} run{'s' if runs != 1 else ''}"
-        number, min_ms = self.config.get("number"), self.config.get("min_repeat_ms") or 0
-        if number is not None and min_ms > 0:  # the device raised number until a run lasted min_repeat_ms
+        number, min_ms = self.number, self.config.get("min_repeat_ms") or 0
+        if self.numbers is not None and len(set(self.numbers)) > 1:
+            detail += f", {min(self.numbers)}–{max(self.numbers)} calls each"
+        elif self.numbers is not None:
+            detail += f", {number} call{'s' if number != 1 else ''} each"
+        elif number is not None and min_ms > 0:  # the device raised number until a run lasted min_repeat_ms
             detail += f", each at least {number} call{'s' if number != 1 else ''} and {min_ms:g} ms"
         elif number is not None:
             detail += f", {number} call{'s' if number != 1 else ''} each"
@@ -173,7 +200,7 @@ class BenchmarkResult:
         plt = pyplot()
 
         if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3))
+            _, ax = plt.subplots(figsize=(6.4, 3.6))
         scale, unit = time_unit(self.median)
         ax.bar(range(len(self.results)), [r * scale for r in self.results], color="#4878a8")
         ax.axhline(self.mean * scale, color="#c44e52", label=f"mean {format_seconds(self.mean)}")
@@ -186,11 +213,13 @@ class BenchmarkResult:
     def _repr_html_(self) -> str:
         scale, unit = time_unit(self.median)
         stats = [("mean", self.mean), ("median", self.median), ("min", self.min), ("max", self.max), ("std", self.std)]
-        head = "".join(f"<th>{label}</th>" for label, _ in stats)
-        cells = "".join(f"<td>{_number(value * scale, 4)} {unit}</td>" for _, value in stats)
-        number = self.config.get("number")
-        if number is not None and (self.config.get("min_repeat_ms") or 0) > 0:
-            number = f"≥ {number}"  # the device raised it until a run lasted min_repeat_ms
+        head = "".join(f"<th>{label} ({unit})</th>" for label, _ in stats)
+        cells = "".join(f"<td>{_number(value * scale, 4)}</td>" for _, value in stats)
+        number: Any = self.number
+        if self.numbers is not None and len(set(self.numbers)) > 1:
+            number = f"{min(self.numbers)}–{max(self.numbers)}"
+        elif self.numbers is None and number is not None and (self.config.get("min_repeat_ms") or 0) > 0:
+            number = f"≥ {number}"  # the device raised it until a run lasted min_repeat_ms (a server before 15)
         shown = [format_seconds(r) for r in self.results[:20]]
         spark = sparkline_svg(self.results, title="per-repeat time per call: " + ", ".join(shown)
                               + (", …" if len(self.results) > len(shown) else ""))
@@ -206,12 +235,14 @@ class BenchmarkResult:
 
     def __repr__(self) -> str:
         scale, unit = time_unit(self.median)
-        return (
-            f"BenchmarkResult({self.name or 'function'}: mean {self.mean * scale:.4g} {unit}, "
-            f"median {self.median * scale:.4g} {unit}, min {self.min * scale:.4g} {unit}, "
-            f"max {self.max * scale:.4g} {unit}, std {self.std * scale:.4g} {unit}, "
-            f"{len(self.results)} repeats)"
-        )
+        stats = ", ".join(f"{label} {_number(value * scale, 4)} {unit}" for label, value in (
+            ("mean", self.mean), ("median", self.median), ("min", self.min), ("max", self.max), ("std", self.std)))
+        number = self.number
+        calls = "" if number is None else f", {number} call{'s' if number != 1 else ''} each"
+        return f"BenchmarkResult({self.name or 'function'}: {stats}, {len(self.results)} repeats{calls})"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 _unit = time_unit  # the old private name

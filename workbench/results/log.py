@@ -106,19 +106,26 @@ class ResultLog:
         if clash:
             raise ValueError(f"extra column(s) {clash} clash with the log's own columns; pass them under another name")
         shapes, dtypes = _describe_args(args)
-        number = result.config.get("number") if isinstance(getattr(result, "config", None), dict) else None
         repeats = len(result.results)
+        numbers = getattr(result, "numbers", None)  # the calls each repeat actually made, where the server said
+        if numbers is None or len(numbers) != repeats:
+            number = result.config.get("number") if isinstance(getattr(result, "config", None), dict) else None
+            numbers = [number] * repeats
         now = pd.Timestamp.now()
+        where = _session_context(session)
+        known = getattr(result, "context", None) or {}  # where the result says it ran (time_evaluator fills it)
+        for name in where:
+            where[name] = where[name] or str(known.get(name) or "")
         context = dict(
             function=str(getattr(result, "name", "") or ""),
             device=str(getattr(result, "device", "") or ""),
-            shapes=shapes, dtypes=dtypes, **_session_context(session),
+            shapes=shapes, dtypes=dtypes, **where,
         )
         rows = pd.DataFrame(
             {
                 "run": pd.Series([0] * repeats, dtype="int64"),  # numbered under the lock below
                 **{name: pd.Series([context[name]] * repeats, dtype="str") for name in context},
-                "number": pd.Series([number] * repeats, dtype="Int64"),
+                "number": pd.Series(list(numbers), dtype="Int64"),
                 "repeat": pd.Series(range(repeats), dtype="int64"),
                 "repeats": pd.Series([repeats] * repeats, dtype="int64"),
                 "seconds": pd.Series(result.results, dtype="float64"),
@@ -168,7 +175,16 @@ class ResultLog:
             return sum(len(part) for part in self._parts)
 
     def summary(self):
-        """One row per run: function, key, server, extra columns, mean, std, min, median, max, repeats, number."""
+        """One row per run: function, key, server, extra columns, mean, std, min, median, max, repeats, number.
+
+        The times stay in seconds (``summary()["mean"]``); shown in a notebook or
+        printed, each time column is in the one unit (ns, µs, ms or s) that suits
+        its median, named in its header (``mean (µs)``). ``number`` is the calls
+        per repeat (the smallest, where the repeats of a run differ).
+
+            >>> print(log.summary())                                   # doctest: +SKIP
+             run function key server  mean (µs)  std (ns) ...
+        """
         import pandas as pd
 
         frame = self._frame()
@@ -177,16 +193,17 @@ class ResultLog:
         keys = ["run", "function", "key", "server"]
         out_columns = keys + extras + list(_STATS) + ["repeats", "number"]
         if frame.empty:
-            return pd.DataFrame({name: pd.Series(dtype=_DTYPES.get(name, "float64")) for name in out_columns})
+            return TimingSummary({name: pd.Series(dtype=_DTYPES.get(name, "float64")) for name in out_columns})
         grouped = frame.groupby("run", sort=True)
-        summary = grouped[keys[1:] + extras + ["repeats", "number"]].first()
+        summary = grouped[keys[1:] + extras + ["repeats"]].first()
+        summary["number"] = grouped["number"].min()
         seconds = grouped["seconds"]
         summary["mean"] = seconds.mean()
         summary["std"] = seconds.std(ddof=0)  # as BenchmarkResult.std
         summary["min"] = seconds.min()
         summary["median"] = seconds.median()
         summary["max"] = seconds.max()
-        return summary.reset_index()[out_columns]
+        return TimingSummary(summary.reset_index()[out_columns])
 
     # -- export ------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> str:
@@ -209,25 +226,11 @@ class ResultLog:
         """The last runs of the summary as display strings (HTML-escaped), times in one unit, with sparklines."""
         import pandas as pd
 
-        summary = self.summary().tail(last)
-        scale, unit = time_unit(float(summary["median"].median()))
-
-        def cell(value: Any) -> str:
-            if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
-                return ""
-            if isinstance(value, float):
-                return f"{value:g}"
-            return html.escape(str(value))
-
-        shown = pd.DataFrame(index=summary.index)
-        for name in summary.columns:
-            if name in _STATS:
-                shown[f"{name} ({unit})"] = [_number(float(v) * scale, 4) for v in summary[name]]
-            else:
-                shown[html.escape(str(name))] = [cell(v) for v in summary[name]]
+        summary = pd.DataFrame(self.summary().tail(last))
+        shown = readable(summary, escape=True, precision=4)
         per_run = self._frame().groupby("run")["seconds"].apply(list)
         shown["per repeat"] = [sparkline_svg(per_run[run], width=90, height=18) for run in summary["run"]]
-        return shown, unit
+        return shown, time_unit(float(summary["median"].median()))[1]
 
     def _repr_html_(self) -> str:
         if len(self) == 0:
@@ -282,8 +285,8 @@ class ResultLog:
         data = [[v * scale for v in groups[name]] for name in names]
         positions = list(range(1, len(names) + 1))
         created = ax is None
-        if created:
-            _, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.5))
+        if created:  # wide enough for its labels, never a thin strip: 6.4 x 4 in (matplotlib's default) at least
+            _, ax = plt.subplots(figsize=(min(16.0, max(6.4, 1.1 * len(names) + 2)), 4.0))
         if kind == "box":
             ax.boxplot(data, positions=positions, widths=0.6, patch_artist=True,
                        boxprops={"facecolor": "#c6d6e8", "edgecolor": "#2f5d8a"},
@@ -297,11 +300,103 @@ class ResultLog:
         ax.set_xticks(positions, names)
         ax.set_ylabel(f"time per call ({unit})")
         ax.set_ylim(bottom=0)
-        if len(names) > 3 or max(len(name) for name in names) > 12:
+        if len(names) == 1:  # one group: a box in the middle of the plot, not one filling it edge to edge
+            ax.set_xlim(0.25, 1.75)
+        longest = max(len(name) for name in names)
+        width_per_label = ax.figure.get_figwidth() * 72 / len(names)  # points
+        if longest * 6.5 > width_per_label:  # labels that would overlap (about 6.5 pt per character): tilt them
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
         if created:
             ax.figure.tight_layout()
         return ax
+
+
+def column_unit(seconds: Any) -> tuple[float, str]:
+    """The one unit for a column of durations in seconds: the one its median reads between 1 and 1000 in.
+
+        >>> column_unit([1.2e-6, 3e-6, 2e-3])
+        (1000000.0, 'µs')
+    """
+    import pandas as pd
+
+    values = pd.Series(seconds, dtype="float64").dropna()
+    values = values[values != 0].abs()
+    return time_unit(float(values.median()) if len(values) else 0.0)
+
+
+def readable(summary: Any, *, escape: bool = False, precision: int = 3):
+    """A copy of ``summary`` for showing: each time column in its own unit (header ``mean (µs)``), as text.
+
+    Numbers never go to exponent notation; other columns are shown as they are
+    (missing values as empty cells). ``escape`` HTML-escapes the text cells.
+
+        >>> readable(log.summary())                                  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    def cell(value: Any) -> str:
+        if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
+            return ""
+        if isinstance(value, float):
+            value = _number(value, 6)
+        return html.escape(str(value)) if escape else str(value)
+
+    shown = pd.DataFrame(index=summary.index)
+    for name in summary.columns:
+        if name in _STATS or name == "seconds":
+            scale, unit = column_unit(summary[name])
+            shown[f"{name} ({unit})"] = ["" if pd.isna(v) else _number(float(v) * scale, precision)
+                                         for v in summary[name]]
+        else:
+            shown[html.escape(str(name)) if escape else str(name)] = [cell(v) for v in summary[name]]
+    return shown
+
+
+def _summary_class() -> type:
+    """``TimingSummary``, a pandas DataFrame subclass, made on first use (pandas is imported only then)."""
+    cls = globals().get("TimingSummary")
+    if isinstance(cls, type):
+        return cls
+    import pandas as pd
+
+    class TimingSummary(pd.DataFrame):
+        """``ResultLog.summary()``: a pandas DataFrame in seconds that shows each time column in a readable unit.
+
+        Computing with it works on seconds (``s["mean"].max()``); printing it or
+        showing it in a notebook gives ``mean (µs)`` columns with plain numbers, on
+        one line per row (no wrapping). ``readable(s)`` is the shown table as a DataFrame.
+
+            >>> s = log.summary(); s["mean"].iloc[0]                     # doctest: +SKIP
+            1.234e-06
+        """
+
+        @property
+        def _constructor(self):
+            return TimingSummary
+
+        def _timed(self) -> bool:
+            return not self.empty and any(name in _STATS for name in self.columns)
+
+        def __repr__(self) -> str:
+            return readable(self).to_string(index=False) if self._timed() else super().__repr__()
+
+        def __str__(self) -> str:
+            return self.__repr__()
+
+        def _repr_html_(self) -> str:
+            if not self._timed():
+                return super()._repr_html_()
+            return readable(self, escape=True).to_html(index=False, escape=False, na_rep="", border=0,
+                                                       classes="wb-result-summary")
+
+    TimingSummary.__module__, TimingSummary.__qualname__ = __name__, "TimingSummary"  # picklable by name
+    globals()["TimingSummary"] = TimingSummary
+    return TimingSummary
+
+
+def TimingSummary(*args: Any, **kwargs: Any):  # noqa: N802  (replaced by the class on first use)
+    """A ``TimingSummary`` (see ``_summary_class``); the name becomes the class itself on first use."""
+    return _summary_class()(*args, **kwargs)
 
 
 _default: ResultLog | None = None

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from typing import Any, NamedTuple, Sequence
 
-from ..errors import BadRequestError, RemoteError, RemoteNotFoundError
+from ..errors import BadRequestError, RemoteError, RemoteNotFoundError, RemoteTypeError
 from .timer import MAX_CACHE_FLUSH_BYTES  # time_evaluator's cache_flush_bytes: 1 GiB covers every cache there is
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,20 @@ PackedFunc = ctypes.CFUNCTYPE(
 
 class KernelError(RemoteError):
     """A kernel returned an error (its own message is the exception text)."""
+
+
+class KernelTypeError(KernelError, RemoteTypeError):
+    """A kernel failed with a TypeError: a checked argument (``WB_ARG_TENSOR_OF``...) or ``WB_FAIL("TypeError", ...)``."""
+
+
+def _kernel_error(name: str) -> KernelError:
+    """The exception for the kernel ``name`` that returned -1: a TypeError kind stays a TypeError.
+
+        >>> isinstance(KernelTypeError("add_one: TypeError: expected 2 arguments, got 1"), TypeError)
+        True
+    """
+    text = _last_error()
+    return (KernelTypeError if text.startswith("TypeError: ") else KernelError)(f"{name}: {text}")
 
 
 # -- the shim ------------------------------------------------------------------
@@ -490,7 +504,7 @@ class NativeFunction:
         arr, _keep = pack_args(args)
         ret = TVMFFIAny()
         if self._fn(None, arr, len(args), ctypes.byref(ret)) != 0:
-            raise KernelError(f"{self.name}: {_last_error()}")
+            raise _kernel_error(self.name)
         return _decode_ret(ret)
 
     def time_calls(self, args: Sequence[Any], number: int, cache_flush_bytes: int = 0) -> float:
@@ -508,7 +522,7 @@ class NativeFunction:
         else:
             rc = shim().wb_time_calls(self.address, arr, len(args), number, ctypes.byref(elapsed))
         if rc != 0:
-            raise KernelError(f"{self.name}: {_last_error()}")
+            raise _kernel_error(self.name)
         return elapsed.value / 1e9
 
     def __repr__(self) -> str:

@@ -65,6 +65,7 @@ def time_repeats(
     preproc: Callable[[], None] | None = None,
     flush: Callable[[], None] | None = None,
     warmup: Callable[[int], float] | None = None,
+    counts: list[int] | None = None,
 ) -> list[float]:
     """Seconds per call for each of ``repeat`` repeats.
 
@@ -77,10 +78,13 @@ def time_repeats(
     ``cooldown_interval_ms``. ``flush()`` (the cache flush) runs before every
     measured run, so that the run a repeat reports starts with cold caches; a
     ``run`` that flushes itself (in C, next to the clock) comes with a
-    ``warmup(n)`` that does not, for the warm-up call.
+    ``warmup(n)`` that does not, for the warm-up call. ``counts``, when given,
+    gets the number of calls each repeat actually made (``min_repeat_ms`` may
+    have grown it), one entry per repeat.
 
-        >>> time_repeats(lambda n: n * 1e-6, number=5, repeat=2)
-        [1e-06, 1e-06]
+        >>> calls = []
+        >>> time_repeats(lambda n: n * 1e-6, number=5, repeat=2, counts=calls), calls
+        ([1e-06, 1e-06], [5, 5])
     """
     if number < 1 or repeat < 1:
         raise ValueError(f"number and repeat must be >= 1 (got number={number}, repeat={repeat})")
@@ -106,6 +110,8 @@ def time_repeats(
             if duration_ms >= min_repeat_ms or zero_times >= limit_zero_time_iterations or number >= MAX_NUMBER:
                 break
         results.append(seconds / number)
+        if counts is not None:
+            counts.append(number)
         if cooldown_interval_ms > 0 and (i + 1) % repeats_to_cooldown == 0 and i + 1 < repeat:
             time.sleep(cooldown_interval_ms / 1e3)
     return results

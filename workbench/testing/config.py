@@ -65,7 +65,9 @@ class RPCConfig:
 
     Fields left None come from ``WORKBENCH_TRACKER_HOST``/``_PORT``/``_KEY``, or
     TVM's ``TVM_TRACKER_HOST``/``_PORT``/``_KEY`` (see :meth:`normalized`).
-    ``session_timeout_sec`` ends a session that runs longer (0: never).
+    ``session_timeout_sec`` ends a session that runs longer (0: never). A
+    ``tracker_key`` no server is registered for fails at once with a
+    ``KeyNotFoundError`` naming the keys there are; ``wait=True`` queues until one registers.
 
         >>> RPCConfig.normalized(RPCConfig(tracker_key="rasp"))   # host and port from the environment  # doctest: +SKIP
     """
@@ -75,6 +77,7 @@ class RPCConfig:
     tracker_key: str | None = None
     session_priority: int = 1
     session_timeout_sec: float = 10
+    wait: bool = False
 
     @classmethod
     def normalized(cls, config: "RPCConfig | None" = None) -> "RPCConfig":
@@ -117,4 +120,4 @@ class RPCConfig:
         config = RPCConfig.normalized(self)
         with config.connect_tracker() as tracker:
             return tracker.request(config.tracker_key, priority=config.session_priority,
-                                   session_timeout=config.session_timeout_sec)
+                                   session_timeout=config.session_timeout_sec, wait=config.wait)

@@ -100,7 +100,11 @@ def local_run(
     export, output_format = _normalize_export(export_func, output_format)
     session = LocalSession()
     try:
-        return _run(session, mod, device_type, args, evaluator_config, export, output_format)
+        out, result = _run(session, mod, device_type, args, evaluator_config, export, output_format)
+        context = getattr(result, "context", None)
+        if isinstance(context, dict) and not context.get("key"):
+            context["key"] = "local"  # this machine, as the farm's key for host servers
+        return out, result
     finally:
         session.close()
 
@@ -148,6 +152,19 @@ def _to_device(args: Sequence[Any], dev: Any) -> list[Any]:
     return sent
 
 
+def _where(result: Any, session: Any) -> None:
+    """Fill what ``result.context`` lacks (key, server, arch, target) from ``session``: the log's columns."""
+    context = getattr(result, "context", None)
+    if not isinstance(context, dict):
+        return
+    info = getattr(session, "info", None) or {}
+    known = {"key": info.get("key"), "server": getattr(session, "address", None), "arch": info.get("arch"),
+             "target": info.get("target")}
+    for name, value in known.items():
+        if not context.get(name) and value:
+            context[name] = str(value)
+
+
 def _run(session: Any, mod: Any, device_type: str, args: Sequence[Any], config: EvaluatorConfig,
          export: Callable[[Any, str], Any], output_format: str) -> tuple[list[Any], "BenchmarkResult"]:
     from ..runtime.tensors import Tensor
@@ -173,6 +190,7 @@ def _run(session: Any, mod: Any, device_type: str, args: Sequence[Any], config: 
             remote_mod.entry_name, dev, number=config.number, repeat=config.repeat,
             min_repeat_ms=config.min_repeat_ms, cache_flush_bytes=config.cache_flush_bytes,
         )(*sent)
+        _where(result, session)
         log.debug("%s on %s: %s", remote_mod.entry_name, session.name, result)
         return [a.numpy() if isinstance(a, Tensor) else a for a in sent], result
     finally:

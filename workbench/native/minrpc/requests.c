@@ -1322,7 +1322,10 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
     /* one warm-up call (page faults, lazy binding, caches), without the cache flush */
     if (timed_run(f, values, nargs, packed, 1, 0, &seconds, err)) return -1;
     mp_buf* b = &S.c->out;
-    mp_put_array(b, (uint32_t)repeat);
+    /* the calls each repeat made (min_repeat_ms may grow number): sent after the timings, as one array */
+    int64_t* counts = (int64_t*)mp_alloc(&S.arena, (size_t)repeat * sizeof(int64_t));
+    if (!counts) return mr_fail(err, MR_REMOTE, "out of memory for %lld results", (long long)repeat);
+    mp_put_array(b, (uint32_t)repeat + 1);
     for (int64_t i = 0; i < repeat; ++i) {
         if (has_preproc && run_builtin(&preproc, values, nargs, err)) return -1;
         double duration_ms = 0.0;
@@ -1339,6 +1342,7 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
             if (duration_ms >= min_repeat_ms || zero_times >= limit_zero || number >= MAX_NUMBER) break;
         }
         mp_put_float(b, seconds / (double)number);
+        counts[i] = number;
         if (b->failed) return mr_fail(err, MR_REMOTE, "out of memory for %lld results", (long long)repeat);
         if (cooldown_ms > 0 && (i + 1) % repeats_to_cooldown == 0 && i + 1 < repeat) {
             double secs = cooldown_ms / 1e3;
@@ -1347,6 +1351,9 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
             }
         }
     }
+    mp_put_array(b, (uint32_t)repeat);
+    for (int64_t i = 0; i < repeat; ++i) mp_put_int(b, counts[i]);
+    if (b->failed) return mr_fail(err, MR_REMOTE, "out of memory for %lld results", (long long)repeat);
     return 0;
 }
 

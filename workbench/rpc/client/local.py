@@ -42,6 +42,11 @@ class LocalSession(RPCSession):
     def _call(self, kind: int, args: list) -> Any:
         return self._request(kind, args)
 
+    def _cancellable_request(self, kind: int, args: list) -> Any:
+        # in process, Ctrl-C raises KeyboardInterrupt between two repeats (a native kernel's timing loop
+        # returns to Python after each repeat); a call cannot be cancelled and a crash ends this process
+        return self._request(kind, args)
+
     def _request(
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
         bar: Callable[[int], Any] | None = None,

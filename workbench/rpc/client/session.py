@@ -21,9 +21,12 @@ import weakref
 from typing import Any, Callable, Sequence
 
 from ...errors import (
+    ArgumentTypeError,
     BadRequestError,
+    CallCancelledError,
     ConnectionClosedError,
     DeviceNotFoundError,
+    KernelCrashedError,
     ProtocolError,
     RPCError,
     SessionCrashedError,
@@ -44,6 +47,7 @@ except ImportError:
 
 log = logging.getLogger("workbench.rpc.client")
 _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
+_CANCEL = int(Kind.CANCEL)
 
 Receiver = Callable[[int, Any], memoryview]
 _PLAIN = frozenset({int, float, str, bool, bytes, type(None)})  # argument types that hold no session object
@@ -59,6 +63,36 @@ def _plain_number(value: Any) -> Any:
     if hasattr(value, "__float__"):
         return float(value)
     return value
+
+
+def _refuse_unsendable(args: Sequence[Any], what: str, kernel: bool) -> None:
+    """ArgumentTypeError for an argument that cannot reach the device as it is, before anything is sent.
+
+    A numpy array (or any host array) stays on this machine: it must be copied to the device
+    with ``runtime.tensor(x, dev)`` first. A kernel (a module's function) takes no list, tuple
+    or dict either; a Python function registered on the server may.
+
+        >>> _refuse_unsendable((1.5, "a"), "add_one", True)  # plain values pass
+    """
+    for i, value in enumerate(args):
+        kind = type(value)
+        if kind in _PLAIN or getattr(value, "_wb_handle", None) is not None:
+            continue
+        array = hasattr(value, "__array__") or hasattr(value, "__array_interface__") or hasattr(value, "__dlpack__")
+        if array and getattr(value, "ndim", None) != 0:  # numpy scalars and 0-d arrays go as numbers
+            shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+            about = f" of shape {tuple(shape)} and dtype {dtype}" if shape is not None and dtype is not None else ""
+            raise ArgumentTypeError(
+                f"{what}: argument {i} is a {kind.__module__}.{kind.__qualname__}{about}, which lives on this "
+                "machine; copy it to the device first and pass the tensor: runtime.tensor(x, dev), "
+                "with dev a device of this session (e.g. remote.cpu())"
+            )
+        if kernel and (kind is list or kind is tuple or kind is dict):
+            raise ArgumentTypeError(
+                f"{what}: argument {i}: a kernel cannot take a {kind.__name__}; it takes tensors, ints, floats, "
+                "bools, strings and bytes. For an array, copy it to the device and pass the tensor: "
+                "runtime.tensor(np.asarray(x, dtype=\"float32\"), dev)"
+            )
 
 
 def _short_repr(value: Any) -> str:
@@ -91,9 +125,12 @@ class RemoteFunction(_FunctionBase):
         def __call__(self, *args: Any) -> Any:
             return self._call_python(args)
 
+    _kernel = False  # a module's function (a kernel: tensors and numbers only); set by RemoteModule.get_function
+
     def _call_python(self, args: tuple) -> Any:
         for a in args:
             if type(a) not in _PLAIN:  # a tensor, module or function: it must be this session's
+                _refuse_unsendable(args, self.name, self._kernel)
                 self.session._check_owned(args, self.name)
                 break
         return self.session._call(_CALL, [self._wb_handle, args])  # a tuple goes out as an array, as a list does
@@ -142,14 +179,23 @@ class RemoteFunction(_FunctionBase):
             del sent["cache_flush_bytes"]  # sent only when asked for: servers before it refuse the option
 
         def evaluator(*args: Any) -> BenchmarkResult:
+            _refuse_unsendable(args, f"time_evaluator of {self.name}", self._kernel)
             self.session._check_owned(args, f"time_evaluator of {self.name}")
             expected = expected_time_eval_seconds(
                 number, repeat, min_repeat_ms, cooldown_interval_ms, repeats_to_cooldown,
                 getattr(self, "_seconds_per_call", None),
             )
             with timed_bar(expected, f"time {self.name}", progress):
-                results = self.session._request(Kind.TIME_EVAL, [self._wb_handle, where, dict(sent), list(args)])
-            result = BenchmarkResult(results, name=self.name, device=repr(dev), config=options)
+                results = self.session._cancellable_request(
+                    Kind.TIME_EVAL, [self._wb_handle, where, dict(sent), list(args)])
+            numbers = None
+            if results and isinstance(results[-1], (list, tuple)):  # the calls each repeat made (servers since 15)
+                *results, numbers = results
+            info = getattr(self.session, "info", None) or {}
+            context = {"key": str(info.get("key") or ""), "server": str(getattr(self.session, "address", "") or ""),
+                       "arch": str(info.get("arch") or ""), "target": str(info.get("target") or "")}
+            result = BenchmarkResult(results, name=self.name, device=repr(dev), config=options, numbers=numbers,
+                                     context=context)
             self._seconds_per_call = result.mean  # the next run's estimate
             return result
 
@@ -176,6 +222,7 @@ class RemoteModule:
         if fn is None:
             handle = self.session._request(Kind.MODULE_FUNCTION, [self._wb_handle, name])
             fn = self._functions[name] = RemoteFunction(self.session, handle, name)
+            fn._kernel = True  # takes tensors and numbers only: lists and host arrays are refused before sending
         return fn
 
     __getitem__ = get_function
@@ -316,9 +363,8 @@ class RPCSession:
                 self._ensure_open()
             chan = self._chan
             try:
-                if self._pending_free:
-                    chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
-                    chan.busy = False  # sent whole, and no reply comes
+                if self._outstanding or self._pending_free:
+                    self._settle()
                 if bar is None or (bulk is None and file is None):
                     chan.send_frame(kind, args, bulk, file=file)
                 else:
@@ -354,9 +400,8 @@ class RPCSession:
             if self._ended is not None:
                 self._ensure_open()
             try:
-                if self._pending_free:
-                    self._chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
-                    self._chan.busy = False  # sent whole, and no reply comes
+                if self._outstanding or self._pending_free:
+                    self._settle()
                 ctrl = self._reply(kind, self._chan.request(kind, args))
             except BaseException as exc:
                 lost = self._failed(exc)
@@ -366,6 +411,72 @@ class RPCSession:
         if self._log:
             log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
         return ctrl
+
+    _outstanding = False  # a cancelled request's reply is still to come (docs/protocol.md section 12)
+
+    def _settle(self) -> None:
+        """Before a request, under the lock: read a cancelled request's late reply, send the pending FREEs."""
+        if self._outstanding:
+            self._drain()
+        if self._pending_free:
+            self._chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
+            self._chan.busy = False  # sent whole, and no reply comes
+
+    def _cancellable_request(self, kind: int, args: list) -> Any:
+        """``_call`` for a long request (TIME_EVAL) that Ctrl-C may cancel while the session goes on.
+
+        A KeyboardInterrupt while the reply is awaited sends CANCEL (the server stops at the next
+        repeat) and is raised at once; the reply is read and dropped before the next request.
+
+            >>> remote._cancellable_request(Kind.PING, [])  # doctest: +SKIP
+            {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
+        """
+        with self._lock:
+            if self._ended is not None:
+                self._ensure_open()
+            chan = self._chan
+            try:
+                if self._outstanding or self._pending_free:
+                    self._settle()
+                chan.send_frame(kind, args)
+                return self._reply(kind, chan.await_reply())
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt) and chan.awaiting:
+                    self._cancel()
+                    raise
+                lost = self._failed(exc)
+                if lost is None:
+                    raise
+                raise lost from None
+
+    def _cancel(self) -> None:
+        """Send CANCEL for the request whose reply is awaited; its reply is dropped before the next request."""
+        chan = self._chan
+        chan.awaiting = False
+        chan.busy = False  # in step: the request went out whole, nothing of its reply was read
+        if not self._outstanding:
+            self._outstanding = True
+            self._fast_saved, self._fast = self._fast, None  # calls take the Python path, which drains first
+            try:
+                chan.send_frame(_CANCEL, [], flags=FLAG_NO_REPLY)
+            except OSError as exc:
+                self._end(self._lost(exc))
+
+    def _drain(self) -> None:
+        """Read and drop the reply of the cancelled request (raising it if it ends the session)."""
+        chan = self._chan
+        reply_kind, _, ctrl, bulk_len = chan.await_reply()
+        if bulk_len:
+            chan.discard_bulk(bulk_len)
+        chan.busy = False
+        self._outstanding = False
+        if self._ended is None:
+            self._fast = self.__dict__.pop("_fast_saved", None)  # the call fast path again
+        if reply_kind == _ERROR:
+            exc = error_reply(ctrl)
+            if isinstance(exc, (SessionCrashedError, SessionTimeoutError, ProtocolError)) and not isinstance(
+                    exc, KernelCrashedError):
+                raise exc  # a notice that ended the session while the request was cancelled
 
     def _resume_call(self, got: Any, frame: bytes) -> Any:
         """The rest of a CALL the C fast path began (``_shim.FunctionBase``), with the session lock held.
@@ -405,6 +516,9 @@ class RPCSession:
         raised as they are; if that happened while a request was on the wire (the channel is ``busy``),
         the session ends too, since the next reply would be out of step.
         """
+        if isinstance(exc, (KernelCrashedError, CallCancelledError)):  # the call died, the session goes on
+            self._chan.busy = False
+            return None
         if isinstance(exc, (SessionCrashedError, SessionTimeoutError, ProtocolError, TooLargeError)):
             self._end(exc)
             return None

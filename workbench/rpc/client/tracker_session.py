@@ -3,9 +3,14 @@
     >>> tracker = rpc.connect_tracker("127.0.0.1", 9190)          # doctest: +SKIP
     >>> print(tracker.text_summary())                             # doctest: +SKIP
     >>> remote = tracker.request("rasp4", priority=2, timeout=60) # doctest: +SKIP
+
+A request for a key no server is registered for fails at once with a
+``KeyNotFoundError`` that names the keys there are (and their free servers)
+and the closest one; ``wait=True`` queues for it instead, as TVM's client does.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import getpass
 import itertools
@@ -14,20 +19,23 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
-from ...errors import ConnectionClosedError, ProtocolError, RPCError, SessionCrashedError
+from ...errors import (
+    ConnectionClosedError,
+    KeyNotFoundError,
+    ProtocolError,
+    RPCError,
+    SessionCrashedError,
+    TrackerError,
+)
 from .session import RPCSession, connect
 from ..tracker.summary import TrackerSummary, format_summary, server_keys
 from ..tracker.wire import Code, TrackerConnection
 
 log = logging.getLogger("workbench.rpc.tracker")
 T = TypeVar("T")
-
-
-class TrackerError(RPCError):
-    """The tracker refused, or no session could be had through it."""
 
 
 class RequestCancelled(TrackerError):
@@ -43,6 +51,7 @@ class WaitStatus:
     """Where a queued request stands: seconds waited, 1-based place in the queue, requests pending, servers of the key.
 
     ``position`` is None where the tracker does not tell (TVM's); the others are None until the first look.
+    ``keys`` maps every key that has servers to ``(free, total)`` (None until the first look).
     """
 
     key: str
@@ -50,16 +59,69 @@ class WaitStatus:
     position: int | None
     pending: int | None
     servers: int | None
+    keys: dict[str, tuple[int, int]] | None = field(default=None, hash=False)
 
     def describe(self) -> str:
-        """"2nd in the queue for 'rasp'", or what is known of the queue."""
+        """"2nd in the queue for 'rasp' (keys: rasp 0 of 1 free, local 2 of 2 free)", or what is known of the queue."""
         if self.servers == 0:
-            return f"no server is registered for key {self.key!r}"
-        if self.position is not None:
-            return f"{_ordinal(self.position)} in the queue for {self.key!r}"
-        if self.pending is not None:
-            return f"{self.pending} request(s) waiting for {self.key!r}"
-        return f"waiting for {self.key!r}"
+            text = f"no server is registered for key {self.key!r} yet"
+        elif self.position is not None:
+            text = f"{_ordinal(self.position)} in the queue for {self.key!r}"
+        elif self.pending is not None:
+            text = f"{self.pending} request(s) waiting for {self.key!r}"
+        else:
+            text = f"waiting for {self.key!r}"
+        if self.keys is not None:
+            text += f" (keys: {describe_keys(self.keys)})" if self.keys else " (no server is registered for any key)"
+        return text
+
+
+MAX_KEYS_SHOWN = 8
+
+
+def registered_keys(summary: TrackerSummary) -> dict[str, tuple[int, int]]:
+    """``{key: (free, total)}`` for every key with a registered server (or a free slot) in a SUMMARY.
+
+    A key whose servers are all busy is registered; a queue the tracker keeps
+    only for clients waiting on a key nobody serves is not.
+
+        >>> registered_keys(TrackerSummary({"queue_info": {"rasp": {"free": 0, "pending": 1}, "typo": {"free": 0, "pending": 1}},
+        ...                                 "server_info": [{"key": "server:rasp", "addr": ["10.0.0.7", 9091]}]}))
+        {'rasp': (0, 1)}
+    """
+    return {row["key"]: (row["free"], row["total"]) for row in summary.key_rows() if row["total"] or row["free"]}
+
+
+def describe_keys(keys: dict[str, tuple[int, int]]) -> str:
+    """``"local 2 of 2 free, rasp4 0 of 1 free"``: at most MAX_KEYS_SHOWN, the most free first, then "and N more".
+
+        >>> describe_keys({"rasp4": (0, 1), "local": (2, 2)})
+        'local 2 of 2 free, rasp4 0 of 1 free'
+    """
+    order = sorted(keys.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    parts = [f"{key} {free} of {total} free" for key, (free, total) in order[:MAX_KEYS_SHOWN]]
+    if len(order) > MAX_KEYS_SHOWN:
+        parts.append(f"and {len(order) - MAX_KEYS_SHOWN} more")
+    return ", ".join(parts)
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The key ``key`` most likely meant (difflib, ignoring case; a key that contains it or is contained), or None.
+
+        >>> closest_key("rasp", ["local", "rasp4"]), closest_key("RASP4", ["rasp4"]), closest_key("gpu", ["local"])
+        ('rasp4', 'rasp4', None)
+    """
+    by_folded = {k.casefold(): k for k in sorted(keys, reverse=True)}
+    folded = key.casefold()
+    match = difflib.get_close_matches(folded, list(by_folded), n=1, cutoff=0.6)
+    if match:
+        return by_folded[match[0]]
+    if folded:  # "rasp" for "raspberry-pi-4", which difflib finds too different
+        within = sorted((k for k in by_folded if min(len(k), len(folded)) >= 3 and (folded in k or k in folded)),
+                        key=lambda k: (abs(len(k) - len(folded)), k))
+        if within:
+            return by_folded[within[0]]
+    return None
 
 
 def _ordinal(n: int) -> str:
@@ -73,7 +135,7 @@ def _wait_status(reply: Any, key: str, user: str) -> WaitStatus:
     summary = TrackerSummary(reply[1])
     queue = summary.get("queue_info", {}).get(key, {})
     servers = sum(key in server_keys(str(s.get("key", ""))) for s in summary.get("server_info", []))
-    return WaitStatus(key, 0.0, summary.position(key, user), queue.get("pending"), servers)
+    return WaitStatus(key, 0.0, summary.position(key, user), queue.get("pending"), servers, registered_keys(summary))
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,6 +213,40 @@ class TrackerSession:
     def servers_for(self, key: str) -> int:
         return sum(key in server_keys(str(s.get("key", ""))) for s in self.summary().get("server_info", []))
 
+    def keys(self) -> dict[str, tuple[int, int]]:
+        """``{key: (free, total)}`` for every key with a registered server, busy or not.
+
+            >>> tracker.keys()                                  # doctest: +SKIP
+            {'local': (2, 2), 'rasp4': (0, 1)}
+        """
+        return registered_keys(self.summary())
+
+    def check_key(self, key: str) -> None:
+        """Raise ``KeyNotFoundError`` if no server is registered for ``key`` (what ``request`` does first).
+
+        The message names the keys there are, with their free servers, and the
+        closest one. A tracker whose SUMMARY cannot be read is not checked.
+
+            >>> tracker.check_key("rasp")                       # doctest: +SKIP
+            KeyNotFoundError: no session for key 'rasp' ... did you mean 'rasp4'? ...
+        """
+        try:
+            keys = self.keys()
+        except TrackerError as exc:  # a SUMMARY we cannot read (not a connection error): queue as TVM's client does
+            log.info("tracker %s: cannot check key %r (%s); queueing for it", self.address, key, exc)
+            return
+        if key in keys:
+            return
+        closest = closest_key(key, list(keys))
+        there = f"the keys with servers are {describe_keys(keys)}" if keys else "no server is registered for any key"
+        guess = f"; did you mean {closest!r}?" if closest is not None else "."
+        raise KeyNotFoundError(
+            f"no session for key {key!r} from the tracker at {self.address} (0 server(s) registered for it): "
+            f"{there}{guess} Start a {key!r} server (python -m workbench.exec.rpc_server --tracker {self.address} "
+            f"--key {key}) or pass wait=True (%rpc_connect --wait) to queue until one registers",
+            key=key, keys=keys, closest=closest,
+        )
+
     # -- sessions ---------------------------------------------------------------------
     def request(
         self,
@@ -165,8 +261,14 @@ class TrackerSession:
         on_wait: Callable[[WaitStatus], None] | None = None,
         cancel: threading.Event | None = None,
         progress: bool | None = None,
+        wait: bool = False,
     ) -> RPCSession:
         """Wait for a free server of ``key`` and connect to it.
+
+        A ``key`` no server is registered for fails at once with a
+        ``KeyNotFoundError`` naming the keys there are, their free servers and
+        the closest one; ``wait=True`` queues for it until one registers. A key
+        whose servers are all busy always queues.
 
         Higher ``priority`` is served first. ``max_retry`` bounds the attempts
         (a server that vanished after being granted costs one); ``timeout``
@@ -178,6 +280,7 @@ class TrackerSession:
 
             >>> stop = threading.Event()                                      # doctest: +SKIP
             >>> tracker.request("rasp", on_wait=print, cancel=stop)           # doctest: +SKIP
+            >>> tracker.request("rasp", wait=True, timeout=600)  # the board is still booting  # doctest: +SKIP
         """
         from ...progress import wait_bar
 
@@ -196,10 +299,12 @@ class TrackerSession:
                 if remaining is not None and remaining <= 0:
                     break
                 try:
+                    if not wait:
+                        self.check_key(key)
                     host, port, matchkey = self._grant(key, priority, remaining, waiting, cancel, start)
                 except socket.timeout:
                     break
-                except RequestCancelled:
+                except (RequestCancelled, KeyNotFoundError):
                     raise
                 except (OSError, RPCError) as exc:  # the tracker went away (restarting?): next attempt reconnects
                     log.info("tracker %s: %s; asking again", self.address, exc)
@@ -212,14 +317,18 @@ class TrackerSession:
                     log.info("server %s:%s for key %r failed: %s; asking the tracker again", host, port, key, exc)
                     last = exc
         waited = time.monotonic() - start
+        others = ""
         try:
-            count = f"{self.servers_for(key)} server(s) registered for it"
+            keys = self.keys()
+            count = f"{keys.get(key, (0, 0))[1]} server(s) registered for it"
+            if key not in keys:  # waited for a key nobody serves: say which ones there are
+                others = f"; the keys with servers are {describe_keys(keys)}" if keys else "; no key has servers"
         except (OSError, RPCError):
             count = "the tracker did not say how many servers it has for it"
         reason = f"; last error: {last}" if last else ""
         raise TrackerError(
             f"no session for key {key!r} from the tracker at {self.address} after {waited:.1f} s "
-            f"({count}){reason}"
+            f"({count}){others}{reason}"
         )
 
     def _grant(
@@ -267,7 +376,7 @@ class TrackerSession:
                         if watcher is not None:
                             watcher.close()
                         watcher = None
-                status = WaitStatus(key, now - start, status.position, status.pending, status.servers)
+                status = WaitStatus(key, now - start, status.position, status.pending, status.servers, status.keys)
                 if on_wait is not None:
                     on_wait(status)
         except BaseException:  # timeout, cancel, Ctrl-C, a lost tracker: leave the queue now
@@ -292,16 +401,19 @@ class TrackerSession:
         max_retry: int = 2,
         *,
         timeout: float | None = None,
+        wait: bool = False,
     ) -> T:
         """Run ``func(session)`` on a server of ``key``; if the server drops mid-run, run it again on another.
 
-        ``timeout`` bounds each wait for a free server (None: as long as it takes).
+        ``timeout`` bounds each wait for a free server (None: as long as it takes);
+        an unregistered ``key`` fails at once unless ``wait=True`` (see ``request``).
 
             >>> tracker.request_and_run("rasp", lambda remote: remote.listdir("."), timeout=60)  # doctest: +SKIP
         """
         last = ""
         for attempt in range(1, max_retry + 1):
-            session = self.request(key, priority=priority, session_timeout=session_timeout, timeout=timeout)
+            session = self.request(key, priority=priority, session_timeout=session_timeout, timeout=timeout,
+                                   wait=wait)
             try:
                 return func(session)
             except (ConnectionClosedError, SessionCrashedError, ProtocolError, ConnectionError) as exc:

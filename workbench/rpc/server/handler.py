@@ -14,7 +14,7 @@ import traceback
 from typing import Any, BinaryIO, Callable
 
 from ...cc.compiler import target_triple
-from ...errors import BadRequestError, DeviceNotFoundError, RPCError, code_of, error_from_code
+from ...errors import BadRequestError, CallCancelledError, DeviceNotFoundError, RPCError, code_of, error_from_code
 from ...runtime import registry
 from ...runtime.devices import DEVICE_NAMES, device_name
 from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
@@ -330,6 +330,24 @@ class SessionHandler:
                     obj.release()
         return None
 
+    cancel_pending: Callable[[], bool] | None = None  # set by the serving loop: did the client send CANCEL?
+
+    def _cancellable(self, preproc: Callable[[], Any] | None, name: str, counts: list[int],
+                     repeat: int) -> Callable[[], Any] | None:
+        """``preproc`` that first stops the timing loop (CallCancelledError) when the client sent CANCEL."""
+        pending = self.cancel_pending
+        if pending is None:
+            return preproc
+
+        def check() -> None:
+            if pending():
+                raise CallCancelledError(
+                    f"TIME_EVAL of {name} cancelled by the client after {len(counts)} of {repeat} repeats")
+            if preproc is not None:
+                preproc()
+
+        return check
+
     def time_eval(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TIME_EVAL")
         handle, where, options, call_args = args
@@ -358,7 +376,10 @@ class SessionHandler:
             run = python_runner(fn, tuple(values))
             if flush_bytes:
                 flush = lambda: flush_cache(flush_bytes)  # noqa: E731
-        return time_repeats(run, preproc=preproc, flush=flush, warmup=warmup, **options)
+        counts: list[int] = []
+        preproc = self._cancellable(preproc, getattr(fn, "name", None) or _callable_name(fn), counts, options.get("repeat", 1))
+        results: list[Any] = time_repeats(run, preproc=preproc, flush=flush, warmup=warmup, counts=counts, **options)
+        return results + [counts]  # seconds per call per repeat, then the calls each repeat made (docs/protocol.md)
 
 
 def _name(value: Any, what: str) -> str:

@@ -46,6 +46,7 @@ from ..wire.protocol import (
 log = logging.getLogger(__name__)
 
 _OK = int(Kind.OK)
+_CANCEL = int(Kind.CANCEL)
 
 
 class EndReport:
@@ -150,6 +151,7 @@ def serve_requests(
     """
     lock = send_lock or threading.Lock()
     recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
+    handler.cancel_pending = chan.cancel_pending  # TIME_EVAL polls it between repeats (docs/protocol.md section 12)
     while True:
         if activity is not None:
             activity[0] += 1
@@ -175,7 +177,8 @@ def serve_requests(
             return
         except Exception as exc:
             if flags & FLAG_NO_REPLY:
-                log.warning("request %s failed: %s", kind, exc)
+                if kind != _CANCEL:  # a CANCEL that crossed its request's reply: nothing to cancel
+                    log.warning("request %s failed: %s", kind, exc)
                 continue
             with lock:
                 send_frame(Kind.ERROR, [int(code_of(exc)), error_text(exc)])

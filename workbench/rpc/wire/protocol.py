@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import select
 import socket
 import struct
 from enum import IntEnum
@@ -67,6 +68,7 @@ class Kind(IntEnum):
     FREE = 29
     TIME_EVAL = 30
     SYSTEM_LIB = 31
+    CANCEL = 32  # C -> S, always NO_REPLY: cancel the request in flight (docs/protocol.md section 12)
 
 
 class Ext(IntEnum):
@@ -197,6 +199,8 @@ class Channel:
         # True from the first byte of a request until its reply is consumed (the client clears it): an
         # exception in between (Ctrl-C) leaves the stream out of step
         self.busy = False
+        # True while await_reply waits for a reply's header: an interrupt then leaves the stream in step
+        self.awaiting = False
 
     # -- raw stream, supplied by subclasses ---------------------------------
     def _recv_into(self, view: memoryview) -> int:
@@ -323,6 +327,46 @@ class Channel:
     def discard_bulk(self, count: int) -> None:
         Channel.recv_bulk_to_fd(self, None, count)
 
+    def _readable(self, timeout: float | None = 0.0) -> bool:
+        """Whether the stream has bytes to read within ``timeout`` s (None: the stream's own timeout, or forever)."""
+        return timeout is None
+
+    def cancel_pending(self) -> bool:
+        """Server side, between repeats of a long request: True (and the frame consumed) if a CANCEL came.
+
+        Never blocks when nothing came; anything else that came stays buffered for ``recv_frame``.
+        See docs/protocol.md section 12.
+
+            >>> chan.cancel_pending()  # doctest: +SKIP
+            False
+        """
+        if self._end - self._start < 16:
+            if not self._readable():
+                return False
+            self._fill(16)  # a CANCEL frame is 17 bytes sent in one write: its header is here
+        _, kind, flags, bulk_len = _unpack_header(self._buf, self._start)
+        if kind != Kind.CANCEL:
+            return False
+        self.recv_frame()
+        if bulk_len:
+            self.discard_bulk(bulk_len)
+        return True
+
+    def await_reply(self) -> Frame:
+        """Client side: the next frame, waiting for its header with ``awaiting`` set.
+
+        An interrupt (KeyboardInterrupt) while ``awaiting`` is True leaves the stream in step: the
+        request went out whole and no byte of its reply was consumed, so the caller may send CANCEL
+        and read the reply later (docs/protocol.md section 12).
+        """
+        if self._end == self._start:
+            # wait for the first byte where an interrupt consumes nothing (a KeyboardInterrupt raised
+            # after a read returned would lose the bytes it read); then read as usual
+            self.awaiting = True
+            self._readable(None)
+            self.awaiting = False
+        return self.recv_frame()
+
     def request(self, kind: int, ctrl: Any) -> tuple[int, int, Any, int]:
         """Send a request without a bulk part; return its reply's ``(kind, flags, ctrl, bulk_len)``.
 
@@ -425,6 +469,9 @@ class SocketChannel(Channel):
             return got
         return self.resume(got, _pack_header(len(body), kind, 0, 0) + body)
 
+    def _readable(self, timeout: float | None = 0.0) -> bool:
+        return bool(select.select([self.sock], [], [], self.sock.gettimeout() if timeout is None else timeout)[0])
+
     def resume(self, got: int, frame: bytes) -> tuple[int, int, Any, int]:
         """The reply to ``frame``, a request that ``exchange`` (or the call fast path) began and returned ``got`` for."""
         if got.__class__ is tuple:  # the whole reply, and nothing more
@@ -516,6 +563,9 @@ class PipeChannel(Channel):
 
     def _recv_into(self, view: memoryview) -> int:
         return os.readv(self.read_fd, [view])
+
+    def _readable(self, timeout: float | None = 0.0) -> bool:
+        return bool(select.select([self.read_fd], [], [], timeout)[0])
 
     def _sendall(self, data: bytes | memoryview) -> None:
         write_all(self.write_fd, data)
