@@ -12,6 +12,7 @@ Flags:
     --no-notebook leave the third table, "notebook" (benchmarks/notebook.py), out
     --no-tvm-kernels leave the fourth table, "tvm kernels" (benchmarks/tvm_kernels.py), out
     --no-minrpc   leave the fifth table, "minrpc" (benchmarks/minrpc.py), out
+    --no-resilience leave the sixth table, "resilience" (benchmarks/resilience.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -80,12 +81,14 @@ if __package__:
     from . import harness
     from . import minrpc as minrpc_bench
     from . import notebook as notebook_bench
+    from . import resilience as resilience_bench
     from . import tracker as tracker_bench
     from . import tvm_kernels as tvm_kernels_bench
 else:  # run as a script: this directory is sys.path[0]
     import harness
     import minrpc as minrpc_bench
     import notebook as notebook_bench
+    import resilience as resilience_bench
     import tracker as tracker_bench
     import tvm_kernels as tvm_kernels_bench
 
@@ -727,6 +730,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-notebook", action="store_true", help='leave the third table, "notebook", out')
     parser.add_argument("--no-tvm-kernels", action="store_true", help='leave the fourth table, "tvm kernels", out')
     parser.add_argument("--no-minrpc", action="store_true", help='leave the fifth table, "minrpc", out')
+    parser.add_argument("--no-resilience", action="store_true", help='leave the sixth table, "resilience", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
@@ -799,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
         with harness.owned():  # the servers, qemu and the board's farm end before the next step
             minrpc_text, document["minrpc"] = minrpc_bench.measure_minrpc(args.quick, cfg.tvm, cfg.cpu)
         print("\n" + minrpc_text)
+    if not args.no_resilience:
+        with harness.owned():
+            resilience_text, document["resilience"] = resilience_bench.measure_resilience(args.quick)
+        print("\n" + resilience_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)

@@ -48,10 +48,11 @@ BUSY = 13  # the "server busy" error code (docs/protocol.md, section 7)
 
 # kernels that end their worker in ways a crash handler must still see
 HOSTILE_KERNELS = r"""
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
 
-WB_KERNEL(exit86) { _exit(86); }
+WB_KERNEL(exit86) { syscall(SYS_exit_group, 86); return 0; }  /* the system call itself: no guard catches it */
 
 WB_KERNEL(close_every_fd) {
   for (int fd = 0; fd < 65536; ++fd) close(fd);
@@ -160,7 +161,7 @@ def test_terminate_right_after_a_crash_leaves_no_workspace(tmp_path, kernels):
                 remote.upload(b"x" * 64, target=f"d/{i}.bin")
             remote.upload(kernels["so"])
             with pytest.raises(SessionCrashedError, match="SIGSEGV"):
-                remote.load_module("kernels.so")["segfault"]()
+                remote.load_module("kernels.so")["segfault_unguarded"]()
         finally:
             srv.terminate()
         assert not srv.alive

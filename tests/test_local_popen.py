@@ -50,7 +50,7 @@ def test_popen_session_names_a_crash(kernels):
     remote = rpc.PopenSession(rpc.popen_server_command())
     remote.upload(kernels["so"])
     with pytest.raises(SessionCrashedError, match="SIGSEGV"):
-        remote.load_module("kernels.so")["segfault"]()
+        remote.load_module("kernels.so")["segfault_unguarded"]()
     remote.close()
 
 

@@ -214,7 +214,7 @@ def test_interrupting_a_queued_connect_leaves_no_waiter(shell, ns):
     thread = threading.Thread(target=interrupt_when_queued)
     thread.start()
     try:
-        with pytest.raises(MagicError, match="interrupted"):
+        with pytest.raises(KeyboardInterrupt):  # as for any cell; the request left the tracker's queue
             shell.run_line_magic("rpc_connect", "--key other -o waiter --timeout 20")
     finally:
         stop.set()

@@ -24,7 +24,7 @@ import pytest
 
 from workbench import cc, rpc, runtime
 from workbench.cc import ToolchainNotFoundError
-from workbench.errors import SessionCrashedError
+from workbench.errors import KernelCrashedError, SessionCrashedError
 from workbench.farm import LocalFarm
 from workbench.native import MinRPCBuildError, build_minrpc
 from workbench.native.qemu import EmulatorNotFoundError, find_emulator, packages_for
@@ -51,10 +51,12 @@ needs_tvm = pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
 
 
 CRASHERS = """#include <signal.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
 WB_KERNEL(segfault) { raise(SIGSEGV); return 0; }
 WB_KERNEL(quit) { _exit(86); return 0; }
+WB_KERNEL(exit_group) { syscall(SYS_exit_group, 86); return 0; }
 WB_KERNEL(fine) { ret->type_index = kTVMFFIInt; ret->v_int64 = 42; return 0; }
 """
 
@@ -209,13 +211,21 @@ def test_with_minrpc_through_export_library(tmp_path):
         assert "add_one" in remote.system_lib().function_names
 
 
-@pytest.mark.parametrize("kernel,notice", [("segfault", r"signal 11|SIGSEGV"), ("quit", r"status 86")])
-def test_with_minrpc_kernel_crash_reports_the_child(popen_program, kernel, notice):
+def test_with_minrpc_kernel_crash_fails_the_call_only(popen_program):
+    with rpc.PopenSession(popen_program) as remote:
+        lib = remote.system_lib()
+        with pytest.raises(KernelCrashedError, match=r"segfault: the kernel died of signal 11 \(SIGSEGV"):
+            lib["segfault"]()
+        with pytest.raises(KernelCrashedError, match=r"quit: the kernel called exit\(86\)"):
+            lib["quit"]()  # _exit() from a kernel linked into the program
+        assert lib["fine"]() == 42  # the same program goes on
+
+
+def test_with_minrpc_kernel_exit_reports_the_child(popen_program):
     remote = rpc.PopenSession(popen_program)
     try:
-        fn = remote.system_lib()[kernel]
-        with pytest.raises(SessionCrashedError, match=notice):
-            fn()
+        with pytest.raises(SessionCrashedError, match=r"status 86"):
+            remote.system_lib()["exit_group"]()  # the system call itself: no guard catches it
         with pytest.raises(Exception):  # the session is over
             remote.ping()
     finally:

@@ -45,6 +45,7 @@ from workbench.errors import (
     BadRequestError,
     ConnectionClosedError,
     ErrorCode,
+    KernelCrashedError,
     KeyMismatchError,
     PathDeniedError,
     RemoteError,
@@ -81,6 +82,7 @@ EXTRA_KERNELS = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
 
@@ -88,6 +90,7 @@ typedef struct { const char* data; size_t size; } ByteArray;
 
 WB_KERNEL(main) { return 0; }
 WB_KERNEL(exit86) { exit(86); }
+WB_KERNEL(_exit86) { syscall(SYS_exit_group, 86); return 0; }
 WB_KERNEL(close_fds) { for (int fd = 3; fd < 4096; ++fd) close(fd); return 0; }
 WB_KERNEL(token_visible) { WB_RETURN_INT(getenv("WORKBENCH_RPC_TOKEN") != NULL); }
 WB_KERNEL(type_of) { WB_EXPECT_ARGS(1); WB_RETURN_INT(args[0].type_index); }
@@ -837,7 +840,7 @@ def test_kernel_segfault_ends_only_its_session(server, private_tmpdir, kernels):
     remote.upload(kernels["so"])
     mod = remote.load_module("kernels.so")
     with pytest.raises(SessionCrashedError) as err:
-        mod["segfault"]()
+        mod["segfault_unguarded"]()  # a death the guard cannot catch (the default action put back)
     message = str(err.value)
     assert "killed by signal 11 (SIGSEGV: Segmentation fault)" in message and "connect again" in message
     with pytest.raises(SessionCrashedError):
@@ -850,7 +853,7 @@ def test_kernel_segfault_ends_only_its_session(server, private_tmpdir, kernels):
 
 @pytest.mark.parametrize(
     "kernel, named",
-    [("exit86", "exited with status 86 (did the code it ran call exit()?)"),
+    [("_exit86", "exited with status 86 (did the code it ran call exit()?)"),
      ("close_fds", "exited with status 89: the code it ran closed the session's connection")],
 )
 def test_kernel_exit_is_reported(server, private_tmpdir, extra_kernels, kernel, named):
@@ -861,6 +864,16 @@ def test_kernel_exit_is_reported(server, private_tmpdir, extra_kernels, kernel, 
         mod[kernel]()
         remote.ping()  # close_fds itself returns: the next request finds the connection gone
     remote.close()
+    still_serving(server, private_tmpdir)
+
+
+def test_kernel_exit_fails_only_its_call(server, private_tmpdir, extra_kernels):
+    with rpc.connect("127.0.0.1", server.port) as remote:
+        remote.upload(extra_kernels)
+        mod = remote.load_module("extra.so")
+        with pytest.raises(KernelCrashedError, match=re.escape("exit86: the kernel called exit(86)")):
+            mod["exit86"]()
+        remote.ping()
     still_serving(server, private_tmpdir)
 
 

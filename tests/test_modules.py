@@ -92,7 +92,7 @@ def test_registered_functions(remote):
     assert remote.get_function("workbench.echo")(1, 2.5, "x") == [1, 2.5, "x"]
 
 
-@pytest.mark.parametrize("kernel, signal_text", [("segfault", "SIGSEGV"), ("call_exit", "exited with status 3")])
+@pytest.mark.parametrize("kernel, signal_text", [("segfault_unguarded", "SIGSEGV"), ("exit_group", "exited with status 3")])
 def test_crashing_kernel_ends_only_its_session(server, private_tmpdir, kernels, kernel, signal_text):
     victim = rpc.connect("127.0.0.1", server.port)
     bystander = rpc.connect("127.0.0.1", server.port)

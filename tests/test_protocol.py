@@ -460,20 +460,40 @@ def test_session_timeout_notice(server, remote, private_tmpdir):
     assert_still_serving(server, remote, private_tmpdir)
 
 
-def test_worker_died_notice(server, remote, private_tmpdir, kernels):
+def load_test_kernels(peer: "RawPeer", kernels: dict[str, str]) -> tuple[Handle, list[str]]:
+    """UPLOAD and LOAD_MODULE of tests/kernels/kernels.c's library on a raw session: its handle and names."""
     with open(kernels["so"], "rb") as f:
-        so = f.read()
+        assert peer.request(Kind.UPLOAD, ["k.so"], f.read()) is None
+    mod, names, _entry = peer.request(Kind.LOAD_MODULE, ["k.so"])
+    assert mod.ext == Ext.MODULE
+    return mod, names
+
+
+def test_worker_died_notice(server, remote, private_tmpdir, kernels):
     with RawPeer.connect(server.port) as peer:
         peer.handshake()
-        assert peer.request(Kind.UPLOAD, ["k.so"], so) is None
-        mod, names, _entry = peer.request(Kind.LOAD_MODULE, ["k.so"])
-        assert mod.ext == Ext.MODULE and "segfault" in names
-        fn = peer.request(Kind.MODULE_FUNCTION, [mod, "segfault"])
+        mod, names = load_test_kernels(peer, kernels)
+        assert "segfault_unguarded" in names
+        fn = peer.request(Kind.MODULE_FUNCTION, [mod, "segfault_unguarded"])  # a death no guard catches
         assert fn.ext == Ext.FUNCTION
         peer.send_frame(Kind.CALL, [fn, []])
         message = peer.expect_error(ErrorCode.WORKER_DIED)
         assert "SIGSEGV" in message and "connect again" in message
         peer.assert_closed()
+    assert_still_serving(server, remote, private_tmpdir)
+
+
+def test_kernel_crashed_reply_and_the_session_goes_on(server, remote, private_tmpdir, kernels):
+    """docs/protocol.md section 12: a kernel that faults gets ERROR 14; the same connection serves on."""
+    with RawPeer.connect(server.port) as peer:
+        peer.handshake()
+        mod, _names = load_test_kernels(peer, kernels)
+        fn = peer.request(Kind.MODULE_FUNCTION, [mod, "segfault"])
+        peer.send_frame(Kind.CALL, [fn, []])
+        message = peer.expect_error(ErrorCode.KERNEL_CRASHED)
+        assert message.startswith("segfault: the kernel died of signal 11 (SIGSEGV")
+        half = peer.request(Kind.MODULE_FUNCTION, [mod, "half"])
+        assert peer.request(Kind.CALL, [half, [3.0]]) == 1.5
     assert_still_serving(server, remote, private_tmpdir)
 
 

@@ -1,8 +1,10 @@
-"""Sessions that outlive an interrupted call (issue 15, point 1): Ctrl-C during time_evaluator.
+"""Sessions that outlive a crashing or interrupted call (issue 15, point 1).
 
-The interrupt is a real SIGINT delivered to this process while it waits for the reply of a
-TIME_EVAL of a kernel that sleeps; the client sends CANCEL (docs/protocol.md section 12), the
-server stops at the next repeat, and the same session (its tensors and functions) goes on.
+A kernel that faults or calls exit() fails its call with KernelCrashedError; the session, its
+tensors (with what the kernel wrote) and modules go on, on both servers and in LocalSession and
+PopenSession. The interrupt is a real SIGINT delivered to this process while it waits for a
+reply; the client sends CANCEL (docs/protocol.md section 12), the server stops a timing at the
+next repeat and a kernel still running after the grace period, and the same session goes on.
 """
 from __future__ import annotations
 
@@ -27,6 +29,19 @@ def _interrupt_after(seconds: float) -> threading.Timer:
     timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     return timer
+
+
+@pytest.fixture(params=["python", "minrpc"])
+def any_server(request, private_tmpdir):
+    srv = rpc.Server(port=0, silent=True) if request.param == "python" else rpc.MinRPCServer(port=0)
+    yield srv
+    srv.terminate()
+
+
+def _open(srv, kernels):
+    remote = rpc.connect("127.0.0.1", srv.port)
+    remote.upload(kernels["so"])
+    return remote, remote.load_module("kernels.so")
 
 
 def test_cancel_frame_bytes_match_the_documented_ones():
@@ -118,12 +133,11 @@ def test_local_session_ctrl_c_stops_time_evaluator_at_a_repeat(kernels):
     local.close()
 
 
-def test_ctrl_c_during_rpc_time_in_an_ipython_shell(mod, remote):
+def test_ctrl_c_during_rpc_time_in_an_ipython_shell(any_server, kernels):
     """%rpc_time of a 10 s kernel in a real InteractiveShell: SIGINT returns fast, the next %rpc_time works."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    from workbench.notebook.magics import MagicError
-
+    remote, mod = _open(any_server, kernels)
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "workbench")
     try:
@@ -131,7 +145,7 @@ def test_ctrl_c_during_rpc_time_in_an_ipython_shell(mod, remote):
                              b=runtime.empty((2,), "float32", remote.cpu()))
         timer = _interrupt_after(0.5)
         start = time.monotonic()
-        with pytest.raises(MagicError, match="interrupted"):  # the magics say "interrupted" for a Ctrl-C
+        with pytest.raises(KeyboardInterrupt):  # as IPython shows a Ctrl-C in any cell
             shell.run_line_magic("rpc_time", 'm["sleep_ms"](200) -n 1 -r 50 -q')
         timer.join()
         assert time.monotonic() - start < 5.0
@@ -141,6 +155,7 @@ def test_ctrl_c_during_rpc_time_in_an_ipython_shell(mod, remote):
         for name in ("m", "a", "b"):
             shell.user_ns.pop(name, None)
         shell.run_line_magic("unload_ext", "workbench")
+        remote.close()
 
 
 def test_a_cancel_with_nothing_in_flight_is_ignored(remote, kernels):
@@ -151,3 +166,152 @@ def test_a_cancel_with_nothing_in_flight_is_ignored(remote, kernels):
     assert remote.listdir(".") == ["kernels.so"]
     mod = remote.load_module("kernels.so")
     assert len(mod.time_evaluator("sleep_ms", remote.cpu(), number=1, repeat=3)(1).results) == 3
+
+
+# -- kernels that crash ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel, args, says", [
+    ("write_then_segfault", "a", r"write_then_segfault: the kernel died of signal 11 \(SIGSEGV"),
+    ("call_exit", "", r"call_exit: the kernel called exit\(3\)"),
+    ("call_abort", "", r"call_abort: the kernel died of signal 6 \(SIGABRT"),
+    ("overflow_stack", "", r"overflow_stack: the kernel died of signal 11 \(SIGSEGV"),
+])
+def test_a_crashing_kernel_fails_its_call_and_the_session_goes_on(any_server, kernels, kernel, args, says):
+    remote, mod = _open(any_server, kernels)
+    try:
+        dev = remote.cpu()
+        a = runtime.tensor(np.arange(4, dtype="float32"), dev)
+        b = runtime.empty((4,), "float32", dev)
+        add_one = mod["add_one"]
+        with pytest.raises(KernelCrashedError, match=says) as info:
+            mod[kernel](*([a] if args else []))
+        assert info.value.code == 14 and "the session, its tensors" in str(info.value)
+        expected = np.arange(4, dtype="float32")
+        if kernel == "write_then_segfault":
+            expected[0] = 42.0  # what the kernel wrote before it crashed stays
+        np.testing.assert_array_equal(a.numpy(), expected)
+        add_one(a, b)  # the function object bound before the crash works
+        np.testing.assert_array_equal(b.numpy(), expected + 1)
+        assert remote.listdir(".") == ["kernels.so"]
+    finally:
+        remote.close()
+
+
+def test_three_crashes_within_ten_seconds_end_the_session(any_server, kernels):
+    remote, mod = _open(any_server, kernels)
+    segfault = mod["segfault"]
+    for _ in range(2):
+        with pytest.raises(KernelCrashedError):
+            segfault()
+    with pytest.raises(SessionCrashedError, match="3rd crash within 10 s, so the server ended the session") as info:
+        segfault()
+    assert not isinstance(info.value, KernelCrashedError)
+    with pytest.raises(SessionCrashedError, match="this session has ended"):
+        remote.listdir(".")
+    with rpc.connect("127.0.0.1", any_server.port) as again:  # the server goes on
+        assert again.listdir(".") == []
+
+
+def test_a_death_no_guard_catches_still_ends_only_the_session(any_server, kernels):
+    remote, mod = _open(any_server, kernels)
+    with pytest.raises(SessionCrashedError, match="SIGSEGV") as info:
+        mod["segfault_unguarded"]()
+    assert not isinstance(info.value, KernelCrashedError)
+    with rpc.connect("127.0.0.1", any_server.port) as again:
+        assert again.listdir(".") == []
+
+
+def test_ctrl_c_during_a_call_that_never_returns(any_server, kernels):
+    """A plain call of a kernel that spins: Ctrl-C raises at once; the server stops the kernel after the grace period."""
+    remote, mod = _open(any_server, kernels)
+    try:
+        dev = remote.cpu()
+        a = runtime.tensor(np.ones(3, dtype="float32"), dev)
+        b = runtime.empty((3,), "float32", dev)
+        spin, add_one = mod["spin"], mod["add_one"]
+        for _ in range(2):
+            timer = _interrupt_after(0.5)
+            start = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                spin()
+            assert time.monotonic() - start < 5.0
+            timer.join()
+            add_one(a, b)  # waits for the grace period, then works
+            assert b.numpy().tolist() == [2.0, 2.0, 2.0]
+    finally:
+        remote.close()
+
+
+def test_popen_session_survives_a_crash(kernels):
+    with rpc.PopenSession(rpc.popen_server_command()) as remote:
+        remote.upload(kernels["so"])
+        mod = remote.load_module("kernels.so")
+        a = runtime.tensor(np.zeros(2, dtype="float32"), remote.cpu())
+        with pytest.raises(KernelCrashedError, match="SIGSEGV"):
+            mod["write_then_segfault"](a)
+        assert a.numpy().tolist() == [42.0, 0.0]
+
+
+def test_local_session_survives_a_crash_in_this_process(kernels):
+    local = rpc.LocalSession()
+    try:
+        local.upload(kernels["so"])
+        mod = local.load_module("kernels.so")
+        a = runtime.tensor(np.zeros(2, dtype="float32"), local.cpu())
+        with pytest.raises(KernelCrashedError, match="SIGSEGV"):
+            mod["write_then_segfault"](a)
+        with pytest.raises(KernelCrashedError, match=r"exit\(3\)"):
+            mod["call_exit"]()
+        assert a.numpy().tolist() == [42.0, 0.0]  # and this process is still here
+    finally:
+        local.close()
+
+
+def test_a_crash_in_an_ipython_shell_keeps_the_notebooks_names(any_server, kernels):
+    """Through a real InteractiveShell: the crash is one short error, the names bound before it still work."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    remote, mod = _open(any_server, kernels)
+    try:
+        shell.user_ns.update(m=mod, a=runtime.tensor(np.arange(3, dtype="float32"), remote.cpu()),
+                             b=runtime.empty((3,), "float32", remote.cpu()))
+        result = shell.run_cell("m['write_then_segfault'](a)")
+        assert isinstance(result.error_in_exec, KernelCrashedError)
+        assert shell.run_cell("m['add_one'](a, b)\nout = b.numpy().tolist()").success
+        assert shell.user_ns["out"] == [43.0, 2.0, 3.0]
+    finally:
+        for name in ("m", "a", "b", "out"):
+            shell.user_ns.pop(name, None)
+        remote.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_real_notebook_kernel_survives_a_null_dereference(tmp_path, private_tmpdir):
+    """nbclient runs cells in a real IPython kernel on a farm: the crash is one error, the next cells go on."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    crash = textwrap.dedent("""\
+        %%rpc_compile crash
+        #include <workbench_kernel.h>
+        WB_KERNEL(write_then_crash) {
+          DLTensor* a = WB_ARG_TENSOR_OF(0, float32, 1);
+          ((float*)a->data)[0] = 42.0f;
+          volatile int* p = 0;
+          *p = 1;
+          return 0;
+        }""")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+        "%load_ext workbench\n%rpc_farm --servers local=1\n%rpc_connect\n"
+        "import numpy as np\nfrom workbench import runtime\n"
+        "a = runtime.tensor(np.arange(3, dtype='float32'), remote.cpu())",
+        crash,
+        "crash['write_then_crash'](a)",
+        "print(a.numpy().tolist(), remote.listdir('.'))",
+    )]
+    nbclient.NotebookClient(nb, timeout=120, startup_timeout=120, allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    error = next(o for o in nb.cells[2].outputs if o.output_type == "error")
+    assert error.ename == "KernelCrashedError" and "died of signal 11 (SIGSEGV" in error.evalue
+    out = "".join(o.get("text", "") for o in nb.cells[3].outputs if o.output_type == "stream")
+    assert out.startswith("[42.0, 1.0, 2.0]") and "crash.so" in out, nb.cells[3].outputs

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from workbench import cc, rpc, runtime  # noqa: E402
+from workbench import cc, rpc  # noqa: E402
 from workbench.farm import LocalFarm  # noqa: E402
 from workbench.results import BenchmarkResult, ResultLog, default_log  # noqa: E402
 from workbench.results.benchmark import time_unit  # noqa: E402

@@ -166,7 +166,7 @@ def test_no_fork_mode(private_tmpdir, kernels):
         from workbench.errors import SessionCrashedError
 
         with pytest.raises(SessionCrashedError, match="SIGSEGV"):
-            remote.load_module("kernels.so")["segfault"]()
+            remote.load_module("kernels.so")["segfault_unguarded"]()  # a death no guard catches
         assert_clean(srv, private_tmpdir)
 
 

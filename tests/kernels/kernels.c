@@ -1,6 +1,8 @@
 /* Test kernels, written against workbench_kernel.h (the TVM FFI packed ABI). */
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
@@ -85,6 +87,41 @@ WB_KERNEL(segfault) {
 }
 
 WB_KERNEL(call_exit) { exit(3); }
+
+/* Deaths no guard catches, for the tests of a worker that really dies: SIGSEGV with the default action
+   put back (as a kernel that installs its own handlers could), and the exit system call itself. */
+WB_KERNEL(segfault_unguarded) {
+  signal(SIGSEGV, SIG_DFL);
+  volatile int* p = NULL;
+  *p = 1;
+  return 0;
+}
+
+WB_KERNEL(exit_group) {
+  syscall(SYS_exit_group, 3);
+  return 0;
+}
+
+WB_KERNEL(call__exit) { _exit(3); }
+
+/* Writes 42 at a[0], then dereferences NULL: the crash leaves what the kernel wrote. */
+WB_KERNEL(write_then_segfault) {
+  DLTensor* a = WB_ARG_TENSOR_OF(0, float32, 1);
+  ((float*)a->data)[0] = 42.0f;
+  volatile int* p = NULL;
+  *p = 1;
+  return 0;
+}
+
+static int recurse(int n) {
+  volatile char frame[4096];
+  frame[0] = (char)n;
+  return n < 0 ? 0 : recurse(n + 1) + frame[0]; /* n < 0: never; it keeps the compiler from warning */
+}
+
+WB_KERNEL(overflow_stack) { return recurse(0); }
+
+WB_KERNEL(call_abort) { abort(); }
 
 WB_KERNEL(spin) {
   for (;;) {

@@ -23,12 +23,17 @@
 #include "kernel_runtime.h"
 
 #include <dlfcn.h>
+#include <link.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -109,6 +114,387 @@ static int64_t now_ns(void) {
   return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ==========================================================================
+ * Guarded calls (kernel_runtime.h): a kernel that faults ends its call, not the process.
+ *
+ * A guarded call keeps a frame (WBGuard) on its thread: sigsetjmp(env, 0) (no signal mask saved: no
+ * system call per call) and the frame armed in a thread-local pointer.  The handlers, installed once
+ * for the process with SA_NODEFER (the signal stays unblocked after the jump) and SA_ONSTACK (a
+ * per-thread alternate stack, so that a stack overflow is caught too), siglongjmp to the armed frame
+ * of the thread that faulted; with none armed they chain to what was installed before (Python's
+ * faulthandler, or the default: the process dies as it always did).  A kernel library's calls of
+ * exit(), _exit() and _Exit() go to wb_guard_exit instead (wb_guard_library rewrites its GOT entries
+ * for them), which jumps the same way inside a guarded call and exits otherwise: an on_exit handler
+ * would run after every exit handler registered later (those of libraries loaded since), leaving
+ * them run in a process that goes on.  The interrupt (wb_guard_interrupt) is a real-time signal sent to
+ * the calling thread, honoured only while the call it was meant for still runs.
+ * ========================================================================== */
+#define WB_EXIT_MARK 0x10000 /* what the exit handler passes to siglongjmp (signals are < 0x10000) */
+#define WB_ALTSTACK_BYTES (64 * 1024)
+
+typedef struct WBGuard {
+  sigjmp_buf env;
+  struct WBGuard* outer; /* the frame armed before this one on this thread (a nested guarded call) */
+  int64_t serial;        /* this call's number when it is the thread's outermost, else 0 */
+  int in_parallel;       /* wb_in_parallel on entry (restored after a jump) */
+} WBGuard;
+
+static __thread WBGuard* wb_guard_frame;     /* the armed frame of this thread */
+static __thread int wb_guard_exit_status;   /* exit()'s status, when that is what was caught */
+static __thread int wb_guard_thread_ready;  /* this thread has its alternate signal stack */
+static __thread int wb_in_parallel;         /* inside a parallel region (the pool, below) */
+static __thread void* wb_launching;          /* the pool whose launch this thread runs (the pool, below) */
+static int64_t wb_guard_serials;            /* guarded calls begun */
+static int64_t wb_guard_now;                /* the serial of the outermost guarded call running, 0 none */
+static int64_t wb_guard_cancel;             /* the serial wb_guard_interrupt was asked to stop */
+static int64_t wb_guard_fault_count;
+static pthread_t wb_guard_owner;            /* the thread running wb_guard_now */
+static pthread_once_t wb_guard_once = PTHREAD_ONCE_INIT;
+static pthread_key_t wb_guard_stack_key;
+static const int wb_guard_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS};
+#define WB_GUARD_NSIGNALS ((int)(sizeof(wb_guard_signals) / sizeof(wb_guard_signals[0])))
+static struct sigaction wb_guard_previous[WB_GUARD_NSIGNALS + 1]; /* the last one: the interrupt signal */
+static int wb_guard_interrupt_signal;
+
+static void wb_pool_abandon_launch(void); /* the pool, below: after a jump out of a launch */
+
+static int wb_guard_slot(int sig) {
+  for (int i = 0; i < WB_GUARD_NSIGNALS; ++i)
+    if (wb_guard_signals[i] == sig) return i;
+  return WB_GUARD_NSIGNALS;
+}
+
+static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
+  WBGuard* g = wb_guard_frame;
+  if (sig == wb_guard_interrupt_signal) {
+    /* only the call it was sent for, on its own thread, and only while it runs */
+    while (g && g->outer) g = g->outer;
+    if (!g || !g->serial || g->serial != WB_LOAD(&wb_guard_cancel) || g->serial != WB_LOAD(&wb_guard_now)) return;
+    wb_guard_frame = NULL;
+    siglongjmp(g->env, sig);
+  }
+  if (g) {
+    wb_guard_frame = g->outer;
+    siglongjmp(g->env, sig);
+  }
+  /* No kernel of ours is running on this thread: what would have happened without us. */
+  struct sigaction* old = &wb_guard_previous[wb_guard_slot(sig)];
+  if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction) {
+    old->sa_sigaction(sig, info, context);
+  } else if (old->sa_handler == SIG_IGN) {
+    return;
+  } else if (old->sa_handler != SIG_DFL && old->sa_handler != NULL) {
+    old->sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);
+    raise(sig); /* delivered when this handler returns: the default action (the process ends) */
+  }
+}
+
+static void wb_guard_free_stack(void* stack) {
+  stack_t off;
+  memset(&off, 0, sizeof(off));
+  off.ss_flags = SS_DISABLE;
+  sigaltstack(&off, NULL);
+  free(stack);
+}
+
+static int wb_watch_fd = -1; /* the watcher (below) */
+static int wb_watch_running;
+
+static void wb_guard_forget_after_fork(void) {
+  /* the child has no watcher thread: its own server starts one if it serves a session */
+  wb_watch_fd = -1;
+  wb_watch_running = 0;
+  wb_guard_now = 0;
+}
+
+static void (*wb_real_exit)(int);
+static void (*wb_real__exit)(int);
+
+static void wb_guard_install(void) {
+  /* libc's own, whatever GOT entries wb_guard_library rewrites later (this file's included, in minrpc) */
+  wb_real_exit = (void (*)(int))dlsym(RTLD_DEFAULT, "exit");
+  wb_real__exit = (void (*)(int))dlsym(RTLD_DEFAULT, "_exit");
+  if (!wb_real_exit) wb_real_exit = exit;
+  if (!wb_real__exit) wb_real__exit = _exit;
+  pthread_key_create(&wb_guard_stack_key, wb_guard_free_stack);
+  pthread_atfork(NULL, NULL, wb_guard_forget_after_fork);
+  wb_guard_interrupt_signal = SIGRTMIN + 2;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_sigaction = wb_guard_on_signal;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  for (int i = 0; i < WB_GUARD_NSIGNALS; ++i) sigaction(wb_guard_signals[i], &sa, &wb_guard_previous[i]);
+  sigaction(wb_guard_interrupt_signal, &sa, &wb_guard_previous[WB_GUARD_NSIGNALS]);
+}
+
+/* Once per process (handlers) and once per thread (an alternate stack, unless it has one). */
+static void wb_guard_prepare_thread(void) {
+  pthread_once(&wb_guard_once, wb_guard_install);
+  wb_guard_thread_ready = 1;
+  stack_t current;
+  if (sigaltstack(NULL, &current) == 0 && !(current.ss_flags & SS_DISABLE)) return; /* e.g. faulthandler's */
+  void* mem = malloc(WB_ALTSTACK_BYTES);
+  if (!mem) return;
+  stack_t alt;
+  memset(&alt, 0, sizeof(alt));
+  alt.ss_sp = mem;
+  alt.ss_size = WB_ALTSTACK_BYTES;
+  if (sigaltstack(&alt, NULL) != 0) {
+    free(mem);
+    return;
+  }
+  pthread_setspecific(wb_guard_stack_key, mem); /* freed when the thread ends */
+}
+
+/* Arm g (after sigsetjmp returned 0); top: an outermost call that wb_guard_interrupt may stop. */
+static inline void wb_guard_arm(WBGuard* g, int top) {
+  if (!wb_guard_thread_ready) wb_guard_prepare_thread();
+  g->outer = wb_guard_frame;
+  g->in_parallel = wb_in_parallel;
+  g->serial = 0;
+  if (top && !g->outer) {
+    g->serial = WB_FETCH_ADD(&wb_guard_serials, 1) + 1;
+    wb_guard_owner = pthread_self();
+    WB_STORE(&wb_guard_now, g->serial);
+  }
+  wb_guard_frame = g;
+}
+
+static inline void wb_guard_disarm(WBGuard* g) {
+  wb_guard_frame = g->outer;
+  if (g->serial) WB_STORE(&wb_guard_now, 0);
+}
+
+static const char* wb_signal_name(int sig) {
+  switch (sig) {
+  case SIGSEGV: return "SIGSEGV";
+  case SIGBUS: return "SIGBUS";
+  case SIGFPE: return "SIGFPE";
+  case SIGILL: return "SIGILL";
+  case SIGABRT: return "SIGABRT";
+  case SIGTRAP: return "SIGTRAP";
+  case SIGSYS: return "SIGSYS";
+  default: return "signal";
+  }
+}
+
+/* After a jump to g: the error for what happened, and the code a guarded call returns. */
+static int wb_guard_caught(WBGuard* g, int sig, const char* what) {
+  if (g->serial) WB_STORE(&wb_guard_now, 0);
+  if (wb_launching && !g->in_parallel) wb_pool_abandon_launch(); /* the jump left a parallel launch */
+  wb_in_parallel = g->in_parallel;
+  if (sig == wb_guard_interrupt_signal) {
+    snprintf(wb_error, WB_ERR_CAP, "Cancelled: %s was stopped: it ran past the grace period after the client "
+             "cancelled it", what);
+    return WB_CANCELLED;
+  }
+  WB_FETCH_ADD(&wb_guard_fault_count, 1);
+  if (sig == WB_EXIT_MARK)
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s called exit(%d)", what, wb_guard_exit_status);
+  else
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s died of signal %d (%s: %s)", what, sig, wb_signal_name(sig),
+             strsignal(sig));
+  return WB_CRASHED;
+}
+
+WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret) {
+  WBGuard g;
+  int sig = sigsetjmp(g.env, 0);
+  if (sig != 0) return wb_guard_caught(&g, sig, "the kernel");
+  wb_guard_arm(&g, 1);
+  int rc = ((WBPackedFunc)fn)(NULL, args, nargs, ret);
+  wb_guard_disarm(&g);
+  return rc;
+}
+
+/* -- exit() inside a kernel ------------------------------------------------------------------- */
+
+static void wb_guard_exit_to(int status, void (*real)(int)) {
+  WBGuard* g = wb_guard_frame;
+  if (g) {
+    wb_guard_frame = g->outer;
+    wb_guard_exit_status = status;
+    siglongjmp(g->env, WB_EXIT_MARK);
+  }
+  real(status);
+  _exit(status); /* not reached */
+}
+
+static void wb_guard_exit(int status) { wb_guard_exit_to(status, wb_real_exit); }
+static void wb_guard__exit(int status) { wb_guard_exit_to(status, wb_real__exit); }
+
+#if defined(__LP64__)
+#define WB_R_SYM(info) ELF64_R_SYM(info)
+#else
+#define WB_R_SYM(info) ELF32_R_SYM(info)
+#endif
+
+typedef struct {
+  ElfW(Addr) base;
+  const char* name;
+  ElfW(Addr) relro_start, relro_end;
+} WBRelro;
+
+static int wb_find_relro(struct dl_phdr_info* info, size_t size, void* data) {
+  (void)size;
+  WBRelro* r = (WBRelro*)data;
+  if (info->dlpi_addr != r->base || strcmp(info->dlpi_name ? info->dlpi_name : "", r->name)) return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_GNU_RELRO) {
+      r->relro_start = info->dlpi_addr + info->dlpi_phdr[i].p_vaddr;
+      r->relro_end = r->relro_start + info->dlpi_phdr[i].p_memsz;
+    }
+  return 1;
+}
+
+/* Point one GOT slot at `to`, making a read-only (RELRO) page writable for the moment. */
+static void wb_patch_slot(void** slot, void* to, const WBRelro* relro) {
+  if (*slot == to) return;
+  long page = sysconf(_SC_PAGESIZE);
+  void* start = (void*)((uintptr_t)slot & ~(uintptr_t)(page - 1));
+  int readonly = (ElfW(Addr))slot >= relro->relro_start && (ElfW(Addr))slot < relro->relro_end;
+  if (readonly && mprotect(start, (size_t)page, PROT_READ | PROT_WRITE) != 0) return;
+  *slot = to;
+  if (readonly) mprotect(start, (size_t)page, PROT_READ);
+}
+
+static void wb_patch_relocs(const void* table, size_t bytes, int rela, ElfW(Addr) base, const ElfW(Sym)* symtab,
+                            const char* strtab, const WBRelro* relro) {
+  size_t step = rela ? sizeof(ElfW(Rela)) : sizeof(ElfW(Rel));
+  for (size_t off = 0; off + step <= bytes; off += step) {
+    const ElfW(Rel)* r = (const ElfW(Rel)*)((const char*)table + off); /* Rela begins as Rel does */
+    const char* name = strtab + symtab[WB_R_SYM(r->r_info)].st_name;
+    void* to = NULL;
+    if (!strcmp(name, "exit"))
+      to = (void*)wb_guard_exit;
+    else if (!strcmp(name, "_exit") || !strcmp(name, "_Exit"))
+      to = (void*)wb_guard__exit;
+    if (to) wb_patch_slot((void**)(base + r->r_offset), to, relro);
+  }
+}
+
+WB_EXPORT int wb_guard_library(void* handle) {
+  struct link_map* lm = NULL;
+  if (!handle || dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm || !lm->l_ld) return -1;
+  pthread_once(&wb_guard_once, wb_guard_install);
+  ElfW(Addr) base = lm->l_addr;
+  const ElfW(Sym)* symtab = NULL;
+  const char* strtab = NULL;
+  ElfW(Addr) jmprel = 0, rela = 0, rel = 0;
+  size_t pltrelsz = 0, relasz = 0, relsz = 0;
+  int pltrela = 1;
+  /* glibc turns the dynamic section's addresses absolute on most targets; an offset is below the base */
+#define WB_ABS(p) ((ElfW(Addr))(p) < base ? (ElfW(Addr))(p) + base : (ElfW(Addr))(p))
+  for (const ElfW(Dyn)* d = lm->l_ld; d->d_tag != DT_NULL; ++d) {
+    switch (d->d_tag) {
+    case DT_SYMTAB: symtab = (const ElfW(Sym)*)WB_ABS(d->d_un.d_ptr); break;
+    case DT_STRTAB: strtab = (const char*)WB_ABS(d->d_un.d_ptr); break;
+    case DT_JMPREL: jmprel = WB_ABS(d->d_un.d_ptr); break;
+    case DT_PLTRELSZ: pltrelsz = d->d_un.d_val; break;
+    case DT_PLTREL: pltrela = d->d_un.d_val == DT_RELA; break;
+    case DT_RELA: rela = WB_ABS(d->d_un.d_ptr); break;
+    case DT_RELASZ: relasz = d->d_un.d_val; break;
+    case DT_REL: rel = WB_ABS(d->d_un.d_ptr); break;
+    case DT_RELSZ: relsz = d->d_un.d_val; break;
+    default: break;
+    }
+  }
+#undef WB_ABS
+  if (!symtab || !strtab) return -1;
+  WBRelro relro = {base, lm->l_name ? lm->l_name : "", 0, 0};
+  dl_iterate_phdr(wb_find_relro, &relro);
+  if (jmprel) wb_patch_relocs((const void*)jmprel, pltrelsz, pltrela, base, symtab, strtab, &relro);
+  if (rela) wb_patch_relocs((const void*)rela, relasz, 1, base, symtab, strtab, &relro);
+  if (rel) wb_patch_relocs((const void*)rel, relsz, 0, base, symtab, strtab, &relro);
+  return 0;
+}
+
+WB_EXPORT int64_t wb_guard_running(void) { return WB_LOAD(&wb_guard_now); }
+
+WB_EXPORT int wb_guard_interrupt(int64_t serial) {
+  if (serial <= 0 || WB_LOAD(&wb_guard_now) != serial) return 0;
+  WB_STORE(&wb_guard_cancel, serial);
+  if (WB_LOAD(&wb_guard_now) != serial) return 0;
+  return pthread_kill(wb_guard_owner, wb_guard_interrupt_signal) == 0;
+}
+
+WB_EXPORT void* wb_guard_suspend(void) {
+  WBGuard* g = wb_guard_frame;
+  wb_guard_frame = NULL;
+  return g;
+}
+
+WB_EXPORT void wb_guard_resume(void* token) { wb_guard_frame = (WBGuard*)token; }
+
+WB_EXPORT int64_t wb_guard_faults(void) { return WB_LOAD(&wb_guard_fault_count); }
+
+/* The watcher (kernel_runtime.h): a thread that stops a guarded call once the connection has had
+   input (a CANCEL, or the end of the stream) for grace_ns while the call still runs.  While a call
+   runs the client sends nothing but a CANCEL; while none runs, the watcher only sleeps. */
+static int64_t wb_watch_grace_ns;
+static pthread_t wb_watch_thread;
+
+static void wb_sleep_ns(int64_t ns) {
+  struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+  nanosleep(&ts, NULL);
+}
+
+static void* wb_watch_main(void* arg) {
+  (void)arg;
+  const int64_t tick = 50 * 1000000LL;
+  int64_t seen = 0, since = 0;
+  int fd;
+  while ((fd = WB_LOAD(&wb_watch_fd)) >= 0) {
+    int64_t serial = wb_guard_running();
+    if (!serial) {
+      seen = since = 0;
+      wb_sleep_ns(tick);
+      continue;
+    }
+    if (serial != seen) seen = serial, since = 0;
+    struct pollfd p = {fd, POLLIN, 0};
+    if (poll(&p, 1, (int)(tick / 1000000LL)) <= 0 || !(p.revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    int64_t now = now_ns();
+    if (!since) since = now;
+    if (now - since >= WB_LOAD(&wb_watch_grace_ns)) {
+      wb_guard_interrupt(serial);
+      since = now; /* again after another grace period if it did not stop (a callback into Python) */
+    } else {
+      wb_sleep_ns(tick); /* the input stays readable: do not spin on it */
+    }
+  }
+  return NULL;
+}
+
+WB_EXPORT int wb_guard_watch(int fd, int64_t grace_ms) {
+  if (WB_LOAD(&wb_watch_running)) {
+    WB_STORE(&wb_watch_fd, -1);
+    pthread_join(wb_watch_thread, NULL);
+    WB_STORE(&wb_watch_running, 0);
+  }
+  if (fd < 0) return 0;
+  pthread_once(&wb_guard_once, wb_guard_install);
+  WB_STORE(&wb_watch_grace_ns, (grace_ms > 0 ? grace_ms : 0) * 1000000LL);
+  WB_STORE(&wb_watch_fd, fd);
+  /* the watcher must not take the interrupt signal itself */
+  sigset_t block, old;
+  sigemptyset(&block);
+  sigaddset(&block, wb_guard_interrupt_signal);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  int rc = pthread_create(&wb_watch_thread, NULL, wb_watch_main, NULL);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0) {
+    WB_STORE(&wb_watch_fd, -1);
+    return -1;
+  }
+  WB_STORE(&wb_watch_running, 1);
+  return 0;
+}
+
+
 /*
  * time_evaluator's cache_flush_bytes: write (then read) one byte per cache line of a
  * buffer of that size, so that the data a kernel touched is evicted before the clock
@@ -154,13 +540,21 @@ WB_EXPORT int wb_time_calls_flushed(void* fn, const WBAny* args, int32_t nargs, 
     wb_error_set_parts("MemoryError", parts, 1);
     return -1;
   }
+  WBGuard g;
+  int sig = sigsetjmp(g.env, 0);
+  if (sig != 0) return wb_guard_caught(&g, sig, "the kernel");
+  wb_guard_arm(&g, 1);
   int64_t start = now_ns();
   for (int64_t i = 0; i < number; ++i) {
     memset(&ret, 0, sizeof(ret));
     int rc = f(NULL, args, nargs, &ret);
-    if (rc != 0) return rc;
+    if (rc != 0) {
+      wb_guard_disarm(&g);
+      return rc;
+    }
   }
   *elapsed_ns = now_ns() - start;
+  wb_guard_disarm(&g);
   return 0;
 }
 
@@ -224,7 +618,6 @@ typedef struct {
 
 static WBPool* wb_pool;
 static pthread_mutex_t wb_pool_create_lock = PTHREAD_MUTEX_INITIALIZER;
-static __thread int wb_in_parallel;
 
 static inline void wb_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -285,6 +678,25 @@ static void wb_run_share(WBRegion* r, int thread_index) {
   }
 }
 
+/* A pool thread's share, guarded: a task that faults fails the loop with KernelCrashed, naming it. */
+static void wb_run_share_guarded(WBRegion* r, int thread_index) {
+  WBGuard g;
+  int sig = sigsetjmp(g.env, 0);
+  if (sig != 0) {
+    char what[64];
+    snprintf(what, sizeof(what), "a task of the kernel's parallel loop (pool thread %d)", thread_index);
+    wb_guard_caught(&g, sig, what);
+    wb_in_parallel = 1;
+    int expected = 0;
+    if (__atomic_compare_exchange_n(&r->failed, &expected, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+      snprintf(r->error, WB_ERR_CAP, "%s", wb_error);
+    return;
+  }
+  wb_guard_arm(&g, 0);
+  wb_run_share(r, thread_index);
+  wb_guard_disarm(&g);
+}
+
 static void* wb_pool_main(void* arg) {
   WBPool* pool = ((WBThreadArg*)arg)->pool;
   int index = ((WBThreadArg*)arg)->index;
@@ -308,7 +720,7 @@ static void* wb_pool_main(void* arg) {
     if (WB_LOAD(&pool->stop)) return NULL;
     seen = gen;
     WBRegion* r = &pool->region;
-    if (index < r->nthreads) wb_run_share(r, index);
+    if (index < r->nthreads) wb_run_share_guarded(r, index);
     if (WB_FETCH_SUB(&r->pending, 1) == 1 && WB_LOAD(&pool->caller_sleeping)) {
       pthread_mutex_lock(&pool->mu);
       pthread_cond_broadcast(&pool->done_cv);
@@ -388,6 +800,7 @@ WB_EXPORT int wb_parallel_launch(WBParallelLambda flambda, void* cdata, int num_
   WBPool* pool = wb_get_pool();
   if (!pool || pool->nthreads <= 1 || num_task == 1) return wb_parallel_serial(flambda, cdata);
   if (pthread_mutex_trylock(&pool->launch_lock) != 0) return wb_parallel_serial(flambda, cdata);
+  wb_launching = pool;
   WBRegion* r = &pool->region;
   r->flambda = flambda;
   r->cdata = cdata;
@@ -417,6 +830,7 @@ WB_EXPORT int wb_parallel_launch(WBParallelLambda flambda, void* cdata, int num_
   }
   int failed = WB_LOAD(&r->failed);
   if (failed) snprintf(wb_error, WB_ERR_CAP, "%s", r->error);
+  wb_launching = NULL;
   pthread_mutex_unlock(&pool->launch_lock);
   return failed ? -1 : 0;
 }
@@ -445,6 +859,27 @@ WB_EXPORT int wb_parallel_barrier(int task_id, WBParallelGroupEnv* env) {
     }
   }
   return 0;
+}
+
+/* A guarded call jumped out of the launch this thread ran (its task 0 faulted, or it was stopped).
+   The pool threads finish their shares; if they do within a second the pool is used again, else
+   (they wait on a barrier task 0 never reaches, or still run) it is left to them and the next
+   launch starts a new pool. */
+static void wb_pool_abandon_launch(void) {
+  WBPool* pool = (WBPool*)wb_launching;
+  wb_launching = NULL;
+  WBRegion* r = &pool->region;
+  for (int i = 0; i < 1000 && WB_LOAD(&r->pending) > 0; ++i) {
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+  if (WB_LOAD(&r->pending) == 0) {
+    pthread_mutex_unlock(&pool->launch_lock);
+    return;
+  }
+  pthread_mutex_lock(&wb_pool_create_lock);
+  if (wb_pool == pool) __atomic_store_n(&wb_pool, NULL, __ATOMIC_RELEASE);
+  pthread_mutex_unlock(&wb_pool_create_lock);
 }
 
 /* Stop the pool's threads (tests, orderly shutdown); the next launch makes a new pool. */

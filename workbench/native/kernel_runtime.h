@@ -83,6 +83,37 @@ int wb_time_calls_flushed(void* fn, const WBAny* args, int32_t nargs, int64_t nu
                           int64_t* elapsed_ns);
 int wb_time_calls(void* fn, const WBAny* args, int32_t nargs, int64_t number, int64_t* elapsed_ns);
 
+/* -- guarded calls: a kernel that faults or calls exit() ends its call, not the process -----------
+ * A guarded call runs a kernel with handlers armed for the signals a fault raises (SIGSEGV, SIGBUS,
+ * SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS) and, in libraries passed to wb_guard_library, for exit():
+ * if the kernel dies, the call returns
+ * WB_CRASHED with the error "KernelCrashed: ..." naming the signal (or the exit status), and the
+ * process, its memory (tensors hold what the kernel wrote) and its loaded libraries go on.  A fault
+ * in a pool thread fails the parallel loop with that error.  Another thread may stop a call that runs
+ * too long (wb_guard_interrupt): it returns WB_CANCELLED with "Cancelled: ...".  Outside a guarded
+ * call the signals do what they did before (the handlers found at installation are chained).
+ * SIGKILL cannot be caught, nor exit() called from code outside such a library: they end the process. */
+#define WB_CRASHED (-2)
+#define WB_CANCELLED (-3)
+int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret);
+/* The serial number of the guarded call running now (outermost, any thread), 0 when none. */
+int64_t wb_guard_running(void);
+/* Stop the guarded call `serial` if it is still running: 1 (signal sent), 0 (it ended). */
+int wb_guard_interrupt(int64_t serial);
+/* Around a callback from a kernel into code that must not be unwound (Python): disarm, then re-arm. */
+void* wb_guard_suspend(void);
+void wb_guard_resume(void* token);
+/* Send a loaded library's calls of exit(), _exit() and _Exit() through the guard (its GOT entries are
+   rewritten): inside a guarded call they fail the call (WB_CRASHED, "called exit(N)"), elsewhere they
+   exit as before.  `handle` is what dlopen returned.  0, or -1 when the library cannot be read. */
+int wb_guard_library(void* handle);
+/* Faults caught in this process so far (tests and logs). */
+int64_t wb_guard_faults(void);
+/* A session server's watcher thread: a guarded call still running grace_ms after the connection `fd`
+   became readable (the client sent CANCEL, or left) is interrupted.  fd < 0 stops the watcher.
+   0, or -1 when the thread cannot be started (the session goes on without it). */
+int wb_guard_watch(int fd, int64_t grace_ms);
+
 /* -- the thread pool (TVMBackendParallelLaunch, TVMBackendParallelBarrier) ----------------------- */
 typedef struct {
   void* sync_handle;

@@ -113,10 +113,8 @@ def _friendly(func: Callable) -> Callable:
             raise UsageError(f"{exc}\n{usage}\n(%{func.__name__}? shows the full help)") from None
         except MagicError:
             raise
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            raise MagicError(f"{func.__name__}: interrupted") from None
+        except KeyboardInterrupt:  # as IPython shows it for any cell (the session goes on: the call was cancelled)
+            raise KeyboardInterrupt from None
         except (WorkbenchError, OSError, ValueError, TypeError, LookupError, RuntimeError, TimeoutError) as exc:
             if debug:
                 raise

@@ -147,8 +147,10 @@ static PyObject *exchange_io(int fd, unsigned char *head, const Py_buffer *ctrl,
       errno = err;
       return PyErr_SetFromErrno(PyExc_OSError);
     }
+    if (received != NULL && sent == total) *received = -2; /* all sent: an interrupt from here consumed nothing */
     if (PyErr_CheckSignals() < 0) return NULL;
   }
+  if (received != NULL) *received = -2;
   if (PyErr_CheckSignals() < 0) return NULL; /* as sendall does after its last send: Ctrl-C during it raises now */
 
   /* Receiving: what one recv() brings. */
@@ -253,7 +255,7 @@ static PyObject *shim_exchange(PyObject *self, PyObject *const *args, Py_ssize_t
  *     session._resume_call(got, frame) with the lock still held, where `got` is what exchange()
  *     returned or the exception it raised, and `frame` the request's bytes.
  */
-static PyObject *str_fast, *str_acquire, *str_release, *str_busy, *str_start, *str_end, *str_call_python,
+static PyObject *str_fast, *str_acquire, *str_release, *str_busy, *str_awaiting, *str_start, *str_end, *str_call_python,
     *str_resume_call, *str_session, *str_wb_handle; /* interned names, set by PyInit__shim */
 
 enum { STACK_FRAME = 4096 }; /* a request encoded here fits this; a bigger one takes the Python path */
@@ -558,6 +560,7 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
     got = NULL; /* a control part that does not decode goes the Python way, as an exception */
   }
   if (result == NULL) { /* the rest in Python, the lock still held: a reply in pieces, an error, a lost connection */
+    int interrupted = got == NULL && n == -2;
     if (got == NULL) {
       PyObject *type, *value, *tb;
       PyErr_Fetch(&type, &value, &tb);
@@ -568,7 +571,10 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
       got = value;
     }
     PyObject *sent = PyBytes_FromStringAndSize((const char *)frame, (Py_ssize_t)o.len);
-    if (got != NULL && sent != NULL && PyObject_SetAttr(caller->chan, str_busy, Py_True) == 0)
+    /* interrupted: the request went out whole and nothing of the reply was read when the exception came
+       (Ctrl-C): the channel is `awaiting`, so the session can send CANCEL and go on */
+    if (got != NULL && sent != NULL && PyObject_SetAttr(caller->chan, str_busy, Py_True) == 0 &&
+        (!interrupted || PyObject_SetAttr(caller->chan, str_awaiting, Py_True) == 0))
       result = PyObject_CallMethodObjArgs(session, str_resume_call, got, sent, NULL);
     Py_XDECREF(got);
     Py_XDECREF(sent);
@@ -637,7 +643,7 @@ PyMODINIT_FUNC PyInit__shim(void) {
   static struct {
     PyObject **name;
     const char *text;
-  } names[] = {{&str_fast, "_fast"}, {&str_acquire, "acquire"}, {&str_release, "release"}, {&str_busy, "busy"},
+  } names[] = {{&str_fast, "_fast"}, {&str_acquire, "acquire"}, {&str_release, "release"}, {&str_busy, "busy"}, {&str_awaiting, "awaiting"},
                {&str_start, "_start"}, {&str_end, "_end"}, {&str_call_python, "_call_python"},
                {&str_resume_call, "_resume_call"}, {&str_session, "session"}, {&str_wb_handle, "_wb_handle"}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)

@@ -33,7 +33,14 @@ import tempfile
 import threading
 from typing import Any, NamedTuple, Sequence
 
-from ..errors import BadRequestError, RemoteError, RemoteNotFoundError, RemoteTypeError
+from ..errors import (
+    BadRequestError,
+    CallCancelledError,
+    KernelCrashedError,
+    RemoteError,
+    RemoteNotFoundError,
+    RemoteTypeError,
+)
 from .timer import MAX_CACHE_FLUSH_BYTES  # time_evaluator's cache_flush_bytes: 1 GiB covers every cache there is
 
 log = logging.getLogger(__name__)
@@ -91,13 +98,23 @@ class KernelTypeError(KernelError, RemoteTypeError):
     """A kernel failed with a TypeError: a checked argument (``WB_ARG_TENSOR_OF``...) or ``WB_FAIL("TypeError", ...)``."""
 
 
-def _kernel_error(name: str) -> KernelError:
-    """The exception for the kernel ``name`` that returned -1: a TypeError kind stays a TypeError.
+_CRASHED, _CANCELLED = "KernelCrashed: ", "Cancelled: "  # kinds the guarded call sets (kernel_runtime.h)
+
+
+def _kernel_error(name: str) -> RemoteError:
+    """The exception for the kernel ``name`` that failed: a TypeError kind stays a TypeError,
+    a kernel that died is a KernelCrashedError, one stopped after a cancel a CallCancelledError.
 
         >>> isinstance(KernelTypeError("add_one: TypeError: expected 2 arguments, got 1"), TypeError)
         True
     """
     text = _last_error()
+    if text.startswith(_CRASHED):
+        return KernelCrashedError(
+            f"{name}: {text[len(_CRASHED):]}; the session, its tensors (with what the kernel wrote) and its "
+            "modules are intact: fix the kernel and call again")
+    if text.startswith(_CANCELLED):
+        return CallCancelledError(f"{name}: {text[len(_CANCELLED):]}")
     return (KernelTypeError if text.startswith("TypeError: ") else KernelError)(f"{name}: {text}")
 
 
@@ -105,7 +122,7 @@ def _kernel_error(name: str) -> KernelError:
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of the shim (kernel_runtime.c): a built shim without it is stale (built before the source changed).
-_SHIM_NEWEST_SYMBOL = "wb_set_function_resolver"
+_SHIM_NEWEST_SYMBOL = "wb_guard_library"
 _NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
 
 
@@ -179,11 +196,38 @@ def shim() -> ctypes.CDLL:
             lib.wb_workspace_mallocs.restype = ctypes.c_int64
             lib.wb_raise.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
             lib.wb_raise.restype = None
+            lib.wb_guarded_call.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(TVMFFIAny), ctypes.c_int32, ctypes.POINTER(TVMFFIAny),
+            ]
+            lib.wb_guard_running.restype = ctypes.c_int64
+            lib.wb_guard_interrupt.argtypes = [ctypes.c_int64]
+            lib.wb_guard_suspend.restype = ctypes.c_void_p
+            lib.wb_guard_resume.argtypes = [ctypes.c_void_p]
+            lib.wb_guard_resume.restype = None
+            lib.wb_guard_faults.restype = ctypes.c_int64
+            lib.wb_guard_watch.argtypes = [ctypes.c_int, ctypes.c_int64]
+            lib.wb_guard_library.argtypes = [ctypes.c_void_p]
             lib.wb_set_function_resolver.argtypes = [_Resolver]
             lib.wb_set_function_resolver.restype = None
             lib.wb_set_function_resolver(_resolver)
             _shim = lib
         return _shim
+
+
+_guarded: Any = None
+
+
+def guarded_call() -> Any:
+    """``wb_guarded_call(fn, args, nargs, ret)`` as a PackedFunc (its signature, with ``fn`` where ``self`` is):
+    calling it costs what calling a kernel's own pointer costs (kernel_runtime.h, guarded calls).
+
+        >>> guarded_call()(kernel_address, args, nargs, ctypes.byref(ret))  # doctest: +SKIP
+        0
+    """
+    global _guarded
+    if _guarded is None:
+        _guarded = PackedFunc(ctypes.cast(shim().wb_guarded_call, ctypes.c_void_p).value)
+    return _guarded
 
 
 def flush_cache(nbytes: int) -> None:
@@ -331,6 +375,7 @@ def _kernel_call(name: str):
     """The packed function a kernel calls for ``name``: the function registered under it at call time."""
 
     def call(_self, args, nargs, ret):
+        guard = shim().wb_guard_suspend()  # a fault or a cancel must never unwind through Python's frames
         try:
             from .registry import get_global_func
 
@@ -344,6 +389,8 @@ def _kernel_call(name: str):
             text = f"{name}: {type(exc).__name__}: {exc}" if str(exc) else f"{name}: {type(exc).__name__}"
             shim().wb_raise(b"RuntimeError", text.encode("utf-8", "replace"))
             return -1
+        finally:
+            shim().wb_guard_resume(guard)
 
     return PackedFunc(call)
 
@@ -498,12 +545,13 @@ class NativeFunction:
         self.name = name
         self.address = address
         self.library = library  # keeps the library loaded
-        self._fn = PackedFunc(address)
+        self._call = guarded_call()  # a kernel that faults or exits fails its call, not the process
+        self._fn = ctypes.c_void_p(address)  # passed as it is (no conversion per call)
 
     def __call__(self, *args: Any) -> Any:
         arr, _keep = pack_args(args)
         ret = TVMFFIAny()
-        if self._fn(None, arr, len(args), ctypes.byref(ret)) != 0:
+        if self._call(self._fn, arr, len(args), ctypes.byref(ret)) != 0:
             raise _kernel_error(self.name)
         return _decode_ret(ret)
 
@@ -546,6 +594,8 @@ class NativeLibrary:
             shown = os.path.basename(self.path)  # the loader names the private copy: say the user's name
             text = str(exc).replace(path, shown) if path else str(exc)
             raise RemoteError(f"cannot load {shown}: {text}") from None
+        if path and shim().wb_guard_library(self._lib._handle) != 0:  # exit() in a kernel fails its call
+            log.warning("cannot read %s's dynamic section: exit() in its kernels ends the process", self.path)
         self.names = exported_kernels(path) if path else []
         self.slots = fill_context_slots(self._lib, context_slots(path), os.path.basename(self.path)) if path else {}
 

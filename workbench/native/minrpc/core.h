@@ -35,7 +35,14 @@ enum {
     K_OK = 0, K_ERROR = 1, K_HELLO = 2, K_CONNECT = 3, K_REGISTER = 4, K_PROXY_CONNECT = 5,
     K_PING = 16, K_UPLOAD, K_DOWNLOAD, K_REMOVE, K_LISTDIR, K_LOAD_MODULE, K_LINK_MODULE, K_GET_FUNCTION,
     K_MODULE_FUNCTION, K_CALL, K_TENSOR_ALLOC, K_TENSOR_WRITE, K_TENSOR_READ, K_FREE, K_TIME_EVAL, K_SYSTEM_LIB,
+    K_CANCEL = 32, /* no reply: stop the running request (docs/protocol.md section 12) */
 };
+
+/* docs/protocol.md section 12: a call still running this long after CANCEL is stopped; a kernel that
+   crashes MR_CRASH_LIMIT times within MR_CRASH_WINDOW_NS ends the session. */
+#define MR_CANCEL_GRACE_MS 2000
+#define MR_CRASH_LIMIT 3
+#define MR_CRASH_WINDOW_NS (10LL * 1000000000LL)
 
 /* Exit statuses of a worker (the session process learns a clean end from shared memory, not from these). */
 #define MR_EXIT_LOST 89 /* the session's connection was closed under the worker (by the code it ran) */

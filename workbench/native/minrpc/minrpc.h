@@ -66,6 +66,8 @@ enum {
     MR_TOO_LARGE = 11,
     MR_UNSUPPORTED = 12,
     MR_BUSY = 13,
+    MR_KERNEL_CRASHED = 14, /* the kernel a call ran died (a signal, exit()); the session goes on */
+    MR_CANCELLED = 15,      /* the client cancelled the request (CANCEL) */
 };
 
 /* An error to report: a code above and a message for people (what went wrong, what to do). */

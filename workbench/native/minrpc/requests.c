@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +120,8 @@ static struct {
     uint64_t reply_bulk_len;
     int reply_fd;
     char* reply_unlink;
+    int64_t crash_ns[MR_CRASH_LIMIT - 1]; /* when the last kernels crashed, newest first */
+    int end_session;                      /* the error being sent ends the session (a crash loop) */
 } S;
 
 static int table_grow(void) {
@@ -564,6 +567,7 @@ static mr_module* open_library(const char* so, const char* name, mr_error* err) 
         goto fail;
     }
     if (mr_fill_context_slots(m->dl, &slots, name, err)) goto fail; /* (the library stays open: never unloaded) */
+    if (wb_guard_library(m->dl) != 0) mr_log_info("cannot read %s's dynamic section: exit() in it ends the session", name);
     mr_strlist_free(&slots);
     m->entry = entry_of(&m->kernels);
     return m;
@@ -723,6 +727,8 @@ static int do_system_lib(const mp_node* args, mr_error* err) {
         int rc = mr_fill_context_slots(system_lib_handle, &slots, "<system lib>", err);
         mr_strlist_free(&slots);
         if (rc || mr_syslib_complete(&kernels, err)) return -1;
+        if (wb_guard_library(system_lib_handle) != 0)
+            mr_log_info("cannot read this server's dynamic section: exit() in a kernel ends the session");
         ready = 1;
     }
     mr_module* m = (mr_module*)calloc(1, sizeof(mr_module));
@@ -901,9 +907,37 @@ static WBAny* pack_args(const mr_arg* args, uint32_t n, mr_error* err) {
     return out;
 }
 
+/* A kernel that crashed (the guard in kernel_runtime.c caught it): KERNEL_CRASHED, the session goes
+   on; the MR_CRASH_LIMIT-th crash within MR_CRASH_WINDOW_NS ends it (no crash loop). */
+static int kernel_crashed(const mr_function* f, const char* what, mr_error* err) {
+    int64_t now = mr_now_ns();
+    int recent = 1;
+    for (int i = 0; i < MR_CRASH_LIMIT - 1; ++i)
+        if (S.crash_ns[i] && now - S.crash_ns[i] < MR_CRASH_WINDOW_NS) recent++;
+    for (int i = MR_CRASH_LIMIT - 2; i > 0; --i) S.crash_ns[i] = S.crash_ns[i - 1];
+    S.crash_ns[0] = now;
+    if (recent >= MR_CRASH_LIMIT) {
+        S.end_session = 1;
+        return mr_fail(err, MR_WORKER_DIED,
+                       "%s: %s. That is the %drd crash within %lld s, so the server ended the session (its tensors "
+                       "and modules are gone): fix the kernel, then connect again",
+                       f->name, what, MR_CRASH_LIMIT, (long long)(MR_CRASH_WINDOW_NS / 1000000000LL));
+    }
+    return mr_fail(err, MR_KERNEL_CRASHED,
+                   "%s: %s; the session, its tensors (with what the kernel wrote) and its modules are intact: fix "
+                   "the kernel and call again", f->name, what);
+}
+
 static int kernel_failed(const mr_function* f, mr_error* err) {
+    static const char crashed[] = "KernelCrashed: ", cancelled[] = "Cancelled: ";
     const char* text = wb_last_error();
-    mr_fail(err, MR_REMOTE, "%s: %s", f->name, text && *text ? text : "the kernel returned an error without a message");
+    if (!strncmp(text, crashed, sizeof(crashed) - 1)) {
+        kernel_crashed(f, text + sizeof(crashed) - 1, err);
+    } else if (!strncmp(text, cancelled, sizeof(cancelled) - 1)) {
+        mr_fail(err, MR_CANCELLED, "%s: %s", f->name, text + sizeof(cancelled) - 1);
+    } else {
+        mr_fail(err, MR_REMOTE, "%s: %s", f->name, text && *text ? text : "the kernel returned an error without a message");
+    }
     wb_clear_error();
     return -1;
 }
@@ -966,7 +1000,7 @@ static int do_call(const mp_node* args, mr_error* err) {
     if (!packed) return -1;
     WBAny ret;
     memset(&ret, 0, sizeof(ret));
-    if (f->fn(NULL, packed, (int32_t)list->len, &ret) != 0) return kernel_failed(f, err);
+    if (wb_guarded_call((void*)f->fn, packed, (int32_t)list->len, &ret) != 0) return kernel_failed(f, err);
     switch (ret.type_index) {
     case TYPE_INT: mp_put_int(b, ret.v_int64); break;
     case TYPE_BOOL: mp_put_bool(b, ret.v_int64 != 0); break;
@@ -1172,6 +1206,23 @@ static int do_free(const mp_node* args, mr_error* err) {
 }
 
 /* ---- TIME_EVAL ---------------------------------------------------------------------------------------- */
+/* Between two repeats: 1 (and the frame consumed) if the client sent CANCEL, or left; anything else
+   that came stays buffered for the loop.  A CANCEL is one 17-byte write, so its header is whole. */
+static int cancel_pending(void) {
+    mr_conn* c = S.c;
+    if (c->end - c->start < MR_HEADER) {
+        struct pollfd p = {c->rfd, POLLIN, 0};
+        if (poll(&p, 1, 0) <= 0) return 0;
+        if (conn_fill(c, MR_HEADER)) return 1; /* the client left: stop as well */
+    }
+    const uint8_t* h = c->buf + c->start;
+    if ((h[4] | h[5] << 8) != K_CANCEL) return 0;
+    size_t ctrl_len = (size_t)h[0] | (size_t)h[1] << 8; /* "[]": one byte */
+    if (conn_fill(c, MR_HEADER + ctrl_len)) return 1;
+    c->start += MR_HEADER + ctrl_len;
+    return 1;
+}
+
 typedef struct {
     const char* name;
     double value, low, high;
@@ -1318,7 +1369,7 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
     double min_repeat_ms = o[2].value, cooldown_ms = o[4].value;
     int64_t limit_zero = (int64_t)o[3].value, repeats_to_cooldown = (int64_t)o[5].value;
     int64_t flush_bytes = (int64_t)o[6].value;
-    double seconds;
+    double seconds = 0.0;
     /* one warm-up call (page faults, lazy binding, caches), without the cache flush */
     if (timed_run(f, values, nargs, packed, 1, 0, &seconds, err)) return -1;
     mp_buf* b = &S.c->out;
@@ -1343,6 +1394,9 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
         }
         mp_put_float(b, seconds / (double)number);
         counts[i] = number;
+        if (i + 1 < repeat && cancel_pending())
+            return mr_fail(err, MR_CANCELLED, "TIME_EVAL of %s cancelled by the client after %lld of %lld repeats",
+                           f->name, (long long)(i + 1), (long long)repeat);
         if (b->failed) return mr_fail(err, MR_REMOTE, "out of memory for %lld results", (long long)repeat);
         if (cooldown_ms > 0 && (i + 1) % repeats_to_cooldown == 0 && i + 1 < repeat) {
             double secs = cooldown_ms / 1e3;
@@ -1365,6 +1419,7 @@ static const handler_fn HANDLERS[] = {do_ping, do_upload, do_download, do_remove
 
 /* Serve one request whose control part is `ctrl`; the reply is in S.c->out (begun). */
 static int dispatch(int kind, const mp_node* ctrl, mr_error* err) {
+    if (kind == K_CANCEL) return 0; /* nothing runs: its request already answered (section 12) */
     if (kind < K_PING || kind > K_SYSTEM_LIB)
         return mr_fail(err, MR_BAD_REQUEST, "unknown request kind %d; this server speaks protocol version 1", kind);
     if (ctrl->type != MP_ARRAY)
@@ -1418,6 +1473,8 @@ static int send_error_closing(int code, const char* msg) {
     return rc;
 }
 
+static void serve_requests(mr_conn* c, mr_shared* shared, double session_timeout, const uint8_t* proof);
+
 void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_config* cfg, double session_timeout,
                    const uint8_t* proof) {
     memset(&S, 0, sizeof(S));
@@ -1426,6 +1483,15 @@ void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_con
     S.ws = ws;
     S.shared = shared;
     S.reply_fd = -1;
+    /* a kernel still running MR_CANCEL_GRACE_MS after the client's CANCEL (or its leaving) is stopped */
+    if (wb_guard_watch(c->rfd, MR_CANCEL_GRACE_MS) != 0)
+        mr_log_info("cannot start the call watcher: a kernel that never returns cannot be cancelled");
+    serve_requests(c, shared, session_timeout, proof);
+    wb_guard_watch(-1, 0);
+}
+
+static void serve_requests(mr_conn* c, mr_shared* shared, double session_timeout, const uint8_t* proof) {
+    const mr_config* cfg = S.cfg;
     static mr_error err; /* 4 KiB: kept out of the stack of kernels */
 
     conn_begin(c);
@@ -1515,6 +1581,10 @@ void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_con
             S.shared->sending = 1;
             rc = conn_send_error(c, err.code, err.msg);
             S.shared->sending = 0;
+            if (S.end_session) {
+                reply_done();
+                return;
+            }
         } else {
             rc = send_reply();
         }

@@ -44,7 +44,8 @@ class LocalSession(RPCSession):
 
     def _cancellable_request(self, kind: int, args: list) -> Any:
         # in process, Ctrl-C raises KeyboardInterrupt between two repeats (a native kernel's timing loop
-        # returns to Python after each repeat); a call cannot be cancelled and a crash ends this process
+        # returns to Python after each repeat) and after a call returns; a kernel that faults or calls
+        # exit() fails its call with KernelCrashedError (the guard in kernel_runtime.c), as on a server
         return self._request(kind, args)
 
     def _request(

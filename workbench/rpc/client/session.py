@@ -395,6 +395,8 @@ class RPCSession:
             >>> remote._call(Kind.PING, [])  # doctest: +SKIP
             {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
         """
+        if kind == _CALL:  # a call may run long: Ctrl-C cancels it and the session goes on
+            return self._cancellable_request(kind, args)
         start = time.perf_counter() if self._log else 0.0
         with self._lock:
             if self._ended is not None:
@@ -423,14 +425,16 @@ class RPCSession:
             self._chan.busy = False  # sent whole, and no reply comes
 
     def _cancellable_request(self, kind: int, args: list) -> Any:
-        """``_call`` for a long request (TIME_EVAL) that Ctrl-C may cancel while the session goes on.
+        """``_call`` for a request that may run long (CALL, TIME_EVAL): Ctrl-C cancels it, the session goes on.
 
-        A KeyboardInterrupt while the reply is awaited sends CANCEL (the server stops at the next
-        repeat) and is raised at once; the reply is read and dropped before the next request.
+        A KeyboardInterrupt while the reply is awaited sends CANCEL and is raised at once; the server
+        stops a timing at its next repeat, and a kernel still running after its grace period (2 s);
+        the reply is read and dropped before the next request.
 
             >>> remote._cancellable_request(Kind.PING, [])  # doctest: +SKIP
             {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
         """
+        start = time.perf_counter() if self._log else 0.0
         with self._lock:
             if self._ended is not None:
                 self._ensure_open()
@@ -439,7 +443,7 @@ class RPCSession:
                 if self._outstanding or self._pending_free:
                     self._settle()
                 chan.send_frame(kind, args)
-                return self._reply(kind, chan.await_reply())
+                ctrl = self._reply(kind, chan.await_reply())
             except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt) and chan.awaiting:
                     self._cancel()
@@ -448,6 +452,9 @@ class RPCSession:
                 if lost is None:
                     raise
                 raise lost from None
+        if self._log:
+            log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
+        return ctrl
 
     def _cancel(self) -> None:
         """Send CANCEL for the request whose reply is awaited; its reply is dropped before the next request."""
@@ -490,6 +497,9 @@ class RPCSession:
                     raise got
                 return self._reply(_CALL, self._chan.resume(got, frame))
             except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt) and self._chan.awaiting:  # Ctrl-C: cancel, the session goes on
+                    self._cancel()
+                    raise
                 lost = self._failed(exc)
                 if lost is None:
                     raise

@@ -163,7 +163,14 @@ class SessionHandler:
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
+    # called once, when the session gets its first native kernel (the worker starts its call watcher then,
+    # not before: loading the shim early would bind a TVM module's error setter to ours)
+    on_native_function: Callable[[], None] | None = None
+
     def _add(self, ext: int, obj: Any) -> Handle:
+        if self.on_native_function is not None and type(obj) is NativeFunction:
+            self.on_native_function()
+            self.on_native_function = None
         handle = Handle(ext, self._next)
         self._next += 1
         self._objects[handle.data] = obj  # keyed by the id's 8 wire bytes: no decoding per lookup

@@ -24,8 +24,16 @@ import threading
 import time
 from typing import Any, Callable
 
-from ...errors import ConnectionClosedError, RemoteNotFoundError, RPCError, UnsupportedError, code_of, ErrorCode
-from ...runtime.ffi import NativeLibrary
+from ...errors import (
+    ConnectionClosedError,
+    ErrorCode,
+    KernelCrashedError,
+    RemoteNotFoundError,
+    RPCError,
+    UnsupportedError,
+    code_of,
+)
+from ...runtime.ffi import NativeLibrary, shim
 from ...runtime.workspace import Workspace
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
 from .handler import Bulk, Reply, SessionHandler, device_info, error_text
@@ -47,6 +55,55 @@ log = logging.getLogger(__name__)
 
 _OK = int(Kind.OK)
 _CANCEL = int(Kind.CANCEL)
+
+CANCEL_GRACE_S = 2.0  # a call still running this long after the client's CANCEL is stopped
+CRASH_LIMIT, CRASH_WINDOW_S = 3, 10.0  # a kernel crashing this often ends the session (no crash loop)
+
+
+class CrashCounter:
+    """Ends the session when its kernels crash ``CRASH_LIMIT`` times within ``CRASH_WINDOW_S`` seconds.
+
+        >>> counter = CrashCounter()
+        >>> counter.crashed(0.0), counter.crashed(1.0), counter.crashed(2.0)
+        (False, False, True)
+    """
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def crashed(self, now: float | None = None) -> bool:
+        """Count one crash; True when this one ends the session."""
+        now = time.monotonic() if now is None else now
+        self._times = [t for t in self._times if now - t < CRASH_WINDOW_S] + [now]
+        return len(self._times) >= CRASH_LIMIT
+
+
+def crash_loop_notice(exc: KernelCrashedError) -> str:
+    return (f"{exc}. That is the {CRASH_LIMIT}rd crash within {CRASH_WINDOW_S:g} s, so the server ended the session "
+            "(its tensors and modules are gone): fix the kernel, then connect again")
+
+
+class CallWatch:
+    """The worker's watcher thread (in C, kernel_runtime.c): a kernel still running ``grace`` seconds
+    after the client sent CANCEL (or left) is stopped, and its call fails with CallCancelledError.
+
+    ``start`` runs when the session gets its first native kernel (``SessionHandler.on_native_function``).
+    """
+
+    def __init__(self, fd: int, grace: float = CANCEL_GRACE_S):
+        self.fd, self.grace, self.running = fd, grace, False
+
+    def start(self) -> None:
+        if self.fd < 0 or self.running:
+            return
+        self.running = shim().wb_guard_watch(self.fd, int(self.grace * 1000)) == 0
+        if not self.running:
+            log.warning("cannot start the call watcher: a kernel that never returns cannot be cancelled")
+
+    def stop(self) -> None:
+        if self.running:
+            shim().wb_guard_watch(-1, 0)
+            self.running = False
 
 
 class EndReport:
@@ -151,6 +208,7 @@ def serve_requests(
     """
     lock = send_lock or threading.Lock()
     recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
+    crashes = CrashCounter()
     handler.cancel_pending = chan.cancel_pending  # TIME_EVAL polls it between repeats (docs/protocol.md section 12)
     while True:
         if activity is not None:
@@ -180,6 +238,11 @@ def serve_requests(
                 if kind != _CANCEL:  # a CANCEL that crossed its request's reply: nothing to cancel
                     log.warning("request %s failed: %s", kind, exc)
                 continue
+            if isinstance(exc, KernelCrashedError) and crashes.crashed():
+                log.warning("ending the session: %s", exc)
+                with lock:
+                    send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), crash_loop_notice(exc)])
+                return
             with lock:
                 send_frame(Kind.ERROR, [int(code_of(exc)), error_text(exc)])
             continue
@@ -340,6 +403,8 @@ def _serve(
     handler = SessionHandler(workspace, system_libs)
     lock = threading.Lock()
     timers: list[Watchdog | IdleTimer] = []
+    watch = CallWatch(sock.fileno() if sock is not None else getattr(chan, "read_fd", -1))
+    handler.on_native_function = watch.start
 
     def expire() -> None:
         workspace.cleanup()
@@ -362,6 +427,7 @@ def _serve(
             log.info("session ended: %s", exc)
         return EXIT_CLEAN
     finally:
+        watch.stop()
         for timer in timers:
             timer.cancel()
         handler.close()
