@@ -256,16 +256,20 @@ static inline void wb_guard_arm(WBGuard* g, int top) {
   g->in_parallel = wb_in_parallel;
   g->serial = 0;
   if (top && !g->outer) {
-    g->serial = WB_FETCH_ADD(&wb_guard_serials, 1) + 1;
-    wb_guard_owner = pthread_self();
-    WB_STORE(&wb_guard_now, g->serial);
+    /* no read-modify-write, no fence: a session's calls come from one thread; the watcher only needs
+       to see the serial of the call that runs (a release store publishes it with the owner) */
+    g->serial = __atomic_load_n(&wb_guard_serials, __ATOMIC_RELAXED) + 1;
+    __atomic_store_n(&wb_guard_serials, g->serial, __ATOMIC_RELAXED);
+    pthread_t self = pthread_self();
+    if (!pthread_equal(wb_guard_owner, self)) wb_guard_owner = self;
+    __atomic_store_n(&wb_guard_now, g->serial, __ATOMIC_RELEASE);
   }
   wb_guard_frame = g;
 }
 
 static inline void wb_guard_disarm(WBGuard* g) {
   wb_guard_frame = g->outer;
-  if (g->serial) WB_STORE(&wb_guard_now, 0);
+  if (g->serial) __atomic_store_n(&wb_guard_now, 0, __ATOMIC_RELEASE);
 }
 
 static const char* wb_signal_name(int sig) {
