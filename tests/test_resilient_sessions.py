@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from workbench import rpc, runtime
+from workbench.runtime import ffi
 from workbench.errors import CallCancelledError, KernelCrashedError, SessionCrashedError, error_from_code
 from workbench.rpc.wire.protocol import HEADER, FLAG_NO_REPLY, Kind
 
@@ -257,11 +258,13 @@ def test_local_session_survives_a_crash_in_this_process(kernels):
         local.upload(kernels["so"])
         mod = local.load_module("kernels.so")
         a = runtime.tensor(np.zeros(2, dtype="float32"), local.cpu())
+        faults = ffi.shim().wb_guard_faults()
         with pytest.raises(KernelCrashedError, match="SIGSEGV"):
             mod["write_then_segfault"](a)
         with pytest.raises(KernelCrashedError, match=r"exit\(3\)"):
             mod["call_exit"]()
         assert a.numpy().tolist() == [42.0, 0.0]  # and this process is still here
+        assert ffi.shim().wb_guard_faults() == faults + 2
     finally:
         local.close()
 

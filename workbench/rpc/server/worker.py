@@ -79,7 +79,8 @@ class CrashCounter:
 
 
 def crash_loop_notice(exc: KernelCrashedError) -> str:
-    return (f"{exc}. That is the {CRASH_LIMIT}rd crash within {CRASH_WINDOW_S:g} s, so the server ended the session "
+    what = str(exc).split("; the session, ")[0]  # "add_one: the kernel died of signal 11 (...)"
+    return (f"{what}. That is the {CRASH_LIMIT}rd crash within {CRASH_WINDOW_S:g} s, so the server ended the session "
             "(its tensors and modules are gone): fix the kernel, then connect again")
 
 
