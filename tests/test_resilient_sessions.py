@@ -175,6 +175,7 @@ def test_a_cancel_with_nothing_in_flight_is_ignored(remote, kernels):
     ("call_exit", "", r"call_exit: the kernel called exit\(3\)"),
     ("call_abort", "", r"call_abort: the kernel died of signal 6 \(SIGABRT"),
     ("overflow_stack", "", r"overflow_stack: the kernel died of signal 11 \(SIGSEGV"),
+    ("raise_sigterm", "", r"raise_sigterm: the kernel died of signal 15 \(SIGTERM"),
 ])
 def test_a_crashing_kernel_fails_its_call_and_the_session_goes_on(any_server, kernels, kernel, args, says):
     remote, mod = _open(any_server, kernels)

@@ -123,6 +123,11 @@ WB_KERNEL(overflow_stack) { return recurse(0); }
 
 WB_KERNEL(call_abort) { abort(); }
 
+WB_KERNEL(raise_sigterm) {
+  raise(SIGTERM);
+  return 0;
+}
+
 WB_KERNEL(spin) {
   for (;;) {
   }

@@ -151,7 +151,12 @@ static int64_t wb_guard_fault_count;
 static pthread_t wb_guard_owner;            /* the thread running wb_guard_now */
 static pthread_once_t wb_guard_once = PTHREAD_ONCE_INIT;
 static pthread_key_t wb_guard_stack_key;
-static const int wb_guard_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS};
+/* The faults, then (from WB_GUARD_NFAULTS on) the signals a kernel may send itself (raise(), kill() of
+   its own pid), caught only when sent by this process: the same signal from outside (the server's
+   owner ending it, a terminal) does what it did before. */
+static const int wb_guard_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS,
+                                       SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM};
+#define WB_GUARD_NFAULTS 7
 #define WB_GUARD_NSIGNALS ((int)(sizeof(wb_guard_signals) / sizeof(wb_guard_signals[0])))
 static struct sigaction wb_guard_previous[WB_GUARD_NSIGNALS + 1]; /* the last one: the interrupt signal */
 static int wb_guard_interrupt_signal;
@@ -173,11 +178,13 @@ static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
     wb_guard_frame = NULL;
     siglongjmp(g->env, sig);
   }
-  if (g) {
+  int self_sent = info && info->si_pid == getpid() &&
+                  (info->si_code == SI_USER || info->si_code == SI_TKILL || info->si_code == SI_QUEUE);
+  if (g && (wb_guard_slot(sig) < WB_GUARD_NFAULTS || self_sent)) {
     wb_guard_frame = g->outer;
     siglongjmp(g->env, sig);
   }
-  /* No kernel of ours is running on this thread: what would have happened without us. */
+  /* No kernel of ours is running on this thread (or the signal came from outside): as without us. */
   struct sigaction* old = &wb_guard_previous[wb_guard_slot(sig)];
   if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction) {
     old->sa_sigaction(sig, info, context);
@@ -281,6 +288,12 @@ static const char* wb_signal_name(int sig) {
   case SIGABRT: return "SIGABRT";
   case SIGTRAP: return "SIGTRAP";
   case SIGSYS: return "SIGSYS";
+  case SIGTERM: return "SIGTERM";
+  case SIGHUP: return "SIGHUP";
+  case SIGQUIT: return "SIGQUIT";
+  case SIGUSR1: return "SIGUSR1";
+  case SIGUSR2: return "SIGUSR2";
+  case SIGALRM: return "SIGALRM";
   default: return "signal";
   }
 }

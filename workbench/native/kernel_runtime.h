@@ -85,7 +85,8 @@ int wb_time_calls(void* fn, const WBAny* args, int32_t nargs, int64_t number, in
 
 /* -- guarded calls: a kernel that faults or calls exit() ends its call, not the process -----------
  * A guarded call runs a kernel with handlers armed for the signals a fault raises (SIGSEGV, SIGBUS,
- * SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS) and, in libraries passed to wb_guard_library, for exit():
+ * SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS), for SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM
+ * when the process sends them itself, and, in libraries passed to wb_guard_library, for exit():
  * if the kernel dies, the call returns
  * WB_CRASHED with the error "KernelCrashed: ..." naming the signal (or the exit status), and the
  * process, its memory (tensors hold what the kernel wrote) and its loaded libraries go on.  A fault
