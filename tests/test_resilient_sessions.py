@@ -319,3 +319,28 @@ def test_a_real_notebook_kernel_survives_a_null_dereference(tmp_path, private_tm
     assert error.ename == "KernelCrashedError" and "died of signal 11 (SIGSEGV" in error.evalue
     out = "".join(o.get("text", "") for o in nb.cells[3].outputs if o.output_type == "stream")
     assert out.startswith("[42.0, 1.0, 2.0]") and "crash.so" in out, nb.cells[3].outputs
+
+
+def test_local_session_ctrl_c_stops_a_kernel_that_never_returns(kernels):
+    """In process, Ctrl-C (SIGINT to this process) stops the kernel where it runs; SIGINT elsewhere is as before."""
+    local = rpc.LocalSession()
+    try:
+        local.upload(kernels["so"])
+        mod = local.load_module("kernels.so")
+        a = runtime.tensor(np.ones(2, dtype="float32"), local.cpu())
+        b = runtime.empty((2,), "float32", local.cpu())
+        timer = _interrupt_after(0.5)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt, match="spin: the kernel was stopped by Ctrl-C"):
+            mod["spin"]()
+        timer.join()
+        assert time.monotonic() - start < 5.0
+        mod["add_one"](a, b)
+        assert b.numpy().tolist() == [2.0, 2.0]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+        timer = _interrupt_after(0.1)
+        with pytest.raises(KeyboardInterrupt):  # outside a kernel: Python's own KeyboardInterrupt
+            time.sleep(5)
+        timer.join()
+    finally:
+        local.close()

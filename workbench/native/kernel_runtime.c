@@ -169,8 +169,28 @@ static int wb_guard_slot(int sig) {
   return WB_GUARD_NSIGNALS;
 }
 
+static struct sigaction wb_guard_previous_sigint; /* while wb_guard_sigint(1) holds SIGINT */
+
 static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
   WBGuard* g = wb_guard_frame;
+  if (sig == SIGINT) { /* only while wb_guard_sigint(1) holds it: Ctrl-C stops the kernel that runs */
+    while (g && g->outer) g = g->outer;
+    if (g && g->serial) {
+      wb_guard_frame = NULL;
+      siglongjmp(g->env, sig);
+    }
+    int64_t running = WB_LOAD(&wb_guard_now);
+    if (running && !pthread_equal(wb_guard_owner, pthread_self())) { /* it reached another thread: pass it on */
+      pthread_kill(wb_guard_owner, SIGINT);
+      return;
+    }
+    struct sigaction* old = &wb_guard_previous_sigint;
+    if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction)
+      old->sa_sigaction(sig, info, context);
+    else if (old->sa_handler != SIG_IGN && old->sa_handler != SIG_DFL && old->sa_handler != NULL)
+      old->sa_handler(sig);
+    return;
+  }
   if (sig == wb_guard_interrupt_signal) {
     /* only the call it was sent for, on its own thread, and only while it runs */
     while (g && g->outer) g = g->outer;
@@ -308,6 +328,10 @@ static int wb_guard_caught(WBGuard* g, int sig, const char* what) {
              "cancelled it", what);
     return WB_CANCELLED;
   }
+  if (sig == SIGINT) {
+    snprintf(wb_error, WB_ERR_CAP, "Interrupted: %s was stopped by Ctrl-C (SIGINT)", what);
+    return WB_CANCELLED;
+  }
   WB_FETCH_ADD(&wb_guard_fault_count, 1);
   if (sig == WB_EXIT_MARK)
     snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s called exit(%d)", what, wb_guard_exit_status);
@@ -436,6 +460,24 @@ WB_EXPORT int wb_guard_interrupt(int64_t serial) {
   WB_STORE(&wb_guard_cancel, serial);
   if (WB_LOAD(&wb_guard_now) != serial) return 0;
   return pthread_kill(wb_guard_owner, wb_guard_interrupt_signal) == 0;
+}
+
+WB_EXPORT int wb_guard_sigint(int on) {
+  static int held;
+  pthread_once(&wb_guard_once, wb_guard_install);
+  if (on && !held) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = wb_guard_on_signal;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, &wb_guard_previous_sigint) != 0) return -1;
+    held = 1;
+  } else if (!on && held) {
+    if (sigaction(SIGINT, &wb_guard_previous_sigint, NULL) != 0) return -1;
+    held = 0;
+  }
+  return 0;
 }
 
 WB_EXPORT void* wb_guard_suspend(void) {

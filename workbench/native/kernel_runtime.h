@@ -101,6 +101,10 @@ int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret);
 int64_t wb_guard_running(void);
 /* Stop the guarded call `serial` if it is still running: 1 (signal sent), 0 (it ended). */
 int wb_guard_interrupt(int64_t serial);
+/* on = 1: SIGINT (Ctrl-C) stops the guarded call that runs (WB_CANCELLED, "Interrupted: ..."); outside
+   one it goes to the handler it replaced.  on = 0 puts that handler back.  For a process that runs
+   kernels itself (LocalSession): around its calls.  0, or -1 from sigaction. */
+int wb_guard_sigint(int on);
 /* Around a callback from a kernel into code that must not be unwound (Python): disarm, then re-arm. */
 void* wb_guard_suspend(void);
 void wb_guard_resume(void* token);

@@ -21,6 +21,7 @@ the kernel's memory (``.numpy()`` writes through), scalars as Python numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -31,7 +32,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from ..errors import (
     BadRequestError,
@@ -98,12 +99,13 @@ class KernelTypeError(KernelError, RemoteTypeError):
     """A kernel failed with a TypeError: a checked argument (``WB_ARG_TENSOR_OF``...) or ``WB_FAIL("TypeError", ...)``."""
 
 
-_CRASHED, _CANCELLED = "KernelCrashed: ", "Cancelled: "  # kinds the guarded call sets (kernel_runtime.h)
+_CRASHED, _CANCELLED, _INTERRUPTED = "KernelCrashed: ", "Cancelled: ", "Interrupted: "  # set by the guard
 
 
-def _kernel_error(name: str) -> RemoteError:
+def _kernel_error(name: str) -> RemoteError | KeyboardInterrupt:
     """The exception for the kernel ``name`` that failed: a TypeError kind stays a TypeError,
-    a kernel that died is a KernelCrashedError, one stopped after a cancel a CallCancelledError.
+    a kernel that died is a KernelCrashedError, one stopped after a cancel a CallCancelledError,
+    one stopped by Ctrl-C in this process (``sigint_stops_kernels``) a KeyboardInterrupt.
 
         >>> isinstance(KernelTypeError("add_one: TypeError: expected 2 arguments, got 1"), TypeError)
         True
@@ -115,6 +117,8 @@ def _kernel_error(name: str) -> RemoteError:
             "modules are intact: fix the kernel and call again")
     if text.startswith(_CANCELLED):
         return CallCancelledError(f"{name}: {text[len(_CANCELLED):]}")
+    if text.startswith(_INTERRUPTED):
+        return KeyboardInterrupt(f"{name}: {text[len(_INTERRUPTED):]}")
     return (KernelTypeError if text.startswith("TypeError: ") else KernelError)(f"{name}: {text}")
 
 
@@ -122,7 +126,7 @@ def _kernel_error(name: str) -> RemoteError:
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of the shim (kernel_runtime.c): a built shim without it is stale (built before the source changed).
-_SHIM_NEWEST_SYMBOL = "wb_guard_library"
+_SHIM_NEWEST_SYMBOL = "wb_guard_sigint"
 _NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
 
 
@@ -207,6 +211,7 @@ def shim() -> ctypes.CDLL:
             lib.wb_guard_faults.restype = ctypes.c_int64
             lib.wb_guard_watch.argtypes = [ctypes.c_int, ctypes.c_int64]
             lib.wb_guard_library.argtypes = [ctypes.c_void_p]
+            lib.wb_guard_sigint.argtypes = [ctypes.c_int]
             lib.wb_set_function_resolver.argtypes = [_Resolver]
             lib.wb_set_function_resolver.restype = None
             lib.wb_set_function_resolver(_resolver)
@@ -228,6 +233,25 @@ def guarded_call() -> Any:
     if _guarded is None:
         _guarded = PackedFunc(ctypes.cast(shim().wb_guarded_call, ctypes.c_void_p).value)
     return _guarded
+
+
+@contextlib.contextmanager
+def sigint_stops_kernels() -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) stops a native kernel that runs in this process: its call raises
+    KeyboardInterrupt and the process goes on (``LocalSession``). Outside a kernel, SIGINT does what it did.
+
+        >>> with sigint_stops_kernels():
+        ...     pass
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        yield
+        return
+    lib = shim()
+    lib.wb_guard_sigint(1)
+    try:
+        yield
+    finally:
+        lib.wb_guard_sigint(0)
 
 
 def flush_cache(nbytes: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ...errors import ProtocolError, RPCError, SessionCrashedError, code_of, error_from_code
 from ...progress import chunk_slices
+from ...runtime.ffi import sigint_stops_kernels
 from ..wire.exits import death_notice
 from ..wire.handshake import TOKEN_ENV, client_handshake
 from ..wire.protocol import Channel, Kind, PipeChannel, pack, unpack, write_all
@@ -40,13 +41,16 @@ class LocalSession(RPCSession):
         self._finalizer = weakref.finalize(self, self._handler.close)
 
     def _call(self, kind: int, args: list) -> Any:
+        if kind == Kind.CALL:
+            return self._cancellable_request(kind, args)
         return self._request(kind, args)
 
     def _cancellable_request(self, kind: int, args: list) -> Any:
-        # in process, Ctrl-C raises KeyboardInterrupt between two repeats (a native kernel's timing loop
-        # returns to Python after each repeat) and after a call returns; a kernel that faults or calls
-        # exit() fails its call with KernelCrashedError (the guard in kernel_runtime.c), as on a server
-        return self._request(kind, args)
+        # in process: Ctrl-C stops a native kernel where it runs (KeyboardInterrupt, sigint_stops_kernels),
+        # else raises between two repeats of a timing; a kernel that faults or calls exit() fails its call
+        # with KernelCrashedError (the guard in kernel_runtime.c), as on a server
+        with sigint_stops_kernels():
+            return self._request(kind, args)
 
     def _request(
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
