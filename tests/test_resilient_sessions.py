@@ -344,3 +344,17 @@ def test_local_session_ctrl_c_stops_a_kernel_that_never_returns(kernels):
         timer.join()
     finally:
         local.close()
+
+
+def test_ctrl_c_during_a_long_registered_function(any_server):
+    """workbench.sleep (a Python function on our server, a built-in on minrpc): Ctrl-C returns at once, and the
+    server stops the function after the grace period instead of letting the next request wait for it."""
+    with rpc.connect("127.0.0.1", any_server.port) as remote:
+        sleep, echo = remote.get_function("workbench.sleep"), remote.get_function("workbench.echo")
+        timer = _interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            sleep(60)
+        timer.join()
+        start = time.monotonic()
+        assert echo(7) == 7  # after the 2 s grace period, not after 60 s
+        assert time.monotonic() - start < 30

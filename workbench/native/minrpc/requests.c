@@ -950,6 +950,15 @@ static int check_binds(const mr_function* f, uint32_t nargs, const char* label, 
     return mr_fail(err, MR_BAD_REQUEST, "%s: _sleep() takes 1 positional argument but %u were given", label, nargs);
 }
 
+static int sleep_packed(void* self, const WBAny* args, int32_t nargs, WBAny* ret) {
+    (void)self, (void)nargs, (void)ret;
+    double s = args[0].v_float64;
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+    return 0;
+}
+
 /* Run a registered function (no reply written). */
 static int run_builtin(const mr_function* f, const mr_arg* args, uint32_t nargs, mr_error* err) {
     if (f->builtin != FN_SLEEP) return 0; /* echo and nop compute nothing */
@@ -962,9 +971,9 @@ static int run_builtin(const mr_function* f, const mr_arg* args, uint32_t nargs,
     if (isnan(s)) return mr_fail(err, MR_REMOTE, "%s: ValueError: Invalid value NaN (not a number)", f->name);
     if (s < 0) return mr_fail(err, MR_REMOTE, "%s: ValueError: sleep length must be non-negative", f->name);
     if (s > 1e12) return mr_fail(err, MR_REMOTE, "%s: OverflowError: sleep length is too large", f->name);
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
+    /* as a guarded call, so that a CANCEL stops it after the grace period as it stops a kernel */
+    WBAny seconds = {.type_index = 3 /* float */, .v_float64 = s}, ret;
+    if (wb_guarded_call((void*)sleep_packed, &seconds, 1, &ret) != 0) return kernel_failed(f, err);
     return 0;
 }
 

@@ -166,11 +166,16 @@ class SessionHandler:
     # called once, when the session gets its first native kernel (the worker starts its call watcher then,
     # not before: loading the shim early would bind a TVM module's error setter to ours)
     on_native_function: Callable[[], None] | None = None
+    on_python_function: Callable[[], None] | None = None  # the same, for its first Python function
+    python_call_running = False  # a CALL runs a Python function (the worker's watcher may stop it)
 
     def _add(self, ext: int, obj: Any) -> Handle:
         if self.on_native_function is not None and type(obj) is NativeFunction:
             self.on_native_function()
             self.on_native_function = None
+        elif self.on_python_function is not None and ext == Ext.FUNCTION and type(obj) is not NativeFunction:
+            self.on_python_function()
+            self.on_python_function = None
         handle = Handle(ext, self._next)
         self._next += 1
         self._objects[handle.data] = obj  # keyed by the id's 8 wire bytes: no decoding per lookup
@@ -297,6 +302,9 @@ class SessionHandler:
         call_args = args[1]
         if call_args:
             call_args = self._resolve_args(call_args)
+        python = type(fn) is not NativeFunction
+        if python:
+            self.python_call_running = True
         try:
             return fn(*call_args)  # what cannot be encoded is refused when sent
         except TypeError as exc:
@@ -306,6 +314,9 @@ class SessionHandler:
                 # raised by the call itself (the arguments do not fit), not inside the function
                 raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
             raise
+        finally:
+            if python:
+                self.python_call_running = False
 
     def tensor_alloc(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor

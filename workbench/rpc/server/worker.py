@@ -17,6 +17,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from ...errors import (
+    CallCancelledError,
     ConnectionClosedError,
     ErrorCode,
     KernelCrashedError,
@@ -105,6 +107,63 @@ class CallWatch:
         if self.running:
             shim().wb_guard_watch(-1, 0)
             self.running = False
+
+
+class PythonCallWatch:
+    """Stops a Python function on the server (``register_func``) still running ``grace`` seconds after the
+    client sent CANCEL (or left): a signal to the worker's main thread, whose handler raises
+    CallCancelledError inside the function (a blocking call in it is interrupted).
+
+    ``start`` runs, in the main thread, when the session gets its first Python function
+    (``SessionHandler.on_python_function``); a thread then looks at the connection ten times a second
+    while such a call runs. The connection has input then only if the client cancelled or left.
+    """
+
+    def __init__(self, fd: int, handler: SessionHandler, grace: float = CANCEL_GRACE_S):
+        self.fd, self.handler, self.grace = fd, handler, grace
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._armed = False
+        self._signal = signal.SIGRTMIN + 3
+
+    def start(self) -> None:
+        if self.fd < 0 or self._thread is not None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(self._signal, self._on_signal)
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, name="python-call-watch", daemon=True)
+        self._thread.start()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._armed and self.handler.python_call_running:
+            self._armed = False
+            raise CallCancelledError(
+                f"the function was stopped: it ran past the {self.grace:g} s grace period after the client cancelled it")
+
+    def _run(self) -> None:
+        since = None
+        while not self._stop.wait(0.1):
+            if not self.handler.python_call_running:
+                since = None
+                continue
+            try:
+                pending = bool(select.select([self.fd], [], [], 0)[0])
+            except (OSError, ValueError):  # the connection is closing
+                return
+            now = time.monotonic()
+            if not pending:
+                since = None
+            elif since is None:
+                since = now
+            elif now - since >= self.grace:
+                self._armed = True
+                signal.pthread_kill(self._main, self._signal)
+                since = now  # again after another grace period if the function did not stop
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
 
 
 class EndReport:
@@ -404,8 +463,9 @@ def _serve(
     handler = SessionHandler(workspace, system_libs)
     lock = threading.Lock()
     timers: list[Watchdog | IdleTimer] = []
-    watch = CallWatch(sock.fileno() if sock is not None else getattr(chan, "read_fd", -1))
-    handler.on_native_function = watch.start
+    fd = sock.fileno() if sock is not None else getattr(chan, "read_fd", -1)
+    watch, python_watch = CallWatch(fd), PythonCallWatch(fd, handler)
+    handler.on_native_function, handler.on_python_function = watch.start, python_watch.start
 
     def expire() -> None:
         workspace.cleanup()
@@ -429,6 +489,7 @@ def _serve(
         return EXIT_CLEAN
     finally:
         watch.stop()
+        python_watch.stop()
         for timer in timers:
             timer.cancel()
         handler.close()
