@@ -167,7 +167,6 @@ class SessionHandler:
     # not before: loading the shim early would bind a TVM module's error setter to ours)
     on_native_function: Callable[[], None] | None = None
     on_python_function: Callable[[], None] | None = None  # the same, for its first Python function
-    python_call_running = False  # a CALL runs a Python function (the worker's watcher may stop it)
 
     def _add(self, ext: int, obj: Any) -> Handle:
         if self.on_native_function is not None and type(obj) is NativeFunction:
@@ -302,9 +301,6 @@ class SessionHandler:
         call_args = args[1]
         if call_args:
             call_args = self._resolve_args(call_args)
-        python = type(fn) is not NativeFunction
-        if python:
-            self.python_call_running = True
         try:
             return fn(*call_args)  # what cannot be encoded is refused when sent
         except TypeError as exc:
@@ -314,9 +310,6 @@ class SessionHandler:
                 # raised by the call itself (the arguments do not fit), not inside the function
                 raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
             raise
-        finally:
-            if python:
-                self.python_call_running = False
 
     def tensor_alloc(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor

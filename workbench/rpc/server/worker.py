@@ -35,6 +35,7 @@ from ...errors import (
     UnsupportedError,
     code_of,
 )
+from ...runtime import ffi
 from ...runtime.ffi import NativeLibrary, shim
 from ...runtime.workspace import Workspace
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
@@ -109,6 +110,18 @@ class CallWatch:
             self.running = False
 
 
+_CALL_CODE = SessionHandler.call.__code__
+
+
+def _in_call(frame: Any) -> bool:
+    """Whether ``frame`` (a thread's innermost) is inside ``SessionHandler.call``: a CALL is being served."""
+    while frame is not None:
+        if frame.f_code is _CALL_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class PythonCallWatch:
     """Stops a Python function on the server (``register_func``) still running ``grace`` seconds after the
     client sent CANCEL (or left): a signal to the worker's main thread, whose handler raises
@@ -116,7 +129,9 @@ class PythonCallWatch:
 
     ``start`` runs, in the main thread, when the session gets its first Python function
     (``SessionHandler.on_python_function``); a thread then looks at the connection ten times a second
-    while such a call runs. The connection has input then only if the client cancelled or left.
+    while the main thread is inside ``SessionHandler.call`` (read from its frames: nothing is added to
+    the request path) and no native kernel runs (``CallWatch`` stops those). The connection has input
+    then only if the client cancelled or left.
     """
 
     def __init__(self, fd: int, handler: SessionHandler, grace: float = CANCEL_GRACE_S):
@@ -135,16 +150,22 @@ class PythonCallWatch:
         self._thread.start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._armed and self.handler.python_call_running:
+        if self._armed and _in_call(frame):
             self._armed = False
             raise CallCancelledError(
                 f"the function was stopped: it ran past the {self.grace:g} s grace period after the client cancelled it")
 
+    def _python_call_running(self) -> bool:
+        if ffi._shim is not None and ffi._shim.wb_guard_running():  # a native kernel: CallWatch's
+            return False
+        return _in_call(sys._current_frames().get(self._main))
+
     def _run(self) -> None:
         since = None
         while not self._stop.wait(0.1):
-            if not self.handler.python_call_running:
+            if not self._python_call_running():
                 since = None
+                self._armed = False
                 continue
             try:
                 pending = bool(select.select([self.fd], [], [], 0)[0])
