@@ -19,7 +19,7 @@ from ...runtime.ffi import sigint_stops_kernels
 from ..wire.exits import death_notice
 from ..wire.handshake import TOKEN_ENV, client_handshake
 from ..wire.protocol import Channel, Kind, PipeChannel, pack, unpack, write_all
-from .session import Receiver, RPCSession
+from .session import _CANCELLABLE, Receiver, RPCSession
 
 
 class LocalSession(RPCSession):
@@ -41,16 +41,13 @@ class LocalSession(RPCSession):
         self._finalizer = weakref.finalize(self, self._handler.close)
 
     def _call(self, kind: int, args: list) -> Any:
-        if kind == Kind.CALL:
-            return self._cancellable_request(kind, args)
+        if kind in _CANCELLABLE:
+            # in process: Ctrl-C stops a native kernel where it runs (KeyboardInterrupt, sigint_stops_kernels),
+            # else raises between two repeats of a timing; a kernel that faults or calls exit() fails its call
+            # with KernelCrashedError (the guard in kernel_runtime.c), as on a server
+            with sigint_stops_kernels():
+                return self._request(kind, args)
         return self._request(kind, args)
-
-    def _cancellable_request(self, kind: int, args: list) -> Any:
-        # in process: Ctrl-C stops a native kernel where it runs (KeyboardInterrupt, sigint_stops_kernels),
-        # else raises between two repeats of a timing; a kernel that faults or calls exit() fails its call
-        # with KernelCrashedError (the guard in kernel_runtime.c), as on a server
-        with sigint_stops_kernels():
-            return self._request(kind, args)
 
     def _request(
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,

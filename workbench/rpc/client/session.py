@@ -47,6 +47,7 @@ except ImportError:
 
 log = logging.getLogger("workbench.rpc.client")
 _ERROR, _FREE, _CALL = int(Kind.ERROR), int(Kind.FREE), int(Kind.CALL)
+_CANCELLABLE = frozenset({_CALL, int(Kind.TIME_EVAL)})  # may run long: Ctrl-C cancels them (protocol.md section 12)
 _CANCEL = int(Kind.CANCEL)
 
 Receiver = Callable[[int, Any], memoryview]
@@ -186,8 +187,7 @@ class RemoteFunction(_FunctionBase):
                 getattr(self, "_seconds_per_call", None),
             )
             with timed_bar(expected, f"time {self.name}", progress):
-                results = self.session._cancellable_request(
-                    Kind.TIME_EVAL, [self._wb_handle, where, dict(sent), list(args)])
+                results = self.session._call(Kind.TIME_EVAL, [self._wb_handle, where, dict(sent), list(args)])
             numbers = None
             if results and isinstance(results[-1], (list, tuple)):  # the calls each repeat made (servers since 15)
                 *results, numbers = results
@@ -391,20 +391,28 @@ class RPCSession:
         """``_request`` for a request without a bulk part whose reply has none (CALL, PING, ...): the short way.
 
         The request goes out and the reply's first bytes come back in one step (``Channel.request``).
+        A request that may run long (``_CANCELLABLE``: CALL, TIME_EVAL) instead waits for its reply
+        where Ctrl-C consumes nothing: the KeyboardInterrupt sends CANCEL and is raised at once, the
+        server stops a timing at its next repeat and a kernel still running after its grace period (2 s),
+        and the reply is read and dropped before the next request (``_failed``, ``_settle``).
 
             >>> remote._call(Kind.PING, [])  # doctest: +SKIP
             {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
         """
-        if kind == _CALL:  # a call may run long: Ctrl-C cancels it and the session goes on
-            return self._cancellable_request(kind, args)
         start = time.perf_counter() if self._log else 0.0
         with self._lock:
             if self._ended is not None:
                 self._ensure_open()
+            chan = self._chan
             try:
                 if self._outstanding or self._pending_free:
                     self._settle()
-                ctrl = self._reply(kind, self._chan.request(kind, args))
+                if kind in _CANCELLABLE:
+                    chan.send_frame(kind, args)
+                    frame = chan.await_reply()
+                else:
+                    frame = chan.request(kind, args)
+                ctrl = self._reply(kind, frame)
             except BaseException as exc:
                 lost = self._failed(exc)
                 if lost is None:
@@ -423,38 +431,6 @@ class RPCSession:
         if self._pending_free:
             self._chan.send_frame(_FREE, self._take_frees(), flags=FLAG_NO_REPLY)
             self._chan.busy = False  # sent whole, and no reply comes
-
-    def _cancellable_request(self, kind: int, args: list) -> Any:
-        """``_call`` for a request that may run long (CALL, TIME_EVAL): Ctrl-C cancels it, the session goes on.
-
-        A KeyboardInterrupt while the reply is awaited sends CANCEL and is raised at once; the server
-        stops a timing at its next repeat, and a kernel still running after its grace period (2 s);
-        the reply is read and dropped before the next request.
-
-            >>> remote._cancellable_request(Kind.PING, [])  # doctest: +SKIP
-            {'objects': 0, 'tensors': 0, 'tensor_bytes': 0}
-        """
-        start = time.perf_counter() if self._log else 0.0
-        with self._lock:
-            if self._ended is not None:
-                self._ensure_open()
-            chan = self._chan
-            try:
-                if self._outstanding or self._pending_free:
-                    self._settle()
-                chan.send_frame(kind, args)
-                ctrl = self._reply(kind, chan.await_reply())
-            except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt) and chan.awaiting:
-                    self._cancel()
-                    raise
-                lost = self._failed(exc)
-                if lost is None:
-                    raise
-                raise lost from None
-        if self._log:
-            log.info("%s %s: %.3f ms", self.address, Kind(kind).name, (time.perf_counter() - start) * 1e3)
-        return ctrl
 
     def _cancel(self) -> None:
         """Send CANCEL for the request whose reply is awaited; its reply is dropped before the next request."""
@@ -497,9 +473,6 @@ class RPCSession:
                     raise got
                 return self._reply(_CALL, self._chan.resume(got, frame))
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt) and self._chan.awaiting:  # Ctrl-C: cancel, the session goes on
-                    self._cancel()
-                    raise
                 lost = self._failed(exc)
                 if lost is None:
                     raise
@@ -523,8 +496,10 @@ class RPCSession:
         A crashed or timed-out session, a protocol error or an oversized frame end the session (``exc``
         is raised); a lost connection ends it too, raised as ``_lost`` describes it; an error reply
         (the session goes on) and anything else (KeyboardInterrupt, a value msgpack cannot send) are
-        raised as they are; if that happened while a request was on the wire (the channel is ``busy``),
-        the session ends too, since the next reply would be out of step.
+        raised as they are. A KeyboardInterrupt while a reply was awaited (the channel is ``awaiting``:
+        the request went out whole, nothing of its reply was read) sends CANCEL and the session goes on;
+        anything else that happened while a request was on the wire (the channel is ``busy``) ends the
+        session, since the next reply would be out of step.
         """
         if isinstance(exc, (KernelCrashedError, CallCancelledError)):  # the call died, the session goes on
             self._chan.busy = False
@@ -539,6 +514,9 @@ class RPCSession:
             lost = self._lost(exc)
             self._end(lost)
             return lost
+        if isinstance(exc, KeyboardInterrupt) and self._chan.awaiting:  # the request went out whole, nothing
+            self._cancel()  # of its reply was read: CANCEL it, and the session goes on
+            return None
         if self._chan.busy:  # Ctrl-C (or another exception) between a request's first byte and its reply's last
             self._end(ConnectionClosedError(
                 f"a request to {self.address} was interrupted ({type(exc).__name__}) before its reply was read, "
