@@ -45,6 +45,15 @@ def _open(srv, kernels):
     return remote, remote.load_module("kernels.so")
 
 
+@pytest.fixture
+def local(kernels):
+    """``(session, module)``: a LocalSession (kernels run in this process) with the test kernels loaded."""
+    session = rpc.LocalSession()
+    session.upload(kernels["so"])
+    yield session, session.load_module("kernels.so")
+    session.close()
+
+
 def test_cancel_frame_bytes_match_the_documented_ones():
     assert int(Kind.CANCEL) == 32
     assert HEADER.pack(1, Kind.CANCEL, FLAG_NO_REPLY, 0) + b"\x90" == bytes.fromhex("01000000200001000000000000000000") + b"\x90"
@@ -116,11 +125,9 @@ def test_ctrl_c_in_a_subprocess_client_over_popen_session(kernels, tmp_path):
     assert lines[1] == "next call [1.0, 2.0, 3.0]"
 
 
-def test_local_session_ctrl_c_stops_time_evaluator_at_a_repeat(kernels):
-    local = rpc.LocalSession()
-    local.upload(kernels["so"])
-    mod = local.load_module("kernels.so")
-    dev = local.cpu()
+def test_local_session_ctrl_c_stops_time_evaluator_at_a_repeat(local):
+    session, mod = local
+    dev = session.cpu()
     timer = _interrupt_after(0.5)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -131,7 +138,6 @@ def test_local_session_ctrl_c_stops_time_evaluator_at_a_repeat(kernels):
     b = runtime.empty((2,), "float32", dev)
     mod["add_one"](a, b)
     assert b.numpy().tolist() == [2.0, 2.0]
-    local.close()
 
 
 def test_ctrl_c_during_rpc_time_in_an_ipython_shell(any_server, kernels):
@@ -253,21 +259,16 @@ def test_popen_session_survives_a_crash(kernels):
         assert a.numpy().tolist() == [42.0, 0.0]
 
 
-def test_local_session_survives_a_crash_in_this_process(kernels):
-    local = rpc.LocalSession()
-    try:
-        local.upload(kernels["so"])
-        mod = local.load_module("kernels.so")
-        a = runtime.tensor(np.zeros(2, dtype="float32"), local.cpu())
-        faults = ffi.shim().wb_guard_faults()
-        with pytest.raises(KernelCrashedError, match="SIGSEGV"):
-            mod["write_then_segfault"](a)
-        with pytest.raises(KernelCrashedError, match=r"exit\(3\)"):
-            mod["call_exit"]()
-        assert a.numpy().tolist() == [42.0, 0.0]  # and this process is still here
-        assert ffi.shim().wb_guard_faults() == faults + 2
-    finally:
-        local.close()
+def test_local_session_survives_a_crash_in_this_process(local):
+    session, mod = local
+    a = runtime.tensor(np.zeros(2, dtype="float32"), session.cpu())
+    faults = ffi.shim().wb_guard_faults()
+    with pytest.raises(KernelCrashedError, match="SIGSEGV"):
+        mod["write_then_segfault"](a)
+    with pytest.raises(KernelCrashedError, match=r"exit\(3\)"):
+        mod["call_exit"]()
+    assert a.numpy().tolist() == [42.0, 0.0]  # and this process is still here
+    assert ffi.shim().wb_guard_faults() == faults + 2
 
 
 def test_a_crash_in_an_ipython_shell_keeps_the_notebooks_names(any_server, kernels):
@@ -321,29 +322,24 @@ def test_a_real_notebook_kernel_survives_a_null_dereference(tmp_path, private_tm
     assert out.startswith("[42.0, 1.0, 2.0]") and "crash.so" in out, nb.cells[3].outputs
 
 
-def test_local_session_ctrl_c_stops_a_kernel_that_never_returns(kernels):
+def test_local_session_ctrl_c_stops_a_kernel_that_never_returns(local):
     """In process, Ctrl-C (SIGINT to this process) stops the kernel where it runs; SIGINT elsewhere is as before."""
-    local = rpc.LocalSession()
-    try:
-        local.upload(kernels["so"])
-        mod = local.load_module("kernels.so")
-        a = runtime.tensor(np.ones(2, dtype="float32"), local.cpu())
-        b = runtime.empty((2,), "float32", local.cpu())
-        timer = _interrupt_after(0.5)
-        start = time.monotonic()
-        with pytest.raises(KeyboardInterrupt, match="spin: the kernel was stopped by Ctrl-C"):
-            mod["spin"]()
-        timer.join()
-        assert time.monotonic() - start < 5.0
-        mod["add_one"](a, b)
-        assert b.numpy().tolist() == [2.0, 2.0]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
-        timer = _interrupt_after(0.1)
-        with pytest.raises(KeyboardInterrupt):  # outside a kernel: Python's own KeyboardInterrupt
-            time.sleep(5)
-        timer.join()
-    finally:
-        local.close()
+    session, mod = local
+    a = runtime.tensor(np.ones(2, dtype="float32"), session.cpu())
+    b = runtime.empty((2,), "float32", session.cpu())
+    timer = _interrupt_after(0.5)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="spin: the kernel was stopped by Ctrl-C"):
+        mod["spin"]()
+    timer.join()
+    assert time.monotonic() - start < 5.0
+    mod["add_one"](a, b)
+    assert b.numpy().tolist() == [2.0, 2.0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+    timer = _interrupt_after(0.1)
+    with pytest.raises(KeyboardInterrupt):  # outside a kernel: Python's own KeyboardInterrupt
+        time.sleep(5)
+    timer.join()
 
 
 def test_ctrl_c_during_a_long_registered_function(any_server):
