@@ -1,4 +1,5 @@
-"""Functions a test server imports through server_init_callback, a runner for TVM export scripts, and tars."""
+"""Functions a test server imports through server_init_callback, a runner for TVM export scripts, tars, and
+the end of a shell's sessions."""
 import io
 import tarfile
 from typing import Iterable, Mapping, Union
@@ -177,3 +178,11 @@ def make_tar(path, members: Mapping[str, TarMember] | Iterable[tuple[str, TarMem
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+def drop_sessions(user_ns: dict) -> None:
+    """Remove every session and remote module bound in a shell's namespace, closing the sessions."""
+    for name in [n for n, v in user_ns.items() if isinstance(v, (rpc.RPCSession, rpc.RemoteModule))]:
+        value = user_ns.pop(name)
+        if isinstance(value, rpc.RPCSession):
+            value.close()

@@ -24,6 +24,7 @@ from workbench.rpc import RemoteModule, RPCSession, connect_tracker  # noqa: E40
 from workbench.rpc.client.tracker_session import TrackerError  # noqa: E402
 
 from .conftest import wait_until  # noqa: E402
+from .helpers import drop_sessions  # noqa: E402
 
 ADD_ONE = r"""#include <workbench_kernel.h>
 
@@ -52,9 +53,7 @@ def shell(private_tmpdir):
     ip.run_line_magic("load_ext", "workbench")
     ip.run_line_magic("rpc_farm", "--servers local=2 other=1")
     yield ip
-    for name, value in list(ip.user_ns.items()):
-        if isinstance(value, RPCSession):
-            value.close()
+    drop_sessions(ip.user_ns)
     ip.run_line_magic("unload_ext", "workbench")
     assert farm_api.current_farm() is None
 
@@ -62,10 +61,7 @@ def shell(private_tmpdir):
 @pytest.fixture
 def ns(shell):
     yield shell.user_ns
-    for name in [n for n, v in shell.user_ns.items() if isinstance(v, (RPCSession, RemoteModule))]:
-        value = shell.user_ns.pop(name)
-        if isinstance(value, RPCSession):
-            value.close()
+    drop_sessions(shell.user_ns)
     default_log().clear()
 
 

@@ -32,7 +32,8 @@ from workbench.cc.targets import ToolchainNotFoundError  # noqa: E402
 from workbench.errors import RemoteError, WorkbenchError  # noqa: E402
 from workbench.notebook import MagicError  # noqa: E402
 from workbench.notebook.tracebacks import HIDDEN_NOTE  # noqa: E402
-from workbench.rpc import RemoteModule, RPCSession  # noqa: E402
+
+from .helpers import drop_sessions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -69,9 +70,7 @@ def shell(private_tmpdir):
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "workbench")
     yield ip
-    for name, value in list(ip.user_ns.items()):
-        if isinstance(value, RPCSession):
-            value.close()
+    drop_sessions(ip.user_ns)
     ip.run_line_magic("unload_ext", "workbench")
 
 
@@ -79,10 +78,7 @@ def shell(private_tmpdir):
 def ns(shell, server):
     shell.user_ns["remote"] = rpc.connect("127.0.0.1", server.port)
     yield shell.user_ns
-    for name in [n for n, v in shell.user_ns.items() if isinstance(v, (RPCSession, RemoteModule))]:
-        value = shell.user_ns.pop(name)
-        if isinstance(value, RPCSession):
-            value.close()
+    drop_sessions(shell.user_ns)
 
 
 # -- (a) compiler line numbers as the editor shows them ---------------------------------------------

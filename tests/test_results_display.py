@@ -22,11 +22,10 @@ from workbench.farm import LocalFarm  # noqa: E402
 from workbench.results import BenchmarkResult, ResultLog, default_log  # noqa: E402
 from workbench.results.benchmark import time_unit  # noqa: E402
 from workbench.results.log import readable  # noqa: E402
-from workbench.rpc import RPCSession  # noqa: E402
 from workbench.rpc.server.minrpc import MinRPCServer  # noqa: E402
 from workbench.testing import EvaluatorConfig, RPCConfig, local_run, rpc_run  # noqa: E402
 
-from .helpers import ADD_ONE  # noqa: E402
+from .helpers import ADD_ONE, drop_sessions  # noqa: E402
 
 # spin_ns(n): busy-waits n ns on the monotonic clock, so a run's time per call is known within a unit
 SPIN = r"""#include <time.h>
@@ -225,8 +224,6 @@ def test_rpc_results_summary_magic_shows_units(private_tmpdir, spin_mod):
         frame = ip.run_line_magic("rpc_results", "")
         assert frame["seconds"].max() < 1e-3 and "seconds" in frame.columns  # the frame stays seconds
     finally:
-        for value in list(ip.user_ns.values()):
-            if isinstance(value, RPCSession):
-                value.close()
+        drop_sessions(ip.user_ns)
         default_log().clear()
         ip.run_line_magic("unload_ext", "workbench")
