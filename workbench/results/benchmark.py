@@ -187,9 +187,8 @@ class BenchmarkResult:
         number, min_ms = self.number, self.config.get("min_repeat_ms") or 0
         if self.numbers is not None and len(set(self.numbers)) > 1:
             detail += f", {min(self.numbers)}–{max(self.numbers)} calls each"
-        elif self.numbers is not None:
-            detail += f", {number} call{'s' if number != 1 else ''} each"
-        elif number is not None and min_ms > 0:  # the device raised number until a run lasted min_repeat_ms
+        elif self.numbers is None and number is not None and min_ms > 0:
+            # an older server raised number until a run lasted min_repeat_ms, without saying how far
             detail += f", each at least {number} call{'s' if number != 1 else ''} and {min_ms:g} ms"
         elif number is not None:
             detail += f", {number} call{'s' if number != 1 else ''} each"

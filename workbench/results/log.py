@@ -15,6 +15,7 @@ imported on first use, matplotlib only by ``plot``.
 """
 from __future__ import annotations
 
+import functools
 import html
 import importlib.util
 import os
@@ -193,7 +194,7 @@ class ResultLog:
         keys = ["run", "function", "key", "server"]
         out_columns = keys + extras + list(_STATS) + ["repeats", "number"]
         if frame.empty:
-            return TimingSummary({name: pd.Series(dtype=_DTYPES.get(name, "float64")) for name in out_columns})
+            return _summary_class()({name: pd.Series(dtype=_DTYPES.get(name, "float64")) for name in out_columns})
         grouped = frame.groupby("run", sort=True)
         summary = grouped[keys[1:] + extras + ["repeats"]].first()
         summary["number"] = grouped["number"].min()
@@ -203,7 +204,7 @@ class ResultLog:
         summary["min"] = seconds.min()
         summary["median"] = seconds.median()
         summary["max"] = seconds.max()
-        return TimingSummary(summary.reset_index()[out_columns])
+        return _summary_class()(summary.reset_index()[out_columns])
 
     # -- export ------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> str:
@@ -352,11 +353,9 @@ def readable(summary: Any, *, escape: bool = False, precision: int = 3):
     return shown
 
 
+@functools.lru_cache(maxsize=None)
 def _summary_class() -> type:
     """``TimingSummary``, a pandas DataFrame subclass, made on first use (pandas is imported only then)."""
-    cls = globals().get("TimingSummary")
-    if isinstance(cls, type):
-        return cls
     import pandas as pd
 
     class TimingSummary(pd.DataFrame):
@@ -390,13 +389,14 @@ def _summary_class() -> type:
                                                        classes="wb-result-summary")
 
     TimingSummary.__module__, TimingSummary.__qualname__ = __name__, "TimingSummary"  # picklable by name
-    globals()["TimingSummary"] = TimingSummary
     return TimingSummary
 
 
-def TimingSummary(*args: Any, **kwargs: Any):  # noqa: N802  (replaced by the class on first use)
-    """A ``TimingSummary`` (see ``_summary_class``); the name becomes the class itself on first use."""
-    return _summary_class()(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    """``workbench.results.log.TimingSummary``: the class, made when first asked for (PEP 562)."""
+    if name == "TimingSummary":
+        return _summary_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _default: ResultLog | None = None
