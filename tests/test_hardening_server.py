@@ -42,17 +42,18 @@ from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VE
 
 from .conftest import ROOT, assert_clean, children, session_workspaces, wait_until
 from .test_protocol import CPU, FLOAT32, RawPeer
+from .helpers import RAW_EXIT_H
 
 HOST = "127.0.0.1"
 BUSY = 13  # the "server busy" error code (docs/protocol.md, section 7)
 
 # kernels that end their worker in ways a crash handler must still see
-HOSTILE_KERNELS = r"""
+HOSTILE_KERNELS = RAW_EXIT_H + r"""
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
 
-WB_KERNEL(exit86) { syscall(SYS_exit_group, 86); return 0; }  /* the system call itself: no guard catches it */
+WB_KERNEL(exit86) { raw_exit_group(86); return 0; }  /* the system call itself: no guard catches it */
 
 WB_KERNEL(close_every_fd) {
   for (int fd = 0; fd < 65536; ++fd) close(fd);

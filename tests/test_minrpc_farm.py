@@ -32,7 +32,7 @@ from workbench.results import BenchmarkResult
 from workbench.testing import EvaluatorConfig, RPCConfig, rpc_run
 
 from .conftest import wait_until
-from .helpers import ADD_ONE, EM_AARCH64, EM_X86_64, elf_machine, emulated_board_missing, run_export_script
+from .helpers import ADD_ONE, EM_AARCH64, EM_X86_64, RAW_EXIT_H, elf_machine, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,13 +50,13 @@ needs_tvm = pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
                                reason="apache-tvm is not installed (the `tvm` test extra: pip install -e .[test,tvm])")
 
 
-CRASHERS = """#include <signal.h>
+CRASHERS = RAW_EXIT_H + """#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
 WB_KERNEL(segfault) { raise(SIGSEGV); return 0; }
 WB_KERNEL(quit) { _exit(86); return 0; }
-WB_KERNEL(exit_group) { syscall(SYS_exit_group, 86); return 0; }
+WB_KERNEL(exit_group) { raw_exit_group(86); return 0; }
 WB_KERNEL(fine) { ret->type_index = kTVMFFIInt; ret->v_int64 = 42; return 0; }
 """
 

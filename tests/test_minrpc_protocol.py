@@ -70,6 +70,8 @@ from workbench.rpc.wire.protocol import (
     unpack,
 )
 
+from .helpers import RAW_EXIT_H
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.join(os.path.dirname(HERE), "workbench", "native")
 CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -78,7 +80,7 @@ START_TIMEOUT = 15.0
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler to build minrpc: apt-get install gcc")
 
 # Kernels for the cases tests/kernels/kernels.c does not cover.
-EXTRA_KERNELS = r"""
+EXTRA_KERNELS = RAW_EXIT_H + r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -90,7 +92,7 @@ typedef struct { const char* data; size_t size; } ByteArray;
 
 WB_KERNEL(main) { return 0; }
 WB_KERNEL(exit86) { exit(86); }
-WB_KERNEL(_exit86) { syscall(SYS_exit_group, 86); return 0; }
+WB_KERNEL(_exit86) { raw_exit_group(86); return 0; }
 WB_KERNEL(close_fds) { for (int fd = 3; fd < 4096; ++fd) close(fd); return 0; }
 WB_KERNEL(token_visible) { WB_RETURN_INT(getenv("WORKBENCH_RPC_TOKEN") != NULL); }
 WB_KERNEL(type_of) { WB_EXPECT_ARGS(1); WB_RETURN_INT(args[0].type_index); }

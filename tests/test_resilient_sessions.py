@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from workbench import rpc, runtime
+from workbench import cc, rpc, runtime
 from workbench.runtime import ffi
 from workbench.errors import CallCancelledError, KernelCrashedError, SessionCrashedError, error_from_code
 from workbench.rpc.wire.protocol import HEADER, FLAG_NO_REPLY, Kind
@@ -182,6 +182,15 @@ def test_a_cancel_with_nothing_in_flight_is_ignored(remote, kernels):
     ("call_abort", "", r"call_abort: the kernel died of signal 6 \(SIGABRT"),
     ("overflow_stack", "", r"overflow_stack: the kernel died of signal 11 \(SIGSEGV"),
     ("raise_sigterm", "", r"raise_sigterm: the kernel died of signal 15 \(SIGTERM"),
+    # the ways to end a process that no handler sees, refused where the kernel asks for them
+    ("syscall_exit_group", "", r"syscall_exit_group: the kernel called exit\(3\)"),
+    ("raise_sigkill", "", r"raise_sigkill: the kernel sent its own process signal 9 \(SIGKILL"),
+    ("kill_self_sigkill", "", r"kill_self_sigkill: the kernel sent its own process signal 9 \(SIGKILL"),
+    ("raise_sigstop", "", r"raise_sigstop: the kernel sent its own process signal 19 \(SIGSTOP"),
+    ("call_pthread_exit", "", r"call_pthread_exit: the kernel called pthread_exit\(\) on the server's thread"),
+    # a thread the kernel started dies: that thread ends, the call fails
+    ("thread_segfault", "", r"thread_segfault: the kernel's own thread died of signal 11 \(SIGSEGV"),
+    ("thread_exit", "", r"thread_exit: the kernel's own thread called exit\(5\)"),
 ])
 def test_a_crashing_kernel_fails_its_call_and_the_session_goes_on(any_server, kernels, kernel, args, says):
     remote, mod = _open(any_server, kernels)
@@ -228,6 +237,49 @@ def test_a_death_no_guard_catches_still_ends_only_the_session(any_server, kernel
         assert again.listdir(".") == []
 
 
+def test_a_worker_killed_from_outside_names_the_likely_killer(any_server, kernels):
+    """SIGKILL from outside (the OOM killer, kill -9) is the one death the session cannot outlive: it says so."""
+    remote, mod = _open(any_server, kernels)
+    killer = threading.Timer(0.3, os.kill, (remote.info["pid"], signal.SIGKILL))
+    killer.start()
+    try:
+        with pytest.raises(SessionCrashedError, match=r"signal 9 \(SIGKILL\) from outside, most likely by "
+                                                       r"the system's out-of-memory killer"):
+            mod["sleep_ms"](5000)
+    finally:
+        killer.cancel()
+        remote.close()
+
+
+def test_an_openmp_thread_that_faults_fails_only_the_call(any_server, tmp_path):
+    """OpenMP's threads are the kernel's own: one of them faulting fails the call, and OpenMP still runs after."""
+    src = tmp_path / "omp.c"
+    src.write_text(textwrap.dedent("""\
+        #include <omp.h>
+        #include <workbench_kernel.h>
+        WB_KERNEL(fault_in_thread_1) {
+          #pragma omp parallel num_threads(2)
+          { if (omp_get_thread_num() == 1) { volatile int* p = 0; *p = 1; } }
+          return 0;
+        }
+        WB_KERNEL(count_threads) {
+          int n = 0;
+          #pragma omp parallel num_threads(2) reduction(+:n)
+          n += 1;
+          WB_RETURN_INT(n);
+        }
+        """))
+    so = cc.create_shared(tmp_path / "omp.so", [str(src)], options=["-fopenmp"])
+    with rpc.connect("127.0.0.1", any_server.port) as remote:
+        remote.upload(so)
+        mod = remote.load_module("omp.so")
+        assert mod["count_threads"]() == 2
+        with pytest.raises(KernelCrashedError, match=r"fault_in_thread_1: the kernel's own thread died of signal 11"):
+            mod["fault_in_thread_1"]()
+        assert mod["count_threads"]() >= 1  # OpenMP goes on (with the threads it has left)
+        assert remote.ping()
+
+
 def test_ctrl_c_during_a_call_that_never_returns(any_server, kernels):
     """A plain call of a kernel that spins: Ctrl-C raises at once; the server stops the kernel after the grace period."""
     remote, mod = _open(any_server, kernels)
@@ -247,6 +299,22 @@ def test_ctrl_c_during_a_call_that_never_returns(any_server, kernels):
             assert b.numpy().tolist() == [2.0, 2.0, 2.0]
     finally:
         remote.close()
+
+
+def test_a_cancelled_kernel_that_blocks_signals_ends_the_session_with_a_reason(any_server, kernels):
+    """No interrupt can stop a kernel that blocks every signal: the session ends, and says why, rather than hang."""
+    remote, mod = _open(any_server, kernels)
+    try:
+        timer = _interrupt_after(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            mod["spin_blocking_signals"]()
+        timer.join()
+        with pytest.raises(SessionCrashedError, match="kept running two grace periods after the client cancelled it"):
+            remote.ping()
+    finally:
+        remote.close()
+    with rpc.connect("127.0.0.1", any_server.port) as again:  # the server goes on
+        assert again.listdir(".") == []
 
 
 def test_popen_session_survives_a_crash(kernels):

@@ -1,4 +1,5 @@
 /* Test kernels, written against workbench_kernel.h (the TVM FFI packed ABI). */
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -6,6 +7,24 @@
 #include <time.h>
 #include <unistd.h>
 #include <workbench_kernel.h>
+
+/* raw_exit_group: begin (tests/helpers.py RAW_EXIT_H copies this block into sources written elsewhere)
+   The exit_group system call issued by the instruction itself, not through libc's syscall(): the one
+   way a kernel ends its process that no guard in the process can see. */
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline void raw_exit_group(int status) {
+#if defined(__x86_64__)
+  __asm__ volatile("syscall" : : "a"((long)SYS_exit_group), "D"((long)status) : "rcx", "r11", "memory");
+#elif defined(__aarch64__)
+  register long x0 __asm__("x0") = status;
+  register long x8 __asm__("x8") = SYS_exit_group;
+  __asm__ volatile("svc 0" : : "r"(x0), "r"(x8) : "memory");
+#else
+  syscall(SYS_exit_group, status); /* no inline form here: goes through the guard */
+#endif
+}
+/* raw_exit_group: end */
 
 static int64_t numel(const DLTensor* t) {
   int64_t n = 1;
@@ -98,9 +117,55 @@ WB_KERNEL(segfault_unguarded) {
 }
 
 WB_KERNEL(exit_group) {
+  raw_exit_group(3);
+  return 0;
+}
+
+/* The ways a kernel ends its process that no handler sees, through libc: each is refused in a call. */
+WB_KERNEL(syscall_exit_group) {
   syscall(SYS_exit_group, 3);
   return 0;
 }
+
+WB_KERNEL(raise_sigkill) {
+  raise(SIGKILL);
+  return 0;
+}
+
+WB_KERNEL(kill_self_sigkill) {
+  kill(getpid(), SIGKILL);
+  return 0;
+}
+
+WB_KERNEL(raise_sigstop) {
+  raise(SIGSTOP);
+  return 0;
+}
+
+WB_KERNEL(call_pthread_exit) { pthread_exit(NULL); }
+
+/* A thread of the kernel's own dies (NULL dereference, or exit()) while the kernel waits for it. */
+static void* thread_segfaults(void* arg) {
+  (void)arg;
+  volatile int* p = NULL;
+  *p = 1;
+  return NULL;
+}
+
+static void* thread_exits(void* arg) {
+  (void)arg;
+  exit(5);
+}
+
+static int run_thread(void* (*body)(void*)) {
+  pthread_t t;
+  if (pthread_create(&t, NULL, body, NULL) != 0) WB_FAIL("RuntimeError", "pthread_create failed");
+  pthread_join(t, NULL);
+  return 0;
+}
+
+WB_KERNEL(thread_segfault) { return run_thread(thread_segfaults); }
+WB_KERNEL(thread_exit) { return run_thread(thread_exits); }
 
 WB_KERNEL(call__exit) { _exit(3); }
 
@@ -129,6 +194,16 @@ WB_KERNEL(raise_sigterm) {
 }
 
 WB_KERNEL(spin) {
+  for (;;) {
+  }
+  return 0;
+}
+
+/* spins with every signal blocked: no interrupt can stop it */
+WB_KERNEL(spin_blocking_signals) {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
   for (;;) {
   }
   return 0;

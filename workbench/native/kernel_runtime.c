@@ -33,7 +33,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdarg.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -122,14 +124,20 @@ static int64_t now_ns(void) {
  * for the process with SA_NODEFER (the signal stays unblocked after the jump) and SA_ONSTACK (a
  * per-thread alternate stack, so that a stack overflow is caught too), siglongjmp to the armed frame
  * of the thread that faulted; with none armed they chain to what was installed before (Python's
- * faulthandler, or the default: the process dies as it always did).  A kernel library's calls of
- * exit(), _exit() and _Exit() go to wb_guard_exit instead (wb_guard_library rewrites its GOT entries
- * for them), which jumps the same way inside a guarded call and exits otherwise: an on_exit handler
- * would run after every exit handler registered later (those of libraries loaded since), leaving
- * them run in a process that goes on.  The interrupt (wb_guard_interrupt) is a real-time signal sent to
+ * faulthandler, or the default: the process dies as it always did), except on a thread the running
+ * kernel started: that thread ends and the call fails (wb_guard_end_kernel_thread).  A kernel
+ * library's calls of exit() and its kin, and its SIGKILLs of its own process, go to the wrappers
+ * below instead (wb_guard_library rewrites its GOT entries for them), which jump the same way inside
+ * a guarded call and do as asked otherwise: an on_exit handler would run after every exit handler
+ * registered later (those of libraries loaded since), leaving them run in a process that goes on.
+ * The interrupt (wb_guard_interrupt) is a real-time signal sent to
  * the calling thread, honoured only while the call it was meant for still runs.
  * ========================================================================== */
-#define WB_EXIT_MARK 0x10000 /* what the exit handler passes to siglongjmp (signals are < 0x10000) */
+/* What a jump carries besides a signal number (signals are < 0x10000): how the kernel ended itself. */
+#define WB_EXIT_MARK 0x10000        /* exit(), _exit(), _Exit(), quick_exit(), the exit system calls */
+#define WB_SELF_KILL_MARK 0x20000   /* | sig: SIGKILL or SIGSTOP sent to its own process */
+#define WB_THREAD_EXIT_MARK 0x30000 /* pthread_exit() on the server's thread */
+#define WB_MARK_KIND(mark) ((mark) & 0x70000)
 #define WB_ALTSTACK_BYTES (64 * 1024)
 
 typedef struct WBGuard {
@@ -148,6 +156,9 @@ static int64_t wb_guard_serials;            /* guarded calls begun */
 static int64_t wb_guard_now;                /* the serial of the outermost guarded call running, 0 none */
 static int64_t wb_guard_cancel;             /* the serial wb_guard_interrupt was asked to stop */
 static int64_t wb_guard_fault_count;
+static int64_t wb_guard_thread_death_serial; /* the call whose kernel lost one of its own threads (below) */
+static int wb_guard_thread_death;            /* how that thread ended: a signal or a mark */
+static int wb_guard_thread_death_status;     /* its exit status, for WB_EXIT_MARK */
 static pthread_t wb_guard_owner;            /* the thread running wb_guard_now */
 static pthread_once_t wb_guard_once = PTHREAD_ONCE_INIT;
 static pthread_key_t wb_guard_stack_key;
@@ -170,6 +181,25 @@ static int wb_guard_slot(int sig) {
 }
 
 static struct sigaction wb_guard_previous_sigint; /* while wb_guard_sigint(1) holds SIGINT */
+
+/* A thread with no guarded call of its own faulted, exited or sent its process a fatal signal while a
+   kernel runs on another thread: a thread that kernel started (OpenMP's, its own pthreads).  That
+   thread ends (the exit system call ends it alone; a pthread_join of it returns), and the kernel's
+   call fails as if the kernel had crashed itself.  Returns only when no kernel runs elsewhere. */
+static void wb_guard_end_kernel_thread(int how, int status) {
+  int64_t running = WB_LOAD(&wb_guard_now);
+  if (!running || pthread_equal(wb_guard_owner, pthread_self())) return;
+  int64_t before = WB_LOAD(&wb_guard_thread_death_serial); /* 0, or a call that ended before it heard */
+  if (before != running && before != -1 &&
+      __atomic_compare_exchange_n(&wb_guard_thread_death_serial, &before, -1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    wb_guard_thread_death = how; /* the first thread to go names the failure */
+    wb_guard_thread_death_status = status;
+    WB_STORE(&wb_guard_thread_death_serial, running);
+    WB_STORE(&wb_guard_cancel, running);
+    pthread_kill(wb_guard_owner, wb_guard_interrupt_signal);
+  }
+  for (;;) syscall(SYS_exit, 0);
+}
 
 static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
   WBGuard* g = wb_guard_frame;
@@ -204,6 +234,7 @@ static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
     wb_guard_frame = g->outer;
     siglongjmp(g->env, sig);
   }
+  if (wb_guard_slot(sig) < WB_GUARD_NFAULTS || self_sent) wb_guard_end_kernel_thread(sig, 0);
   /* No kernel of ours is running on this thread (or the signal came from outside): as without us. */
   struct sigaction* old = &wb_guard_previous[wb_guard_slot(sig)];
   if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction) {
@@ -236,15 +267,10 @@ static void wb_guard_forget_after_fork(void) {
   wb_guard_now = 0;
 }
 
-static void (*wb_real_exit)(int);
-static void (*wb_real__exit)(int);
+static void wb_guard_find_real_functions(void); /* below, with the wrappers */
 
 static void wb_guard_install(void) {
-  /* libc's own, whatever GOT entries wb_guard_library rewrites later (this file's included, in minrpc) */
-  wb_real_exit = (void (*)(int))dlsym(RTLD_DEFAULT, "exit");
-  wb_real__exit = (void (*)(int))dlsym(RTLD_DEFAULT, "_exit");
-  if (!wb_real_exit) wb_real_exit = exit;
-  if (!wb_real__exit) wb_real__exit = _exit;
+  wb_guard_find_real_functions();
   pthread_key_create(&wb_guard_stack_key, wb_guard_free_stack);
   pthread_atfork(NULL, NULL, wb_guard_forget_after_fork);
   wb_guard_interrupt_signal = SIGRTMIN + 2;
@@ -314,6 +340,8 @@ static const char* wb_signal_name(int sig) {
   case SIGUSR1: return "SIGUSR1";
   case SIGUSR2: return "SIGUSR2";
   case SIGALRM: return "SIGALRM";
+  case SIGKILL: return "SIGKILL";
+  case SIGSTOP: return "SIGSTOP";
   default: return "signal";
   }
 }
@@ -323,21 +351,40 @@ static int wb_guard_caught(WBGuard* g, int sig, const char* what) {
   if (g->serial) WB_STORE(&wb_guard_now, 0);
   if (wb_launching && !g->in_parallel) wb_pool_abandon_launch(); /* the jump left a parallel launch */
   wb_in_parallel = g->in_parallel;
+  const char* whose = "";
+  int status = wb_guard_exit_status;
   if (sig == wb_guard_interrupt_signal) {
-    snprintf(wb_error, WB_ERR_CAP, "Cancelled: %s was stopped: it ran past the grace period after the client "
-             "cancelled it", what);
-    return WB_CANCELLED;
+    if (!g->serial || WB_LOAD(&wb_guard_thread_death_serial) != g->serial) {
+      snprintf(wb_error, WB_ERR_CAP, "Cancelled: %s was stopped: it ran past the grace period after the client "
+               "cancelled it", what);
+      return WB_CANCELLED;
+    }
+    sig = wb_guard_thread_death; /* a thread the kernel started ended (wb_guard_end_kernel_thread) */
+    status = wb_guard_thread_death_status;
+    WB_STORE(&wb_guard_thread_death_serial, 0);
+    whose = "'s own thread";
   }
   if (sig == SIGINT) {
     snprintf(wb_error, WB_ERR_CAP, "Interrupted: %s was stopped by Ctrl-C (SIGINT)", what);
     return WB_CANCELLED;
   }
   WB_FETCH_ADD(&wb_guard_fault_count, 1);
-  if (sig == WB_EXIT_MARK)
-    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s called exit(%d)", what, wb_guard_exit_status);
-  else
-    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s died of signal %d (%s: %s)", what, sig, wb_signal_name(sig),
-             strsignal(sig));
+  int signum = sig & 0xffff;
+  switch (WB_MARK_KIND(sig)) {
+  case WB_EXIT_MARK:
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s%s called exit(%d)", what, whose, status);
+    break;
+  case WB_SELF_KILL_MARK:
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s%s sent its own process signal %d (%s: %s), which would have "
+             "ended the session; the server refused it", what, whose, signum, wb_signal_name(signum), strsignal(signum));
+    break;
+  case WB_THREAD_EXIT_MARK:
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s called pthread_exit() on the server's thread", what);
+    break;
+  default:
+    snprintf(wb_error, WB_ERR_CAP, "KernelCrashed: %s%s died of signal %d (%s: %s)", what, whose, sig,
+             wb_signal_name(sig), strsignal(sig));
+  }
   return WB_CRASHED;
 }
 
@@ -351,21 +398,123 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
   return rc;
 }
 
-/* -- exit() inside a kernel ------------------------------------------------------------------- */
+/* -- a kernel ending itself: exit(), a SIGKILL of its own process, pthread_exit() ----------------- */
 
-static void wb_guard_exit_to(int status, void (*real)(int)) {
+/* Jump out of the guarded call of this thread; for a thread the running kernel started, end that thread
+   and fail the call.  Returns when no kernel runs: the caller then does what was asked. */
+static void wb_guard_leave(int mark, int status) {
   WBGuard* g = wb_guard_frame;
   if (g) {
     wb_guard_frame = g->outer;
     wb_guard_exit_status = status;
-    siglongjmp(g->env, WB_EXIT_MARK);
+    siglongjmp(g->env, mark);
   }
-  real(status);
+  wb_guard_end_kernel_thread(mark, status);
+}
+
+static void (*wb_real_exit)(int);
+static void (*wb_real__exit)(int);
+static void (*wb_real_quick_exit)(int);
+static void (*wb_real_pthread_exit)(void*);
+static int (*wb_real_raise)(int);
+static int (*wb_real_kill)(pid_t, int);
+static int (*wb_real_pthread_kill)(pthread_t, int);
+static long (*wb_real_syscall)(long, ...);
+
+static void wb_guard_exit(int status) {
+  wb_guard_leave(WB_EXIT_MARK, status);
+  wb_real_exit(status);
   _exit(status); /* not reached */
 }
 
-static void wb_guard_exit(int status) { wb_guard_exit_to(status, wb_real_exit); }
-static void wb_guard__exit(int status) { wb_guard_exit_to(status, wb_real__exit); }
+static void wb_guard__exit(int status) {
+  wb_guard_leave(WB_EXIT_MARK, status);
+  wb_real__exit(status);
+  _exit(status); /* not reached */
+}
+
+static void wb_guard_quick_exit(int status) {
+  wb_guard_leave(WB_EXIT_MARK, status);
+  wb_real_quick_exit(status);
+  _exit(status); /* not reached */
+}
+
+static void wb_guard_pthread_exit(void* value) {
+  WBGuard* g = wb_guard_frame;
+  if (g) { /* ending the thread that serves the session would leave the server hung */
+    wb_guard_frame = g->outer;
+    siglongjmp(g->env, WB_THREAD_EXIT_MARK);
+  }
+  wb_real_pthread_exit(value); /* a thread the kernel started may end itself */
+  for (;;) syscall(SYS_exit, 0);
+}
+
+/* SIGKILL and SIGSTOP: the two signals no handler sees, so a kernel sending one to its own process is
+   stopped where it sends it (the others reach wb_guard_on_signal). */
+static int wb_unstoppable(long sig) { return sig == SIGKILL || sig == SIGSTOP; }
+
+static int wb_targets_self(long pid) { return pid == 0 || pid == -1 || pid == getpid() || pid == -getpgrp(); }
+
+static int wb_guard_raise(int sig) {
+  if (wb_unstoppable(sig)) wb_guard_leave(WB_SELF_KILL_MARK | sig, 0);
+  return wb_real_raise(sig);
+}
+
+static int wb_guard_kill(pid_t pid, int sig) {
+  if (wb_unstoppable(sig) && wb_targets_self(pid)) wb_guard_leave(WB_SELF_KILL_MARK | sig, 0);
+  return wb_real_kill(pid, sig);
+}
+
+static int wb_guard_pthread_kill(pthread_t thread, int sig) {
+  if (wb_unstoppable(sig)) wb_guard_leave(WB_SELF_KILL_MARK | sig, 0);
+  return wb_real_pthread_kill(thread, sig);
+}
+
+/* syscall(): the same, for the system calls behind those functions. */
+static long wb_guard_syscall(long nr, ...) {
+  va_list ap;
+  va_start(ap, nr);
+  long a = va_arg(ap, long), b = va_arg(ap, long), c = va_arg(ap, long);
+  long d = va_arg(ap, long), e = va_arg(ap, long), f = va_arg(ap, long);
+  va_end(ap);
+  if (nr == SYS_exit_group || (nr == SYS_exit && wb_guard_frame)) /* SYS_exit: ends only a kernel's own thread */
+    wb_guard_leave(WB_EXIT_MARK, (int)a);
+  else if ((nr == SYS_kill && wb_unstoppable(b) && wb_targets_self(a)) ||
+           (nr == SYS_tkill && wb_unstoppable(b)) || (nr == SYS_tgkill && wb_unstoppable(c) && a == getpid()))
+    wb_guard_leave(WB_SELF_KILL_MARK | (int)(nr == SYS_tgkill ? c : b), 0);
+  return wb_real_syscall(nr, a, b, c, d, e, f);
+}
+
+/* libc's own, whatever GOT entries wb_guard_library rewrites later (this file's included, in minrpc) */
+#define WB_REAL(var, name, fallback) \
+  do {                                \
+    *(void**)&(var) = dlsym(RTLD_DEFAULT, name); \
+    if (!(var)) (var) = (fallback);   \
+  } while (0)
+
+static void wb_guard_find_real_functions(void) {
+  WB_REAL(wb_real_exit, "exit", exit);
+  WB_REAL(wb_real__exit, "_exit", _exit);
+  WB_REAL(wb_real_quick_exit, "quick_exit", quick_exit);
+  WB_REAL(wb_real_pthread_exit, "pthread_exit", pthread_exit);
+  WB_REAL(wb_real_raise, "raise", raise);
+  WB_REAL(wb_real_kill, "kill", kill);
+  WB_REAL(wb_real_pthread_kill, "pthread_kill", pthread_kill);
+  WB_REAL(wb_real_syscall, "syscall", syscall);
+}
+#undef WB_REAL
+
+/* What wb_guard_library points a kernel library's GOT entries at, by the name they import. */
+static const struct {
+  const char* name;
+  void* to;
+} wb_guard_wrappers[] = {
+    {"exit", (void*)wb_guard_exit},           {"_exit", (void*)wb_guard__exit},
+    {"_Exit", (void*)wb_guard__exit},         {"quick_exit", (void*)wb_guard_quick_exit},
+    {"pthread_exit", (void*)wb_guard_pthread_exit}, {"raise", (void*)wb_guard_raise},
+    {"kill", (void*)wb_guard_kill},           {"pthread_kill", (void*)wb_guard_pthread_kill},
+    {"syscall", (void*)wb_guard_syscall},
+};
 
 #if defined(__LP64__)
 #define WB_R_SYM(info) ELF64_R_SYM(info)
@@ -408,12 +557,11 @@ static void wb_patch_relocs(const void* table, size_t bytes, int rela, ElfW(Addr
   for (size_t off = 0; off + step <= bytes; off += step) {
     const ElfW(Rel)* r = (const ElfW(Rel)*)((const char*)table + off); /* Rela begins as Rel does */
     const char* name = strtab + symtab[WB_R_SYM(r->r_info)].st_name;
-    void* to = NULL;
-    if (!strcmp(name, "exit"))
-      to = (void*)wb_guard_exit;
-    else if (!strcmp(name, "_exit") || !strcmp(name, "_Exit"))
-      to = (void*)wb_guard__exit;
-    if (to) wb_patch_slot((void**)(base + r->r_offset), to, relro);
+    for (size_t i = 0; i < sizeof(wb_guard_wrappers) / sizeof(wb_guard_wrappers[0]); ++i)
+      if (!strcmp(name, wb_guard_wrappers[i].name)) {
+        wb_patch_slot((void**)(base + r->r_offset), wb_guard_wrappers[i].to, relro);
+        break;
+      }
   }
 }
 
@@ -493,6 +641,7 @@ WB_EXPORT int64_t wb_guard_faults(void) { return WB_LOAD(&wb_guard_fault_count);
 /* The watcher (kernel_runtime.h): a thread that stops a guarded call once the connection has had
    input (a CANCEL, or the end of the stream) for grace_ns while the call still runs.  While a call
    runs the client sends nothing but a CANCEL; while none runs, the watcher only sleeps. */
+#define WB_WATCH_TRIES 2
 static int64_t wb_watch_grace_ns;
 static pthread_t wb_watch_thread;
 
@@ -505,7 +654,7 @@ static void* wb_watch_main(void* arg) {
   (void)arg;
   const int64_t tick = 50 * 1000000LL;
   int64_t seen = 0, since = 0;
-  int fd;
+  int fd, tries = 0;
   while ((fd = WB_LOAD(&wb_watch_fd)) >= 0) {
     int64_t serial = wb_guard_running();
     if (!serial) {
@@ -513,14 +662,18 @@ static void* wb_watch_main(void* arg) {
       wb_sleep_ns(tick);
       continue;
     }
-    if (serial != seen) seen = serial, since = 0;
+    if (serial != seen) seen = serial, since = 0, tries = 0;
     struct pollfd p = {fd, POLLIN, 0};
     if (poll(&p, 1, (int)(tick / 1000000LL)) <= 0 || !(p.revents & (POLLIN | POLLHUP | POLLERR))) continue;
     int64_t now = now_ns();
     if (!since) since = now;
     if (now - since >= WB_LOAD(&wb_watch_grace_ns)) {
+      /* A kernel that blocks the interrupt signal cannot be stopped in the process: the worker ends
+         (its server tells the client) rather than hold the session forever.  Before that, a second
+         try, for a kernel in a callback into Python that the Python side stops itself. */
+      if (++tries > WB_WATCH_TRIES) _exit(WB_EXIT_STUCK);
       wb_guard_interrupt(serial);
-      since = now; /* again after another grace period if it did not stop (a callback into Python) */
+      since = now;
     } else {
       wb_sleep_ns(tick); /* the input stays readable: do not spin on it */
     }

@@ -86,14 +86,18 @@ int wb_time_calls(void* fn, const WBAny* args, int32_t nargs, int64_t number, in
 /* -- guarded calls: a kernel that faults or calls exit() ends its call, not the process -----------
  * A guarded call runs a kernel with handlers armed for the signals a fault raises (SIGSEGV, SIGBUS,
  * SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS), for SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM
- * when the process sends them itself, and, in libraries passed to wb_guard_library, for exit():
- * if the kernel dies, the call returns
- * WB_CRASHED with the error "KernelCrashed: ..." naming the signal (or the exit status), and the
- * process, its memory (tensors hold what the kernel wrote) and its loaded libraries go on.  A fault
- * in a pool thread fails the parallel loop with that error.  Another thread may stop a call that runs
- * too long (wb_guard_interrupt): it returns WB_CANCELLED with "Cancelled: ...".  Outside a guarded
- * call the signals do what they did before (the handlers found at installation are chained).
- * SIGKILL cannot be caught, nor exit() called from code outside such a library: they end the process. */
+ * when the process sends them itself, and, in libraries passed to wb_guard_library, for the ways a
+ * kernel ends its process without a signal a handler sees: exit() and its kin, SIGKILL or SIGSTOP
+ * sent to its own process (raise, kill, pthread_kill, syscall), pthread_exit() on the calling thread.
+ * If the kernel dies, the call returns WB_CRASHED with the error "KernelCrashed: ..." naming the
+ * signal (or the exit status), and the process, its memory (tensors hold what the kernel wrote) and
+ * its loaded libraries go on.  A fault in a pool thread fails the parallel loop with that error; a
+ * thread the kernel started itself (OpenMP's, its own pthreads) that faults or exits while the call
+ * runs ends alone, and the call fails with "the kernel's own thread ...".  Another thread may stop a call
+ * that runs too long (wb_guard_interrupt): it returns WB_CANCELLED with "Cancelled: ...".  Outside a
+ * guarded call the signals do what they did before (the handlers found at installation are chained).
+ * What no process can stop in itself still ends it: SIGKILL from outside (the OOM killer, an
+ * operator) and system calls the kernel issues by inline assembly. */
 #define WB_CRASHED (-2)
 #define WB_CANCELLED (-3)
 int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret);
@@ -108,16 +112,20 @@ int wb_guard_sigint(int on);
 /* Around a callback from a kernel into code that must not be unwound (Python): disarm, then re-arm. */
 void* wb_guard_suspend(void);
 void wb_guard_resume(void* token);
-/* Send a loaded library's calls of exit(), _exit() and _Exit() through the guard (its GOT entries are
-   rewritten): inside a guarded call they fail the call (WB_CRASHED, "called exit(N)"), elsewhere they
-   exit as before.  `handle` is what dlopen returned.  0, or -1 when the library cannot be read. */
+/* Send a loaded library's calls of exit(), _exit(), _Exit(), quick_exit(), pthread_exit(), raise(),
+   kill(), pthread_kill() and syscall() through the guard (its GOT entries are rewritten): inside a
+   guarded call, those that would end the process fail the call (WB_CRASHED, "called exit(N)"),
+   elsewhere they do as before.  `handle` is what dlopen returned.  0, or -1 when the library cannot be read. */
 int wb_guard_library(void* handle);
 /* Faults caught in this process so far (tests and logs). */
 int64_t wb_guard_faults(void);
 /* A session server's watcher thread: a guarded call still running grace_ms after the connection `fd`
-   became readable (the client sent CANCEL, or left) is interrupted.  fd < 0 stops the watcher.
+   became readable (the client sent CANCEL, or left) is interrupted; one that still runs two grace
+   periods later (it blocks the interrupt signal) ends the process with WB_EXIT_STUCK, for its
+   server to tell the client.  fd < 0 stops the watcher.
    0, or -1 when the thread cannot be started (the session goes on without it). */
 int wb_guard_watch(int fd, int64_t grace_ms);
+#define WB_EXIT_STUCK 90 /* workbench/rpc/wire/exits.py EXIT_STUCK, minrpc's MR_EXIT_STUCK */
 
 /* -- the thread pool (TVMBackendParallelLaunch, TVMBackendParallelBarrier) ----------------------- */
 typedef struct {

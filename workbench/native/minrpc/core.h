@@ -46,6 +46,7 @@ enum {
 
 /* Exit statuses of a worker (the session process learns a clean end from shared memory, not from these). */
 #define MR_EXIT_LOST 89 /* the session's connection was closed under the worker (by the code it ran) */
+#define MR_EXIT_STUCK 90 /* a cancelled kernel ignored the interrupts (kernel_runtime.h WB_EXIT_STUCK) */
 /* How a stdio server exits (as python -m workbench.rpc.server.worker --stdio): PopenSession reads 86 as "the session
    ended, nothing to report", where any other status of a server that went away is reported as its death. */
 #define MR_EXIT_STDIO_DONE 86

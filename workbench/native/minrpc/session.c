@@ -106,9 +106,17 @@ static const char* signal_name(int sig) {
 /* What to tell the client about a worker that ended with `status` without ending the session itself. */
 static void death_notice(int status, char* out, size_t cap) {
     char what[256];
-    if (WIFSIGNALED(status)) {
+    const char* where = "most likely in the function it was running";
+    if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) { /* a kernel's own SIGKILL is refused: from outside */
+        snprintf(what, sizeof(what), "was killed by signal 9 (SIGKILL) from outside");
+        where = "most likely by the system's out-of-memory killer (see `dmesg`) or a `kill -9`";
+    } else if (WIFSIGNALED(status)) {
         int sig = WTERMSIG(status);
         snprintf(what, sizeof(what), "was killed by signal %d (%s: %s)", sig, signal_name(sig), strsignal(sig));
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == MR_EXIT_STUCK) {
+        snprintf(what, sizeof(what), "ended: the kernel it ran kept running two grace periods after the client "
+                 "cancelled it, blocking the signal that stops it");
+        where = "so the server ended the session rather than hold it forever";
     } else if (WIFEXITED(status) && WEXITSTATUS(status) == MR_EXIT_LOST) {
         snprintf(what, sizeof(what), "exited with status %d: the code it ran closed the session's connection "
                  "(did it close every file descriptor?)", MR_EXIT_LOST);
@@ -116,8 +124,7 @@ static void death_notice(int status, char* out, size_t cap) {
         snprintf(what, sizeof(what), "exited with status %d (did the code it ran call exit()?)",
                  WIFEXITED(status) ? WEXITSTATUS(status) : status);
     }
-    snprintf(out, cap, "the session worker %s, most likely in the function it was running; the server is still up: "
-             "connect again to go on", what);
+    snprintf(out, cap, "the session worker %s, %s; the server is still up: connect again to go on", what, where);
 }
 
 /* CONNECT's checks (workbench/rpc/wire/handshake.py check_connect, in that order). 0 and the options, or refused. */
