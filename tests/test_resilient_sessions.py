@@ -280,6 +280,26 @@ def test_an_openmp_thread_that_faults_fails_only_the_call(any_server, tmp_path):
         assert remote.ping()
 
 
+def test_exit_from_a_library_the_kernel_links_fails_only_the_call(any_server, tmp_path):
+    """exit() called on the kernel's behalf by a shared library it links (DT_NEEDED) is caught like its own."""
+    (tmp_path / "quits.c").write_text("#include <stdlib.h>\nvoid quit_now(int status) { exit(status); }\n")
+    (tmp_path / "uses.c").write_text(textwrap.dedent("""\
+        #include <workbench_kernel.h>
+        void quit_now(int status);
+        WB_KERNEL(quit_in_library) { quit_now(7); return 0; }
+        WB_KERNEL(fine) { WB_RETURN_INT(1); }
+        """))
+    cc.create_shared(tmp_path / "libquits.so", [str(tmp_path / "quits.c")])
+    uses = cc.create_shared(tmp_path / "uses.so", [str(tmp_path / "uses.c")],
+                            options=[f"-L{tmp_path}", "-lquits", f"-Wl,-rpath,{tmp_path}"])  # where the server finds it
+    with rpc.connect("127.0.0.1", any_server.port) as remote:
+        remote.upload(uses)
+        mod = remote.load_module("uses.so")
+        with pytest.raises(KernelCrashedError, match=r"quit_in_library: the kernel called exit\(7\)"):
+            mod["quit_in_library"]()
+        assert mod["fine"]() == 1
+
+
 def test_ctrl_c_during_a_call_that_never_returns(any_server, kernels):
     """A plain call of a kernel that spins: Ctrl-C raises at once; the server stops the kernel after the grace period."""
     remote, mod = _open(any_server, kernels)

@@ -565,10 +565,27 @@ static void wb_patch_relocs(const void* table, size_t bytes, int rela, ElfW(Addr
   }
 }
 
+/* The C library's own objects: they define what the wrappers replace (and call it internally). */
+static int wb_system_library(const char* name) {
+  static const char* const prefixes[] = {"libc.", "libc-", "ld-linux", "ld64", "libpthread", "libdl", "librt", "libm."};
+  for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); ++i)
+    if (!strncmp(name, prefixes[i], strlen(prefixes[i]))) return 1;
+  return 0;
+}
+
+static int wb_guard_link_map(struct link_map* lm, int needed_too);
+
 WB_EXPORT int wb_guard_library(void* handle) {
   struct link_map* lm = NULL;
   if (!handle || dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm || !lm->l_ld) return -1;
   pthread_once(&wb_guard_once, wb_guard_install);
+  return wb_guard_link_map(lm, 1);
+}
+
+/* Rewrite lm's GOT entries; needed_too: those of the libraries it names (DT_NEEDED) too, but the C
+   library's, so that exit() called on the kernel's behalf by a library it links is caught as well. */
+static int wb_guard_link_map(struct link_map* lm, int needed_too) {
+  if (!lm->l_ld) return -1;
   ElfW(Addr) base = lm->l_addr;
   const ElfW(Sym)* symtab = NULL;
   const char* strtab = NULL;
@@ -598,6 +615,13 @@ WB_EXPORT int wb_guard_library(void* handle) {
   if (jmprel) wb_patch_relocs((const void*)jmprel, pltrelsz, pltrela, base, symtab, strtab, &relro);
   if (rela) wb_patch_relocs((const void*)rela, relasz, 1, base, symtab, strtab, &relro);
   if (rel) wb_patch_relocs((const void*)rel, relsz, 0, base, symtab, strtab, &relro);
+  for (const ElfW(Dyn)* d = lm->l_ld; needed_too && d->d_tag != DT_NULL; ++d) {
+    if (d->d_tag != DT_NEEDED || wb_system_library(strtab + d->d_un.d_val)) continue;
+    void* dep = dlopen(strtab + d->d_un.d_val, RTLD_LAZY | RTLD_NOLOAD); /* loaded with lm: found by its name */
+    struct link_map* dep_lm = NULL;
+    if (dep && dlinfo(dep, RTLD_DI_LINKMAP, &dep_lm) == 0 && dep_lm && dep_lm != lm) wb_guard_link_map(dep_lm, 0);
+    if (dep) dlclose(dep);
+  }
   return 0;
 }
 

@@ -113,7 +113,8 @@ int wb_guard_sigint(int on);
 void* wb_guard_suspend(void);
 void wb_guard_resume(void* token);
 /* Send a loaded library's calls of exit(), _exit(), _Exit(), quick_exit(), pthread_exit(), raise(),
-   kill(), pthread_kill() and syscall() through the guard (its GOT entries are rewritten): inside a
+   kill(), pthread_kill() and syscall() through the guard (its GOT entries are rewritten, and those of
+   the libraries it links, the C library's aside): inside a
    guarded call, those that would end the process fail the call (WB_CRASHED, "called exit(N)"),
    elsewhere they do as before.  `handle` is what dlopen returned.  0, or -1 when the library cannot be read. */
 int wb_guard_library(void* handle);
