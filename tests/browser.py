@@ -136,8 +136,9 @@ class JupyterLab:
         >>> lab.stop()                                                        # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, home: Path):
+    def __init__(self, root: Path, home: Path, env: dict[str, str] | None = None):
         self.root, self.home = Path(root), Path(home)
+        self.extra_env = dict(env or {})  # e.g. WORKBENCH_TRACKER: a farm of the test's
         self.token = secrets.token_hex(16)
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -156,8 +157,9 @@ class JupyterLab:
                    JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), IPYTHONDIR=str(dirs["ipython"]),
                    JUPYTER_PLATFORM_DIRS="1")
         env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the plots
-        for name in ("WORKBENCH_TRACKER", "TVM_TRACKER_HOST", "TVM_TRACKER_PORT"):
+        for name in ("WORKBENCH_TRACKER", "TVM_TRACKER_HOST", "TVM_TRACKER_PORT", "WORKBENCH_LAB_FARM"):
             env.pop(name, None)  # the notebook starts its own farm, not one named by the caller's environment
+        env.update(self.extra_env)
         cmd = [
             sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", "--port=0",
             f"--IdentityProvider.token={self.token}",

@@ -26,6 +26,7 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,13 @@ def jupyter_command(notebooks: Path, *, port: int | None = None, open_browser: b
     return cmd + list(extra)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the lab farm's tracker, which JupyterLab's extension starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _die_with_parent() -> None:
     """In the JupyterLab child (Linux): SIGTERM when the lab process dies, so a killed lab leaves no server."""
     import ctypes
@@ -136,19 +144,23 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def serve(notebooks: Path, farm: LocalFarm, *, port: int | None, open_browser: bool, extra: Sequence[str]) -> int:
-    """Run JupyterLab on ``notebooks`` with WORKBENCH_TRACKER set to ``farm``; return its exit status.
+def serve(notebooks: Path, servers: dict[str, int], tracker_port: int, *, port: int | None, open_browser: bool,
+          extra: Sequence[str]) -> int:
+    """Run JupyterLab on ``notebooks`` with the lab's farm (``servers``, its tracker on ``tracker_port``); its exit status.
 
-    Ctrl-C or SIGTERM stop JupyterLab (SIGTERM: it shuts its kernels down), killed
-    after JUPYTER_STOP_TIMEOUT_S. The caller ends the farm.
+    The farm runs in the Jupyter server, started by the workbench's server
+    extension (``WORKBENCH_LAB_FARM``), so that the Devices sidebar can stop and
+    start it; its tracker keeps ``tracker_port``, which the kernels get as
+    WORKBENCH_TRACKER. Ctrl-C or SIGTERM stop JupyterLab (SIGTERM: it shuts its
+    kernels down, then the farm), killed after JUPYTER_STOP_TIMEOUT_S.
 
-        >>> with LocalFarm({"local": 2}) as farm:                                          # doctest: +SKIP
-        ...     serve(notebook_dir(), farm, port=8888, open_browser=False, extra=[])
+        >>> serve(notebook_dir(), {"local": 2}, free_port(), port=8888, open_browser=False, extra=[])  # doctest: +SKIP
     """
     _require("jupyterlab")
-    host, tracker_port = farm.tracker_addr
-    env = dict(os.environ, WORKBENCH_TRACKER=f"{host}:{tracker_port}")
-    cmd = jupyter_command(notebooks, port=port, open_browser=open_browser, extra=extra)
+    env = dict(os.environ, WORKBENCH_TRACKER=f"127.0.0.1:{tracker_port}",
+               WORKBENCH_LAB_FARM=" ".join(f"{key}={count}" for key, count in servers.items()))
+    cmd = jupyter_command(notebooks, port=port, open_browser=open_browser,
+                          extra=["--ServerApp.jpserver_extensions=workbench.lab_extension=True", *extra])
     print(f"starting JupyterLab on {notebooks} (opens {QUICKSTART}); Ctrl-C ends JupyterLab and the farm", flush=True)
     # both end the lab, also where SIGINT came in ignored (a background job of a script)
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -313,28 +325,38 @@ def main(argv: Sequence[str] | None = None) -> int:
               "To serve JupyterLab instead: python -m workbench.lab --serve (then open the URL it prints)",
               flush=True)
         headless = True
+    keys = ", ".join(f"{key}×{count}" for key, count in servers.items())
     try:
         notebooks = notebook_dir(args.notebook_dir)
         _require(*(("nbclient", "nbformat", "ipykernel") if headless else ("jupyterlab",)))
+        if not headless:
+            LocalFarm.prepare(servers)  # what the farm needs is missing: say so here, not in JupyterLab's log
+            tracker_port = free_port()
+    except (WorkbenchError, ValueError, OSError, RuntimeError) as exc:
+        print(f"python -m workbench.lab: {exc}", file=sys.stderr)
+        return 1
+    if not headless:
+        print(f"device farm: tracker 127.0.0.1:{tracker_port} with servers {keys} (WORKBENCH_TRACKER="
+              f"127.0.0.1:{tracker_port} for the kernels), run by JupyterLab: the Devices sidebar stops and starts it",
+              flush=True)
+        # --serve with no display: no browser to open, the URL JupyterLab prints is the way in
+        return serve(notebooks, servers, tracker_port, port=args.port,
+                     open_browser=not args.no_browser and has_display(), extra=extra)
+    try:
         farm = LocalFarm(servers)
     except (WorkbenchError, ValueError, OSError, RuntimeError) as exc:
         print(f"python -m workbench.lab: {exc}", file=sys.stderr)
         return 1
     with farm:
         host, port = farm.tracker_addr
-        keys = ", ".join(f"{key}×{count}" for key, count in servers.items())
         print(f"device farm: tracker {host}:{port} with servers {keys} (WORKBENCH_TRACKER={host}:{port} for the "
               f"kernels)", flush=True)
-        if headless:
-            output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="workbench-lab-"))
-            try:
-                return run_headless(notebooks, farm, output)
-            except KeyboardInterrupt:
-                print("\ninterrupted", file=sys.stderr)
-                return 130
-        # --serve with no display: no browser to open, the URL JupyterLab prints is the way in
-        return serve(notebooks, farm, port=args.port, open_browser=not args.no_browser and has_display(),
-                     extra=extra)
+        output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="workbench-lab-"))
+        try:
+            return run_headless(notebooks, farm, output)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -53,30 +53,24 @@ class LocalFarm:
     farm is collected, or when this process exits. With ``registration_token``
     the farm's tracker takes registrations only from servers that prove it
     (the farm's own do; add others with ``registration_token=`` too).
+    ``tracker_port`` puts the tracker on that port (default: any free one), so
+    that a farm started again is found where the last one was.
 
         >>> with LocalFarm({"local": 2}, registration_token="s3cret") as farm:  # doctest: +SKIP
         ...     remote = farm.request("local")
     """
 
     def __init__(self, servers: Mapping[str, int] | None = None, *, host: str = "127.0.0.1", silent: bool = True,
-                 registration_token: str | None = None, **server_options: Any):
-        if servers is not None and not isinstance(servers, Mapping):
-            raise ValueError(f"LocalFarm takes {{key: number of servers}}, e.g. {{'local': 2}}, not {servers!r}")
-        self.servers_per_key = dict(servers or {"local": 1})
-        for key, count in self.servers_per_key.items():
-            if not isinstance(key, str) or not key or not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
+                 registration_token: str | None = None, tracker_port: int = 0, **server_options: Any):
+        self.servers_per_key = self.prepare(servers, **server_options)
         self.host = host
         server_options.setdefault("idle_timeout", IDLE_TIMEOUT_S)  # idle sessions end: a farm is shared
         self.targets = {key: minrpc_target(key) for key in self.servers_per_key}  # None: the Python server
-        native = sorted(k for k, t in self.targets.items() if t is not None)
-        if native:
-            _check_minrpc_options(native, server_options)
-            self._prepare_minrpc({t for t in self.targets.values() if t is not None})
         self.tracker: Tracker | None = None
         self.servers: list[Server | MinRPCServer] = []
         try:
-            self.tracker = Tracker(host=host, port=0, silent=silent, auth_token=registration_token)
+            self.tracker = Tracker(host=host, port=tracker_port, port_end=tracker_port + 1 if tracker_port else 0,
+                                   silent=silent, auth_token=registration_token)
             tracker_addr = (host, self.tracker.port)
             for key, count in self.servers_per_key.items():
                 target = self.targets[key]
@@ -96,16 +90,34 @@ class LocalFarm:
             raise
 
     @staticmethod
-    def _prepare_minrpc(targets: set[str]) -> None:
-        """Check every emulated board's tools (raising what to install) and build minrpc for each target once."""
-        from ..native import build_minrpc
-        from ..native.qemu import find_emulator
+    def prepare(servers: Mapping[str, int] | None = None, **server_options: Any) -> dict[str, int]:
+        """Check what a farm of ``servers`` needs, before anything starts; ``{key: count}`` as the farm takes it.
 
-        for target in sorted(targets):
-            if target != "host":
-                find_emulator(target)
-        for target in sorted(targets):
-            build_minrpc(target)
+        Raises ValueError for a bad argument and EmulatorNotFoundError naming the
+        Debian packages an emulated board lacks; builds minrpc for each target once.
+
+            >>> LocalFarm.prepare({"local": 2})
+            {'local': 2}
+        """
+        if servers is not None and not isinstance(servers, Mapping):
+            raise ValueError(f"LocalFarm takes {{key: number of servers}}, e.g. {{'local': 2}}, not {servers!r}")
+        servers = dict(servers or {"local": 1})
+        for key, count in servers.items():
+            if not isinstance(key, str) or not key or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
+        targets = {key: minrpc_target(key) for key in servers}
+        native = sorted(k for k, t in targets.items() if t is not None)
+        if native:
+            from ..native import build_minrpc
+            from ..native.qemu import find_emulator
+
+            _check_minrpc_options(native, server_options)
+            for target in sorted({t for t in targets.values() if t is not None}):
+                if target != "host":
+                    find_emulator(target)
+            for target in sorted({t for t in targets.values() if t is not None}):
+                build_minrpc(target)
+        return servers
 
     @property
     def tracker_addr(self) -> tuple[str, int]:

@@ -29,10 +29,12 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from . import tracebacks
+from .status import StatusReporter
 from .. import cc
 from ..errors import WorkbenchError
 from ..farm import default_tracker, open_session, set_default_tracker, start_farm, stop_farm
 from ..farm.__main__ import parse_servers
+from ..farm.local import parse_address
 from ..results import default_log
 from ..rpc.client.session import RemoteFunction, RemoteModule, RPCSession
 
@@ -132,6 +134,7 @@ class WorkbenchMagics(Magics):
         self.log = default_log()
         self.pickers: list[Any] = []
         self.last_compile_timings: dict[str, float] = {}  # seconds in "compile" and "upload_load" (the benchmark's)
+        self.status: StatusReporter | None = None  # the lab's status item (load_ipython_extension sets it)
 
     # -- helpers ------------------------------------------------------------------------
     def _session(self, name: str | None) -> RPCSession:
@@ -257,8 +260,16 @@ class WorkbenchMagics(Magics):
             raise UsageError(f"-o takes a Python name, not {args.name!r}")
         if args.address and args.wait:
             raise UsageError("--wait is for a tracker's queue: it does not go with a server address")
-        session = open_session(args.address, key=args.key, tracker=args.tracker, priority=args.priority,
-                               session_timeout=args.session_timeout, timeout=args.timeout, wait=args.wait)
+        tracker = None if args.address else "%s:%d" % (parse_address(args.tracker) if args.tracker else default_tracker())
+        on_wait = None if self.status is None else (lambda status: self.status.waiting(status, tracker))
+        session = None
+        try:
+            session = open_session(args.address, key=args.key, tracker=args.tracker, priority=args.priority,
+                                   session_timeout=args.session_timeout, timeout=args.timeout, wait=args.wait,
+                                   on_wait=on_wait)
+        finally:
+            if self.status is not None:
+                self.status.connected(session, tracker)
         self._bind(args.name, session)
         display(session)
         return None
@@ -436,10 +447,13 @@ class WorkbenchMagics(Magics):
         return self.log.summary() if args.summary else self.log.frame
 
     def close(self) -> None:
-        """Stop the pickers this instance showed."""
+        """Stop the pickers this instance showed and the status reports."""
         for picker in self.pickers:
             picker.close()
         self.pickers.clear()
+        if self.status is not None:
+            self.status.close()
+            self.status = None
 
 
 def split_timed_expression(line: str) -> tuple[str, str]:
@@ -478,6 +492,7 @@ def load_ipython_extension(ipython) -> None:
     the message, not the library's (``%tb`` shows all; see ``workbench.notebook.tracebacks``).
     """
     magics = WorkbenchMagics(ipython)
+    magics.status = StatusReporter(ipython)
     ipython.register_magics(magics)
     tracebacks.install(ipython, MagicError)
     log.debug("rpc-workbench magics loaded")
