@@ -13,6 +13,7 @@ Flags:
     --no-tvm-kernels leave the fourth table, "tvm kernels" (benchmarks/tvm_kernels.py), out
     --no-minrpc   leave the fifth table, "minrpc" (benchmarks/minrpc.py), out
     --no-resilience leave the sixth table, "resilience" (benchmarks/resilience.py), out
+    --no-lab      leave the seventh table, "lab" (benchmarks/lab.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -45,10 +46,14 @@ p99) and summary() for our client, TVM's stock client and a tuned raw client
 against each, with targets for ours at 1000 entries and a growth check.
 
 Then the "notebook" (benchmarks/notebook.py), "tvm kernels"
-(benchmarks/tvm_kernels.py) and "minrpc" (benchmarks/minrpc.py: the native
+(benchmarks/tvm_kernels.py), "minrpc" (benchmarks/minrpc.py: the native
 server's idle memory, empty call, bulk and time_evaluator overhead beside the
 Python server and TVM's C++ server, and seed 004 on the emulated aarch64
-board) tables.
+board), "resilience" (benchmarks/resilience.py: the crash guard's cost and how
+soon a session works again after a crash) and "lab" (benchmarks/lab.py: from
+starting JupyterLab to a notebook's kernel Idle in headless Chromium, with the
+lab extension and with both its halves disabled, interleaved; skipped while
+``jupyter labextension list`` does not list jupyterlab-rpc-workbench) tables.
 
 The last column of the table says what each figure is (the median of how many
 readings, or a single reading). Targets and PASS/FAIL are printed beside our
@@ -79,6 +84,7 @@ import numpy as np
 
 if __package__:
     from . import harness
+    from . import lab as lab_bench
     from . import minrpc as minrpc_bench
     from . import notebook as notebook_bench
     from . import resilience as resilience_bench
@@ -86,6 +92,7 @@ if __package__:
     from . import tvm_kernels as tvm_kernels_bench
 else:  # run as a script: this directory is sys.path[0]
     import harness
+    import lab as lab_bench
     import minrpc as minrpc_bench
     import notebook as notebook_bench
     import resilience as resilience_bench
@@ -731,6 +738,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tvm-kernels", action="store_true", help='leave the fourth table, "tvm kernels", out')
     parser.add_argument("--no-minrpc", action="store_true", help='leave the fifth table, "minrpc", out')
     parser.add_argument("--no-resilience", action="store_true", help='leave the sixth table, "resilience", out')
+    parser.add_argument("--no-lab", action="store_true", help='leave the seventh table, "lab", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
@@ -807,6 +815,10 @@ def main(argv: list[str] | None = None) -> int:
         with harness.owned():
             resilience_text, document["resilience"] = resilience_bench.measure_resilience(args.quick)
         print("\n" + resilience_text)
+    if not args.no_lab:
+        with harness.owned():  # the labs, their kernels, the browser and the farm end before the next step
+            lab_text, document["lab"] = lab_bench.measure_lab(args.quick)
+        print("\n" + lab_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)
