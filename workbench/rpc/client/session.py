@@ -728,7 +728,8 @@ def connect(
     SessionTimeoutError. ``auth_token`` defaults to ``$WORKBENCH_RPC_TOKEN``;
     with a token the server must prove it knows it too, or the connection is
     refused (``AuthenticationError``) before anything is sent.
-    ``session_constructor_args=["rpc.Connect", host, port, key, token]`` opens
+    ``connect_timeout`` bounds connecting and the whole handshake together, however
+    slowly a server sends. ``session_constructor_args=["rpc.Connect", host, port, key, token]`` opens
     a session on the server at host:port through this one; ``token`` (optional)
     is the inner server's, sent to this server, which uses it for that
     handshake only.
@@ -737,6 +738,7 @@ def connect(
     """
     check_session_timeout(session_timeout)  # before connecting
     address = f"{url}:{port}"
+    deadline = time.monotonic() + connect_timeout  # connecting and the whole handshake
     try:
         sock = socket.create_connection((url, port), timeout=connect_timeout)
     except OSError as exc:
@@ -748,7 +750,7 @@ def connect(
         info = client_handshake(
             chan, address, key=key, session_timeout=session_timeout,
             token=auth_token if auth_token is not None else os.environ.get(TOKEN_ENV),
-            constructor_args=session_constructor_args,
+            constructor_args=session_constructor_args, deadline=deadline,
         )
     except BaseException:
         chan.close()

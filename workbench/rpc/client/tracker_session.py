@@ -311,8 +311,10 @@ class TrackerSession:
                     last = exc
                     continue
                 try:
+                    left = None if timeout is None else timeout - (time.monotonic() - start)
                     return connect(host, port, key=matchkey, session_timeout=session_timeout,
-                                   session_constructor_args=session_constructor_args, auth_token=auth_token)
+                                   session_constructor_args=session_constructor_args, auth_token=auth_token,
+                                   connect_timeout=10.0 if left is None else min(10.0, max(0.5, left)))
                 except (OSError, RPCError) as exc:
                     log.info("server %s:%s for key %r failed: %s; asking the tracker again", host, port, key, exc)
                     last = exc

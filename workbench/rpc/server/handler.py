@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import platform
+import re
 import traceback
 from typing import Any, BinaryIO, Callable
 
@@ -416,9 +417,37 @@ def _check_binds(fn: Callable, values: list, name: str) -> None:
         raise BadRequestError(f"{name}: {exc}") from None
 
 
+# frames a client never sees: this package's and the standard library's (what a registered function called)
+_SERVER_CODE = (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep,
+                os.path.dirname(os.__file__) + os.sep, "<frozen ")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[\w.+@-]+/)+([\w.+@-]+)")  # /usr/lib/x/y.py -> y.py
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its last part: a client learns no path of the server's.
+
+        >>> scrub_paths("cannot read '/srv/wb/lib/kernels.so': bad ELF")
+        "cannot read 'kernels.so': bad ELF"
+    """
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
 def error_text(exc: BaseException) -> str:
-    """The message of an ERROR reply for ``exc``: its text, with the remote traceback where it is no RPCError."""
+    """The message of an ERROR reply for ``exc``, with no path of the server's and none of its own frames.
+
+    An error the server raised on purpose is its message. Any other (an error in a registered Python
+    function, or one the server did not foresee) is its type and message, with the frames of the code
+    that raised it outside this package and the standard library (a registered function's own), file
+    names only; the whole
+    traceback goes to the server's log (``serve_requests``).
+    """
     if isinstance(exc, (RPCError, OSError)):
-        return str(exc)
-    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-12:]).rstrip()
-    return f"{type(exc).__name__}: {exc}\n\nRemote traceback (most recent call last):\n{tail}"
+        return scrub_paths(str(exc))
+    text = f"{type(exc).__name__}: {scrub_paths(str(exc))}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_SERVER_CODE)]
+    if frames:
+        for frame in frames:
+            frame.filename = os.path.basename(frame.filename)
+        tail = "".join(traceback.format_list(frames[-10:])).rstrip()
+        text += f"\n\nRemote traceback (most recent call last):\n{tail}"
+    return text

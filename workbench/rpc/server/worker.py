@@ -324,6 +324,8 @@ def serve_requests(
                 with lock:
                     send_frame(Kind.ERROR, [int(ErrorCode.WORKER_DIED), crash_loop_notice(exc)])
                 return
+            if not isinstance(exc, (RPCError, OSError)):  # the client gets no traceback of the server's: the log does
+                log.warning("request %s failed", kind, exc_info=exc)
             with lock:
                 send_frame(Kind.ERROR, [int(code_of(exc)), error_text(exc)])
             continue
@@ -585,13 +587,14 @@ def connect_inner(ctor: list, session_timeout: float) -> tuple[socket.socket, di
     url, port = ctor[1], ctor[2]
     inner_key = ctor[3] if len(ctor) > 3 and isinstance(ctor[3], str) else ""
     inner_token = connect_token(ctor)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
     try:
         inner = socket.create_connection((url, port), timeout=HANDSHAKE_TIMEOUT_S)
     except OSError as exc:
         raise RemoteNotFoundError(f"rpc.Connect: cannot reach {url}:{port} from this server: {exc.strerror or exc}") from None
     try:
         info = client_handshake(SocketChannel(inner), f"{url}:{port}", key=inner_key,
-                                session_timeout=session_timeout, token=inner_token)
+                                session_timeout=session_timeout, token=inner_token, deadline=deadline)
     except BaseException:
         inner.close()
         raise

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import (
     AuthenticationError,
@@ -274,8 +274,13 @@ def client_handshake(
     session_timeout: float = 0,
     token: str | None = None,
     constructor_args: Sequence[Any] | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Run the client side of the handshake on ``chan``; return the server's session info.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the whole handshake on a
+    socket, however slowly the server sends: each read and write waits only
+    for what is left of it (``connect`` passes the start plus ``connect_timeout``).
 
     With a ``token``, authentication is mutual: the client proves it knows the
     token, and the server must prove it knows it too, over a nonce of the
@@ -284,7 +289,38 @@ def client_handshake(
     (a stranger registered at a tracker or a proxy gets no kernels and no data).
     """
     session_timeout = check_session_timeout(session_timeout)
+    sock = getattr(chan, "sock", None)
+    if deadline is not None and sock is not None:
+        chan._recv_into, chan._sendall = _until(deadline, sock.recv_into), _until(deadline, sock.sendall)
+    try:
+        return _client_handshake(chan, address, key, session_timeout, token, constructor_args)
+    except socket.timeout:
+        waited = "" if deadline is None else " (connect_timeout covers connecting and the whole handshake)"
+        raise ProtocolError(
+            f"{address} did not answer the handshake in time{waited}: is it an rpc-workbench server, "
+            "and is it overloaded?"
+        ) from None
+    finally:
+        if deadline is not None and sock is not None:
+            chan._recv_into, chan._sendall = sock.recv_into, sock.sendall
 
+
+def _until(deadline: float, io: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``io`` (a socket's recv_into or sendall) waiting at most until ``deadline`` (monotonic seconds)."""
+    sock = io.__self__
+
+    def bounded(data: Any) -> Any:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the handshake's deadline passed")
+        sock.settimeout(left)
+        return io(data)
+
+    return bounded
+
+
+def _client_handshake(chan: Channel, address: str, key: str, session_timeout: float, token: str | None,
+                      constructor_args: Sequence[Any] | None) -> dict[str, Any]:
     try:
         chan._sendall(PREAMBLE.pack(MAGIC, VERSION, 0))
         magic, version, _ = PREAMBLE.unpack(chan.read_exact(PREAMBLE.size))
@@ -340,9 +376,4 @@ def client_handshake(
         raise ConnectionClosedError(
             f"{address} closed the connection during the handshake: is it an rpc-workbench server "
             "(TVM servers and trackers are not)?"
-        ) from None
-    except socket.timeout:
-        raise ProtocolError(
-            f"{address} did not answer the handshake in time: is it an rpc-workbench server, "
-            "and is it overloaded?"
         ) from None
