@@ -35,6 +35,7 @@
 #include <string.h>
 #include <stdarg.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -728,6 +729,109 @@ WB_EXPORT int wb_guard_watch(int fd, int64_t grace_ms) {
   }
   WB_STORE(&wb_watch_running, 1);
   return 0;
+}
+
+
+/* -- secrets out of a kernel's reach (kernel_runtime.h) ------------------------------------------- */
+#ifndef PR_SET_DUMPABLE
+#define PR_SET_DUMPABLE 4
+#endif
+#define WB_CAP_SYS_PTRACE 19
+
+/* Zero every copy of each secret in this process's writable private memory: what a kernel searching
+   its own memory (or /proc/self/environ, /proc/self/cmdline: the stack) would find.  Only resident
+   pages are read (mincore), so reserved address space costs nothing; the patterns are copied to a
+   page of their own, left out of the search and wiped at the end. */
+WB_EXPORT int64_t wb_scrub_secrets(const char* const* secrets, const int64_t* lengths, int32_t n) {
+  long page = sysconf(_SC_PAGESIZE);
+  size_t total = 0;
+  for (int32_t i = 0; i < n; ++i)
+    if (secrets[i] && lengths[i] > 0) total += (size_t)lengths[i];
+  if (!total) return 0;
+  size_t own_bytes = (total + (size_t)page - 1) & ~((size_t)page - 1);
+  char* own = (char*)mmap(NULL, own_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (own == MAP_FAILED) return -1;
+  const char* pats[8];
+  size_t lens[8];
+  int32_t m = 0;
+  for (int32_t i = 0, off = 0; i < n && m < 8; ++i) {
+    if (!secrets[i] || lengths[i] <= 0) continue;
+    memcpy(own + off, secrets[i], (size_t)lengths[i]);
+    pats[m] = own + off, lens[m++] = (size_t)lengths[i];
+    off += (int)lengths[i];
+  }
+  mprotect(own, own_bytes, PROT_READ); /* not writable: never searched, even merged with a neighbour */
+  int64_t hits = 0;
+  FILE* maps = fopen("/proc/self/maps", "r");
+  if (!maps) {
+    munmap(own, own_bytes);
+    return -1;
+  }
+  char line[512];
+  unsigned char vec[256];
+  while (fgets(line, sizeof line, maps)) {
+    unsigned long lo, hi;
+    char perms[5] = {0};
+    if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) != 3 || perms[0] != 'r' || perms[1] != 'w' || perms[3] != 'p')
+      continue;
+    if (strstr(line, "[vvar]") || strstr(line, "[vsyscall]")) continue;
+    /* runs of resident pages, 256 pages a look; a copy may cross a page but not a hole */
+    char* run = NULL;
+    for (unsigned long at = lo; at < hi;) {
+      size_t span = (size_t)(hi - at) < 256 * (size_t)page ? (size_t)(hi - at) : 256 * (size_t)page;
+      int looked = mincore((void*)at, span, vec) == 0;
+      for (size_t k = 0; k * (size_t)page < span; ++k) {
+        char* p = (char*)at + k * (size_t)page;
+        int resident = looked ? (vec[k] & 1) : 1;
+        int last = p + page >= (char*)hi;
+        if (resident && !run) run = p;
+        if (run && (!resident || last)) {
+          char* end = resident ? p + page : p;
+          for (int32_t j = 0; j < m; ++j)
+            for (char* q = run; q + lens[j] <= end;) {
+              char* hit = (char*)memmem(q, (size_t)(end - q), pats[j], lens[j]);
+              if (!hit) break;
+              memset(hit, 0, lens[j]);
+              __asm__ __volatile__("" : : "r"(hit) : "memory"); /* the wipe stays */
+              ++hits;
+              q = hit + lens[j];
+            }
+          run = NULL;
+        }
+      }
+      at += span;
+    }
+  }
+  fclose(maps);
+  mprotect(own, own_bytes, PROT_READ | PROT_WRITE);
+  memset(own, 0, own_bytes);
+  __asm__ __volatile__("" : : "r"(own) : "memory");
+  munmap(own, own_bytes);
+  return hits;
+}
+
+/* No process of this user reads this one's memory or environment (/proc/PID/mem, environ), and this
+   one (a session's worker: the kernels it runs) keeps no CAP_SYS_PTRACE to read its parent's: a root
+   worker too finds the server's secrets out of reach.  0, or -1 when the kernel refused a step. */
+WB_EXPORT int wb_guard_secrets(int drop_ptrace) {
+  int rc = prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 ? 0 : -1;
+  if (drop_ptrace) {
+    struct {
+      uint32_t version;
+      int pid;
+    } header = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct {
+      uint32_t effective, permitted, inheritable;
+    } data[2];
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    for (int i = 0; i < 2; ++i) {
+      uint32_t bit = i == WB_CAP_SYS_PTRACE / 32 ? 1u << (WB_CAP_SYS_PTRACE % 32) : 0;
+      data[i].effective &= ~bit, data[i].permitted &= ~bit, data[i].inheritable &= ~bit;
+    }
+    if (syscall(SYS_capset, &header, data) != 0) rc = -1;
+    prctl(PR_CAPBSET_DROP, WB_CAP_SYS_PTRACE, 0, 0, 0); /* where allowed: no exec gets it back */
+  }
+  return rc;
 }
 
 

@@ -128,6 +128,14 @@ int64_t wb_guard_faults(void);
 int wb_guard_watch(int fd, int64_t grace_ms);
 #define WB_EXIT_STUCK 90 /* workbench/rpc/wire/exits.py EXIT_STUCK, minrpc's MR_EXIT_STUCK */
 
+/* -- secrets out of a kernel's reach -------------------------------------------------------------
+ * A session's worker wipes every copy of the server's tokens from its own memory before it runs a
+ * kernel (wb_scrub_secrets: the number of copies wiped, or -1), and the server and its workers are
+ * not dumpable, the workers without CAP_SYS_PTRACE (wb_guard_secrets(drop_ptrace)): a kernel finds
+ * the tokens neither in its process nor in its parent's /proc/PID/mem or environ. */
+int64_t wb_scrub_secrets(const char* const* secrets, const int64_t* lengths, int32_t n);
+int wb_guard_secrets(int drop_ptrace);
+
 /* -- the thread pool (TVMBackendParallelLaunch, TVMBackendParallelBarrier) ----------------------- */
 typedef struct {
   void* sync_handle;

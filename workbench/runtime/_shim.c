@@ -625,7 +625,41 @@ static PyTypeObject FunctionType = {
     .tp_members = function_members,
 };
 
+/* scrub_secrets(secrets: list[bytes]) -> int: wb_scrub_secrets over them (copies wiped, -1 on failure) */
+static PyObject* shim_scrub_secrets(PyObject* self, PyObject* arg) {
+  (void)self;
+  if (!PyList_Check(arg) || PyList_GET_SIZE(arg) > 8) {
+    PyErr_SetString(PyExc_TypeError, "scrub_secrets takes a list of at most 8 bytes objects");
+    return NULL;
+  }
+  const char* secrets[8];
+  int64_t lengths[8];
+  Py_ssize_t n = PyList_GET_SIZE(arg);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(arg, i);
+    if (!PyBytes_Check(item)) {
+      PyErr_SetString(PyExc_TypeError, "scrub_secrets takes bytes objects");
+      return NULL;
+    }
+    secrets[i] = PyBytes_AS_STRING(item);
+    lengths[i] = (int64_t)PyBytes_GET_SIZE(item);
+  }
+  return PyLong_FromLongLong((long long)wb_scrub_secrets(secrets, lengths, (int32_t)n));
+}
+
+/* guard_secrets(drop_ptrace: bool) -> int: wb_guard_secrets */
+static PyObject* shim_guard_secrets(PyObject* self, PyObject* arg) {
+  (void)self;
+  int drop = PyObject_IsTrue(arg);
+  if (drop < 0) return NULL;
+  return PyLong_FromLong(wb_guard_secrets(drop));
+}
+
 static PyMethodDef shim_methods[] = {
+    {"scrub_secrets", (PyCFunction)shim_scrub_secrets, METH_O,
+     "scrub_secrets(secrets) -> int: wipe every copy of these bytes from this process's writable memory"},
+    {"guard_secrets", (PyCFunction)shim_guard_secrets, METH_O,
+     "guard_secrets(drop_ptrace) -> int: not dumpable; drop_ptrace: no CAP_SYS_PTRACE either (a worker)"},
     {"exchange", (PyCFunction)(void (*)(void))shim_exchange, METH_FASTCALL,
      "exchange(fd, kind, ctrl, buffer, unpack) -> tuple or int: send a request, receive its reply (the client's fast path)"},
     {NULL, NULL, 0, NULL},

@@ -63,6 +63,7 @@ from ..wire.protocol import (
     unpack,
 )
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
+from .secrets import hide_from_kernels
 from .server import ServerConfig, default_max_sessions, resolve_callable
 from ..service.loop import ServiceLoop, bind_port, refuse
 from ..service.process import service_main, setup_logging, stop_on_signals
@@ -605,7 +606,8 @@ class ServeLoop(ServiceLoop):
         if cfg.init:
             cmd += ["--init", cfg.init]
         env = dict(os.environ)
-        env.pop(TOKEN_ENV, None)  # the worker needs no token: the handshake is done
+        for name in (TOKEN_ENV, REGISTRATION_TOKEN_ENV):
+            env.pop(name, None)  # the worker needs no token: the handshake is done
         proc = subprocess.Popen(cmd, pass_fds=[conn.fileno()], env=env, stdin=subprocess.PIPE)
         accepted = dict(opts, proof=opts["proof"].hex() if opts.get("proof") else None)
         try:  # on stdin, not the command line: a nested session's token must not show in ps
@@ -631,6 +633,7 @@ class ServeLoop(ServiceLoop):
             if self.proxy_link is not None and self.proxy_link.sock is not None:
                 self.proxy_link.sock.close()
             conn.setblocking(True)
+            hide_from_kernels(self.config.token, self.config.registration_token, worker=True)
             code = serve_accepted(
                 SocketChannel(conn), Workspace(workspace), opts, key=self.config.key, system_libs=self.system_libs,
                 sock=conn, io_timeout=self.config.timeout, idle_timeout=self.config.idle_timeout, report=report,
@@ -717,6 +720,7 @@ class ServeLoop(ServiceLoop):
 def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
     """Run a server in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
     setup_logging(config.silent)
+    hide_from_kernels(config.token, config.registration_token, worker=False)
     if config.init:
         resolve_callable(config.init)()
     if config.is_proxy:

@@ -40,6 +40,8 @@ from ...runtime.ffi import NativeLibrary, shim
 from ...runtime.workspace import Workspace
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
 from .handler import Bulk, Reply, SessionHandler, device_info, error_text
+from .secrets import hide_from_kernels
+from ..tracker.registration import REGISTRATION_TOKEN_ENV
 from ..wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_connect, hello
 from ..wire.relay import relay
 from ..wire.protocol import (
@@ -552,6 +554,7 @@ def run_session(
         except (RPCError, OSError) as exc:
             log.info("handshake refused: %s", exc)
             return EXIT_REFUSED
+        hide_from_kernels(token, os.environ.get(REGISTRATION_TOKEN_ENV), worker=True)  # the handshake is done
         try:
             return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
                           idle_timeout=idle_timeout, report=report, inner=inner[0] if inner else None)
@@ -664,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdio:
         token = os.environ.get(TOKEN_ENV) or None
         return serve_stdio(workspace, key=args.key, token=token, system_libs=libs, idle_timeout=args.idle_timeout)
+    hide_from_kernels(worker=True, always=True)  # the server's worker (no_fork): its tokens were never here
     accepted = json.loads(sys.stdin.readline())
     opts = dict(accepted, proof=bytes.fromhex(accepted["proof"]) if accepted.get("proof") else None)
     sock = socket.socket(fileno=args.fd)

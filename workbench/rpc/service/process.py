@@ -49,12 +49,17 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
+# a service gets its tokens in its config (on stdin), never in its environment, where its children would find them
+TOKEN_VARIABLES = ("WORKBENCH_RPC_TOKEN", "WORKBENCH_REGISTRATION_TOKEN", "WORKBENCH_TRACKER_TOKEN",
+                   "WORKBENCH_PROXY_TOKEN")
+
+
 class ServiceProcess:
     """A started service; ``port`` is where it listens. Ends with ``terminate()``, at GC or at exit."""
 
     def __init__(self, module: str, config: dict[str, Any], what: str):
         self.what = what
-        env = dict(os.environ)
+        env = {name: value for name, value in os.environ.items() if name not in TOKEN_VARIABLES}  # in config
         env.setdefault(LOG_LEVEL_ENV, logging.getLevelName(owner_log_level()))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", module],
