@@ -140,6 +140,12 @@ def test_a_kernel_finds_no_token_in_a_python_server(search_so, private_tmpdir, m
         _assert_hidden(_found(remote, search_so))
 
 
+def test_a_kernel_finds_no_token_in_minrpc(search_so, private_tmpdir):
+    with rpc.MinRPCServer(port=0, auth_token=AUTH, registration_token=REGISTRATION) as srv, \
+            rpc.connect("127.0.0.1", srv.port, auth_token=AUTH) as remote:
+        _assert_hidden(_found(remote, search_so))
+
+
 def test_a_kernel_finds_no_token_in_the_command_line_server(search_so, private_tmpdir, tmp_path):
     """``python -m workbench.exec.rpc_server`` serves in the process that read the tokens from its environment."""
     env = dict(os.environ, WORKBENCH_RPC_TOKEN=AUTH, WORKBENCH_REGISTRATION_TOKEN=REGISTRATION,

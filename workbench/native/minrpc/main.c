@@ -10,6 +10,7 @@
  * on a client: it accepts, forks, reaps, and keeps the tracker registration going (mr_tracker_poll).
  */
 #include "core.h"
+#include "kernel_runtime.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -213,10 +214,16 @@ static void parse_options(int argc, char** argv) {
         usage_error("--tracker needs a TCP server: drop --stdio (a stdio server is one session of one client)");
 }
 
-/* Tokens: read once, then removed from the environment that kernels and the compiler inherit. */
+/* Tokens: read once, then removed from the environment that kernels and the compiler inherit, and wiped
+   from the environment block (what /proc/PID/environ shows, to this user's processes even when this one
+   is not dumpable). */
 static char* take_env(const char* name) {
-    const char* v = getenv(name);
+    char* v = getenv(name);
     char* copy = v && *v ? strdup(v) : NULL;
+    if (v) {
+        memset(v, 0, strlen(v));
+        __asm__ __volatile__("" : : "r"(v) : "memory");
+    }
     unsetenv(name);
     return copy;
 }
@@ -650,6 +657,7 @@ int main(int argc, char** argv) {
     parse_options(argc, argv);
     mr_cfg.token = take_env("WORKBENCH_RPC_TOKEN");
     mr_cfg.reg_token = take_env("WORKBENCH_REGISTRATION_TOKEN");
+    if (mr_cfg.token || mr_cfg.reg_token) wb_guard_secrets(0); /* no process of this user reads ours */
     if (mr_cfg.stdio) {
         /* the protocol goes to a copy of stdout; stdout itself goes to stderr, so a kernel's printf cannot
            corrupt the stream */

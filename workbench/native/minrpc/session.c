@@ -12,6 +12,7 @@
  *   6. removes the workspace and exits.
  */
 #include "core.h"
+#include "kernel_runtime.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -443,6 +444,12 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         close(self_pipe[1]);
         if (args->status_fd >= 0) close(args->status_fd);
         setvbuf(stderr, NULL, _IOLBF, 0);
+        if (cfg->token || cfg->reg_token) { /* the kernels this worker runs find no copy, nor a way to its parent's */
+            const char* secrets[2] = {cfg->token ? cfg->token : "", cfg->reg_token ? cfg->reg_token : ""};
+            int64_t lengths[2] = {(int64_t)strlen(secrets[0]), (int64_t)strlen(secrets[1])};
+            if (wb_guard_secrets(1) != 0 || wb_scrub_secrets(secrets, lengths, 2) < 0)
+                mr_log_error("could not put the server's tokens out of the kernels' reach: %s", strerror(errno));
+        }
         mr_worker_run(&c, &ws, shared, cfg, timeout, has_proof ? proof : NULL);
         shared->ended = 1; /* the session ended on purpose: nothing to report */
         _exit(0);
