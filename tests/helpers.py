@@ -24,6 +24,10 @@ def register_extras() -> None:
     def tensor_sum(t):
         return float(t.numpy().sum())
 
+    @rpc.register_func("tests.dict_of", override=True)
+    def dict_of(n):
+        return {f"k{i}": i for i in range(n)}
+
     @rpc.register_func("tests.boom", override=True)
     def boom():
         raise ValueError("boom from a registered function")

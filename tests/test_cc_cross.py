@@ -63,6 +63,11 @@ FORMS = [
     ({"kind": "opencl", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}, "aarch64-linux-gnu", ARM64_GCC,
      ()),
     ("arm64-linux-gnu", "aarch64-linux-gnu", ARM64_GCC, ()),
+    # x86-32 in any spelling: Debian's i686 cross gcc
+    ("llvm -mtriple=i386-pc-linux-gnu", "i686-linux-gnu", "i686-linux-gnu-gcc", ()),
+    ("llvm -mtriple=i586-unknown-linux-gnu", "i686-linux-gnu", "i686-linux-gnu-gcc", ()),
+    ("i686-linux-gnu", "i686-linux-gnu", "i686-linux-gnu-gcc", ()),
+    ("x86-linux-gnu", "i686-linux-gnu", "i686-linux-gnu-gcc", ()),
 ]
 
 

@@ -140,6 +140,11 @@ def test_compile_time_and_results(shell, ns, tmp_path):
     shell.run_line_magic("rpc_results", "--plot --kind bar")
     shell.run_line_magic("rpc_results", "--clear")
     assert len(default_log()) == 0
+    # without -n, each repeat lasts 100 ms at least, as %timeit's do: the device raises the count of calls
+    default = shell.run_line_magic("rpc_time", 'addmod["add_one"](a, b) -r 2 -o -q')
+    assert default.number > 1 and all(t * default.number >= 0.1 for t in default.results), \
+        (default.number, default.results)
+    shell.run_line_magic("rpc_results", "--clear")
 
 
 def test_compile_tar_export_and_target(shell, ns):

@@ -493,6 +493,20 @@ def test_malformed_control_part(server, private_tmpdir, ctrl, named):
     still_serving(server, private_tmpdir)
 
 
+@pytest.mark.parametrize("header", [b"\xdd\x00\x10\x00\x00", b"\xdf\x00\x10\x00\x00", b"\xdc\xff\xff"],
+                         ids=["array32", "map32", "array16"])
+def test_a_count_beyond_the_bytes_left_fails_before_anything_is_allocated(server, private_tmpdir, header):
+    """An array or map that announces more items than bytes follow fails where its header ends: no item is
+    allocated (each item takes a byte at least), whatever the count."""
+    ctrl = header + b"\xc0" * 100  # 1 048 576 (or 65 535) items announced, 100 sent
+    with raw_session(server) as peer:
+        peer.send_raw_frame(Kind.PING, ctrl)
+        message = peer.expect_error(ErrorCode.PROTOCOL)
+        assert f"the data ends inside an object (truncated) (at byte {len(header)} of {len(ctrl)})" in message, message
+        peer.assert_closed()
+    still_serving(server, private_tmpdir)
+
+
 @pytest.mark.parametrize(
     "data, how",
     [

@@ -487,3 +487,35 @@ def test_imports_stay_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_polls_of_an_unreachable_tracker_back_off_to_the_cap(picker_factory):
+    """Each failed poll doubles the wait (interval * 2**failures) up to backoff_max, and the panel says when."""
+    with socket.socket() as placeholder:  # a port nothing listens on
+        placeholder.bind((LOCAL, 0))
+        port = placeholder.getsockname()[1]
+    picker = picker_factory((LOCAL, port), interval=5.0, backoff_max=40.0)
+    assert wait_until(lambda: picker.error is not None, 10)  # the background thread's first poll: then it sleeps 10 s
+    delays = [picker._tick() for _ in range(3)]
+    assert delays == [20.0, 40.0, 40.0], delays
+    assert "retrying in 40" in picker.view.header.value, picker.view.header.value
+
+
+def test_servers_behind_one_address_are_separate_rows(tracker, picker_factory):
+    """Two servers registered with one address (behind a NAT, or one custom_addr) are two rows, not one."""
+    from workbench.notebook.picker import _server_ids
+
+    summary = TrackerSummary({
+        "queue_info": {"k": {"free": 2, "pending": 0}},
+        "server_info": [{"addr": ["10.0.0.9", 9190], "key": "server:k", "arch": "aarch64"},
+                        {"addr": ["10.0.0.9", 9190], "key": "server:k", "arch": "x86_64"}],
+    })
+    rows = summary.server_rows()
+    assert [r["address"] for r in rows] == ["10.0.0.9:9190"] * 2 and {r["arch"] for r in rows} == {"aarch64", "x86_64"}
+    assert len(set(_server_ids(rows))) == 2
+    picker = picker_factory(f"{LOCAL}:{tracker.port}", interval=60.0)
+    assert wait_until(lambda: picker.summary is not None)  # the first poll is done; the next is a minute away
+    picker.view.show_summary(summary, "10.0.0.9:9190")
+    assert len(picker.view.server_rows) == 2
+    shown = " ".join(widget.value for widget in picker.view.server_rows.values())
+    assert "aarch64" in shown and "x86_64" in shown
