@@ -493,6 +493,16 @@ def test_malformed_control_part(server, private_tmpdir, ctrl, named):
     still_serving(server, private_tmpdir)
 
 
+def test_a_control_part_of_too_many_items_is_refused_within_bounded_memory(server, private_tmpdir):
+    """3 Mi nils in three lists (3 MiB on the wire): more items than a worker decodes (2 Mi nodes, 32 MiB)."""
+    with raw_session(server) as peer:
+        peer.send_raw_frame(Kind.PING, b"\xdc\x00\x03" + (b"\xdd\x00\x10\x00\x00" + b"\xc0" * (1 << 20)) * 3)
+        message = peer.expect_error(ErrorCode.PROTOCOL)
+        assert "more than 2097152 items of lists and dicts in one message" in message, message
+        peer.assert_closed()
+    still_serving(server, private_tmpdir)
+
+
 @pytest.mark.parametrize("header", [b"\xdd\x00\x10\x00\x00", b"\xdf\x00\x10\x00\x00", b"\xdc\xff\xff"],
                          ids=["array32", "map32", "array16"])
 def test_a_count_beyond_the_bytes_left_fails_before_anything_is_allocated(server, private_tmpdir, header):

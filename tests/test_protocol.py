@@ -373,6 +373,17 @@ def test_malformed_control_part(server, remote, private_tmpdir, ctrl, named):
     assert_still_serving(server, remote, private_tmpdir)
 
 
+def test_a_control_part_of_too_many_items_is_refused_within_bounded_memory(server, remote, private_tmpdir):
+    """3 Mi nils in three lists (3 MiB on the wire): more items than a worker decodes (2 Mi, ~48 MiB at most)."""
+    with RawPeer.connect(server.port) as peer:
+        peer.handshake()
+        peer.send_raw_frame(Kind.PING, b"\xdc\x00\x03" + (b"\xdd\x00\x10\x00\x00" + b"\xc0" * (1 << 20)) * 3)
+        message = peer.expect_error(ErrorCode.PROTOCOL)
+        assert "more than 2097152 items of lists and dicts in one message" in message, message
+        peer.assert_closed()
+    assert_still_serving(server, remote, private_tmpdir)
+
+
 # -- (g) unknown request kinds: ERROR BAD_REQUEST, the session goes on ------------------------
 @pytest.mark.parametrize(
     "kind, bulk",

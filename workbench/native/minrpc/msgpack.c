@@ -66,6 +66,9 @@ void mp_arena_free(mp_arena* a) {
 
 /* ---- reader ----------------------------------------------------------------------------------- */
 #define MP_MAX_DEPTH 512
+/* items of arrays and maps in one control part: 2 Mi nodes, 32 MiB of them, whatever a 16 MiB part holds
+   (workbench/rpc/wire/protocol.py MAX_OBJECTS) */
+#define MP_MAX_OBJECTS (2u << 20)
 
 typedef struct {
     const uint8_t* p;
@@ -74,6 +77,7 @@ typedef struct {
     mp_arena* arena;
     char* err;
     size_t errcap;
+    uint64_t objects; /* items of arrays and maps so far */
 } mp_reader;
 
 static int rd_fail(mp_reader* r, const char* what) {
@@ -141,6 +145,13 @@ static int parse_items(mp_reader* r, mp_node* n, uint64_t count, int is_map, int
     uint64_t nodes = is_map ? count * 2 : count;
     /* every item takes at least one byte: refuse counts the data cannot hold before allocating */
     if (nodes > (uint64_t)(r->end - r->p)) return rd_fail(r, "the data ends inside an object (truncated)");
+    r->objects += nodes;
+    if (r->objects > MP_MAX_OBJECTS) {
+        char what[120];
+        snprintf(what, sizeof(what), "more than %u items of lists and dicts in one message (send data as a "
+                 "tensor or bytes)", MP_MAX_OBJECTS);
+        return rd_fail(r, what);
+    }
     n->type = is_map ? MP_MAP : MP_ARRAY;
     n->len = (uint32_t)count;
     n->v.items = NULL;

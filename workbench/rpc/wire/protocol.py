@@ -135,10 +135,31 @@ def pack(obj: Any) -> bytes:
     return _pack(obj)
 
 
+# Items of lists and dicts one control part may hold. A part of at most this many bytes cannot hold more
+# (each item takes a byte); a larger one is decoded counting, so that a 16 MiB part of nils costs at most
+# ~48 MiB (2 Mi references, one list of 2 Mi in the making, the part itself), not 16 Mi references.
+MAX_OBJECTS = 2 << 20
+
+
+def _unpack_counted(data: bytes | memoryview) -> Any:
+    seen = 0
+
+    def counted(items: Any) -> Any:
+        nonlocal seen
+        seen += len(items)
+        if seen > MAX_OBJECTS:
+            raise ProtocolError(f"malformed control message: more than {MAX_OBJECTS} items of lists and dicts in "
+                                "one message (send data as a tensor or bytes)")
+        return items
+
+    return msgpack.unpackb(data, ext_hook=_ext_hook, list_hook=counted, object_pairs_hook=lambda p: dict(counted(p)),
+                           max_array_len=MAX_OBJECTS, max_map_len=MAX_OBJECTS)
+
+
 def unpack(data: bytes | memoryview) -> Any:
     """Decode a control part; anything but well-formed msgpack is a ProtocolError."""
     try:
-        return _unpackb(data)
+        return _unpackb(data) if len(data) <= MAX_OBJECTS else _unpack_counted(data)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
