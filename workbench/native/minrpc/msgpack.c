@@ -286,7 +286,7 @@ static int parse_node(mp_reader* r, mp_node* n, int depth) {
 }
 
 int mp_parse(const uint8_t* data, size_t len, mp_arena* arena, mp_node** out, char* err, size_t errcap) {
-    mp_reader r = {data, data, data + len, arena, err, errcap};
+    mp_reader r = {data, data, data + len, arena, err, errcap, 0};
     if (len == 0) {
         snprintf(err, errcap, "malformed control message: an empty control part");
         return -1;

@@ -11,6 +11,8 @@ import logging
 import os
 import platform
 import re
+import sys
+import tempfile
 import traceback
 from typing import Any, BinaryIO, Callable
 
@@ -420,16 +422,22 @@ def _check_binds(fn: Callable, values: list, name: str) -> None:
 # frames a client never sees: this package's and the standard library's (what a registered function called)
 _SERVER_CODE = (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep,
                 os.path.dirname(os.__file__) + os.sep, "<frozen ")
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[\w.+@-]+/)+([\w.+@-]+)")  # /usr/lib/x/y.py -> y.py
+# where this server lives: its install, its Python, its temporary files, its user's home (not what clients name)
+_SERVER_PLACES = sorted({p.rstrip(os.sep) for p in (
+    os.path.dirname(_SERVER_CODE[0].rstrip(os.sep)), sys.prefix, sys.base_prefix, sys.exec_prefix,
+    tempfile.gettempdir(), os.path.expanduser("~"), os.path.dirname(os.__file__)) if len(p) > 1}, key=len, reverse=True)
+_SERVER_PATH = re.compile("(?:" + "|".join(re.escape(p) for p in _SERVER_PLACES) + r")/(?:[^\s'\":/]+/)*([^\s'\":/]+)")
 
 
 def scrub_paths(text: str) -> str:
-    """``text`` with every absolute path cut to its last part: a client learns no path of the server's.
+    """``text`` with every path inside the server's own places (its install, its Python, its temporary
+    files, its home) cut to its last part: a client learns no path of the server's. Paths a client named
+    itself stay as they are.
 
-        >>> scrub_paths("cannot read '/srv/wb/lib/kernels.so': bad ELF")
+        >>> scrub_paths(f"cannot read '{tempfile.gettempdir()}/wb-session-x/kernels.so': bad ELF")
         "cannot read 'kernels.so': bad ELF"
     """
-    return _ABSOLUTE_PATH.sub(r"\1", text)
+    return _SERVER_PATH.sub(r"\1", text)
 
 
 def error_text(exc: BaseException) -> str:
