@@ -79,6 +79,14 @@ def environ(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
+def parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -162,7 +170,9 @@ def test_serves_jupyterlab_with_the_farm_and_ends_everything(tmp_path, sig, priv
         assert status == 200 and "01-quickstart.ipynb" in listing  # the server's root is notebooks/
 
         seen = descendants(lab.pid)
-        jupyter = [pid for pid, cmd in seen.items() if "-m jupyterlab" in cmd]
+        # the launcher's own child (the farm's services, and jupyter-lsp's npm, start as forks of it: for a
+        # moment they show its command line too)
+        jupyter = [pid for pid, cmd in seen.items() if "-m jupyterlab" in cmd and parent(pid) == lab.pid]
         assert len(jupyter) == 1, seen
         tracker = environ(jupyter[0]).get("WORKBENCH_TRACKER", "")
         host, _, tracker_port = tracker.rpartition(":")
