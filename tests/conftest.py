@@ -92,6 +92,15 @@ def kernels(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
+def farm(private_tmpdir):
+    """A LocalFarm of one "local" server, for the test."""
+    from workbench.farm import LocalFarm
+
+    with LocalFarm({"local": 1}) as farm:
+        yield farm
+
+
+@pytest.fixture
 def mod(remote, kernels):
     remote.upload(kernels["so"])
     return remote.load_module("kernels.so")

@@ -19,12 +19,6 @@ pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 @pytest.fixture
-def farm(private_tmpdir):
-    with LocalFarm({"local": 1}) as farm:
-        yield farm
-
-
-@pytest.fixture
 def jp_server_config(farm, monkeypatch):
     monkeypatch.setenv("WORKBENCH_TRACKER", "%s:%d" % farm.tracker_addr)
     monkeypatch.delenv("WORKBENCH_LAB_FARM", raising=False)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from workbench import rpc
-from workbench.farm import LocalFarm
 
 from .browser import JupyterLab, chromium_or_skip, launch_chromium, open_notebook, sync_playwright_or_skip
 
@@ -48,12 +47,6 @@ def chromium():
         pytest.fail(f"the lab extension {EXTENSION} is not installed: pip install -e .[notebook] builds and installs "
                     "it (it needs node)")
     return executable, sync_playwright
-
-
-@pytest.fixture
-def farm(private_tmpdir):
-    with LocalFarm({"local": 1}) as farm:
-        yield farm
 
 
 @pytest.fixture

@@ -13,15 +13,7 @@ import uuid
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from workbench.farm import LocalFarm
-
 TARGET = "workbench.status"
-
-
-@pytest.fixture
-def farm(private_tmpdir):
-    with LocalFarm({"local": 1}) as farm:
-        yield farm
 
 
 @pytest.fixture
