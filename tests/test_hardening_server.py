@@ -24,6 +24,7 @@ import sys
 import tempfile
 import termios
 import textwrap
+import threading
 import time
 
 import pytest
@@ -588,3 +589,60 @@ def test_session_timeout_fires_on_time(server, kernels, private_tmpdir):
     assert 1.0 <= elapsed < 2.5, elapsed  # a timer firing 4x late (4 s) fails here
     remote.close()
     assert_clean(server, private_tmpdir)
+
+
+# -- issue 17, item 3: idle sessions give up their slots; one address gets a share ---------------------------
+SERVERS = {"python": rpc.Server, "minrpc": rpc.MinRPCServer}
+
+
+def _server(kind: str, **options):
+    return rpc.Server(port=0, silent=True, **options) if kind == "python" else rpc.MinRPCServer(port=0, **options)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_full_server_ends_the_longest_idle_session_for_a_new_client(private_tmpdir, kind):
+    with _server(kind, max_sessions=2, preempt_idle=1.0) as srv:
+        idle = rpc.connect(HOST, srv.port)
+        busy = rpc.connect(HOST, srv.port)
+        sleeping = threading.Thread(target=busy.get_function("workbench.sleep"), args=(4.0,))
+        sleeping.start()  # a call in flight is no idleness, however long it lasts
+        time.sleep(1.5)
+        newcomer = rpc.connect(HOST, srv.port)  # full: the idle session gives its slot
+        with pytest.raises(SessionTimeoutError, match=r"the session was idle for \d+ s and another client needed its "
+                                                       r"slot \(max_sessions=2\)"):
+            idle.ping()
+        with pytest.raises(RPCError, match="server busy: 2 sessions are running"):
+            rpc.connect(HOST, srv.port)  # the busy one and the newcomer (just started) are not idle enough
+        sleeping.join()
+        assert busy.ping() is not None and newcomer.ping() is not None
+        for s in (idle, busy, newcomer):
+            s.close()
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_without_preempt_idle_a_full_server_refuses(private_tmpdir, kind):
+    with _server(kind, max_sessions=1, preempt_idle=None) as srv, rpc.connect(HOST, srv.port) as held:
+        time.sleep(1.2)
+        with pytest.raises(RPCError, match="server busy: 1 sessions are running"):
+            rpc.connect(HOST, srv.port)
+        assert held.ping() is not None
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_one_address_holds_at_most_its_share_of_the_sessions(private_tmpdir, kind):
+    with _server(kind, max_sessions=4, preempt_idle=None) as srv:
+        held = [rpc.connect(HOST, srv.port) for _ in range(3)]  # 4 - 4 // 4
+        with pytest.raises(RPCError, match=r"your address \(127.0.0.1\) holds 3 sessions, its share of the 4"):
+            rpc.connect(HOST, srv.port)
+        held.pop().close()
+        assert wait_until(lambda: _connects(srv.port))
+        for s in held:
+            s.close()
+
+
+def _connects(port: int) -> bool:
+    try:
+        rpc.connect(HOST, port).close()
+        return True
+    except RPCError:
+        return False

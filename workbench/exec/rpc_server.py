@@ -17,7 +17,7 @@ from ..farm.local import parse_address
 from ..rpc.wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
 from ..rpc.tracker.registration import REGISTRATION_TOKEN_ENV
 from ..rpc.server.serve import serve
-from ..rpc.server.server import ServerConfig, callable_spec, check_max_sessions
+from ..rpc.server.server import PREEMPT_IDLE_S, ServerConfig, callable_spec, check_max_sessions
 from ..rpc.service.process import configure_cli_logging
 
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                              "machine, 16 per CPU from 16 to 256, within its memory and file-descriptor limit)")
     parser.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                         help="end a session whose client sends no request for this long (default: never)")
+    parser.add_argument("--preempt-idle", type=float, default=PREEMPT_IDLE_S, metavar="SECONDS",
+                        help="when the server is full, a session idle this long gives its slot to the new client "
+                             f"(default {PREEMPT_IDLE_S:g}; 0: never)")
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="SECONDS",
                         help=f"a client must finish the whole handshake within this (default {HANDSHAKE_TIMEOUT_S:g})")
     parser.add_argument("--auth-token", default=None,
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_max_sessions(args.max_sessions)
         check_seconds("--idle-timeout", args.idle_timeout)
+        check_seconds("--preempt-idle", args.preempt_idle or None)
         check_seconds("--handshake-timeout", args.handshake_timeout, allow_none=False)
     except ValueError as exc:
         parser.error(str(exc))
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout, token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
         tracker_addr=args.tracker, is_proxy=args.through_proxy, custom_addr=args.custom_addr, labels=labels,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
+        preempt_idle=args.preempt_idle or None,
         registration_token=args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None,
     )
     configure_cli_logging(args.silent)

@@ -64,6 +64,7 @@ typedef struct {
     const char* cc;
     int max_sessions;
     double idle_timeout;      /* 0: off */
+    double preempt_idle;      /* a session idle this long yields its slot to a client that would be refused; 0: off */
     double handshake_timeout; /* seconds */
     int silent;
     int stdio;
@@ -166,8 +167,17 @@ typedef struct {
     uint8_t addr[16];      /* the client's address (IPv4 as ::ffff:a.b.c.d), for the throttle */
     const char* matchkey;  /* with a tracker: the only key accepted; NULL without one */
     volatile int* sessions; /* shared counter of running sessions (NULL: no limit) */
+    struct mr_session_slot* slots; /* shared table of running sessions, cfg->max_sessions + 1 of them (NULL: none) */
     int status_fd;         /* -1, or a pipe to the listener: "S<workspace>\n" when the session starts */
 } mr_session_args;
+
+/* A running session, as the other session processes see it (for idle preemption and the per-address share). */
+typedef struct mr_session_slot {
+    volatile int32_t pid;           /* the session process; 0: a free slot */
+    volatile int32_t preempt;       /* set by another session process: end this session, its slot is needed */
+    volatile int64_t idle_since_ns; /* when the session last became idle (mr_now_ns); 0 while a request runs */
+    uint8_t addr[16];               /* the client's address (as mr_session_args.addr) */
+} mr_session_slot;
 
 /* Run one session on rfd/wfd in this (session) process; returns the process exit status. */
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args);
@@ -178,6 +188,7 @@ typedef struct {
     volatile int ended;             /* the worker ended the session on purpose */
     volatile int sending;           /* the worker is writing a frame */
     volatile unsigned long activity; /* odd: waiting for a request; even: serving one */
+    volatile int64_t idle_since_ns;  /* when it last began to wait (mr_now_ns) */
 } mr_shared;
 
 /* The worker: send the OK with `proof` (the server proof or NULL), then serve requests until the client

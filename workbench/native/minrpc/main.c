@@ -2,7 +2,8 @@
  * main.c: minrpc's command line, the TCP listener (or one session over stdio) and the tracker loop.
  *
  *   minrpc [--host H] [--port P] [--port-end PE] [--key K] [--tracker HOST:PORT] [--custom-addr A]
- *          [--cc CC] [--max-sessions N] [--idle-timeout S] [--handshake-timeout S] [--silent] [--stdio] [--help]
+ *          [--cc CC] [--max-sessions N] [--idle-timeout S] [--preempt-idle S] [--handshake-timeout S] [--silent]
+ *          [--stdio] [--help]
  *
  * With no arguments, or --stdio, one session is served on stdin/stdout (PopenSession, with_minrpc programs).
  * Otherwise the listener binds the first free port of [P, PE], prints "minrpc listening on HOST:PORT" and
@@ -72,7 +73,8 @@ int64_t mr_now_ns(void) {
 /* ---- options ---------------------------------------------------------------------------------------- */
 static const char USAGE[] =
     "usage: minrpc [--host H] [--port P] [--port-end PE] [--key K] [--tracker HOST:PORT] [--custom-addr A]\n"
-    "              [--cc CC] [--max-sessions N] [--idle-timeout S] [--handshake-timeout S] [--silent] [--stdio]\n"
+    "              [--cc CC] [--max-sessions N] [--idle-timeout S] [--preempt-idle S] [--handshake-timeout S]\n"
+    "              [--silent] [--stdio]\n"
     "\n"
     "minrpc: a small native rpc-workbench session server (docs/protocol.md, version 1).\n"
     "\n"
@@ -89,6 +91,8 @@ static const char USAGE[] =
     "  --cc CC                the C compiler that links .tar modules (default $WORKBENCH_CC, $CC, cc, gcc, clang)\n"
     "  --max-sessions N       sessions served at the same time (default 64)\n"
     "  --idle-timeout S       end a session that sent no request for S seconds (default: off)\n"
+    "  --preempt-idle S       when full, a session idle for S seconds yields its slot to a new client\n"
+    "                         (default 900; 0: never)\n"
     "  --handshake-timeout S  the whole handshake's deadline (default 10)\n"
     "  --silent               log errors only\n"
     "  --stdio                serve one session on stdin/stdout\n"
@@ -132,6 +136,7 @@ static void parse_options(int argc, char** argv) {
     mr_cfg.port_end = -1;
     mr_cfg.key = "";
     mr_cfg.max_sessions = 64;
+    mr_cfg.preempt_idle = 900;
     mr_cfg.handshake_timeout = 10.0;
     mr_cfg.target = MINRPC_TARGET;
     mr_cfg.stdio = argc <= 1;
@@ -161,7 +166,8 @@ static void parse_options(int argc, char** argv) {
             continue;
         }
         static const char* valued[] = {"--host", "--port", "--port-end", "--key", "--tracker", "--custom-addr",
-                                       "--cc", "--max-sessions", "--idle-timeout", "--handshake-timeout"};
+                                       "--cc", "--max-sessions", "--idle-timeout", "--handshake-timeout",
+                                       "--preempt-idle"};
         int known = 0;
         for (size_t f = 0; f < sizeof(valued) / sizeof(valued[0]); ++f) known |= strcmp(name, valued[f]) == 0;
         if (!known) usage_error("unknown option '%s'", arg);
@@ -179,6 +185,8 @@ static void parse_options(int argc, char** argv) {
         else if (strcmp(name, "--cc") == 0) mr_cfg.cc = *value ? value : NULL;
         else if (strcmp(name, "--idle-timeout") == 0) mr_cfg.idle_timeout = parse_seconds(name, value);
         else if (strcmp(name, "--handshake-timeout") == 0) mr_cfg.handshake_timeout = parse_seconds(name, value);
+        else if (strcmp(name, "--preempt-idle") == 0)
+            mr_cfg.preempt_idle = strcmp(value, "0") == 0 ? 0 : parse_seconds(name, value);
         else if (strcmp(name, "--max-sessions") == 0) {
             char* end = NULL;
             long n = strtol(value, &end, 10);
@@ -241,6 +249,7 @@ typedef struct {
 static child* children;
 static size_t n_children, cap_children;
 static volatile int* sessions; /* shared with the session processes */
+static mr_session_slot* slots; /* the same: the running sessions (max_sessions + 1) */
 static int listen_self_pipe[2] = {-1, -1};
 static mr_tracker* tracker;
 static mr_throttle* throttle; /* with a token: wrong proofs slow down their address */
@@ -450,6 +459,7 @@ static void start_session(int fd, const struct sockaddr_storage* addr, int liste
         }
         args.matchkey = matchkey;
         args.sessions = sessions;
+        args.slots = slots;
         args.status_fd = status[1];
         _exit(mr_session_main(fd, fd, 1, &args));
     }
@@ -556,7 +566,9 @@ static int serve_tcp(void) {
     int lfd = bind_listener(&port);
     if (lfd < 0) return 1;
     sessions = (volatile int*)mmap(NULL, sizeof(int), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (sessions == MAP_FAILED || pipe2(listen_self_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+    slots = (mr_session_slot*)mmap(NULL, (size_t)(mr_cfg.max_sessions + 1) * sizeof(mr_session_slot),
+                                   PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sessions == MAP_FAILED || slots == MAP_FAILED || pipe2(listen_self_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
         mr_log_error("cannot start: %s", strerror(errno));
         return 1;
     }

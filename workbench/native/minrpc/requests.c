@@ -1514,6 +1514,7 @@ static void serve_requests(mr_conn* c, mr_shared* shared, double session_timeout
     }
     for (;;) {
         mp_arena_reset(&S.arena);
+        shared->idle_since_ns = mr_now_ns();
         shared->activity++; /* odd: waiting for a request */
         if (conn_fill(c, MR_HEADER)) {
             connection_failed();

@@ -365,6 +365,31 @@ static void kill_worker(pid_t pid, int* status) {
     }
 }
 
+/* When the server is full: ask the session idle longest, if for preempt_idle at least, to give its slot up
+   (it ends itself within its next look, a second at most, and tells its client why).  1 if one was asked. */
+static int preempt_idle_session(const mr_session_args* args) {
+    const mr_config* cfg = args->cfg;
+    if (!args->slots || cfg->preempt_idle <= 0 || cfg->tracker_host) return 0;
+    int64_t now = mr_now_ns(), oldest = 0;
+    mr_session_slot* pick = NULL;
+    for (int i = 0; i <= cfg->max_sessions; ++i) {
+        mr_session_slot* slot = &args->slots[i];
+        int64_t since = slot->idle_since_ns;
+        if (slot->pid && !slot->preempt && since && now - since >= (int64_t)(cfg->preempt_idle * 1e9) &&
+            (!pick || since < oldest))
+            pick = slot, oldest = since;
+    }
+    int32_t no = 0;
+    if (!pick || !__atomic_compare_exchange_n(&pick->preempt, &no, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return 0;
+    int32_t victim = pick->pid;
+    kill(victim, SIGUSR1); /* wake it: it ends its session now, not at its next look */
+    for (int i = 0; i < 2000 && pick->pid == victim; ++i) { /* until it has told its client (2 s at most) */
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    return 1;
+}
+
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args) {
     const mr_config* cfg = args->cfg;
     mr_conn c;
@@ -378,6 +403,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     set_handler(SIGTERM, on_terminate);
     set_handler(SIGINT, on_terminate);
     set_handler(SIGCHLD, on_child);
+    set_handler(SIGUSR1, on_child); /* another session process asks for this one's slot (preempt_idle_session) */
     signal(SIGPIPE, SIG_IGN);
 
     handshake hs = {&c, 0};
@@ -393,9 +419,23 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     }
     /* max_sessions (the listener counts sessions in shared memory; with a tracker, one at a time) */
     int counted = 0;
+    mr_session_slot* mine = NULL;
     if (args->sessions) {
         int limit = cfg->tracker_host ? 1 : cfg->max_sessions;
+        int share = limit - limit / 4, held = 0; /* one address: all but a quarter of the slots */
+        for (int i = 0; args->slots && i <= cfg->max_sessions; ++i)
+            held += args->slots[i].pid && !args->slots[i].preempt && !memcmp(args->slots[i].addr, args->addr, 16);
+        if (share < limit && held >= share) {
+            char host[64];
+            const char* colon = strrchr(args->peer, ':');
+            snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - args->peer) : (int)strlen(args->peer), args->peer);
+            refuse(&hs, MR_BUSY, "server busy: your address (%s) holds %d sessions, its share of the %d (max_sessions; "
+                   "the rest stay for other addresses); close one first", host, held, limit);
+            end_connection(rfd, wfd, is_socket);
+            return 0;
+        }
         int running = __atomic_fetch_add(args->sessions, 1, __ATOMIC_SEQ_CST);
+        if (running >= limit && preempt_idle_session(args)) running = limit - 1; /* its slot comes free */
         if (running >= limit) {
             __atomic_fetch_sub(args->sessions, 1, __ATOMIC_SEQ_CST);
             refuse(&hs, MR_BUSY, "server busy: %d sessions are running, the most it takes (max_sessions=%d); try again "
@@ -404,6 +444,16 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             return 0;
         }
         counted = 1;
+        for (int i = 0; args->slots && !mine && i <= cfg->max_sessions; ++i) {
+            int32_t free_slot = 0;
+            if (__atomic_compare_exchange_n(&args->slots[i].pid, &free_slot, (int32_t)getpid(), 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                mine = &args->slots[i];
+                mine->preempt = 0;
+                mine->idle_since_ns = 0;
+                memcpy(mine->addr, args->addr, 16);
+            }
+        }
     }
     /* the workspace */
     const char* tmp = getenv("TMPDIR");
@@ -439,6 +489,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
+        signal(SIGUSR1, SIG_DFL);
         signal(SIGXFSZ, SIG_IGN); /* a write over a file-size limit fails with EFBIG: an error reply, not a death */
         close(self_pipe[0]);
         close(self_pipe[1]);
@@ -486,7 +537,24 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         if (activity != seen || !(activity & 1)) {
             seen = activity;
             since = now;
-        } else if (idle_ns && now - since >= idle_ns) {
+        }
+        if (mine) {
+            mine->idle_since_ns = activity & 1 ? shared->idle_since_ns : 0;
+            if (mine->preempt) {
+                kill_worker(pid, &status);
+                notice_code = MR_SESSION_TIMEOUT;
+                double idle = (now - shared->idle_since_ns) / 1e9;
+                char how_long[32];
+                if (idle >= 120) snprintf(how_long, sizeof(how_long), "%.0f min", idle / 60);
+                else snprintf(how_long, sizeof(how_long), "%.0f s", idle);
+                snprintf(notice, sizeof(notice), "the session was idle for %s and another client needed its slot "
+                         "(max_sessions=%d), so the server ended it: its tensors and modules are gone. Connect again "
+                         "(a server keeps idle sessions while nobody waits; preempt_idle=%g s)", how_long,
+                         cfg->max_sessions, cfg->preempt_idle);
+                break;
+            }
+        }
+        if (activity == seen && (activity & 1) && idle_ns && now - since >= idle_ns) {
             kill_worker(pid, &status);
             notice_code = MR_SESSION_TIMEOUT;
             snprintf(notice, sizeof(notice), "the session was idle for %g s (the server's idle_timeout) and the server "
@@ -533,6 +601,10 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         if (!was_sending) conn_send_error_nowait(wfd, is_socket, notice_code, notice);
     } else {
         mr_log_info("session %s ended", args->peer);
+    }
+    if (mine) { /* the slot is free again (after the notice: a session that preempted this one waits for it) */
+        mine->idle_since_ns = 0;
+        __atomic_store_n(&mine->pid, 0, __ATOMIC_SEQ_CST);
     }
     ws_close(&ws);
     munmap(shared, sizeof(mr_shared));

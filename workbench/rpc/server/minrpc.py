@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from ..wire.handshake import TOKEN_ENV, check_seconds
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, check_token
-from .server import check_max_sessions
+from .server import PREEMPT_IDLE_S, check_max_sessions
 
 log = logging.getLogger("workbench.rpc.minrpc")
 
@@ -56,6 +56,10 @@ class MinRPCServer:
     emulator or cross compiler raises ``EmulatorNotFoundError`` naming the
     Debian packages. ``binary`` runs a minrpc you built yourself
     (``build_minrpc``, ``with_minrpc``) instead.
+
+    Limits as ``rpc.Server``'s: ``max_sessions``, ``idle_timeout``,
+    ``handshake_timeout``, ``preempt_idle`` (a session idle this long yields its
+    slot when the server is full; None: never) and the per-address share.
 
     ``auth_token`` (None: ``$WORKBENCH_RPC_TOKEN``) and ``registration_token``
     (None: ``$WORKBENCH_REGISTRATION_TOKEN``) reach the server through its
@@ -90,6 +94,7 @@ class MinRPCServer:
         idle_timeout: float | None = None,
         handshake_timeout: float | None = None,
         start_timeout: float = START_TIMEOUT_S,
+        preempt_idle: float | None = PREEMPT_IDLE_S,
     ):
         from ...cc.targets import parse_target
         from ...native import build_minrpc
@@ -123,6 +128,8 @@ class MinRPCServer:
             seconds = check_seconds(name, value)
             if seconds is not None:
                 args += [flag, f"{seconds:g}"]
+        preempt = check_seconds("preempt_idle", preempt_idle)
+        args += ["--preempt-idle", f"{preempt:g}" if preempt is not None else "0"]
         if silent:
             args.append("--silent")
         self.command = self.emulator.command(self.binary, *args) if self.emulator else [self.binary, *args]

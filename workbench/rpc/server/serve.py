@@ -29,6 +29,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,7 @@ from ..wire.protocol import (
 )
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
 from .secrets import hide_from_kernels
-from .server import ServerConfig, default_max_sessions, resolve_callable
+from .server import ServerConfig, address_share, default_max_sessions, resolve_callable
 from ..service.loop import ServiceLoop, bind_port, refuse
 from ..service.process import service_main, setup_logging, stop_on_signals
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_REFUSED, death_notice
@@ -83,7 +84,7 @@ def error_frame(code: int, message: str) -> bytes:
 
 
 class _Worker:
-    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey", "report", "hung_up")
+    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey", "report", "hung_up", "addr", "preempted")
 
     def __init__(self, pid: int, pidfd: int, conn: socket.socket, workspace: str, wait: Callable[[], int],
                  matchkey: str | None, report: EndReport | None):
@@ -95,6 +96,24 @@ class _Worker:
         self.matchkey = matchkey
         self.report = report
         self.hung_up = False
+        self.addr: str | None = None  # the client's address (None: through a proxy)
+        self.preempted: str | None = None  # why the server ended it to free its slot
+
+
+_TCP_INFO_LAST = struct.Struct("=III")  # tcp_info's last_data_sent, last_ack_sent, last_data_recv (ms ago), at 44
+
+
+def idle_seconds(worker: _Worker) -> float:
+    """How long a session has been idle: 0 while its worker serves a request, else how long its connection has
+    carried nothing (TCP_INFO). A worker that cannot tell (spawned, no_fork) is never idle."""
+    if worker.report is None or worker.report.busy():
+        return 0.0
+    try:
+        info = worker.conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        sent, _, received = _TCP_INFO_LAST.unpack_from(info, 44)
+    except (OSError, struct.error):
+        return 0.0
+    return min(sent, received) / 1000
 
 
 class Handshake:
@@ -522,12 +541,36 @@ class ServeLoop(ServiceLoop):
             return self._refuse(hs, exc.code, text)
         if token and hs.addr is not None:
             self.throttle.succeeded(hs.addr)
-        if len(self.workers) >= self.max_sessions:
+        share = address_share(self.max_sessions)
+        held = sum(1 for w in self.workers.values() if w.addr is not None and w.addr == hs.addr)
+        if hs.addr is not None and held >= share < self.max_sessions:
+            return self._refuse(hs, ERROR_BUSY, (
+                f"server busy: your address ({hs.addr}) holds {held} sessions, its share of the "
+                f"{self.max_sessions} (max_sessions; the rest stay for other addresses); close one first"))
+        if len(self.workers) >= self.max_sessions and not self._preempt_idle():
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: {len(self.workers)} sessions are running, the most it takes "
                 f"(max_sessions={self.max_sessions}); try again later, or start the server with a larger "
                 "max_sessions (--max-sessions)"))
         self._start_worker(hs, opts)
+
+    def _preempt_idle(self) -> bool:
+        """End the session idle longest, if for ``preempt_idle`` at least, for a client that would be refused."""
+        limit = self.config.preempt_idle
+        live = [w for w in self.workers.values() if w.preempted is None]
+        if not limit or not live:
+            return False
+        idle, worker = max(((idle_seconds(w), w) for w in live), key=lambda pair: pair[0])
+        if idle < limit:
+            return False
+        how_long = f"{idle / 60:.0f} min" if idle >= 120 else f"{idle:.0f} s"
+        worker.preempted = (
+            f"the session was idle for {how_long} and another client needed its slot "
+            f"(max_sessions={self.max_sessions}), so the server ended it: its tensors and modules are gone. "
+            f"Connect again (a server keeps idle sessions while nobody waits; preempt_idle={limit:g} s)")
+        log.info("ending the session of worker %d, idle %.0f s, for a new client", worker.pid, idle)
+        os.kill(worker.pid, signal.SIGKILL)
+        return True
 
     # -- workers --------------------------------------------------------------------------
     def _start_worker(self, hs: Handshake, opts: dict[str, Any]) -> None:
@@ -547,6 +590,7 @@ class ServeLoop(ServiceLoop):
             self._remove_workspace(workspace)
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: it cannot start a session worker ({exc.strerror or exc}); try again later"))
+        worker.addr = hs.addr
         self.workers[worker.pidfd] = worker
         self._sel.register(worker.pidfd, selectors.EVENT_READ, worker)
         fd = conn.fileno()
@@ -674,10 +718,13 @@ class ServeLoop(ServiceLoop):
         if self.registration and worker.matchkey == self._matchkey() and returncode != EXIT_REFUSED and notify:
             self.registration.offer(SELF, self.config.key)  # a session used the match key: offer a new one
         notice = death_notice(returncode, on_purpose) if notify and not worker.hung_up else None
+        code = ErrorCode.WORKER_DIED
+        if worker.preempted and not worker.hung_up:
+            notice, code = worker.preempted, ErrorCode.SESSION_TIMEOUT
         if notice:
             log.warning("%s", notice)
             try:  # never wait on a client that does not read: what does not fit now is dropped
-                worker.conn.send(error_frame(ErrorCode.WORKER_DIED, notice), socket.MSG_DONTWAIT)
+                worker.conn.send(error_frame(code, notice), socket.MSG_DONTWAIT)
             except OSError:
                 pass
         shutdown(worker.conn)

@@ -18,6 +18,18 @@ from ..tracker.registration import REGISTRATION_TOKEN_ENV, token_or_env
 from ..service.process import ServiceHandle
 
 
+PREEMPT_IDLE_S = 900.0  # 15 min: a session idle this long yields its slot when the server is full (None: never)
+
+
+def address_share(max_sessions: int) -> int:
+    """The sessions one client address may hold: all but a quarter of the slots, kept for other addresses.
+
+        >>> address_share(32), address_share(2)
+        (24, 2)
+    """
+    return max_sessions - max_sessions // 4
+
+
 def default_max_sessions() -> int:
     """How many sessions a server serves at once unless told (``max_sessions``), sized to this machine.
 
@@ -70,6 +82,7 @@ class ServerConfig:
     labels: dict[str, str] = field(default_factory=dict)
     max_sessions: int | None = None  # None: default_max_sessions() where the server runs
     idle_timeout: float | None = None  # end sessions that send no request for this long (None: never)
+    preempt_idle: float | None = PREEMPT_IDLE_S  # a session idle this long gives its slot to a refused client
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S  # for the whole handshake, from accept to CONNECT
     registration_token: str | None = None  # proved to the tracker or proxy this server registers with
 
@@ -118,7 +131,11 @@ class Server(ServiceHandle):
     sized to the machine; more are refused with "server busy"), a client must
     finish its handshake within ``handshake_timeout`` seconds, and a session
     whose client sends no request for ``idle_timeout`` seconds is ended (None,
-    the default: never; ``LocalFarm`` turns it on). ``timeout`` is TVM's: the
+    the default: never; ``LocalFarm`` turns it on). When the server is full, a
+    session idle for ``preempt_idle`` seconds (default 15 min; None: never) gives
+    its slot to the new client, and its own client is told why; one client
+    address holds at most ``address_share(max_sessions)`` sessions (all but a
+    quarter of the slots). ``timeout`` is TVM's: the
     socket timeout of a session's reads and writes.
     ``registration_token`` (None: ``$WORKBENCH_REGISTRATION_TOKEN``) is what
     the server proves when it registers with ``tracker_addr``, or waits at a
@@ -157,6 +174,7 @@ class Server(ServiceHandle):
         idle_timeout: float | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         registration_token: str | None = None,
+        preempt_idle: float | None = PREEMPT_IDLE_S,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -182,6 +200,7 @@ class Server(ServiceHandle):
             labels=dict(labels or {}),
             max_sessions=check_max_sessions(max_sessions),
             idle_timeout=check_seconds("idle_timeout", idle_timeout),
+            preempt_idle=check_seconds("preempt_idle", preempt_idle),
             handshake_timeout=check_seconds("handshake_timeout", handshake_timeout, allow_none=False),
             registration_token=token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV),
         )

@@ -200,7 +200,7 @@ class EndReport:
     __slots__ = ("_page",)
 
     def __init__(self) -> None:
-        self._page = mmap.mmap(-1, 1)  # anonymous, MAP_SHARED: the child's writes reach the parent
+        self._page = mmap.mmap(-1, 2)  # anonymous, MAP_SHARED: the child's writes reach the parent
 
     def exit(self, code: int) -> None:
         """End this (worker) process with ``code``, reported as on purpose."""
@@ -209,6 +209,14 @@ class EndReport:
 
     def ended_on_purpose(self) -> bool:
         return self._page[0] != 0
+
+    @property
+    def page(self) -> mmap.mmap:
+        """Byte 1: 1 while the worker serves a request (``serve_requests``), for the server to see it busy."""
+        return self._page
+
+    def busy(self) -> bool:
+        return self._page[1] != 0
 
     def close(self) -> None:
         self._page.close()
@@ -283,11 +291,13 @@ def serve_requests(
     handler: SessionHandler,
     send_lock: threading.Lock | None = None,
     activity: list[int] | None = None,
+    busy: mmap.mmap | None = None,
 ) -> None:
     """Answer requests until the client closes the connection.
 
     ``activity[0]`` (for ``IdleTimer``) is odd while waiting for a request and
-    even while serving one.
+    even while serving one; ``busy[1]`` (the worker's ``EndReport`` page) is 1
+    while serving one, for the server to tell an idle session from a busy one.
     """
     lock = send_lock or threading.Lock()
     recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
@@ -296,6 +306,8 @@ def serve_requests(
     while True:
         if activity is not None:
             activity[0] += 1
+        if busy is not None:
+            busy[1] = 0
         try:
             frame = recv_frame()
         except ConnectionClosedError:
@@ -310,6 +322,8 @@ def serve_requests(
             return
         if activity is not None:
             activity[0] += 1
+        if busy is not None:
+            busy[1] = 1
         kind, flags, ctrl, bulk_len = frame
         bulk = Bulk(bulk_len, chan.recv_bulk_into, chan.discard_bulk, chan.recv_bulk_to_fd) if bulk_len else None
         try:
@@ -505,7 +519,7 @@ def _serve(
             timers.append(idle)
             activity = idle.activity
         try:
-            serve_requests(chan, handler, lock, activity)
+            serve_requests(chan, handler, lock, activity, report.page if report is not None else None)
         except OSError as exc:  # socket timeout (the server's timeout=), a reset, or the fd closed under us
             if exc.errno == errno.EBADF:
                 log.warning("the session's connection was closed by the code it ran")
