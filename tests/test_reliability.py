@@ -1,4 +1,5 @@
-"""The reliability suite: fuzzed protocols, many sessions, idle and dripping connections, a farm under chaos.
+"""The reliability suite: fuzzed protocols, many sessions, idle and dripping connections, a farm under chaos,
+sessions held idle and dense control parts.
 
     python -m pytest tests/test_reliability.py -p no:cacheprovider               # the short version (also in CI)
     python -m pytest tests/test_reliability.py -m stress -p no:cacheprovider     # the long one
@@ -26,9 +27,9 @@ import numpy as np
 import pytest
 
 from workbench import rpc, runtime
-from workbench.errors import RPCError
+from workbench.errors import ErrorCode, RPCError
 from workbench.farm import LocalFarm
-from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION
+from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION, Kind
 from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, encode
 
 from .conftest import children, session_workspaces, wait_until
@@ -43,6 +44,7 @@ class Row:
     cases: int = 0
     failures: int = 0
     served_after_s: float | None = None  # worst time a legitimate client waited while the attack went on
+    memory_mb: float | None = None  # the server's processes' peak resident memory above their idle level
     leaks: str = "none"
     notes: list[str] = field(default_factory=list)
 
@@ -347,6 +349,122 @@ def test_slow_drip_handshakes(private_tmpdir, row, size):
         srv.terminate()
 
 
+# -- issue 17's attacks ------------------------------------------------------------------------------
+def _server(kind: str, **options):
+    return rpc.Server(port=0, silent=True, **options) if kind == "python" else rpc.MinRPCServer(port=0, **options)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and every process below it, in MB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        todo += children(p)
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples ``tree_rss_mb(pid)`` every 10 ms in a thread while the block runs; ``rise``: peak over the start."""
+
+    def __init__(self, pid: int):
+        self.pid, self.base, self.peak = pid, tree_rss_mb(pid), 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def rise(self) -> float:
+        return max(0.0, self.peak - self.base)
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_idle_sessions_hold_the_server(private_tmpdir, row, size, kind):
+    """An attacker opens every session it may and leaves them idle; legitimate clients (from the same address,
+    127.0.0.1, as the attacker) still get served: an idle session past preempt_idle gives its slot up."""
+    r = row(f"idle sessions hold the slots, {kind}")
+    srv = _server(kind, max_sessions=8, preempt_idle=1.0)
+    held: list[rpc.RPCSession] = []
+    try:
+        for _ in range(8):
+            try:
+                held.append(rpc.connect(HOST, srv.port))
+            except RPCError as exc:  # its address's share is reached
+                r.notes.append(f"attacker: {str(exc)[:40]}")
+                break
+        r.cases = len(held)
+        time.sleep(1.2)  # the attacker's sessions are idle past preempt_idle now
+        worst = 0.0
+        for _ in range(scale(6, 50, size)):
+            try:
+                worst = max(worst, served_in(srv.port, timeout=10))
+            except (OSError, RPCError) as exc:
+                r.failures += 1
+                r.notes.append(str(exc)[:60])
+            held.append(rpc.connect(HOST, srv.port))  # the attacker takes the slot back at once, and idles again
+            time.sleep(1.1)
+        r.served_after_s = worst
+        assert r.failures == 0, r.notes
+    finally:
+        for s in held:
+            s.close()
+        srv.terminate()
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_dense_control_messages(private_tmpdir, row, size, kind):
+    """Sessions each send a 15.7 MiB control part of 15 Mi nils: each is refused (PROTOCOL) with bounded memory,
+    and legitimate clients are served meanwhile."""
+    from .test_protocol import RawPeer
+
+    r = row(f"15.7 MiB control parts of nils, {kind}")
+    payload = b"\xdc\x00\x0f" + (b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)) * 15
+    srv = _server(kind)
+    attackers = scale(4, 16, size)
+    refused: list[str] = []
+
+    def attack() -> None:
+        try:
+            with RawPeer.connect(srv.port) as peer:
+                peer.handshake()
+                peer.send_raw_frame(Kind.PING, payload)
+                refused.append(peer.expect_error(ErrorCode.PROTOCOL))
+        except Exception as exc:  # noqa: BLE001  (counted below as a failure)
+            refused.append(f"FAILED: {exc}")
+
+    try:
+        served_in(srv.port)
+        with PeakMemory(srv.pid) as memory:
+            threads = [threading.Thread(target=attack) for _ in range(attackers)]
+            for t in threads:
+                t.start()
+            worst = max(served_in(srv.port) for _ in range(5))
+            for t in threads:
+                t.join(timeout=60)
+        r.cases, r.served_after_s, r.memory_mb = attackers, worst, memory.rise
+        bad = [m for m in refused if "items of lists and dicts" not in m]
+        r.failures = len(bad) + attackers - len(refused)
+        r.notes += bad[:2]
+        assert r.failures == 0 and srv.alive, r.notes
+    finally:
+        srv.terminate()
+
+
 def test_farm_under_chaos(private_tmpdir, row, size):
     """Clients and servers are killed at random; every request is served or answered with an error, none stuck."""
     r = row("farm under chaos")
@@ -415,9 +533,10 @@ def test_farm_under_chaos(private_tmpdir, row, size):
 
 def report_table(rows: list[dict]) -> str:
     """The figures of every reliability test of the run, one line each."""
-    header = ["reliability", "cases", "failures", "served after (worst)", "leaks", "notes"]
+    header = ["reliability", "cases", "failures", "served after (worst)", "peak memory", "leaks", "notes"]
     lines = [[r["name"], str(r["cases"]), str(r["failures"]),
-              "-" if r["served_after_s"] is None else f"{r['served_after_s'] * 1e3:.0f} ms", r["leaks"],
+              "-" if r["served_after_s"] is None else f"{r['served_after_s'] * 1e3:.0f} ms",
+              "-" if r.get("memory_mb") is None else f"+{r['memory_mb']:.0f} MB", r["leaks"],
               "; ".join(r["notes"])[:80]] for r in rows]
     widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

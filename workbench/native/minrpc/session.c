@@ -365,9 +365,10 @@ static void kill_worker(pid_t pid, int* status) {
     }
 }
 
-/* When the server is full: ask the session idle longest, if for preempt_idle at least, to give its slot up
-   (it ends itself within its next look, a second at most, and tells its client why).  1 if one was asked. */
-static int preempt_idle_session(const mr_session_args* args) {
+/* When the server is full (or this client's address holds its share: same_address): ask the session idle
+   longest (of this address), if for preempt_idle at least, to give its slot up; it ends itself at once and
+   tells its client why, and this returns once it has (2 s at most).  1 if one was asked. */
+static int preempt_idle_session(const mr_session_args* args, int same_address) {
     const mr_config* cfg = args->cfg;
     if (!args->slots || cfg->preempt_idle <= 0 || cfg->tracker_host) return 0;
     int64_t now = mr_now_ns(), oldest = 0;
@@ -375,6 +376,7 @@ static int preempt_idle_session(const mr_session_args* args) {
     for (int i = 0; i <= cfg->max_sessions; ++i) {
         mr_session_slot* slot = &args->slots[i];
         int64_t since = slot->idle_since_ns;
+        if (same_address && memcmp(slot->addr, args->addr, 16)) continue;
         if (slot->pid && !slot->preempt && since && now - since >= (int64_t)(cfg->preempt_idle * 1e9) &&
             (!pick || since < oldest))
             pick = slot, oldest = since;
@@ -425,7 +427,8 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         int share = limit - limit / 4, held = 0; /* one address: all but a quarter of the slots */
         for (int i = 0; args->slots && i <= cfg->max_sessions; ++i)
             held += args->slots[i].pid && !args->slots[i].preempt && !memcmp(args->slots[i].addr, args->addr, 16);
-        if (share < limit && held >= share) {
+        int preempted = share < limit && held >= share && preempt_idle_session(args, 1);
+        if (share < limit && held >= share && !preempted) {
             char host[64];
             const char* colon = strrchr(args->peer, ':');
             snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - args->peer) : (int)strlen(args->peer), args->peer);
@@ -435,7 +438,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             return 0;
         }
         int running = __atomic_fetch_add(args->sessions, 1, __ATOMIC_SEQ_CST);
-        if (running >= limit && preempt_idle_session(args)) running = limit - 1; /* its slot comes free */
+        if (running >= limit && (preempted || preempt_idle_session(args, 0))) running = limit - 1; /* a slot comes free */
         if (running >= limit) {
             __atomic_fetch_sub(args->sessions, 1, __ATOMIC_SEQ_CST);
             refuse(&hs, MR_BUSY, "server busy: %d sessions are running, the most it takes (max_sessions=%d); try again "

@@ -542,22 +542,24 @@ class ServeLoop(ServiceLoop):
         if token and hs.addr is not None:
             self.throttle.succeeded(hs.addr)
         share = address_share(self.max_sessions)
-        held = sum(1 for w in self.workers.values() if w.addr is not None and w.addr == hs.addr)
-        if hs.addr is not None and held >= share < self.max_sessions:
+        held = sum(1 for w in self.workers.values() if w.addr is not None and w.addr == hs.addr and not w.preempted)
+        if hs.addr is not None and held >= share < self.max_sessions and not self._preempt_idle(hs.addr):
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: your address ({hs.addr}) holds {held} sessions, its share of the "
                 f"{self.max_sessions} (max_sessions; the rest stay for other addresses); close one first"))
-        if len(self.workers) >= self.max_sessions and not self._preempt_idle():
+        running = sum(1 for w in self.workers.values() if not w.preempted)
+        if running >= self.max_sessions and not self._preempt_idle():
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: {len(self.workers)} sessions are running, the most it takes "
                 f"(max_sessions={self.max_sessions}); try again later, or start the server with a larger "
                 "max_sessions (--max-sessions)"))
         self._start_worker(hs, opts)
 
-    def _preempt_idle(self) -> bool:
-        """End the session idle longest, if for ``preempt_idle`` at least, for a client that would be refused."""
+    def _preempt_idle(self, addr: str | None = None) -> bool:
+        """End the session idle longest (of the client address ``addr``, if given), if for ``preempt_idle`` at least,
+        for a client that would be refused."""
         limit = self.config.preempt_idle
-        live = [w for w in self.workers.values() if w.preempted is None]
+        live = [w for w in self.workers.values() if w.preempted is None and (addr is None or w.addr == addr)]
         if not limit or not live:
             return False
         idle, worker = max(((idle_seconds(w), w) for w in live), key=lambda pair: pair[0])
