@@ -16,6 +16,7 @@ downloaded here); Playwright only drives it.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -29,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -72,6 +73,21 @@ def sync_playwright_or_skip() -> Any:
 def launch_chromium(playwright: Any, executable: str) -> Any:
     """Debian's Chromium, headless, through Playwright: ``launch_chromium(pw, "/usr/bin/chromium")``."""
     return playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+
+
+@contextlib.contextmanager
+def chromium_page(chromium: tuple[str, Any], height: int) -> Iterator[Any]:
+    """A page 1400 px wide of headless Debian Chromium (``chromium``: its path and ``sync_playwright``), 30 s
+    default timeout; the browser ends with the block."""
+    executable, sync_playwright = chromium
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, executable)
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": height})
+            tab.set_default_timeout(30_000)
+            yield tab
+        finally:
+            browser.close()
 
 
 # -- processes ---------------------------------------------------------------------------------

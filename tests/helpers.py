@@ -15,6 +15,11 @@ with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "k
     RAW_EXIT_H = _text[_text.index("/* raw_exit_group: begin"):_text.index("/* raw_exit_group: end */")]
 
 
+def start_server(kind: str, **options) -> Union[rpc.Server, rpc.MinRPCServer]:
+    """A server on a free loopback port: ``kind`` "python" (``rpc.Server``, silent) or "minrpc"."""
+    return rpc.Server(port=0, silent=True, **options) if kind == "python" else rpc.MinRPCServer(port=0, **options)
+
+
 def register_extras() -> None:
     @rpc.register_func("tests.add", override=True)
     def add(a, b):

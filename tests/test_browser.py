@@ -20,9 +20,9 @@ from .browser import (
     COUNTED,
     JupyterLab,
     chromium_or_skip,
+    chromium_page,
     fit_viewport_to_notebook,
     input_prompts,
-    launch_chromium,
     open_notebook,
     run_all_cells,
     save_notebook,
@@ -149,27 +149,20 @@ def lab(chromium, quickstart, tmp_path):
 @pytest.fixture
 def page(chromium, lab, tmp_path, capsys):
     """A page of headless Debian chromium; at the end (failures included) a screenshot of the whole notebook."""
-    executable, sync_playwright = chromium
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright, executable)
+    with chromium_page(chromium, 1000) as tab:
         try:
-            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-            tab.set_default_timeout(30_000)
-            try:
-                yield tab
-            finally:
-                lab.note_processes()  # the kernel and the farm it started: stop() checks that they end
-                try:
-                    try:
-                        fit_viewport_to_notebook(tab)
-                    except Exception as exc:  # a page in a bad state: its screenshot as it is, then
-                        print(f"could not fit the window to the notebook: {exc}")
-                    tab.screenshot(path=str(tmp_path / SCREENSHOT), full_page=True)
-                finally:
-                    with capsys.disabled():
-                        print(f"\nbrowser test screenshot: {tmp_path / SCREENSHOT}")
+            yield tab
         finally:
-            browser.close()
+            lab.note_processes()  # the kernel and the farm it started: stop() checks that they end
+            try:
+                try:
+                    fit_viewport_to_notebook(tab)
+                except Exception as exc:  # a page in a bad state: its screenshot as it is, then
+                    print(f"could not fit the window to the notebook: {exc}")
+                tab.screenshot(path=str(tmp_path / SCREENSHOT), full_page=True)
+            finally:
+                with capsys.disabled():
+                    print(f"\nbrowser test screenshot: {tmp_path / SCREENSHOT}")
 
 
 @pytest.mark.timeout(600)  # above the sum of the bounded waits; a run takes ~20 s

@@ -18,7 +18,7 @@ from workbench.errors import ArgumentTypeError, BadRequestError, RemoteError
 from workbench.testing import local_run
 
 from .conftest import ROOT
-from .helpers import emulated_board_missing
+from .helpers import emulated_board_missing, start_server
 
 CHECKED = r"""#include <workbench_kernel.h>
 
@@ -64,12 +64,7 @@ def checked_so(tmp_path_factory) -> str:
 @pytest.fixture(scope="module", params=["python", "minrpc", "local"])
 def where(request, private_tmpdir):
     """A server of each kind (None for LocalSession), shared by the tests of this module."""
-    if request.param == "python":
-        srv = rpc.Server(port=0, silent=True)
-    elif request.param == "minrpc":
-        srv = rpc.MinRPCServer(port=0)
-    else:
-        srv = None
+    srv = None if request.param == "local" else start_server(request.param)
     yield request.param, srv
     if srv is not None:
         srv.terminate()

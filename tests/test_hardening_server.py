@@ -43,7 +43,7 @@ from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VE
 
 from .conftest import ROOT, assert_clean, children, session_workspaces, wait_until
 from .test_protocol import CPU, FLOAT32, RawPeer
-from .helpers import RAW_EXIT_H
+from .helpers import RAW_EXIT_H, start_server
 
 HOST = "127.0.0.1"
 BUSY = 13  # the "server busy" error code (docs/protocol.md, section 7)
@@ -592,16 +592,12 @@ def test_session_timeout_fires_on_time(server, kernels, private_tmpdir):
 
 
 # -- issue 17, item 3: idle sessions give up their slots; one address gets a share ---------------------------
-SERVERS = {"python": rpc.Server, "minrpc": rpc.MinRPCServer}
-
-
-def _server(kind: str, **options):
-    return rpc.Server(port=0, silent=True, **options) if kind == "python" else rpc.MinRPCServer(port=0, **options)
+SERVERS = ["python", "minrpc"]
 
 
 @pytest.mark.parametrize("kind", SERVERS)
 def test_a_full_server_ends_the_longest_idle_session_for_a_new_client(private_tmpdir, kind):
-    with _server(kind, max_sessions=2, preempt_idle=1.0) as srv:
+    with start_server(kind, max_sessions=2, preempt_idle=1.0) as srv:
         idle = rpc.connect(HOST, srv.port)
         busy = rpc.connect(HOST, srv.port)
         sleeping = threading.Thread(target=busy.get_function("workbench.sleep"), args=(4.0,))
@@ -621,7 +617,7 @@ def test_a_full_server_ends_the_longest_idle_session_for_a_new_client(private_tm
 
 @pytest.mark.parametrize("kind", SERVERS)
 def test_without_preempt_idle_a_full_server_refuses(private_tmpdir, kind):
-    with _server(kind, max_sessions=1, preempt_idle=None) as srv, rpc.connect(HOST, srv.port) as held:
+    with start_server(kind, max_sessions=1, preempt_idle=None) as srv, rpc.connect(HOST, srv.port) as held:
         time.sleep(1.2)
         with pytest.raises(RPCError, match="server busy: 1 sessions are running"):
             rpc.connect(HOST, srv.port)
@@ -630,7 +626,7 @@ def test_without_preempt_idle_a_full_server_refuses(private_tmpdir, kind):
 
 @pytest.mark.parametrize("kind", SERVERS)
 def test_one_address_holds_at_most_its_share_of_the_sessions(private_tmpdir, kind):
-    with _server(kind, max_sessions=4, preempt_idle=None) as srv:
+    with start_server(kind, max_sessions=4, preempt_idle=None) as srv:
         held = [rpc.connect(HOST, srv.port) for _ in range(3)]  # 4 - 4 // 4
         with pytest.raises(RPCError, match=r"your address \(127.0.0.1\) holds 3 sessions, its share of the 4"):
             rpc.connect(HOST, srv.port)

@@ -18,7 +18,7 @@ import pytest
 
 from workbench import rpc
 
-from .browser import JupyterLab, chromium_or_skip, launch_chromium, open_notebook, sync_playwright_or_skip
+from .browser import JupyterLab, chromium_or_skip, chromium_page, open_notebook, sync_playwright_or_skip
 
 EXTENSION = "jupyterlab-rpc-workbench"
 NOTEBOOK = "scratch.ipynb"
@@ -80,25 +80,18 @@ class Shots:
 
 @pytest.fixture
 def page(chromium, lab, tmp_path, capsys):
-    executable, sync_playwright = chromium
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright, executable)
+    with chromium_page(chromium, 900) as tab:
+        shots = Shots(tab, tmp_path / "screenshots")
+        shots.folder.mkdir()
         try:
-            tab = browser.new_page(viewport={"width": 1400, "height": 900})
-            tab.set_default_timeout(30_000)
-            shots = Shots(tab, tmp_path / "screenshots")
-            shots.folder.mkdir()
-            try:
-                yield tab, shots
-            finally:
-                lab.note_processes()
-                try:
-                    shots("last")
-                finally:
-                    with capsys.disabled():
-                        print(f"\nlab extension screenshots: {shots.folder}")
+            yield tab, shots
         finally:
-            browser.close()
+            lab.note_processes()
+            try:
+                shots("last")
+            finally:
+                with capsys.disabled():
+                    print(f"\nlab extension screenshots: {shots.folder}")
 
 
 def _wait(what: str, predicate, timeout: float = STEP_TIMEOUT_S):

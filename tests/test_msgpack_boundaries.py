@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from workbench import cc, rpc
+from .helpers import start_server
 
 KERNELS = r"""
 #include <string.h>
@@ -65,7 +66,7 @@ def boundary_so(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["python", "minrpc"])
 def any_server(request, tmp_path_factory):
-    srv = rpc.Server(port=0, silent=True) if request.param == "python" else rpc.MinRPCServer(port=0)
+    srv = start_server(request.param)
     yield srv
     srv.terminate()
 

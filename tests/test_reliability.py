@@ -33,6 +33,7 @@ from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION, Kind
 from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, encode
 
 from .conftest import children, session_workspaces, wait_until
+from .helpers import start_server
 
 HOST = "127.0.0.1"
 ROWS_ENV = "WB_RELIABILITY_ROWS"  # a file the table's rows go to (set by tests/conftest.py), one JSON per line
@@ -350,10 +351,6 @@ def test_slow_drip_handshakes(private_tmpdir, row, size):
 
 
 # -- issue 17's attacks ------------------------------------------------------------------------------
-def _server(kind: str, **options):
-    return rpc.Server(port=0, silent=True, **options) if kind == "python" else rpc.MinRPCServer(port=0, **options)
-
-
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and every process below it, in MB."""
     total, todo = 0, [pid]
@@ -398,7 +395,7 @@ def test_idle_sessions_hold_the_server(private_tmpdir, row, size, kind):
     """An attacker opens every session it may and leaves them idle; legitimate clients (from the same address,
     127.0.0.1, as the attacker) still get served: an idle session past preempt_idle gives its slot up."""
     r = row(f"idle sessions hold the slots, {kind}")
-    srv = _server(kind, max_sessions=8, preempt_idle=1.0)
+    srv = start_server(kind, max_sessions=8, preempt_idle=1.0)
     held: list[rpc.RPCSession] = []
     try:
         for _ in range(8):
@@ -434,7 +431,7 @@ def test_dense_control_messages(private_tmpdir, row, size, kind):
 
     r = row(f"15.7 MiB control parts of nils, {kind}")
     payload = b"\xdc\x00\x0f" + (b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)) * 15
-    srv = _server(kind)
+    srv = start_server(kind)
     attackers = scale(4, 16, size)
     refused: list[str] = []
 

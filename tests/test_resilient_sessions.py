@@ -23,6 +23,7 @@ from workbench import cc, rpc, runtime
 from workbench.runtime import ffi
 from workbench.errors import CallCancelledError, KernelCrashedError, SessionCrashedError, error_from_code
 from workbench.rpc.wire.protocol import HEADER, FLAG_NO_REPLY, Kind
+from .helpers import start_server
 
 
 
@@ -34,7 +35,7 @@ def _interrupt_after(seconds: float) -> threading.Timer:
 
 @pytest.fixture(params=["python", "minrpc"])
 def any_server(request, private_tmpdir):
-    srv = rpc.Server(port=0, silent=True) if request.param == "python" else rpc.MinRPCServer(port=0)
+    srv = start_server(request.param)
     yield srv
     srv.terminate()
 

@@ -10,6 +10,7 @@ each token reversed, so that the argument itself is no copy to find.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -165,7 +166,5 @@ def test_a_kernel_finds_no_token_in_the_command_line_server(search_so, private_t
 
 
 def _bound_port(log) -> int | None:
-    import re
-
     match = re.search(r"bind to [\d.]+:(\d+)", log.read_text())
     return int(match.group(1)) if match else None
