@@ -329,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         notebooks = notebook_dir(args.notebook_dir)
         _require(*(("nbclient", "nbformat", "ipykernel") if headless else ("jupyterlab",)))
-        if not headless:
+        if headless:
+            farm = LocalFarm(servers)
+        else:
             LocalFarm.prepare(servers)  # what the farm needs is missing: say so here, not in JupyterLab's log
             tracker_port = free_port()
     except (WorkbenchError, ValueError, OSError, RuntimeError) as exc:
@@ -342,11 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --serve with no display: no browser to open, the URL JupyterLab prints is the way in
         return serve(notebooks, servers, tracker_port, port=args.port,
                      open_browser=not args.no_browser and has_display(), extra=extra)
-    try:
-        farm = LocalFarm(servers)
-    except (WorkbenchError, ValueError, OSError, RuntimeError) as exc:
-        print(f"python -m workbench.lab: {exc}", file=sys.stderr)
-        return 1
     with farm:
         host, port = farm.tracker_addr
         print(f"device farm: tracker {host}:{port} with servers {keys} (WORKBENCH_TRACKER={host}:{port} for the "

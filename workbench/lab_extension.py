@@ -28,11 +28,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .farm.__main__ import parse_servers
-from .farm.local import LocalFarm, parse_address, tracker_from_env
-from .rpc.client.tracker_session import TrackerSession
+if TYPE_CHECKING:  # imported where first used: a plain `jupyter lab` loads this extension, and pays nothing for them
+    from .farm.local import LocalFarm
+    from .rpc.client.tracker_session import TrackerSession
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class TrackerEntry:
             return
         try:
             if self._session is None:
+                from .rpc.client.tracker_session import TrackerSession
+
                 self._session = TrackerSession(self.address, timeout=QUERY_TIMEOUT_S)
             summary = self._session.summary()
             self.keys = [{"key": r["key"], "free": r["free"], "total": r["total"], "waiting": r["pending"]}
@@ -128,6 +130,8 @@ class LabFarm:
 
     def _start(self) -> None:
         try:
+            from .farm.local import LocalFarm
+
             farm = LocalFarm(self.servers, tracker_port=self.port)
         except Exception as exc:
             log.error("cannot start the lab's farm: %s", exc)
@@ -188,6 +192,8 @@ class TrackerList:
     def default(self) -> tuple[str, int] | None:
         """WORKBENCH_TRACKER (or TVM's variables) as the kernels this server starts see it."""
         try:
+            from .farm.local import tracker_from_env
+
             return tracker_from_env()
         except ValueError:
             return None
@@ -210,6 +216,8 @@ class TrackerList:
         return entries
 
     def add(self, address: str) -> dict[str, Any]:
+        from .farm.local import parse_address
+
         addr = parse_address(address)  # ValueError: the handler's 400
         for entry in self._wanted():
             if entry.address == addr:
@@ -352,6 +360,9 @@ def lab_farm_from_env() -> LabFarm:
     spec = os.environ.get(FARM_ENV, "").split()
     if not spec:
         return LabFarm()
+    from .farm.__main__ import parse_servers
+    from .farm.local import tracker_from_env
+
     try:
         farm = LabFarm(parse_servers(spec), port=(tracker_from_env() or ("", 0))[1])
     except (ValueError, argparse.ArgumentTypeError) as exc:

@@ -422,23 +422,15 @@ static int (*wb_real_kill)(pid_t, int);
 static int (*wb_real_pthread_kill)(pthread_t, int);
 static long (*wb_real_syscall)(long, ...);
 
-static void wb_guard_exit(int status) {
+static void wb_guard_exit_to(int status, void (*real)(int)) {
   wb_guard_leave(WB_EXIT_MARK, status);
-  wb_real_exit(status);
+  real(status);
   _exit(status); /* not reached */
 }
 
-static void wb_guard__exit(int status) {
-  wb_guard_leave(WB_EXIT_MARK, status);
-  wb_real__exit(status);
-  _exit(status); /* not reached */
-}
-
-static void wb_guard_quick_exit(int status) {
-  wb_guard_leave(WB_EXIT_MARK, status);
-  wb_real_quick_exit(status);
-  _exit(status); /* not reached */
-}
+static void wb_guard_exit(int status) { wb_guard_exit_to(status, wb_real_exit); }
+static void wb_guard__exit(int status) { wb_guard_exit_to(status, wb_real__exit); }
+static void wb_guard_quick_exit(int status) { wb_guard_exit_to(status, wb_real_quick_exit); }
 
 static void wb_guard_pthread_exit(void* value) {
   WBGuard* g = wb_guard_frame;
