@@ -570,7 +570,9 @@ CLIENT_SCRIPT = textwrap.dedent("""
     remote.close()
 
     with rpc.connect_tracker(proxy_ip, tracker_port) as tracker:
-        with tracker.request(key, timeout=20) as remote:
+        # the server registers again through the proxy once the session above has ended: queue for it (a request
+        # in that moment's gap would fail fast, naming the keys there are)
+        with tracker.request(key, timeout=20, wait=True) as remote:
             remote.upload(b"via the tracker", target="t.txt")
             out["via_tracker"] = bytes(remote.download("t.txt")).decode()
             out["tracker_pid"] = remote.info["pid"]
