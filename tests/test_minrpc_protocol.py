@@ -973,17 +973,29 @@ def test_file_size_limit_fails_the_upload_only(started):
         assert remote.download("small.bin") == b"small"
 
 
-def test_too_many_handshakes_are_refused(started):
+def silent_peer(port: int, source: str = "127.0.0.1") -> RawPeer:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    return RawPeer(sock)
+
+
+def test_handshakes_hold_no_process_and_the_oldest_makes_room(started):
     import resource
 
-    srv = started(limits={resource.RLIMIT_NOFILE: 48})
-    idle = [RawPeer.connect(srv.port) for _ in range(12)]  # connected, silent: each holds a session process
+    srv = started(limits={resource.RLIMIT_NOFILE: 48})  # room for 8 handshakes; one address holds 6 of them
+    other = silent_peer(srv.port, "127.0.0.2")
+    idle = [silent_peer(srv.port) for _ in range(12)]  # connected, silent
     try:
-        assert wait_until(lambda: len(children(srv.pid)) >= 8)
-        with pytest.raises(ServerBusyError, match="too many connections are in their handshake"):
-            rpc.connect("127.0.0.1", srv.port)
+        with rpc.connect("127.0.0.1", srv.port) as remote:  # the newest gets in: the oldest silent ones made room
+            remote.ping()
+            assert len(children(srv.pid)) == 1  # the session's process: none for a connection in its handshake
+        for peer in idle[:6]:  # the oldest of the address that holds its share were told, in a frame
+            assert peer.recv_preamble() == (MAGIC, VERSION, 0)
+            assert "too many connections are in their handshake" in peer.expect_error(ErrorCode.BUSY)
+        other.start()  # another address keeps its place
+        other.send_frame(Kind.CONNECT, {})
+        assert other.recv_frame().kind == Kind.OK
     finally:
-        for peer in idle:
+        for peer in [other, *idle]:
             peer.close()
     assert wait_until(lambda: not children(srv.pid))
     with rpc.connect("127.0.0.1", srv.port) as remote:

@@ -282,10 +282,13 @@ def test_many_sessions_leak_nothing(private_tmpdir, row, size):
         srv.terminate()
 
 
-def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size):
-    r = row("idle connections, server at 1024 fds")
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size, kind):
+    """A flood of idle connections (no token needed) against a server at 1024 descriptors: they cost no process,
+    and legitimate clients from the same address still get in, 19 times in 20 at least (issue 17: 2 in 20)."""
+    r = row(f"idle connections, server at 1024 fds, {kind}")
     count = scale(1200, 2000, size)
-    srv = rpc.Server(port=0, silent=True)
+    srv = start_server(kind)
     idle: list[socket.socket] = []
     try:
         resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (1024, 1024))
@@ -293,34 +296,38 @@ def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < need:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-        for _ in range(count):
-            try:
-                idle.append(socket.create_connection((HOST, srv.port), timeout=5))
-            except OSError as exc:  # the backlog is full: the server is refusing, which is allowed
-                r.notes.append(f"connect {len(idle)}: {exc}")
-                break
-        r.cases = len(idle)
-        worst = 0.0
-        for _ in range(5):
-            try:
-                worst = max(worst, served_in(srv.port, timeout=30))
-            except (OSError, RPCError) as exc:
-                r.failures += 1
-                r.notes.append(str(exc))
-        r.served_after_s = worst
+        with PeakMemory(srv.pid) as memory:
+            for _ in range(count):
+                try:
+                    idle.append(socket.create_connection((HOST, srv.port), timeout=5))
+                except OSError as exc:  # the backlog is full: the server is refusing, which is allowed
+                    r.notes.append(f"connect {len(idle)}: {exc}")
+                    break
+            processes = len(children(srv.pid))
+            worst, tries = 0.0, 20
+            for _ in range(tries):
+                try:
+                    worst = max(worst, served_in(srv.port, timeout=30))
+                except (OSError, RPCError) as exc:
+                    r.failures += 1
+                    r.notes.append(str(exc)[:80])
+        r.cases, r.served_after_s, r.memory_mb = len(idle), worst, memory.rise
+        r.notes.append(f"{tries - r.failures}/{tries} served; {processes} server processes for {len(idle)} connections")
         assert srv.alive, "the server died at the fd limit"
-        assert r.failures == 0, r.notes
+        assert processes <= 1, "a connection in its handshake holds no process"
+        assert tries - r.failures >= 19, r.notes
     finally:
         for sock in idle:
             sock.close()
         srv.terminate()
 
 
-def test_slow_drip_handshakes(private_tmpdir, row, size):
-    r = row("slow-drip handshakes")
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_slow_drip_handshakes(private_tmpdir, row, size, kind):
+    r = row(f"slow-drip handshakes, {kind}")
     count = scale(60, 200, size)
     seconds = scale(4, 20, size)
-    srv = rpc.Server(port=0, silent=True)
+    srv = start_server(kind)
     drips: list[socket.socket] = []
     preamble = PREAMBLE.pack(MAGIC, VERSION, 0)
     try:

@@ -1,8 +1,9 @@
 /*
  * core.h: what the core files of minrpc share (minrpc.h is the contract with the device files).
  *
- *   main.c       options, the TCP listener or stdio, a session process per connection, the tracker loop
- *   session.c    one session process: handshake, workspace, the worker, its supervision and notices
+ *   main.c       options, the TCP listener or stdio, a session process per session, the tracker loop
+ *   handshake.c  the handshake, read without blocking (in the listener's event loop), and CONNECT's checks
+ *   session.c    one session process: slots, workspace, the worker, its supervision and notices
  *   requests.c   the worker: the request loop and every request of protocol.md section 6
  *   workspace.c  the session workspace: confined paths, directories, removal
  *   conn.c       frames over a socket or a pair of pipes
@@ -158,14 +159,55 @@ int64_t mr_throttle_turn(mr_throttle* t, const uint8_t addr[16]);
 int mr_throttle_failed(mr_throttle* t, const uint8_t addr[16], double* delay_s);
 void mr_throttle_succeeded(mr_throttle* t, const uint8_t addr[16]);
 
+/* ---- handshake.c: the handshake, read without blocking ---------------------------------------------- */
+enum { HS_PREAMBLE, HS_HEADER, HS_CTRL, HS_BULK, HS_WAIT };
+
+typedef struct {
+    int rfd, wfd, is_socket;
+    int stage;           /* HS_*: what is being read; HS_WAIT: the CONNECT is read */
+    int greeted;         /* our preamble went out */
+    int64_t deadline_ns; /* the whole handshake's (handshake_timeout from accept) */
+    int64_t turn_ns;     /* HS_WAIT with a token: when the auth throttle lets this address try */
+    uint8_t head[MR_HEADER]; /* the preamble, then CONNECT's header */
+    size_t have;         /* bytes of the current stage read so far */
+    uint8_t* ctrl;       /* CONNECT's control part (malloc'ed, ctrl_len bytes) */
+    size_t ctrl_len;
+    int kind;
+    uint64_t bulk_left;  /* a bulk part on CONNECT: read and dropped */
+    uint8_t nonce[MR_NONCE];
+    uint8_t addr[16];    /* the client's address (IPv4 as ::ffff:a.b.c.d): throttle, shares */
+    char peer[64];       /* "127.0.0.1:5555" or "stdio", for messages */
+} mr_handshake;
+
+/* What a CONNECT that passed its checks asks for. */
+typedef struct {
+    double timeout;    /* the session timeout, 0: none */
+    uint8_t proof[32]; /* the server's proof to the client (has_proof) */
+    int has_proof;
+} mr_connect;
+
+void mr_handshake_init(mr_handshake* hs, int rfd, int wfd, int is_socket, int64_t deadline_ns);
+void mr_handshake_free(mr_handshake* hs);
+/* Read what has arrived: 0, call again when rfd is readable (or, in HS_WAIT, at turn_ns); 1, the CONNECT is
+   read: check it (mr_handshake_check); -1, the handshake ended (refused, or the peer left): close it. */
+int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, mr_throttle* throttle);
+/* CONNECT's checks: 0 and *out, or -1 (refused). `matchkey`: with a tracker, the only key served. */
+int mr_handshake_check(mr_handshake* hs, const mr_config* cfg, const char* matchkey, mr_throttle* throttle,
+                       mr_connect* out);
+/* Send our preamble (if not yet sent) and ERROR [code, msg], without blocking. */
+void mr_handshake_refuse(mr_handshake* hs, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The deadline passed: tell the client, if it sent a preamble. */
+void mr_handshake_expire(mr_handshake* hs, const mr_config* cfg);
+/* The whole handshake on a blocking stream (--stdio): 0 and *out, or -1. */
+int mr_handshake_run(mr_handshake* hs, const mr_config* cfg, mr_connect* out);
+
 /* ---- session.c ------------------------------------------------------------------------------------ */
 /* What the listener hands a session process. */
 typedef struct {
     const mr_config* cfg;  /* the server's options */
     const char* peer;      /* "127.0.0.1:5555" or "stdio" */
-    mr_throttle* throttle; /* NULL: no throttling (stdio, no token) */
-    uint8_t addr[16];      /* the client's address (IPv4 as ::ffff:a.b.c.d), for the throttle */
-    const char* matchkey;  /* with a tracker: the only key accepted; NULL without one */
+    uint8_t addr[16];      /* the client's address (IPv4 as ::ffff:a.b.c.d), for the per-address share */
+    mr_connect connect;    /* what its CONNECT asked for (the handshake is done) */
     volatile int* sessions; /* shared counter of running sessions (NULL: no limit) */
     struct mr_session_slot* slots; /* shared table of running sessions, cfg->max_sessions + 1 of them (NULL: none) */
     int status_fd;         /* -1, or a pipe to the listener: "S<workspace>\n" when the session starts */
@@ -179,7 +221,7 @@ typedef struct mr_session_slot {
     uint8_t addr[16];               /* the client's address (as mr_session_args.addr) */
 } mr_session_slot;
 
-/* Run one session on rfd/wfd in this (session) process; returns the process exit status. */
+/* Run one handshaken session on rfd/wfd in this (session) process; returns the process exit status. */
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args);
 
 /* ---- requests.c ------------------------------------------------------------------------------------ */

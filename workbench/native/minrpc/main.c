@@ -6,9 +6,12 @@
  *          [--stdio] [--help]
  *
  * With no arguments, or --stdio, one session is served on stdin/stdout (PopenSession, with_minrpc programs).
- * Otherwise the listener binds the first free port of [P, PE], prints "minrpc listening on HOST:PORT" and
- * forks a session process per connection (session.c). The listener never runs user code and never blocks
- * on a client: it accepts, forks, reaps, and keeps the tracker registration going (mr_tracker_poll).
+ * Otherwise the listener binds the first free port of [P, PE], prints "minrpc listening on HOST:PORT", runs
+ * every connection's handshake in its event loop (handshake.c) and forks a session process only for a CONNECT
+ * that passed its checks (session.c). Connections in their handshake are bounded in total (by the descriptors
+ * there are, 1024 at most) and per client address (all but a quarter of those): the oldest makes room. The
+ * listener never runs user code and never blocks on a client: it accepts, handshakes, forks, reaps, and keeps
+ * the tracker registration going (mr_tracker_poll).
  */
 #include "core.h"
 #include "kernel_runtime.h"
@@ -350,32 +353,30 @@ static int bind_listener(int* port_out) {
     return -1;
 }
 
-/* Refuse a connection at once, without a session process: our preamble and ERROR 13, never blocking. */
-static void refuse_now(int fd, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-static void refuse_now(int fd, const char* fmt, ...) {
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    mr_log_info("refused a connection: %s", msg);
-    static const uint8_t preamble[8] = {'W', 'B', 'R', 'P', 1, 0, 0, 0};
-    ssize_t w = send(fd, preamble, 8, MSG_DONTWAIT | MSG_NOSIGNAL);
-    (void)w;
-    conn_send_error_nowait(fd, 1, MR_BUSY, msg);
-    shutdown(fd, SHUT_WR);
+/* ---- handshakes, in the listener's event loop (handshake.c) ------------------------------------------- */
+static mr_handshake** pending; /* connections in their handshake, oldest first */
+static size_t n_pending, cap_pending;
+
+/* End a handshake's connection: what the client sent is read, so close sends no reset. */
+static void close_pending(size_t i) {
+    mr_handshake* hs = pending[i];
+    shutdown(hs->rfd, SHUT_WR);
     char sink[256];
-    while (recv(fd, sink, sizeof(sink), MSG_DONTWAIT) > 0) { /* what the client sent: read, so close sends no reset */
+    while (recv(hs->rfd, sink, sizeof(sink), MSG_DONTWAIT) > 0) {
     }
-    close(fd);
+    close(hs->rfd);
+    mr_handshake_free(hs);
+    free(hs);
+    memmove(pending + i, pending + i + 1, (n_pending - i - 1) * sizeof(*pending));
+    --n_pending;
 }
 
-static size_t handshaking(void) {
-    size_t n = 0;
-    for (size_t i = 0; i < n_children; ++i) n += !children[i].started;
-    return n;
+static void evict(size_t i) {
+    mr_handshake_refuse(pending[i], MR_BUSY, "server busy: too many connections are in their handshake; try again");
+    close_pending(i);
 }
 
+/* Connections in their handshake at once: bounded by the descriptors there are, at most 1024. */
 static size_t handshake_limit(void) {
     struct rlimit rl;
     size_t limit = 1024;
@@ -387,29 +388,84 @@ static size_t handshake_limit(void) {
     return limit;
 }
 
-static void start_session(int fd, const struct sockaddr_storage* addr, int listen_fd) {
-    char peer[INET6_ADDRSTRLEN + 16] = "?";
+/* Make room for a connection from addr: one address holds at most all but a quarter of the handshakes, and
+   the oldest (of that address, when it holds its share) makes room. 0, or -1: no room (out of memory). */
+static int make_room(const uint8_t addr[16]) {
+    size_t limit = handshake_limit(), share = limit - limit / 4, held = 0, oldest_held = 0;
+    for (size_t i = n_pending; i-- > 0;)
+        if (!memcmp(pending[i]->addr, addr, 16)) ++held, oldest_held = i;
+    if (held && held >= share) evict(oldest_held);
+    else if (n_pending && n_pending >= limit) evict(0);
+    if (n_pending == cap_pending) {
+        size_t cap = cap_pending ? cap_pending * 2 : 64;
+        mr_handshake** grown = (mr_handshake**)realloc(pending, cap * sizeof(*pending));
+        if (!grown) return -1;
+        pending = grown;
+        cap_pending = cap;
+    }
+    return 0;
+}
+
+static void start_session(size_t i, const mr_connect* connect, int listen_fd);
+
+/* Run the handshake of pending[i] as far as its bytes go; a checked CONNECT starts its session. */
+static void advance(size_t i, int listen_fd) {
+    mr_handshake* hs = pending[i];
+    int rc = mr_handshake_step(hs, &mr_cfg, throttle);
+    if (rc == 0) return;
+    mr_connect connect;
+    const char* matchkey = NULL;
+    if (tracker) { /* while a session runs, no key matches: the tracker hands this device to one client at a time */
+        const char* offered = mr_tracker_matchkey(tracker);
+        matchkey = *sessions > 0 || !offered || !*offered ? "\001busy" : offered;
+    }
+    if (rc > 0 && mr_handshake_check(hs, &mr_cfg, matchkey, throttle, &connect) == 0) start_session(i, &connect, listen_fd);
+    else close_pending(i);
+}
+
+static void accept_connection(int fd, const struct sockaddr_storage* addr, int listen_fd) {
+    mr_handshake* hs = (mr_handshake*)malloc(sizeof(*hs));
+    uint8_t a16[16] = {0};
     char host[INET6_ADDRSTRLEN] = "?";
     int port = 0;
-    if (addr->ss_family == AF_INET) {
+    if (addr->ss_family == AF_INET) { /* as ::ffff:a.b.c.d */
+        a16[10] = a16[11] = 0xff;
+        memcpy(a16 + 12, &((const struct sockaddr_in*)addr)->sin_addr, 4);
         inet_ntop(AF_INET, &((const struct sockaddr_in*)addr)->sin_addr, host, sizeof(host));
         port = ntohs(((const struct sockaddr_in*)addr)->sin_port);
     } else if (addr->ss_family == AF_INET6) {
+        memcpy(a16, &((const struct sockaddr_in6*)addr)->sin6_addr, 16);
         inet_ntop(AF_INET6, &((const struct sockaddr_in6*)addr)->sin6_addr, host, sizeof(host));
         port = ntohs(((const struct sockaddr_in6*)addr)->sin6_port);
     }
-    snprintf(peer, sizeof(peer), "%s:%d", host, port);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (handshaking() >= handshake_limit()) {
-        refuse_now(fd, "server busy: too many connections are in their handshake; try again");
+    if (!hs || make_room(a16)) {
+        free(hs);
+        mr_handshake tmp;
+        mr_handshake_init(&tmp, fd, fd, 1, 0);
+        mr_handshake_refuse(&tmp, MR_BUSY, "server busy: it is out of memory; try again later");
+        close(fd);
         return;
     }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    mr_handshake_init(hs, fd, fd, 1, mr_now_ns() + (int64_t)(mr_cfg.handshake_timeout * 1e9));
+    memcpy(hs->addr, a16, 16);
+    snprintf(hs->peer, sizeof(hs->peer), "%s:%d", host, port);
+    pending[n_pending++] = hs;
+    advance(n_pending - 1, listen_fd); /* a client sends its preamble with its connect: often here already */
+}
+
+/* ---- sessions ----------------------------------------------------------------------------------------- */
+/* Fork the session process of pending[i], whose CONNECT passed its checks; it leaves the pending list. */
+static void start_session(size_t i, const mr_connect* connect, int listen_fd) {
+    mr_handshake* hs = pending[i];
+    int fd = hs->rfd;
     if (n_children == cap_children) {
         size_t cap = cap_children ? cap_children * 2 : 16;
         child* grown = (child*)realloc(children, cap * sizeof(child));
         if (!grown) {
-            refuse_now(fd, "server busy: it is out of memory; try again later");
+            mr_handshake_refuse(hs, MR_BUSY, "server busy: it is out of memory; try again later");
+            close_pending(i);
             return;
         }
         children = grown;
@@ -417,22 +473,19 @@ static void start_session(int fd, const struct sockaddr_storage* addr, int liste
     }
     int status[2];
     if (pipe2(status, O_CLOEXEC) != 0) {
-        refuse_now(fd, "server busy: it is out of file descriptors (%s); try again later", strerror(errno));
+        mr_handshake_refuse(hs, MR_BUSY, "server busy: it is out of file descriptors (%s); try again later",
+                            strerror(errno));
+        close_pending(i);
         return;
-    }
-    char* matchkey = NULL;
-    if (tracker) {
-        /* while a session runs, no key matches: the tracker hands this device to one client at a time */
-        const char* offered = mr_tracker_matchkey(tracker);
-        matchkey = strdup(*sessions > 0 || !offered || !*offered ? "\001busy" : offered);
     }
     pid_t pid = fork();
     if (pid < 0) {
         int e = errno;
         close(status[0]);
         close(status[1]);
-        free(matchkey);
-        refuse_now(fd, "server busy: it cannot start a session process (%s); try again later", strerror(e));
+        mr_handshake_refuse(hs, MR_BUSY, "server busy: it cannot start a session process (%s); try again later",
+                            strerror(e));
+        close_pending(i);
         return;
     }
     if (pid == 0) {
@@ -441,32 +494,31 @@ static void start_session(int fd, const struct sockaddr_storage* addr, int liste
         close(listen_self_pipe[0]);
         close(listen_self_pipe[1]);
         close(status[0]);
-        for (size_t i = 0; i < n_children; ++i)
-            if (children[i].status_fd >= 0) close(children[i].status_fd);
+        for (size_t k = 0; k < n_children; ++k)
+            if (children[k].status_fd >= 0) close(children[k].status_fd);
+        for (size_t k = 0; k < n_pending; ++k) /* other clients' connections are not this session's */
+            if (k != i) close(pending[k]->rfd);
         dup2(2, 1); /* stdout belongs to the listener's one line: a kernel's printf goes to stderr */
         int flags = fcntl(fd, F_GETFL);
         fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
         mr_session_args args;
         memset(&args, 0, sizeof(args));
         args.cfg = &mr_cfg;
-        args.peer = peer;
-        args.throttle = throttle;
-        if (addr->ss_family == AF_INET) { /* as ::ffff:a.b.c.d */
-            args.addr[10] = args.addr[11] = 0xff;
-            memcpy(args.addr + 12, &((const struct sockaddr_in*)addr)->sin_addr, 4);
-        } else if (addr->ss_family == AF_INET6) {
-            memcpy(args.addr, &((const struct sockaddr_in6*)addr)->sin6_addr, 16);
-        }
-        args.matchkey = matchkey;
+        args.peer = hs->peer;
+        memcpy(args.addr, hs->addr, 16);
+        args.connect = *connect;
         args.sessions = sessions;
         args.slots = slots;
         args.status_fd = status[1];
         _exit(mr_session_main(fd, fd, 1, &args));
     }
     setpgid(pid, pid);
-    free(matchkey);
     close(status[1]);
     close(fd);
+    mr_handshake_free(hs);
+    free(hs);
+    memmove(pending + i, pending + i + 1, (n_pending - i - 1) * sizeof(*pending));
+    --n_pending;
     fcntl(status[0], F_SETFL, O_NONBLOCK);
     child* ch = &children[n_children++];
     memset(ch, 0, sizeof(*ch));
@@ -598,6 +650,7 @@ static int serve_tcp(void) {
     int64_t tracker_at = 0;
     struct pollfd* fds = NULL;
     size_t fds_cap = 0;
+    size_t* polled = NULL; /* fds[first_pending + k] is pending[polled[k]] */
     while (!mr_terminate) {
         reap();
         int64_t now = mr_now_ns();
@@ -606,13 +659,27 @@ static int serve_tcp(void) {
             if (!(tracker_due > 0)) tracker_due = 0.05;
             tracker_at = mr_now_ns() + (int64_t)(tracker_due * 1e9);
         }
-        if (fds_cap < n_children + 2) {
-            size_t cap = (n_children + 2) * 2;
-            struct pollfd* grown = (struct pollfd*)realloc(fds, cap * sizeof(struct pollfd));
-            if (grown) {
-                fds = grown;
-                fds_cap = cap;
+        int64_t wait_ns = 1000000000LL;
+        for (size_t i = n_pending; i-- > 0;) { /* deadlines, and CONNECTs whose auth-throttle turn came */
+            mr_handshake* hs = pending[i];
+            if (now >= hs->deadline_ns) {
+                mr_handshake_expire(hs, &mr_cfg);
+                close_pending(i);
+            } else if (hs->stage == HS_WAIT && now >= hs->turn_ns) {
+                advance(i, lfd);
+            } else {
+                int64_t due = (hs->stage == HS_WAIT ? hs->turn_ns : hs->deadline_ns) - now;
+                if (due < wait_ns) wait_ns = due;
             }
+        }
+        size_t want = n_children + n_pending + 2;
+        if (fds_cap < want) {
+            size_t cap = want * 2;
+            struct pollfd* grown = (struct pollfd*)realloc(fds, cap * sizeof(struct pollfd));
+            if (grown) fds = grown;
+            size_t* grown_polled = (size_t*)realloc(polled, cap * sizeof(size_t));
+            if (grown_polled) polled = grown_polled;
+            if (grown && grown_polled) fds_cap = cap;
         }
         size_t nfds = 0;
         fds[nfds++] = (struct pollfd){listen_self_pipe[0], POLLIN, 0};
@@ -621,7 +688,12 @@ static int serve_tcp(void) {
         size_t first_child = nfds;
         for (size_t i = 0; i < n_children && nfds < fds_cap; ++i)
             if (children[i].status_fd >= 0) fds[nfds++] = (struct pollfd){children[i].status_fd, POLLIN, 0};
-        int64_t wait_ns = 1000000000LL;
+        size_t first_pending = nfds;
+        for (size_t i = 0; i < n_pending && nfds < fds_cap; ++i)
+            if (pending[i]->stage != HS_WAIT) { /* a CONNECT read waits for its turn: what follows is the session's */
+                polled[nfds - first_pending] = i;
+                fds[nfds++] = (struct pollfd){pending[i]->rfd, POLLIN, 0};
+            }
         if (tracker && tracker_at - now < wait_ns) wait_ns = tracker_at - now;
         if (!listening && backoff_until - now < wait_ns) wait_ns = backoff_until - now;
         if (wait_ns < 0) wait_ns = 0;
@@ -632,7 +704,7 @@ static int serve_tcp(void) {
             while (read(listen_self_pipe[0], sink, sizeof(sink)) > 0) {
             }
         }
-        for (size_t k = first_child; k < nfds; ++k) {
+        for (size_t k = first_child; k < first_pending; ++k) {
             if (!fds[k].revents) continue;
             for (size_t i = 0; i < n_children; ++i)
                 if (children[i].status_fd == fds[k].fd) {
@@ -640,23 +712,31 @@ static int serve_tcp(void) {
                     break;
                 }
         }
+        for (size_t k = nfds; k-- > first_pending;) /* last first: a handshake that ends moves only later ones */
+            if (fds[k].revents) advance(polled[k - first_pending], lfd);
         if (listening && (fds[1].revents & POLLIN)) {
             for (int accepted = 0; accepted < 64 && !mr_terminate; ++accepted) {
                 struct sockaddr_storage addr;
                 socklen_t len = sizeof(addr);
-                int fd = accept4(lfd, (struct sockaddr*)&addr, &len, SOCK_CLOEXEC);
+                int fd = accept4(lfd, (struct sockaddr*)&addr, &len, SOCK_CLOEXEC | SOCK_NONBLOCK);
                 if (fd < 0) {
                     if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                        if (n_pending) { /* the oldest handshake makes room */
+                            evict(0);
+                            continue;
+                        }
                         mr_log_error("out of file descriptors or memory accepting connections (%s); waiting 100 ms",
                                      strerror(errno));
                         backoff_until = mr_now_ns() + 100000000LL; /* back off: the pending connection stays queued */
                     }
                     break;
                 }
-                start_session(fd, &addr, lfd);
+                accept_connection(fd, &addr, lfd);
             }
         }
     }
+    while (n_pending) close_pending(n_pending - 1);
+    free(polled);
     mr_log_info("stopping: ending %zu session process(es)", n_children);
     close(lfd);
     stop_children();
@@ -679,12 +759,15 @@ int main(int argc, char** argv) {
             return 1;
         }
         fcntl(out, F_SETFD, FD_CLOEXEC);
+        signal(SIGPIPE, SIG_IGN);
+        mr_handshake hs;
+        mr_handshake_init(&hs, 0, out, 0, mr_now_ns() + (int64_t)(mr_cfg.handshake_timeout * 1e9));
         mr_session_args args;
         memset(&args, 0, sizeof(args));
         args.cfg = &mr_cfg;
         args.peer = "stdio";
         args.status_fd = -1;
-        mr_session_main(0, out, 0, &args);
+        if (mr_handshake_run(&hs, &mr_cfg, &args.connect) == 0) mr_session_main(0, out, 0, &args);
         return MR_EXIT_STDIO_DONE;
     }
     return serve_tcp();

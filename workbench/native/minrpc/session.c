@@ -1,15 +1,15 @@
 /*
  * session.c: one session process (docs/protocol.md sections 5, 7 and 8).
  *
- * Forked by the listener for each connection (or the process itself with --stdio), it:
- *   1. runs the handshake under one deadline (handshake_timeout, not renewed by each byte),
- *   2. checks CONNECT in the order of protocol.md's table (auth, key, constructor, timeout, max_sessions),
- *   3. creates the session workspace (mkdtemp under $TMPDIR, 0700),
- *   4. forks the worker, which sends the OK and serves the requests (requests.c),
- *   5. supervises it: session_timeout and idle_timeout (ERROR 9 notices), a client that hangs up while the
+ * Forked by the listener for each connection whose CONNECT passed its checks (handshake.c), or the process
+ * itself with --stdio, it:
+ *   1. takes a session slot (max_sessions, the per-address share; an idle session may have to yield its own),
+ *   2. creates the session workspace (mkdtemp under $TMPDIR, 0700),
+ *   3. forks the worker, which sends the OK and serves the requests (requests.c),
+ *   4. supervises it: session_timeout and idle_timeout (ERROR 9 notices), a client that hangs up while the
  *      worker is busy (the worker is killed), and the worker's death (ERROR 10 notice, sent without
  *      blocking: the worker says it ended the session on purpose in shared memory, never by exit status),
- *   6. removes the workspace and exits.
+ *   5. removes the workspace and exits.
  */
 #include "core.h"
 #include "kernel_runtime.h"
@@ -27,8 +27,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-#define TOKEN_ENV "WORKBENCH_RPC_TOKEN"
 
 static int self_pipe[2] = {-1, -1};
 
@@ -60,22 +58,16 @@ static void set_handler(int sig, void (*fn)(int)) {
     sigaction(sig, &sa, NULL);
 }
 
-/* ---- handshake --------------------------------------------------------------------------------------- */
-typedef struct {
-    mr_conn* c;
-    int refused; /* an ERROR was sent (or nothing can be said): the session does not start */
-} handshake;
-
-static void refuse(handshake* hs, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-static void refuse(handshake* hs, int code, const char* fmt, ...) {
+/* Refuse a handshaken client (server busy): ERROR [code, msg]. */
+static void refuse(mr_conn* c, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+static void refuse(mr_conn* c, int code, const char* fmt, ...) {
     char msg[MR_ERR_CAP];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     mr_log_info("refused: %s", msg);
-    conn_send_error(hs->c, code, msg);
-    hs->refused = 1;
+    conn_send_error_nowait(c->wfd, c->is_socket, code, msg);
 }
 
 static const char* signal_name(int sig) {
@@ -128,229 +120,6 @@ static void death_notice(int status, char* out, size_t cap) {
     snprintf(out, cap, "the session worker %s, %s; the server is still up: connect again to go on", what, where);
 }
 
-/* CONNECT's checks (workbench/rpc/wire/handshake.py check_connect, in that order). 0 and the options, or refused. */
-static int check_connect(handshake* hs, int kind, const mp_node* opts, const uint8_t* nonce,
-                         const mr_session_args* args, double* timeout, uint8_t* server_proof, int* has_proof) {
-    const mr_config* cfg = args->cfg;
-    const char* matchkey = args->matchkey;
-    char a[300], b[300];
-    *has_proof = 0;
-    if (kind != K_CONNECT || opts->type != MP_MAP) {
-        refuse(hs, MR_PROTOCOL, "expected a CONNECT message after HELLO, got kind %d%s", kind,
-               kind == K_REGISTER ? ": a server started with is_proxy=True (--through-proxy) must connect to an RPC "
-                                    "proxy (python -m workbench.exec.rpc_proxy), not to a server" : "");
-        return -1;
-    }
-    if (cfg->token) {
-        const mp_node* proof = mp_map_get(opts, "proof");
-        int missing = !proof || proof->type == MP_NIL || ((proof->type == MP_BIN || proof->type == MP_STR) && !proof->len) ||
-                      ((proof->type == MP_BOOL || proof->type == MP_INT) && proof->v.i == 0);
-        if (missing) {
-            refuse(hs, MR_AUTH, "this server requires an auth token: pass auth_token=... to rpc.connect or set %s on "
-                   "the client", TOKEN_ENV);
-            return -1;
-        }
-        uint8_t expected[32];
-        mr_hmac_sha256(cfg->token, strlen(cfg->token), "workbench-rpc-v1", 16, nonce, MR_NONCE, expected);
-        if (proof->type != MP_BIN || proof->len != 32 || !mr_equal_ct((const uint8_t*)proof->v.s, expected, 32)) {
-            char more[128] = "";
-            if (args->throttle) {
-                double delay;
-                int failures = mr_throttle_failed(args->throttle, args->addr, &delay);
-                if (failures > 1)
-                    snprintf(more, sizeof(more), " (wrong proof %d from this address: its next attempt waits %g s)",
-                             failures, delay);
-            }
-            mr_log_error("wrong auth proof from %s", args->peer);
-            refuse(hs, MR_AUTH, "wrong auth token: the client's %s / auth_token differs from the server's%s", TOKEN_ENV,
-                   more);
-            return -1;
-        }
-        if (args->throttle) mr_throttle_succeeded(args->throttle, args->addr);
-        const mp_node* cnonce = mp_map_get(opts, "cnonce");
-        if (cnonce && cnonce->type != MP_NIL) {
-            if (cnonce->type != MP_BIN || cnonce->len != MR_NONCE) {
-                refuse(hs, MR_PROTOCOL, "the client nonce (cnonce) must be %d bytes", MR_NONCE);
-                return -1;
-            }
-            uint8_t both[2 * MR_NONCE];
-            memcpy(both, nonce, MR_NONCE);
-            memcpy(both + MR_NONCE, cnonce->v.s, MR_NONCE);
-            mr_hmac_sha256(cfg->token, strlen(cfg->token), "workbench-rpc-v1-server", 23, both, sizeof(both),
-                           server_proof);
-            *has_proof = 1;
-        }
-    }
-    /* the key: `opts.get("key") or ""` */
-    const mp_node* key = mp_map_get(opts, "key");
-    const char* client_key = "";
-    if (key && !(key->type == MP_NIL || ((key->type == MP_STR || key->type == MP_BIN) && !key->len) ||
-                 ((key->type == MP_BOOL || key->type == MP_INT) && key->v.i == 0) ||
-                 (key->type == MP_FLOAT && key->v.f == 0) || ((key->type == MP_ARRAY || key->type == MP_MAP) && !key->len))) {
-        if (key->type != MP_STR) {
-            refuse(hs, MR_KEY_MISMATCH, "the key must be a string, not %s", mp_repr(key, a, sizeof(a), 0));
-            return -1;
-        }
-        client_key = key->v.s;
-    }
-    py_repr_str(cfg->key, strlen(cfg->key), a, sizeof(a));
-    if (matchkey) {
-        if (strcmp(client_key, matchkey) != 0) {
-            refuse(hs, MR_KEY_MISMATCH, "this server of key %s is handed out by a tracker: request it with "
-                   "rpc.connect_tracker(host, port).request(%s)", a, a);
-            return -1;
-        }
-    } else if (*cfg->key && *client_key) {
-        const char* colon = strchr(client_key, ':');
-        size_t n = colon ? (size_t)(colon - client_key) : strlen(client_key);
-        if (n != strlen(cfg->key) || strncmp(client_key, cfg->key, n) != 0) {
-            refuse(hs, MR_KEY_MISMATCH, "this server serves key %s, the client asked for %s", a,
-                   py_repr_str(client_key, strlen(client_key), b, sizeof(b)));
-            return -1;
-        }
-    }
-    /* the session constructor: nil (or empty) and ["rpc.LocalSession"] */
-    const mp_node* ctor = mp_map_get(opts, "ctor");
-    int ctor_empty = !ctor || ctor->type == MP_NIL || ((ctor->type == MP_ARRAY || ctor->type == MP_STR ||
-                     ctor->type == MP_BIN || ctor->type == MP_MAP) && !ctor->len) ||
-                     ((ctor->type == MP_BOOL || ctor->type == MP_INT) && ctor->v.i == 0) ||
-                     (ctor->type == MP_FLOAT && ctor->v.f == 0);
-    if (!ctor_empty) {
-        const mp_node* name = ctor->type == MP_ARRAY ? &ctor->v.items[0] : ctor;
-        int local = ctor->type == MP_ARRAY && name->type == MP_STR && strcmp(name->v.s, "rpc.LocalSession") == 0 &&
-                    name->len == strlen("rpc.LocalSession");
-        if (!local) {
-            int nested = ctor->type == MP_ARRAY && name->type == MP_STR && strcmp(name->v.s, "rpc.Connect") == 0;
-            refuse(hs, MR_UNSUPPORTED, "session constructor %s is not supported by this server (minrpc; supported: "
-                   "rpc.LocalSession)%s", mp_repr(name, b, sizeof(b), 100),
-                   nested ? ": minrpc does not relay sessions; connect to the inner server directly, or through a "
-                            "Python server (python -m workbench.exec.rpc_server)" : "");
-            return -1;
-        }
-    }
-    /* the session timeout: `opts.get("timeout") or 0`, a number from 0 to a year */
-    const mp_node* t = mp_map_get(opts, "timeout");
-    *timeout = 0;
-    if (t && t->type != MP_NIL) {
-        int numeric = t->type == MP_INT || t->type == MP_UINT || t->type == MP_FLOAT;
-        double v = t->type == MP_INT ? (double)t->v.i : t->type == MP_UINT ? (double)t->v.u : t->v.f;
-        int falsy = (t->type == MP_BOOL && !t->v.i) || (numeric && v == 0) ||
-                    ((t->type == MP_STR || t->type == MP_BIN || t->type == MP_ARRAY || t->type == MP_MAP) && !t->len);
-        if (!falsy) {
-            if (!numeric || !(v >= 0 && v <= MR_MAX_SESSION_TIMEOUT)) {
-                refuse(hs, MR_PROTOCOL, "session_timeout must be a number >= 0 and at most 31536000 seconds (one year; "
-                       "0 means no limit), not %s", mp_repr(t, b, sizeof(b), 0));
-                return -1;
-            }
-            *timeout = v;
-        }
-    }
-    return 0;
-}
-
-/* Read the preamble and CONNECT under the handshake deadline; returns 0 with the session's options. */
-static int run_handshake(handshake* hs, const mr_session_args* args, double* timeout, uint8_t* proof, int* has_proof,
-                         mp_arena* arena) {
-    const mr_config* cfg = args->cfg;
-    mr_conn* c = hs->c;
-    c->deadline_ns = mr_now_ns() + (int64_t)(cfg->handshake_timeout * 1e9);
-    if (conn_fill(c, 8)) return -1; /* not even a preamble: nothing to say */
-    uint8_t pre[8];
-    memcpy(pre, c->buf + c->start, 8);
-    c->start += 8;
-    static const uint8_t ours[8] = {'W', 'B', 'R', 'P', 1, 0, 0, 0};
-    struct iovec v = {(void*)ours, 8};
-    if (conn_writev(c, &v, 1)) return -1; /* always answered first: the client learns our version */
-    int version = pre[4] | pre[5] << 8, flags = pre[6] | pre[7] << 8;
-    char shown[64];
-    if (memcmp(pre, "WBRP", 4) != 0) {
-        refuse(hs, MR_PROTOCOL, "bad magic %s: this is an rpc-workbench server (protocol v1); connect with "
-               "workbench.rpc.connect (a TVM client cannot talk to it directly)", py_repr_bytes(pre, 4, shown, sizeof(shown)));
-        return -1;
-    }
-    if (version != MR_VERSION) {
-        refuse(hs, MR_PROTOCOL, "the client speaks protocol version %d, this server speaks 1: install the same "
-               "rpc-workbench version on both sides", version);
-        return -1;
-    }
-    if (flags & MR_FLAG_SERVER) {
-        refuse(hs, MR_PROTOCOL, "this is an RPC server, not a proxy: a server started with is_proxy=True "
-               "(--through-proxy) must connect to an RPC proxy (python -m workbench.exec.rpc_proxy); rpc_server and "
-               "rpc_proxy both default to port 9090, so give one of them another --port");
-        return -1;
-    }
-    uint8_t nonce[MR_NONCE];
-    if (mr_random(nonce, sizeof(nonce))) {
-        refuse(hs, MR_BUSY, "server busy: it cannot read random bytes for the handshake's nonce; try again later");
-        return -1;
-    }
-    conn_begin(c);
-    mp_put_map(&c->out, 3);
-    mp_put_cstr(&c->out, "version");
-    mp_put_int(&c->out, MR_VERSION);
-    mp_put_cstr(&c->out, "nonce");
-    mp_put_bin(&c->out, nonce, MR_NONCE);
-    mp_put_cstr(&c->out, "auth");
-    mp_put_bool(&c->out, cfg->token != NULL);
-    if (conn_finish(c, K_HELLO, NULL, 0)) return -1;
-    /* CONNECT */
-    if (conn_fill(c, MR_HEADER)) goto io_failed;
-    const uint8_t* h = c->buf + c->start;
-    uint64_t ctrl_len = (uint64_t)h[0] | (uint64_t)h[1] << 8 | (uint64_t)h[2] << 16 | (uint64_t)h[3] << 24;
-    int kind = h[4] | h[5] << 8;
-    uint64_t bulk_len = 0;
-    for (int i = 7; i >= 0; --i) bulk_len = (bulk_len << 8) | h[8 + i];
-    if (ctrl_len > MR_MAX_CTRL) {
-        refuse(hs, MR_TOO_LARGE, "control part of %llu bytes is over the %llu-byte limit (is the peer speaking the "
-               "workbench protocol?)", (unsigned long long)ctrl_len, (unsigned long long)MR_MAX_CTRL);
-        return -1;
-    }
-    if (bulk_len > MR_MAX_BULK) {
-        refuse(hs, MR_TOO_LARGE, "bulk part of %llu bytes is over the %llu-byte limit", (unsigned long long)bulk_len,
-               (unsigned long long)MR_MAX_BULK);
-        return -1;
-    }
-    if (ctrl_len > MR_MAX_CONNECT_CTRL) {
-        refuse(hs, MR_TOO_LARGE, "a %llu-byte message where CONNECT was expected is over the handshake's %d-byte limit",
-               (unsigned long long)ctrl_len, MR_MAX_CONNECT_CTRL);
-        return -1;
-    }
-    if (ctrl_len == 0) {
-        refuse(hs, MR_PROTOCOL, "malformed control message: an empty control part");
-        return -1;
-    }
-    c->start += MR_HEADER;
-    if (conn_fill(c, (size_t)ctrl_len)) goto io_failed;
-    mp_node* opts;
-    char perr[512];
-    int parsed = mp_parse(c->buf + c->start, (size_t)ctrl_len, arena, &opts, perr, sizeof(perr));
-    c->start += (size_t)ctrl_len;
-    if (parsed) {
-        refuse(hs, MR_PROTOCOL, "%s", perr);
-        return -1;
-    }
-    if (bulk_len && conn_discard(c, bulk_len)) goto io_failed; /* a bulk part on CONNECT means nothing */
-    if (cfg->token && args->throttle) { /* after wrong proofs from this address, CONNECTs wait their turn */
-        int64_t turn;
-        while ((turn = mr_throttle_turn(args->throttle, args->addr)) != 0) {
-            if (turn > c->deadline_ns || mr_terminate) {
-                c->err = ETIMEDOUT;
-                goto io_failed;
-            }
-            int64_t wait = turn - mr_now_ns();
-            struct timespec ts = {(time_t)(wait / 1000000000LL), (long)(wait % 1000000000LL)};
-            if (wait > 0) nanosleep(&ts, NULL);
-        }
-    }
-    c->deadline_ns = 0;
-    return check_connect(hs, kind, opts, nonce, args, timeout, proof, has_proof);
-io_failed:
-    if (c->err == ETIMEDOUT)
-        refuse(hs, MR_PROTOCOL, "the handshake did not complete within %g s (the server's handshake_timeout); "
-               "closing this connection", cfg->handshake_timeout);
-    return -1;
-}
-
 /* ---- the session ----------------------------------------------------------------------------------------- */
 static void end_connection(int rfd, int wfd, int is_socket) {
     if (is_socket) shutdown(rfd, SHUT_RDWR); /* whoever else holds the descriptor: the client sees the end */
@@ -394,6 +163,7 @@ static int preempt_idle_session(const mr_session_args* args, int same_address) {
 
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args) {
     const mr_config* cfg = args->cfg;
+    double timeout = args->connect.timeout;
     mr_conn c;
     conn_init(&c, rfd, wfd, is_socket);
     if (pipe(self_pipe) == 0) {
@@ -408,17 +178,6 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     set_handler(SIGUSR1, on_child); /* another session process asks for this one's slot (preempt_idle_session) */
     signal(SIGPIPE, SIG_IGN);
 
-    handshake hs = {&c, 0};
-    mp_arena arena = {0};
-    double timeout = 0;
-    uint8_t proof[32];
-    int has_proof = 0;
-    int ok = run_handshake(&hs, args, &timeout, proof, &has_proof, &arena) == 0;
-    mp_arena_free(&arena);
-    if (!ok) {
-        end_connection(rfd, wfd, is_socket);
-        return 0;
-    }
     /* max_sessions (the listener counts sessions in shared memory; with a tracker, one at a time) */
     int counted = 0;
     mr_session_slot* mine = NULL;
@@ -432,7 +191,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             char host[64];
             const char* colon = strrchr(args->peer, ':');
             snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - args->peer) : (int)strlen(args->peer), args->peer);
-            refuse(&hs, MR_BUSY, "server busy: your address (%s) holds %d sessions, its share of the %d (max_sessions; "
+            refuse(&c, MR_BUSY, "server busy: your address (%s) holds %d sessions, its share of the %d (max_sessions; "
                    "the rest stay for other addresses); close one first", host, held, limit);
             end_connection(rfd, wfd, is_socket);
             return 0;
@@ -441,7 +200,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
         if (running >= limit && (preempted || preempt_idle_session(args, 0))) running = limit - 1; /* a slot comes free */
         if (running >= limit) {
             __atomic_fetch_sub(args->sessions, 1, __ATOMIC_SEQ_CST);
-            refuse(&hs, MR_BUSY, "server busy: %d sessions are running, the most it takes (max_sessions=%d); try again "
+            refuse(&c, MR_BUSY, "server busy: %d sessions are running, the most it takes (max_sessions=%d); try again "
                    "later, or start the server with a larger max_sessions (--max-sessions)", running, limit);
             end_connection(rfd, wfd, is_socket);
             return 0;
@@ -466,7 +225,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     if (!mkdtemp(base) || ws_open(&ws, base) != 0) {
         int e = errno;
         mr_remove_tree(base);
-        refuse(&hs, MR_BUSY, "server busy: it cannot create a session workspace (%s); try again later", strerror(e));
+        refuse(&c, MR_BUSY, "server busy: it cannot create a session workspace (%s); try again later", strerror(e));
         if (counted) __atomic_fetch_sub(args->sessions, 1, __ATOMIC_SEQ_CST);
         end_connection(rfd, wfd, is_socket);
         return 0;
@@ -484,7 +243,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     else if ((pid = fork()) < 0) fork_errno = errno;
     if (pid < 0) {
         mr_remove_tree(ws.base);
-        refuse(&hs, MR_BUSY, "server busy: it cannot start a session worker (%s); try again later", strerror(fork_errno));
+        refuse(&c, MR_BUSY, "server busy: it cannot start a session worker (%s); try again later", strerror(fork_errno));
         end_connection(rfd, wfd, is_socket);
         return 0;
     }
@@ -504,7 +263,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             if (wb_guard_secrets(1) != 0 || wb_scrub_secrets(secrets, lengths, 2) < 0)
                 mr_log_error("could not put the server's tokens out of the kernels' reach: %s", strerror(errno));
         }
-        mr_worker_run(&c, &ws, shared, cfg, timeout, has_proof ? proof : NULL);
+        mr_worker_run(&c, &ws, shared, cfg, timeout, args->connect.has_proof ? args->connect.proof : NULL);
         shared->ended = 1; /* the session ended on purpose: nothing to report */
         _exit(0);
     }

@@ -6,7 +6,8 @@ pipe), so forking a worker per session is safe. A connection costs a process
 only once its CONNECT is accepted: until then it is a few bytes of state read
 without blocking, with one deadline for the whole handshake
 (``handshake_timeout``), and the oldest such connection makes room when there
-are too many. At most ``max_sessions`` workers run; more clients are told
+are too many (the oldest of the client's address, when that address holds all
+but a quarter of them). At most ``max_sessions`` workers run; more clients are told
 "server busy". Every resource failure (file descriptors, processes, disk)
 refuses that one connection and the server goes on.
 
@@ -19,6 +20,7 @@ end and when the server stops.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import json
@@ -280,6 +282,7 @@ class ServeLoop(ServiceLoop):
         self.max_pending = max(16, min(room, 1024))  # connections in their handshake; the oldest makes room
         self.workers: dict[int, _Worker] = {}
         self.pending: dict[int, Handshake] = {}  # by fd, oldest first
+        self._pending_from: collections.Counter[str | None] = collections.Counter()  # handshakes by client address
         self._postponed: list[tuple[float, int, Handshake]] = []  # CONNECTs waiting for the auth throttle
         self._seq = itertools.count()
         self._workspaces: set[str] = set()
@@ -377,15 +380,21 @@ class ServeLoop(ServiceLoop):
     # -- handshakes -------------------------------------------------------------------------
     def _begin(self, sock: socket.socket, peer: str, addr: str | None) -> None:
         log.info("connection from %s", peer)
-        if len(self.pending) >= self.max_pending:
+        if addr is not None and self._pending_from[addr] >= address_share(self.max_pending):
+            self._evict_oldest(addr)  # one address holds all but a quarter of the handshakes
+        elif len(self.pending) >= self.max_pending:
             self._evict_oldest()
         sock.setblocking(False)
         hs = Handshake(sock, peer, addr, time.monotonic() + self.config.handshake_timeout)
         self.pending[sock.fileno()] = hs
+        self._pending_from[addr] += 1
         self._sel.register(sock, selectors.EVENT_READ, hs)
 
     def _forget(self, hs: Handshake) -> None:
-        self.pending.pop(hs.sock.fileno(), None)
+        if self.pending.pop(hs.sock.fileno(), None) is hs:
+            self._pending_from[hs.addr] -= 1
+            if not self._pending_from[hs.addr]:
+                del self._pending_from[hs.addr]
         if hs.registered:
             self._sel.unregister(hs.sock)
             hs.registered = False
@@ -409,8 +418,8 @@ class ServeLoop(ServiceLoop):
                 f"the handshake did not complete within {self.config.handshake_timeout:g} s "
                 "(the server's handshake_timeout); closing this connection"))
 
-    def _evict_oldest(self) -> None:
-        hs = next(iter(self.pending.values()))
+    def _evict_oldest(self, addr: str | None = None) -> None:
+        hs = next(h for h in self.pending.values() if addr is None or h.addr == addr)
         self._refuse(hs, ERROR_BUSY, "server busy: too many connections are in their handshake; try again")
 
     def _guarded(self, step: Callable[[Handshake], None], hs: Handshake) -> None:
