@@ -34,6 +34,7 @@ from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, encode
 
 from .conftest import children, session_workspaces, wait_until
 from .helpers import start_server
+from .test_protocol import RawPeer, ping_ok
 
 HOST = "127.0.0.1"
 ROWS_ENV = "WB_RELIABILITY_ROWS"  # a file the table's rows go to (set by tests/conftest.py), one JSON per line
@@ -290,8 +291,10 @@ def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size, kind):
     count = scale(1200, 2000, size)
     srv = start_server(kind)
     idle: list[socket.socket] = []
+    other = None  # a connection from another address, older than the flood: it keeps its place
     try:
         resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+        other = RawPeer(socket.create_connection((HOST, srv.port), timeout=10, source_address=("127.0.0.2", 0)))
         need = count + 256
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < need:
@@ -311,6 +314,8 @@ def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size, kind):
                 except (OSError, RPCError) as exc:
                     r.failures += 1
                     r.notes.append(str(exc)[:80])
+            other.handshake()
+            ping_ok(other)
         r.cases, r.served_after_s, r.memory_mb = len(idle), worst, memory.rise
         r.notes.append(f"{tries - r.failures}/{tries} served; {processes} server processes for {len(idle)} connections")
         assert srv.alive, "the server died at the fd limit"
@@ -319,6 +324,8 @@ def test_idle_connections_at_the_fd_limit(private_tmpdir, row, size, kind):
     finally:
         for sock in idle:
             sock.close()
+        if other is not None:
+            other.close()
         srv.terminate()
 
 
@@ -434,7 +441,6 @@ def test_idle_sessions_hold_the_server(private_tmpdir, row, size, kind):
 def test_dense_control_messages(private_tmpdir, row, size, kind):
     """Sessions each send a 15.7 MiB control part of 15 Mi nils: each is refused (PROTOCOL) with bounded memory,
     and legitimate clients are served meanwhile."""
-    from .test_protocol import RawPeer
 
     r = row(f"15.7 MiB control parts of nils, {kind}")
     payload = b"\xdc\x00\x0f" + (b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)) * 15

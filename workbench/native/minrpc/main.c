@@ -376,6 +376,27 @@ static void evict(size_t i) {
     close_pending(i);
 }
 
+static int compare_address(const void* a, const void* b) {
+    return memcmp((*(mr_handshake* const*)a)->addr, (*(mr_handshake* const*)b)->addr, 16);
+}
+
+/* The index of the oldest handshake of the address that holds the most (out of descriptors: it makes room). */
+static size_t oldest_of_busiest(void) {
+    mr_handshake** sorted = (mr_handshake**)malloc(n_pending * sizeof(*sorted));
+    if (!sorted) return 0;
+    memcpy(sorted, pending, n_pending * sizeof(*sorted));
+    qsort(sorted, n_pending, sizeof(*sorted), compare_address);
+    const uint8_t* busiest = sorted[0]->addr;
+    for (size_t i = 0, run = 0, best = 0; i < n_pending; ++i) {
+        run = i && !memcmp(sorted[i]->addr, sorted[i - 1]->addr, 16) ? run + 1 : 1;
+        if (run > best) best = run, busiest = sorted[i]->addr;
+    }
+    size_t oldest = 0;
+    while (memcmp(pending[oldest]->addr, busiest, 16)) ++oldest;
+    free(sorted);
+    return oldest;
+}
+
 /* Connections in their handshake at once: bounded by the descriptors there are, at most 1024. */
 static size_t handshake_limit(void) {
     struct rlimit rl;
@@ -721,8 +742,8 @@ static int serve_tcp(void) {
                 int fd = accept4(lfd, (struct sockaddr*)&addr, &len, SOCK_CLOEXEC | SOCK_NONBLOCK);
                 if (fd < 0) {
                     if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                        if (n_pending) { /* the oldest handshake makes room */
-                            evict(0);
+                        if (n_pending) { /* the oldest handshake of the busiest address makes room */
+                            evict(oldest_of_busiest());
                             continue;
                         }
                         mr_log_error("out of file descriptors or memory accepting connections (%s); waiting 100 ms",

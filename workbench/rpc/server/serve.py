@@ -374,7 +374,7 @@ class ServeLoop(ServiceLoop):
     def _free_fds(self) -> bool:
         if not self.pending:
             return False
-        self._evict_oldest()
+        self._evict_oldest(self._pending_from.most_common(1)[0][0])  # of the address holding the most
         return True
 
     # -- handshakes -------------------------------------------------------------------------
