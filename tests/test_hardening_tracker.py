@@ -214,12 +214,30 @@ def test_queues_of_keys_nobody_serves_or_waits_for_are_dropped(tracker, closing)
     assert watcher.call([Code.REQUEST, "busy", "me", 1]) == [Code.SUCCESS, [LOCAL, 9410, "busy:1"]]
     assert summary_of(watcher)["queue_info"]["busy"] == {"free": 0, "pending": 0}  # as TVM's tracker lists it
     busy.close()
-    assert wait_until(lambda: "busy" not in summary_of(watcher)["queue_info"], 15)
+    assert wait_until(lambda: not any(s["key"] == "server:busy" for s in summary_of(watcher)["server_info"]), 15)
+    assert summary_of(watcher)["queue_info"]["busy"] == {"free": 0, "pending": 0}  # its last server left: kept, as TVM
     # and a dropped key works as before: the request waits, the next slot is granted
     watcher.send([Code.REQUEST, "used", "me", 1])
     assert wait_until(lambda: queue(srv, "used") == {"free": 0, "pending": 1}, 15)
     put(srv, "used", 9401, "used:2")
     assert watcher.recv() == [Code.SUCCESS, [LOCAL, 9401, "used:2"]]
+
+
+def test_keys_kept_after_their_servers_left_are_bounded(tracker, closing):
+    from workbench.rpc.tracker.tracker import MAX_KEYS_KEPT
+
+    watcher = wire(closing, tracker.port)
+    for i in range(MAX_KEYS_KEPT + 40):  # servers of distinct keys come and go
+        srv = TrackerConnection(LOCAL, tracker.port, timeout=10)
+        try:
+            assert srv.call([Code.UPDATE_INFO, {"key": f"server:gone-{i}", "addr": [None, 9500]}]) == Code.SUCCESS
+            put(srv, f"gone-{i}", 9500, f"gone-{i}:1")
+        finally:
+            srv.close()
+    assert wait_until(lambda: not summary_of(watcher)["server_info"], 15)
+    queues = summary_of(watcher)["queue_info"]
+    assert len(queues) == MAX_KEYS_KEPT and f"gone-{MAX_KEYS_KEPT + 39}" in queues and "gone-0" not in queues
+    assert all(q == {"free": 0, "pending": 0} for q in queues.values())
 
 
 def test_one_connection_cannot_queue_unbounded_requests(tracker, closing):

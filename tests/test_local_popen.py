@@ -63,8 +63,13 @@ def test_popen_session_from_bytes_of_an_executable(tmp_path):
     assert not os.path.exists(path)
 
 
-def test_popen_session_bad_binary():
-    with pytest.raises(OSError, match="cannot start the server binary"):
-        rpc.PopenSession("/no/such/server")
+def test_popen_session_bad_binary(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot start the server program '/no/such/server': No such file") as info:
+        rpc.PopenSession("/no/such/server")  # a RuntimeError as in TVM, and still an OSError
+    assert isinstance(info.value, OSError)
+    plain = tmp_path / "server"
+    plain.write_bytes(b"#!/bin/sh\n")
+    with pytest.raises(RuntimeError, match=r"Permission denied; make it executable \(chmod \+x\)"):
+        rpc.PopenSession(str(plain))
     with pytest.raises(ConnectionClosedError, match="closed the connection during the handshake"):
         rpc.PopenSession([shutil.which("true")])

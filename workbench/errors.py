@@ -32,8 +32,15 @@ class WorkbenchError(Exception):
     """Base class of every rpc-workbench error."""
 
 
-class RPCError(WorkbenchError):
-    """An error reported by (or about) an RPC peer."""
+class RPCError(WorkbenchError, RuntimeError):
+    """An error reported by (or about) an RPC peer.
+
+    It is a ``RuntimeError``, as TVM's ``tvm.rpc`` errors are, so code written for TVM that retries on
+    ``except RuntimeError`` (tuning runners, test helpers) catches remote errors and session timeouts too.
+
+        >>> isinstance(SessionTimeoutError("session timed out"), RuntimeError)
+        True
+    """
 
     code: ErrorCode = ErrorCode.REMOTE
 
@@ -94,6 +101,16 @@ class RemoteNotFoundError(RPCError, LookupError):
     code = ErrorCode.NOT_FOUND
 
 
+class FunctionNotFoundError(RemoteNotFoundError, AttributeError):
+    """A module or a server has no function of that name; an ``AttributeError``, as TVM raises.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     mod["add_onee"]
+        ... except AttributeError as exc:
+        ...     print(exc)  # no kernel named 'add_onee' in add.so (it exports: add_one) ...
+    """
+
+
 class DeviceNotFoundError(RPCError, LookupError):
     code = ErrorCode.NO_DEVICE
 
@@ -152,6 +169,20 @@ class ServerBusyError(RPCError):
     """
 
     code = ErrorCode.BUSY
+
+
+class ServerStartError(RPCError, OSError):
+    """A server program could not be started (``rpc.PopenSession`` on a missing or non-executable file).
+
+    A ``RuntimeError`` as in TVM, and an ``OSError`` as the failure it reports.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     rpc.PopenSession("./no-such-server")
+        ... except RuntimeError as exc:
+        ...     print(exc)  # cannot start the server program './no-such-server': No such file or directory ...
+    """
+
+    code = ErrorCode.PROTOCOL
 
 
 class ConnectionClosedError(RPCError, ConnectionError):

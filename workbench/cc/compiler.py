@@ -68,6 +68,24 @@ def create_shared(
 create_shared.output_format = "so"  # type: ignore[attr-defined]  # what TVM's export_library looks for
 
 
+def create_executable(
+    output: str | os.PathLike,
+    objects_or_sources: str | os.PathLike | Sequence[str | os.PathLike],
+    options: str | Sequence[str] | None = None,
+    cc: str | None = None,
+) -> str:
+    """Compile and link C sources and/or objects into the program ``output``; return its path.
+
+    As TVM's ``tvm.contrib.cc.create_executable``, but ``cc`` defaults to the C compiler (``$CC`` or ``cc``).
+
+        >>> create_executable("hello", ["hello.c"], cc="aarch64-linux-gnu-gcc")   # doctest: +SKIP
+    """
+    output = os.fspath(output)
+    cmd = _compiler(cc) + ["-O2", "-I", include_path(), "-o", output]
+    _run(cmd + _paths(objects_or_sources) + _options(options))
+    return output
+
+
 def compile_objects(
     sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -217,6 +218,20 @@ def _object_name(source: str) -> str:
     return os.path.splitext(os.path.basename(source))[0] + ".o"
 
 
+def is_cxx_driver(command: Sequence[str]) -> bool:
+    """``g++``, ``aarch64-linux-gnu-g++``, ``clang++-17``, ``c++``: a C++ compiler driver (TVM's default is g++)."""
+    return bool(command) and re.search(r"(g|c|clang)\+\+(-[\d.]+)?$", os.path.basename(command[0])) is not None
+
+
+def minrpc_objects(target: Any = "host") -> list[str]:
+    """minrpc's sources compiled for ``target`` by its C compiler (cached): what a program embedding it links."""
+    from ..cc.compiler import include_path
+
+    command, triple = resolve_compiler(target)
+    flags = ["-I", NATIVE_DIR, "-I", include_path(), f'-DMINRPC_TARGET="{triple}"']
+    return _minrpc_objects(command, flags, _cache_directory(), triple)
+
+
 def _minrpc_objects(command: list[str], flags: list[str], directory: str, triple: str) -> list[str]:
     """minrpc's sources compiled once per key into ``objects-<triple>-<key>/`` of the cache (each program built
     from them is then a link step only)."""
@@ -231,7 +246,8 @@ def _minrpc_objects(command: list[str], flags: list[str], directory: str, triple
             log.info("compiling minrpc for %s with %s", triple, command[0])
             tmp = tempfile.mkdtemp(prefix=".minrpc-objects-", dir=directory)
             try:
-                _compile_all([command + list(COMPILE_FLAGS) + flags + ["-c", src, "-o",
+                language = ["-x", "c"] if is_cxx_driver(command) else []  # g++: our sources are C
+                _compile_all([command + list(COMPILE_FLAGS) + flags + ["-c", *language, src, "-o",
                                                                          os.path.join(tmp, _object_name(src))]
                               for src in sources])
                 shutil.rmtree(final, ignore_errors=True)  # a set left incomplete

@@ -86,6 +86,20 @@ class Device:
     def name(self) -> str:
         return DEVICE_NAMES.get(self.device_type, str(self.device_type))
 
+    def sync(self) -> None:
+        """Wait until the device has finished the work sent to it, as TVM's ``Device.sync()``.
+
+        Kernels run to completion within their call on every device workbench
+        serves, so this is one round trip to a remote device (which also tells
+        a lost session at once), and nothing for this process's CPU.
+
+            >>> dev = remote.cpu(0)                                 # doctest: +SKIP
+            >>> f(a, b); dev.sync()                                 # doctest: +SKIP
+        """
+        ping = getattr(self.session, "ping", None)
+        if ping is not None:
+            ping()
+
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Device)

@@ -37,9 +37,9 @@ from typing import Any, Iterator, NamedTuple, Sequence
 from ..errors import (
     BadRequestError,
     CallCancelledError,
+    FunctionNotFoundError,
     KernelCrashedError,
     RemoteError,
-    RemoteNotFoundError,
     RemoteTypeError,
 )
 from .timer import MAX_CACHE_FLUSH_BYTES  # time_evaluator's cache_flush_bytes: 1 GiB covers every cache there is
@@ -628,7 +628,7 @@ class NativeLibrary:
             fn = getattr(self._lib, KERNEL_PREFIX + name)
         except AttributeError:
             listing = ", ".join(self.names) or "none found"
-            raise RemoteNotFoundError(
+            raise FunctionNotFoundError(
                 f"no kernel named {name!r} in {os.path.basename(self.path)} "
                 f"(it exports: {listing}); kernels are exported as {KERNEL_PREFIX}<name>"
             ) from None

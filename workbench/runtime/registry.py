@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, TypeVar
 
-from ..errors import RemoteNotFoundError
+from ..errors import FunctionNotFoundError
 
 F = TypeVar("F", bound=Callable)
 _REGISTRY: dict[str, Callable] = {}
@@ -43,7 +43,7 @@ def get_global_func(name: str) -> Callable:
     except KeyError:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-        raise RemoteNotFoundError(
+        raise FunctionNotFoundError(
             f"no function named {name!r} is registered on this server{hint} "
             "(register one with workbench.rpc.register_func in server_init_callback)"
         ) from None

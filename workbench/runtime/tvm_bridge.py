@@ -40,7 +40,7 @@ import sys
 import weakref
 from typing import Any, NamedTuple
 
-from ..errors import BadRequestError, RemoteError, RemoteNotFoundError, UnsupportedError
+from ..errors import BadRequestError, FunctionNotFoundError, RemoteError, UnsupportedError
 from .ffi import exported_kernels
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class TVMModule:
     def get_function(self, name: str) -> "TVMFunction":
         if name not in self.names:
             listing = ", ".join(self.names) or "none found"
-            raise RemoteNotFoundError(f"no function named {name!r} in {self.path} (it has: {listing})")
+            raise FunctionNotFoundError(f"no function named {name!r} in {self.path} (it has: {listing})")
         if self._vm is not None:
             arity = int(self._vm.module["get_function_arity"](name))
             return TVMFunction(self, name, self._vm[name], arity)

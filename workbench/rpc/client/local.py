@@ -13,7 +13,7 @@ import tempfile
 import weakref
 from typing import Any, Callable, Sequence
 
-from ...errors import ProtocolError, RPCError, SessionCrashedError, code_of, error_from_code
+from ...errors import ProtocolError, RPCError, ServerStartError, SessionCrashedError, code_of, error_from_code
 from ...progress import chunk_slices
 from ...runtime.ffi import sigint_stops_kernels
 from ..wire.exits import death_notice
@@ -188,7 +188,10 @@ class PopenSession(RPCSession):
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         except OSError as exc:
             self._remove_tempfile()
-            raise OSError(f"cannot start the server binary {cmd[0]!r}: {exc.strerror or exc}") from None
+            fix = ("make it executable (chmod +x) or run it through its emulator"
+                   if isinstance(exc, PermissionError) else "give the path of a server program, e.g. one built with "
+                   "export_library(path, fcompile=rpc.with_minrpc('host')), or rpc.popen_server_command()")
+            raise ServerStartError(f"cannot start the server program {cmd[0]!r}: {exc.strerror or exc}; {fix}") from None
         chan = PipeChannel(self._proc.stdout.fileno(), self._proc.stdin.fileno())
         address = f"popen:{os.path.basename(cmd[0])}[{self._proc.pid}]"
         try:

@@ -26,8 +26,10 @@ from ...errors import (
     CallCancelledError,
     ConnectionClosedError,
     DeviceNotFoundError,
+    FunctionNotFoundError,
     KernelCrashedError,
     ProtocolError,
+    RemoteNotFoundError,
     RPCError,
     SessionCrashedError,
     SessionTimeoutError,
@@ -220,7 +222,7 @@ class RemoteModule:
     def get_function(self, name: str) -> RemoteFunction:
         fn = self._functions.get(name)
         if fn is None:
-            handle = self.session._request(Kind.MODULE_FUNCTION, [self._wb_handle, name])
+            handle = self.session._lookup(Kind.MODULE_FUNCTION, [self._wb_handle, name])
             fn = self._functions[name] = RemoteFunction(self.session, handle, name)
             fn._kernel = True  # takes tensors and numbers only: lists and host arrays are refused before sending
         return fn
@@ -651,7 +653,14 @@ class RPCSession:
 
     def get_function(self, name: str) -> RemoteFunction:
         """A function registered on the server (``rpc.register_func``)."""
-        return RemoteFunction(self, self._request(Kind.GET_FUNCTION, [name]), name)
+        return RemoteFunction(self, self._lookup(Kind.GET_FUNCTION, [name]), name)
+
+    def _lookup(self, kind: Kind, args: list) -> Any:
+        """A function's handle; a missing one raises FunctionNotFoundError, an AttributeError as in TVM."""
+        try:
+            return self._request(kind, args)
+        except RemoteNotFoundError as exc:
+            raise FunctionNotFoundError(str(exc)) from None
 
     def system_lib(self) -> RemoteModule:
         """The module of kernels linked into the server (its --load-library files)."""

@@ -372,8 +372,10 @@ def with_minrpc(
     ``compile_func`` names the compiler: ``"host"``, a compiler command
     (``"gcc"``, ``"aarch64-linux-gnu-gcc"``), a triple or TVM target, an
     fcompile of ``cc.cross_compiler`` (its triple), or a function
-    ``f(output, files, options=None)`` that links an executable from C
-    sources and objects. ``server`` is TVM's name of the one kind there is,
+    ``f(output, files, options=None)`` that links an executable from objects,
+    such as TVM's ``tvm.contrib.cc.create_executable`` (g++): minrpc's C
+    sources are compiled by the C compiler of the triple the function's
+    ``get_target_triple()`` reports, or the host's. ``server`` is TVM's name of the one kind there is,
     ``"posix_popen_server"``; ``runtime`` is accepted with TVM's values
     (the kernels get workbench's kernel runtime, linked in).
 
@@ -382,7 +384,7 @@ def with_minrpc(
         >>> tvm_lib.export_library("prog", fcompile=with_minrpc("gcc"))          # doctest: +SKIP
     """
     from ...cc.compiler import _is_compiler_command, _options, create_shared, create_tar
-    from ...native import MINRPC_CFLAGS, MINRPC_LIBS, NATIVE_DIR, build_minrpc, minrpc_sources, resolve_compiler
+    from ...native import MINRPC_LIBS, build_minrpc, minrpc_objects, resolve_compiler
 
     if server not in POPEN_SERVERS:
         raise ValueError(
@@ -415,8 +417,9 @@ def with_minrpc(
         target = compile_func
     if call is None:
         command, triple_name = resolve_compiler(target, cc_command)  # missing compilers fail here, not at export
-    else:
-        command, triple_name = [], getattr(compile_func, "get_target_triple", lambda: None)() or ""
+    else:  # minrpc's C sources are compiled by the C compiler of the triple the function reports (or the host's)
+        triple_name = getattr(compile_func, "get_target_triple", lambda: None)() or "host"
+        command, triple_name = resolve_compiler(triple_name)
 
     def fcompile(output: str | os.PathLike, objects: Sequence[str | os.PathLike],
                  options: str | Sequence[str] | None = None) -> str:
@@ -425,10 +428,9 @@ def with_minrpc(
         if call is None:
             return build_minrpc(target, cc=command, objects=[os.fspath(o) for o in objects], output=output,
                                 options=extra)
-        from ...cc.compiler import include_path
-
-        flags = [*MINRPC_CFLAGS, "-I", NATIVE_DIR, "-I", include_path(), *extra, *MINRPC_LIBS]
-        result = call(output, [os.fspath(o) for o in objects] + minrpc_sources(), options=flags)
+        # the function links: a C++ driver such as TVM's default (g++) would not compile C sources as C
+        flags = ["-pthread", "-rdynamic", *extra, *MINRPC_LIBS]
+        result = call(output, [os.fspath(o) for o in objects] + minrpc_objects(triple_name), options=flags)
         return os.fspath(result) if isinstance(result, (str, os.PathLike)) else output
 
     fcompile.__name__ = "with_minrpc"

@@ -50,7 +50,7 @@ import re
 import selectors
 import socket
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any, Callable
 
 from ...errors import AuthenticationError, ProtocolError
@@ -70,6 +70,7 @@ MAX_INFO_DEPTH = 8  # nesting of UPDATE_INFO values
 MAX_SLOTS_PER_CONN = 4096  # free slots one connection may offer (a proxy offers one per idle server)
 MAX_REQUESTS_PER_CONN = 256  # requests one connection may have waiting
 MAX_WAITING_LISTED = 1000  # waiting requests per key that SUMMARY lists
+MAX_KEYS_KEPT = 1024  # keys whose empty queue stays listed after their last server left (the most recent)
 HANDSHAKE_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 600.0
 WRITE_TIMEOUT_S = 30.0
@@ -260,6 +261,7 @@ class TrackerLoop(ServiceLoop):
         self.queues: dict[str, _Queue] = {}
         self.conns: dict[int, _Conn] = {}
         self.served: Counter[str] = Counter()  # keys of the servers connected (their queues stay, even empty)
+        self.seen: OrderedDict[str, None] = OrderedDict()  # keys once served: listed with free 0, as TVM does
         self._arrival = itertools.count()
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -444,12 +446,17 @@ class TrackerLoop(ServiceLoop):
     def _forget_if_empty(self, key: str) -> None:
         """Drop the queue of ``key`` once it has no free slot, no waiting request and no server connected."""
         queue = self.queues.get(key)
-        if queue is not None and not queue.free and not queue.pending and not self.served[key]:
+        if queue is not None and not queue.free and not queue.pending and not self.served[key] and key not in self.seen:
             del self.queues[key]
 
     def _serve_keys(self, conn: _Conn, keys: tuple[str, ...]) -> None:
         """Record the keys ``conn`` now says it serves."""
         self.served.update(keys)
+        for key in keys:  # once served, a key's queue stays (free 0) after its last server left, as in TVM
+            self.seen[key] = None
+            self.seen.move_to_end(key)
+        while len(self.seen) > MAX_KEYS_KEPT:
+            self._forget_if_empty(self.seen.popitem(last=False)[0])
         self.served.subtract(conn.serves)
         for key in conn.serves:
             if self.served[key] <= 0:

@@ -1,0 +1,129 @@
+"""Behaviours TVM code relies on (issue 18, points 1 to 5): what `tvm.rpc` raises, returns and accepts.
+
+Each test names what TVM does; tests/conformance/ maps TVM's own RPC tests case by case.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from workbench import cc, rpc, runtime
+from workbench.errors import FunctionNotFoundError, RemoteError, SessionTimeoutError
+
+from .helpers import ADD_ONE, start_server
+
+
+@pytest.fixture(scope="module")
+def extras_server(private_tmpdir):
+    with rpc.Server(port=0, silent=True, server_init_callback="tests.helpers:register_extras") as srv:
+        yield srv
+
+
+# -- 1. errors: RuntimeError, as TVM's RPCError; a missing function is an AttributeError --------------------
+def test_remote_errors_are_runtime_errors(extras_server):
+    with rpc.connect("127.0.0.1", extras_server.port) as remote:
+        with pytest.raises(RuntimeError, match="boom from a registered function") as info:
+            remote.get_function("tests.boom")()
+        assert isinstance(info.value, RemoteError)
+        assert remote.get_function("tests.add")(2, 3) == 5  # the session goes on
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_session_timeouts_are_runtime_errors(private_tmpdir, kind):
+    srv = start_server(kind)
+    try:
+        remote = rpc.connect("127.0.0.1", srv.port, session_timeout=0.5)
+        time.sleep(1.0)
+        with pytest.raises(RuntimeError, match="session timed out") as info:
+            remote.ping()
+        assert isinstance(info.value, SessionTimeoutError)
+        remote.close()
+    finally:
+        srv.terminate()
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_a_missing_kernel_is_an_attribute_error(private_tmpdir, kernels, kind):
+    srv = start_server(kind)
+    try:
+        with rpc.connect("127.0.0.1", srv.port) as remote:
+            remote.upload(kernels["so"])
+            mod = remote.load_module("kernels.so")
+            with pytest.raises(AttributeError, match="add_onee") as info:
+                mod["add_onee"]
+            assert isinstance(info.value, FunctionNotFoundError) and isinstance(info.value, LookupError)
+            with pytest.raises(AttributeError, match="no_such.function"):
+                remote.get_function("no_such.function")
+            assert "add_one" in mod.function_names  # the module and the session go on
+            remote.ping()
+    finally:
+        srv.terminate()
+
+
+def test_a_missing_local_function_is_an_attribute_error(kernels):
+    with rpc.LocalSession() as local:
+        local.upload(kernels["so"])
+        mod = local.load_module("kernels.so")
+        with pytest.raises(AttributeError, match="add_onee"):
+            mod["add_onee"]
+        with pytest.raises(AttributeError, match="no_such.function"):
+            local.get_function("no_such.function")
+    with pytest.raises(AttributeError, match="no_such.function"):
+        runtime.get_global_func("no_such.function")
+
+
+# -- 5. the smaller pieces ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_device_sync(private_tmpdir, kind):
+    srv = start_server(kind)
+    try:
+        remote = rpc.connect("127.0.0.1", srv.port)
+        dev = remote.cpu(0)
+        a = runtime.tensor(np.arange(4, dtype="float32"), dev)
+        dev.sync()  # as TVM's Device.sync(): the work sent is done
+        np.testing.assert_array_equal(a.numpy(), np.arange(4))
+        runtime.cpu(0).sync()  # this process's CPU: nothing to wait for
+        srv.terminate()
+        with pytest.raises(RuntimeError):  # a lost session is told at once
+            dev.sync()
+        remote.close()
+    finally:
+        srv.terminate()
+
+
+HELLO = '#include <stdio.h>\nint main(void) { printf("hello %d\\n", 6 * 7); return 0; }\n'
+
+
+def test_create_executable(tmp_path):
+    src = tmp_path / "hello.c"
+    src.write_text(HELLO)
+    path = cc.create_executable(tmp_path / "hello", [src])
+    assert path == str(tmp_path / "hello")
+    assert subprocess.run([path], capture_output=True, text=True, check=True).stdout == "hello 42\n"
+    obj = cc.compile_objects([src], tmp_path)[0]  # objects, with options as TVM passes them (a list or a string)
+    cc.create_executable(tmp_path / "hello2", [obj], options="-s")
+    assert subprocess.run([str(tmp_path / "hello2")], capture_output=True, text=True, check=True).stdout == "hello 42\n"
+    with pytest.raises(RuntimeError, match="missing.c"):
+        cc.create_executable(tmp_path / "bad", [tmp_path / "missing.c"])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is missing: apt-get install g++")
+def test_with_minrpc_builds_with_a_cxx_driver(tmp_path):
+    """TVM's default compiler is g++: minrpc's C sources are still compiled as C."""
+    def create_executable(output, objects, options=None):  # TVM's tvm.contrib.cc.create_executable, as it links
+        subprocess.run(["g++", "-o", output, *(options or []), *objects], check=True, capture_output=True)
+
+    with cc.build(ADD_ONE, name="add_one") as mod:
+        path = mod.export_library(tmp_path / "prog", fcompile=rpc.with_minrpc("g++"))
+        with rpc.PopenSession(path) as remote:
+            assert "add_one" in remote.system_lib().function_names
+        path = rpc.with_minrpc(create_executable)(str(tmp_path / "prog2"), mod.objects)
+    with rpc.PopenSession(path) as remote:
+        dev = remote.cpu(0)
+        a, b = runtime.tensor(np.ones(8, "float32"), dev), runtime.empty((8,), "float32", dev)
+        remote.system_lib()["add_one"](a, b)
+        np.testing.assert_array_equal(b.numpy(), np.full(8, 2.0))
