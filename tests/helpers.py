@@ -37,6 +37,28 @@ def register_extras() -> None:
     def boom():
         raise ValueError("boom from a registered function")
 
+    @rpc.register_func("tests.adder", override=True)
+    def adder(x):  # returns a function (a closure), as TVM's rpc tests do
+        return lambda y: x + y
+
+    @rpc.register_func("tests.same", override=True)
+    def same(t):  # returns the tensor it was given
+        return t
+
+    @rpc.register_func("tests.arange", override=True)
+    def arange(n):  # returns a new tensor (a host array, copied to the device) and a pair
+        import numpy as np
+
+        return np.arange(n, dtype="float32")
+
+    @rpc.register_func("tests.a_set", override=True)
+    def a_set():  # what msgpack cannot carry
+        return {1, 2}
+
+    @rpc.register_func("tests.pair", override=True)
+    def pair(t):
+        return [t, {"twice": lambda: 2 * float(t.numpy().sum())}]
+
 
 def register_kernel_calls() -> None:
     """Functions TVM kernels call by name (T.call_packed) in tests/test_tvm_registered_calls.py."""

@@ -580,14 +580,17 @@ def test_handshake_refusals(server_kwargs, connect, code, named):
 
 
 # -- a bad result and an unreadable CONNECT --------------------------------------------------------------
-def test_unencodable_call_result_is_a_request_error(server, remote, private_tmpdir):
+def test_a_tensor_a_call_returns_is_a_new_handle(server, remote, private_tmpdir):
     with RawPeer.connect(server.port) as peer:
         peer.handshake()
         fn = peer.request(Kind.GET_FUNCTION, ["workbench.echo"])
-        t = peer.request(Kind.TENSOR_ALLOC, [[1], FLOAT32, *CPU])
-        peer.send_frame(Kind.CALL, [fn, [t, 1]])  # echo returns [DeviceTensor, 1]
+        t = peer.request(Kind.TENSOR_ALLOC, [[1], FLOAT32, *CPU], struct.pack("<f", 2.5))
         try:
-            assert "returned" in peer.expect_error(ErrorCode.BAD_REQUEST)
+            returned, one = peer.request(Kind.CALL, [fn, [t, 1]])  # echo returns [its tensor, 1]
+            assert one == 1 and returned.code == Ext.TENSOR and returned != t
+            peer.request(Kind.FREE, [returned])  # the tensor lives on under its first handle
+            peer.request(Kind.TENSOR_READ, [t])
+            assert struct.unpack("<f", peer.last_bulk) == (2.5,)
             ping_ok(peer)
         finally:
             peer.close()

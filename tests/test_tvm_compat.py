@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from workbench import cc, rpc, runtime
-from workbench.errors import FunctionNotFoundError, RemoteError, SessionTimeoutError
+from workbench.errors import BadRequestError, FunctionNotFoundError, RemoteError, SessionTimeoutError
 
 from .helpers import ADD_ONE, start_server
 
@@ -127,3 +127,50 @@ def test_with_minrpc_builds_with_a_cxx_driver(tmp_path):
         a, b = runtime.tensor(np.ones(8, "float32"), dev), runtime.empty((8,), "float32", dev)
         remote.system_lib()["add_one"](a, b)
         np.testing.assert_array_equal(b.numpy(), np.full(8, 2.0))
+
+
+# -- 2. functions that return functions and tensors -------------------------------------------------------
+@pytest.fixture(params=["server", "local"])
+def extras_session(request, extras_server):
+    if request.param == "server":
+        with rpc.connect("127.0.0.1", extras_server.port) as remote:
+            yield remote
+    else:
+        from .helpers import register_extras
+
+        register_extras()
+        with rpc.LocalSession() as local:
+            yield local
+
+
+def test_a_function_can_return_a_function(extras_session):
+    fadd = extras_session.get_function("tests.adder")(10)
+    assert isinstance(fadd, rpc.RemoteFunction)
+    assert fadd(12) == 22 and fadd(-10) == 0
+    del fadd  # freed with the next request
+    assert extras_session.get_function("tests.adder")(1)(1) == 2
+
+
+def test_a_function_can_return_tensors(extras_session):
+    dev = extras_session.cpu(0)
+    a = runtime.tensor(np.arange(6, dtype="float32").reshape(2, 3), dev)
+    same = extras_session.get_function("tests.same")(a)
+    assert isinstance(same, runtime.Tensor) and same.shape == (2, 3) and same.dtype == np.float32
+    np.testing.assert_array_equal(same.numpy(), a.numpy())
+    del same  # freeing the returned handle keeps the tensor alive for its first one
+    extras_session.ping()
+    np.testing.assert_array_equal(a.numpy(), np.arange(6).reshape(2, 3))
+    fresh = extras_session.get_function("tests.arange")(5)  # a host array the function returned: a device tensor
+    assert fresh.device == dev
+    np.testing.assert_array_equal(fresh.numpy(), np.arange(5, dtype="float32"))
+    t, more = extras_session.get_function("tests.pair")(fresh)  # inside lists and dicts too
+    np.testing.assert_array_equal(t.numpy(), fresh.numpy())
+    assert more["twice"]() == 20.0
+    del t, more, fresh
+    assert extras_session.ping()["tensors"] == 1  # only `a` is left
+
+
+def test_an_unencodable_result_is_a_request_error(extras_session):
+    with pytest.raises(BadRequestError, match="returned"):
+        extras_session.get_function("tests.a_set")()
+    extras_session.ping()  # the session goes on

@@ -256,7 +256,7 @@ static PyObject *shim_exchange(PyObject *self, PyObject *const *args, Py_ssize_t
  *     returned or the exception it raised, and `frame` the request's bytes.
  */
 static PyObject *str_fast, *str_acquire, *str_release, *str_busy, *str_awaiting, *str_start, *str_end, *str_call_python,
-    *str_resume_call, *str_session, *str_wb_handle; /* interned names, set by PyInit__shim */
+    *str_resume_call, *str_session, *str_wb_handle, *str_wrap_result; /* interned names, set by PyInit__shim */
 
 enum { STACK_FRAME = 4096 }; /* a request encoded here fits this; a bigger one takes the Python path */
 
@@ -554,10 +554,12 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
   got = exchange_io(caller->fd, frame, &ctrl, &caller->buf, caller->unpack, &n);
   const unsigned char *reply = caller->buf.buf;
   PyObject *result = NULL;
+  int fast_reply = 0; /* the result came from the reply here, not from _resume_call (which wraps its own) */
   if (got != NULL && n > 0 && is_whole_reply(reply, n) && get_le(reply + 4, 2) != 1 /* Kind.ERROR */) {
     Py_DECREF(got);
     result = reply_ctrl(reply, n, caller->unpack);
     got = NULL; /* a control part that does not decode goes the Python way, as an exception */
+    fast_reply = result != NULL;
   }
   if (result == NULL) { /* the rest in Python, the lock still held: a reply in pieces, an error, a lost connection */
     int interrupted = got == NULL && n == -2;
@@ -581,6 +583,13 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
   }
   if (release_lock(caller->lock) < 0) Py_CLEAR(result);
   Py_DECREF(caller);
+  if (fast_reply && result != NULL && !PyLong_CheckExact(result) && !PyFloat_CheckExact(result) &&
+      result != Py_None && !PyUnicode_CheckExact(result) && !PyBool_Check(result) && !PyBytes_CheckExact(result)) {
+    /* a tensor or a function (a closure) the call returned, maybe in a list: made usable in Python */
+    PyObject *wrapped = PyObject_CallMethodOneArg(session, str_wrap_result, result);
+    Py_DECREF(result);
+    result = wrapped;
+  }
   return result;
 
 python:
@@ -679,7 +688,8 @@ PyMODINIT_FUNC PyInit__shim(void) {
     const char *text;
   } names[] = {{&str_fast, "_fast"}, {&str_acquire, "acquire"}, {&str_release, "release"}, {&str_busy, "busy"}, {&str_awaiting, "awaiting"},
                {&str_start, "_start"}, {&str_end, "_end"}, {&str_call_python, "_call_python"},
-               {&str_resume_call, "_resume_call"}, {&str_session, "session"}, {&str_wb_handle, "_wb_handle"}};
+               {&str_resume_call, "_resume_call"}, {&str_session, "session"}, {&str_wb_handle, "_wb_handle"},
+               {&str_wrap_result, "_wrap_result"}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
     if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) return NULL;
   if (PyType_Ready(&CallerType) < 0 || PyType_Ready(&FunctionType) < 0) return NULL;

@@ -21,7 +21,9 @@ def register_func(name: str, f: F | None = None, override: bool = False):
 
     Registered functions take ints, floats, strings, bytes and tensors
     (server-side tensors with ``.numpy()``, ``.shape``, ``.dtype``) and return
-    None, a number, a string or bytes.
+    None, a number, a string, bytes, a tensor (one they were given, or a numpy
+    array: the client gets a remote tensor), a function (a closure: the client
+    gets a remote function), or lists and dicts of those, as in TVM.
     """
     if not isinstance(name, str) or not name:
         raise TypeError("register_func needs a non-empty function name")
@@ -76,6 +78,12 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def _tensor_info(tensor) -> list:
+    """``[shape, dtype, [device_type, device_id]]`` of a tensor: how a client learns a tensor a call returned."""
+    return [list(tensor.shape), tensor.dtype, [tensor.dltensor.device.device_type, tensor.dltensor.device.device_id]]
+
+
 register_func("workbench.echo", _echo)
+register_func("workbench.tensor_info", _tensor_info)
 register_func("workbench.nop", _nop)
 register_func("workbench.sleep", _sleep)

@@ -13,7 +13,7 @@ import tempfile
 import weakref
 from typing import Any, Callable, Sequence
 
-from ...errors import ProtocolError, RPCError, ServerStartError, SessionCrashedError, code_of, error_from_code
+from ...errors import BadRequestError, ProtocolError, RPCError, ServerStartError, SessionCrashedError, code_of, error_from_code
 from ...progress import chunk_slices
 from ...runtime.ffi import sigint_stops_kernels
 from ..wire.exits import death_notice
@@ -104,7 +104,10 @@ class LocalSession(RPCSession):
             except Exception as exc:
                 raise error_from_code(code_of(exc), error_text(exc)) from exc
             if type(reply) is not Reply:
-                value = unpack(pack(reply))
+                try:
+                    value = unpack(pack(reply))
+                except TypeError as exc:  # as a server says it
+                    raise BadRequestError(f"the function returned a value that cannot be sent back: {exc}") from None
                 if recv is not None:
                     recv(0, value)
                 return value

@@ -54,6 +54,7 @@ _CANCEL = int(Kind.CANCEL)
 
 Receiver = Callable[[int, Any], memoryview]
 _PLAIN = frozenset({int, float, str, bool, bytes, type(None)})  # argument types that hold no session object
+_TENSOR_EXT, _FUNCTION_EXT = 1, 3  # Ext.TENSOR, Ext.FUNCTION: handles a call may return
 _SESSION_NUMBERS = itertools.count(1)
 
 
@@ -136,7 +137,8 @@ class RemoteFunction(_FunctionBase):
                 _refuse_unsendable(args, self.name, self._kernel)
                 self.session._check_owned(args, self.name)
                 break
-        return self.session._call(_CALL, [self._wb_handle, args])  # a tuple goes out as an array, as a list does
+        value = self.session._call(_CALL, [self._wb_handle, args])  # a tuple goes out as an array, as a list does
+        return value if type(value) in _PLAIN else self.session._wrap_result(value)
 
     def time_evaluator(
         self,
@@ -473,12 +475,45 @@ class RPCSession:
             try:
                 if isinstance(got, BaseException):
                     raise got
-                return self._reply(_CALL, self._chan.resume(got, frame))
+                value = self._reply(_CALL, self._chan.resume(got, frame))
             except BaseException as exc:
                 lost = self._failed(exc)
                 if lost is None:
                     raise
                 raise lost from None
+        return value if type(value) in _PLAIN else self._wrap_result(value)
+
+    def _wrap_result(self, value: Any) -> Any:
+        """A call's result with the session objects it holds made usable, as TVM returns them: a function
+        handle as a RemoteFunction, a tensor handle as a Tensor (its shape and dtype asked once), in lists
+        and dicts too. (The C fast path calls this for results that are not plain values.)"""
+        kind = type(value)
+        if kind is Handle:
+            if value.code == _FUNCTION_EXT:
+                return RemoteFunction(self, value, "<function returned by a call>")
+            if value.code == _TENSOR_EXT:
+                return self._returned_tensor(value)
+            return value
+        if kind is list:
+            return [v if type(v) in _PLAIN else self._wrap_result(v) for v in value]
+        if kind is dict:
+            return {k: v if type(v) in _PLAIN else self._wrap_result(v) for k, v in value.items()}
+        return value
+
+    def _returned_tensor(self, handle: Handle) -> Any:
+        from ...runtime.tensors import Tensor
+
+        try:
+            info = self._tensor_info
+        except AttributeError:
+            info = self._tensor_info = self.get_function("workbench.tensor_info")
+        try:
+            shape, dtype, (dev_type, dev_id) = self._call(_CALL, [info._wb_handle, [handle]])
+        except BaseException:
+            with self._lock:
+                self._pending_free.append(handle)  # freed with the next request
+            raise
+        return Tensor(self, handle, shape, dtype, Device(dev_type, dev_id, self))
 
     def _reply(self, kind: int, frame: tuple[int, int, Any, int]) -> Any:
         """The control part of the reply ``frame`` to a request of ``kind``; an error reply raised."""

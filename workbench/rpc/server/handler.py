@@ -34,6 +34,7 @@ CPU = 1
 _TENSOR, _MODULE, _FUNCTION = int(Ext.TENSOR), int(Ext.MODULE), int(Ext.FUNCTION)
 _EXT_NAMES = {_TENSOR: "tensor", _MODULE: "module", _FUNCTION: "function"}
 DEVICES: tuple[tuple[int, int], ...] = ((CPU, 0),)
+_PLAIN_RESULTS = frozenset({int, float, str, bytes, bool, type(None)})  # call results sent as they are
 
 
 def device_info() -> dict[str, Any]:
@@ -97,6 +98,7 @@ class SessionHandler:
         self.workspace = workspace or Workspace()
         self._system_libs = system_libs or []
         self._objects: dict[int, Any] = {}
+        self._shared: dict[int, int] = {}  # handles per tensor, for tensors a call handed out (_hand_out)
         self._next = 1
         self._ops: dict[int, Callable[[list, Bulk | None], Any]] = {
             Kind.PING: self.ping,
@@ -159,10 +161,11 @@ class SessionHandler:
         return exc  # an error of the code the client ran: the server reports it with its traceback
 
     def close(self) -> None:
-        for obj in self._objects.values():
-            if isinstance(obj, DeviceTensor):
-                obj.release()
+        tensors = {id(o): o for o in self._objects.values() if isinstance(o, DeviceTensor)}  # once each
+        for tensor in tensors.values():
+            tensor.release()
         self._objects.clear()
+        self._shared.clear()
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
@@ -305,7 +308,8 @@ class SessionHandler:
         if call_args:
             call_args = self._resolve_args(call_args)
         try:
-            return fn(*call_args)  # what cannot be encoded is refused when sent
+            result = fn(*call_args)
+            return result if type(result) in _PLAIN_RESULTS else self._result(result)  # the rest: refused when sent
         except TypeError as exc:
             if not callable(fn):  # a forged handle: a function's ext with another object's id
                 raise BadRequestError(self._not_a(handle, _FUNCTION)) from None
@@ -313,6 +317,29 @@ class SessionHandler:
                 # raised by the call itself (the arguments do not fit), not inside the function
                 raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
             raise
+
+    def _result(self, value: Any) -> Any:
+        """A call's result as it travels: a tensor (or a host array, copied to the device) and a function (a
+        closure) as handles of this session, also inside lists, tuples and dicts, as TVM returns them."""
+        if isinstance(value, DeviceTensor):
+            return self._hand_out(value)
+        if hasattr(value, "__array_interface__") and getattr(value, "ndim", 0) > 0:  # a numpy array, host-side
+            return self._hand_out(_device_copy(value))
+        if isinstance(value, (list, tuple)):
+            return [v if type(v) in _PLAIN_RESULTS else self._result(v) for v in value]
+        if isinstance(value, dict):
+            return {k: v if type(v) in _PLAIN_RESULTS else self._result(v) for k, v in value.items()}
+        if callable(value) and not isinstance(value, type) and not hasattr(value, "__array_interface__"):
+            return self._add(Ext.FUNCTION, value)
+        return value
+
+    def _hand_out(self, tensor: DeviceTensor) -> Handle:
+        """A new handle to ``tensor``; a tensor with several handles is released with the last one freed."""
+        count = self._shared.get(id(tensor))
+        if count is None:
+            count = sum(1 for o in self._objects.values() if o is tensor)
+        self._shared[id(tensor)] = count + 1
+        return self._add(Ext.TENSOR, tensor)
 
     def tensor_alloc(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor
@@ -341,7 +368,11 @@ class SessionHandler:
             if isinstance(handle, Handle):
                 obj = self._objects.pop(handle.data, None)
                 if isinstance(obj, DeviceTensor):
-                    obj.release()
+                    left = self._shared.pop(id(obj), 1) - 1  # handles a call handed out too (_hand_out)
+                    if left > 0:
+                        self._shared[id(obj)] = left
+                    else:
+                        obj.release()
         return None
 
     cancel_pending: Callable[[], bool] | None = None  # set by the serving loop: did the client send CANCEL?
@@ -394,6 +425,18 @@ class SessionHandler:
         preproc = self._cancellable(preproc, getattr(fn, "name", None) or _callable_name(fn), counts, options.get("repeat", 1))
         results: list[Any] = time_repeats(run, preproc=preproc, flush=flush, warmup=warmup, counts=counts, **options)
         return results + [counts]  # seconds per call per repeat, then the calls each repeat made (docs/protocol.md)
+
+
+def _device_copy(array: Any) -> DeviceTensor:
+    """A CPU tensor holding a copy of the host (numpy) array a function returned."""
+    import numpy as np
+
+    from ...runtime.tensors import dl_dtype
+
+    host = np.ascontiguousarray(array)
+    tensor = DeviceTensor(list(host.shape), dl_dtype(host.dtype), (CPU, 0))
+    tensor.view()[:] = host.reshape(-1).view(np.uint8)
+    return tensor
 
 
 def _name(value: Any, what: str) -> str:
