@@ -279,10 +279,9 @@ static int check_options(mr_handshake* hs, const mr_config* cfg, const mp_node* 
                                 "with rpc.connect_tracker(host, port).request(%s)", a, a);
             return -1;
         }
-    } else if (*cfg->key && *client_key) {
-        const char* colon = strchr(client_key, ':');
-        size_t n = colon ? (size_t)(colon - client_key) : strlen(client_key);
-        if (n != strlen(cfg->key) || strncmp(client_key, cfg->key, n) != 0) {
+    } else if (*cfg->key && *client_key) { /* the key, alone or followed by ':' and anything (a proxy's match key) */
+        size_t n = strlen(cfg->key);
+        if (strncmp(client_key, cfg->key, n) != 0 || (client_key[n] != '\0' && client_key[n] != ':')) {
             mr_handshake_refuse(hs, MR_KEY_MISMATCH, "this server serves key %s, the client asked for %s", a,
                                 py_repr_str(client_key, strlen(client_key), b, sizeof(b)));
             return -1;

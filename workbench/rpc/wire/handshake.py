@@ -83,7 +83,8 @@ def check_seconds(name: str, value: Any, *, allow_none: bool = True) -> float | 
 
 
 def check_key(server_key: str, client_key: Any, matchkey: str | None) -> None:
-    """Refuse a client whose key does not fit: with a tracker, only its match key does."""
+    """Refuse a client whose key does not fit: with a tracker, only its match key does; else the server's key,
+    alone or followed by ``:`` and anything (a proxy's match key), so a key may hold colons ("127.0.0.1:5555")."""
     if not isinstance(client_key, str):
         raise KeyMismatchError(f"the key must be a string, not {client_key!r}")
     if matchkey is not None:
@@ -92,7 +93,7 @@ def check_key(server_key: str, client_key: Any, matchkey: str | None) -> None:
                 f"this server of key {server_key!r} is handed out by a tracker: request it with "
                 f"rpc.connect_tracker(host, port).request({server_key!r})"
             )
-    elif server_key and client_key and client_key.partition(":")[0] != server_key:
+    elif server_key and client_key and client_key != server_key and not client_key.startswith(server_key + ":"):
         raise KeyMismatchError(f"this server serves key {server_key!r}, the client asked for {client_key!r}")
 
 
