@@ -10,13 +10,15 @@ import resource
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from workbench import rpc
 from workbench.errors import DeviceNotFoundError, ErrorCode, RPCError
+from workbench.rpc.proxy.turns import HeldQueue
 from workbench.rpc.wire.handshake import ERROR_BUSY
-from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind
+from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, unpack
 
 from .conftest import assert_clean, wait_until
 from .wire import closed_by_peer, frame, read_frame, recv_exact
@@ -57,9 +59,9 @@ def wait_waiting(port: int, keys: list[str], timeout: float = 15.0) -> None:
 
 
 
-def silent_client(port: int, key: str, closing: list) -> socket.socket:
-    """Asks the proxy for ``key`` and then says nothing more (reads the proxy's HELLO)."""
-    sock = socket.create_connection((HOST, port), timeout=5)
+def silent_client(port: int, key: str, closing: list, source: str = HOST) -> socket.socket:
+    """Asks the proxy for ``key`` from address ``source`` and then says nothing more (reads the proxy's HELLO)."""
+    sock = socket.create_connection((HOST, port), timeout=5, source_address=(source, 0))
     closing.append(sock)
     sock.sendall(PREAMBLE.pack(MAGIC, VERSION, 0) + frame(Kind.PROXY_CONNECT, {"key": key}))
     assert PREAMBLE.unpack(recv_exact(sock, PREAMBLE.size))[0] == MAGIC
@@ -112,7 +114,7 @@ def test_a_known_key_waits_up_to_timeout_client_an_unknown_one_is_refused_at_onc
 
 def test_proxy_limits_are_checked():
     for name, bad in (("timeout_client", float("inf")), ("pairing_timeout", 0), ("handshake_timeout", -1),
-                      ("max_clients_per_source", 0)):
+                      ("max_clients_per_source", 0), ("max_clients", True)):
         with pytest.raises(ValueError, match=name):
             rpc.Proxy(port=0, **{name: bad})
 
@@ -210,24 +212,47 @@ def test_silent_clients_cannot_starve_a_legitimate_one(private_tmpdir):
     assert_clean(server, private_tmpdir)
 
 
-def test_one_source_may_hold_only_so_many_clients(private_tmpdir, closing):
-    with rpc.Proxy(port=0, silent=True, max_clients_per_source=3, timeout_client=8) as proxy, \
+def test_a_full_proxy_makes_room_from_the_address_with_the_most_clients(private_tmpdir, closing):
+    """At max_clients, the newest client of the address over its share makes room for one from another address;
+    a newcomer from that address itself is refused. Below the limit nobody is refused for its address."""
+    with rpc.Proxy(port=0, silent=True, max_clients=4, max_clients_per_source=2, timeout_client=8) as proxy, \
             through_proxy(proxy, "busy") as server:
         wait_waiting(proxy.port, ["busy"])
         with rpc.connect(HOST, proxy.port, key="busy") as remote:  # the only server is in a session
-            held = [silent_client(proxy.port, "busy", closing) for _ in range(3)]
-            with pytest.raises(RPCError, match=(
-                    r"proxy busy: 3 clients from 127\.0\.0\.1 are already waiting for servers at this proxy "
-                    r"\(at most 3\); wait for them .* --max-clients-per-source")) as refused:
-                rpc.connect(HOST, proxy.port, key="busy")
-            assert refused.value.code == ERROR_BUSY
-            assert all(nothing_more(sock) for sock in held)  # still held, not refused
+            flood = [silent_client(proxy.port, "busy", closing, "127.0.0.2") for _ in range(4)]  # 4 > its share
+            legit = silent_client(proxy.port, "busy", closing)  # the proxy is full: the newest of the flood goes
+            kind, error = read_frame(flood[-1])
+            assert kind == Kind.ERROR and error[0] == ERROR_BUSY
+            assert error[1] == (
+                "proxy busy: it holds 4 clients waiting for servers (at most 4) and 4 of them are from 127.0.0.2, "
+                "the most of any address (over its share of 2): the newest of them made room for a client from "
+                "another address; try again once some are served, or start the proxy with a larger --max-clients")
+            again = silent_client(proxy.port, "busy", closing, "127.0.0.2")  # still the most: refused itself
+            kind, error = read_frame(again)
+            assert kind == Kind.ERROR and error[0] == ERROR_BUSY
+            assert error[1].startswith(
+                "proxy busy: it holds 4 clients waiting for servers (at most 4), 3 of them from 127.0.0.2; "
+                "try again once some are served")
+            assert all(nothing_more(sock) for sock in flood[:3] + [legit])  # still held
+            assert remote.listdir(".") == []
+            for sock in flood[:3] + [legit]:
+                sock.close()
+        with rpc.connect(HOST, proxy.port, key="busy") as remote:  # their places are free again
+            assert remote.listdir(".") == []
+    assert_clean(server, private_tmpdir)
+
+
+def test_one_address_is_not_refused_below_max_clients(private_tmpdir, closing):
+    """max_clients_per_source is a share, not a cap: with room to spare, one address may hold more clients."""
+    with rpc.Proxy(port=0, silent=True, max_clients_per_source=2, timeout_client=8) as proxy, \
+            through_proxy(proxy, "busy") as server:
+        wait_waiting(proxy.port, ["busy"])
+        with rpc.connect(HOST, proxy.port, key="busy") as remote:
+            held = [silent_client(proxy.port, "busy", closing) for _ in range(6)]
+            assert all(nothing_more(sock) for sock in held)
             assert remote.listdir(".") == []
             for sock in held:
                 sock.close()
-        # the held clients left: their places are free again
-        with rpc.connect(HOST, proxy.port, key="busy") as remote:
-            assert remote.listdir(".") == []
     assert_clean(server, private_tmpdir)
 
 
@@ -282,21 +307,201 @@ def _connects(port: int, key: str) -> bool:
         return False
 
 
+@dataclass
+class Waiter:
+    host: str
+    arrival: int
+
+
+def served_order(queue: HeldQueue, count: int) -> list[tuple[str, int]]:
+    order = []
+    for _ in range(count):
+        waiter = queue.peek()
+        queue.remove(waiter, served=True)
+        order.append((waiter.host, waiter.arrival))
+    return order
+
+
 def test_held_clients_are_served_in_turn_by_source_address():
-    """The order the proxy pairs held clients in: each source address in turn, then by arrival.
+    """The order the proxy pairs held clients in: addresses in turn, each in arrival order.
 
-    (Tests run on 127.0.0.1 only, so this is the policy itself, on the proxy's own records.)
+    (Tests run on loopback, so this is the policy itself, workbench.rpc.proxy.turns, on the proxy's own records.)
     """
-    from workbench.rpc.proxy.proxy import _Held, _Incoming, next_held
+    queue = HeldQueue()
+    for n, host in enumerate(["10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.2"]):
+        queue.add(Waiter(host, n))
+    assert served_order(queue, 6) == [("10.0.0.1", 0), ("10.0.0.2", 3), ("10.0.0.3", 4), ("10.0.0.1", 1),
+                                      ("10.0.0.2", 5), ("10.0.0.1", 2)]
+    assert not queue and queue.peek() is None
 
-    hosts = ["10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.2"]
-    queue = [_Held(_Incoming(None, host, 0.0), "k", 60.0, n, 0.0) for n, host in enumerate(hosts)]
-    turn: dict[str, int] = {}
-    served = []
-    for n in range(len(hosts)):
-        held = next_held(queue, turn)
-        queue.remove(held)
-        turn[held.client.host] = 100 + n
-        served.append((held.client.host, held.arrival))
-    assert served == [("10.0.0.1", 0), ("10.0.0.2", 3), ("10.0.0.3", 4), ("10.0.0.1", 1), ("10.0.0.2", 5),
-                      ("10.0.0.1", 2)]
+
+def test_reconnecting_does_not_buy_a_turn():
+    """An address that has had its turn in a round waits for the next one, even if all its clients left and a new
+    one came; an address new to the key joins the round under way; one that left is the same as never seen."""
+    queue = HeldQueue()
+    for waiter in (Waiter("a", 0), Waiter("a", 1), Waiter("b", 2)):
+        queue.add(waiter)
+    assert served_order(queue, 2) == [("a", 0), ("b", 2)]  # b has none left
+    queue.add(Waiter("b", 3))  # b again at once: its turn is in the next round, after a's second (older) client
+    queue.add(Waiter("c", 4))  # c is new: it joins the round under way, ahead of both
+    assert served_order(queue, 3) == [("c", 4), ("a", 1), ("b", 3)]
+    gone = Waiter("d", 5)
+    queue.add(gone)
+    queue.add(Waiter("e", 6))
+    queue.remove(gone, served=False)  # d left unserved: it had no turn
+    queue.add(Waiter("d", 7))
+    assert served_order(queue, 2) == [("e", 6), ("d", 7)]
+    assert queue.newest_of("d") is None and not queue
+
+
+# -- issue 17 item 4: an attacker that takes every pairing of a key ------------------------------
+class PairingAttacker:
+    """``per_source`` connections from each address of ``sources`` that ask the proxy for ``key`` at all times.
+
+    Each connection, once paired, opens its session (CONNECT), holds it ``hold`` seconds and closes; refused, it
+    asks again at once. ``paired``/``refused`` count what it got. Bounded: each connection stops at ``stop()``
+    (checked at least every 0.2 s) and every socket closes with it.
+    """
+
+    def __init__(self, port: int, key: str, sources: list[str], per_source: int, hold: float = 0.02):
+        self.port, self.key, self.hold = port, key, hold
+        self.paired = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(src,), name=f"pairing-attacker-{src}", daemon=True)
+                         for src in sources for _ in range(per_source)]
+
+    def __enter__(self) -> "PairingAttacker":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in self._threads), "attacker threads did not stop"
+
+    def _count(self, paired: bool) -> None:
+        with self._lock:
+            if paired:
+                self.paired += 1
+            else:
+                self.refused += 1
+
+    def _run(self, source: str) -> None:
+        while not self._stop.is_set():
+            try:
+                paired = self._once(source)
+            except OSError:
+                paired = False
+            if self._stop.is_set():
+                return  # cut short by stop(): neither paired nor refused
+            self._count(paired)
+            if not paired:
+                self._stop.wait(0.002)  # again at once (a breath, so the machine's two CPUs are not all ours)
+
+    def _read(self, sock: socket.socket, n: int) -> bytes | None:
+        """``n`` bytes, or None if the peer closed or the attacker stops first."""
+        data = b""
+        while len(data) < n:
+            if self._stop.is_set():
+                return None
+            try:
+                chunk = sock.recv(n - len(data))
+            except socket.timeout:
+                continue
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def _frame(self, sock: socket.socket) -> tuple[int, object] | None:
+        head = self._read(sock, HEADER.size)
+        if head is None:
+            return None
+        ctrl_len, kind, _, _ = HEADER.unpack(head)
+        body = self._read(sock, ctrl_len)
+        return None if body is None else (kind, unpack(body))
+
+    def _once(self, source: str) -> bool:
+        """One connection: True if it was paired and opened its session."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            sock.bind((source, 0))
+            sock.connect((HOST, self.port))
+            sock.sendall(PREAMBLE.pack(MAGIC, VERSION, 0) + frame(Kind.PROXY_CONNECT, {"key": self.key}))
+            if self._read(sock, PREAMBLE.size) is None or self._frame(sock) is None:  # the proxy's HELLO
+                return False
+            got = self._frame(sock)  # the server's HELLO once paired, or an ERROR
+            if got is None or got[0] != Kind.HELLO:
+                return False
+            sock.sendall(frame(Kind.CONNECT, {"key": "", "timeout": 0, "proof": None, "ctor": None}))
+            got = self._frame(sock)
+            if got is None or got[0] != Kind.OK:
+                return False
+            self._stop.wait(self.hold)
+            return True
+
+
+def legitimate_tries(port: int, key: str, tries: int, timeout: float) -> tuple[int, float, list[str]]:
+    """``tries`` sessions of a legitimate client (connect, listdir, close): (served, worst seconds, errors)."""
+    served, worst, errors = 0, 0.0, []
+    for _ in range(tries):
+        start = time.monotonic()
+        try:
+            with rpc.connect(HOST, port, key=key, connect_timeout=timeout) as remote:
+                remote.listdir(".")
+            served += 1
+            worst = max(worst, time.monotonic() - start)
+        except (OSError, RPCError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return served, worst, errors
+
+
+ATTACKS = {  # name: (the attacker's addresses, connections from each)
+    "same address": (["127.0.0.1"], 32),  # the legitimate client's own address, twice the old per-address cap
+    "8 addresses": ([f"127.0.0.{i}" for i in range(2, 10)], 4),
+}
+
+
+@dataclass
+class AttackOutcome:
+    served: int  # the legitimate client's sessions
+    tries: int
+    worst_s: float  # its longest wait for a session it got
+    errors: list[str]
+    attacker_paired: int
+    memory_mb: float  # the proxy's peak resident memory above its level before the attack
+    fds_left: int  # the proxy's descriptors once the attack ended, above its level before it
+
+
+def pairing_attack(attack: str, tries: int) -> AttackOutcome:
+    """A proxy, one server of key "k" behind it, and ``ATTACKS[attack]`` asking for "k" all along while a
+    legitimate client from 127.0.0.1 opens ``tries`` sessions (each within a generous 30 s)."""
+    from .test_reliability import PeakMemory, fds_of
+
+    sources, per_source = ATTACKS[attack]
+    with rpc.Proxy(port=0, silent=True, timeout_client=15) as proxy, through_proxy(proxy, "k"):
+        wait_waiting(proxy.port, ["k"])
+        fds = fds_of(proxy.pid)
+        with PeakMemory(proxy.pid) as memory, PairingAttacker(proxy.port, "k", sources, per_source) as attacker:
+            assert wait_until(lambda: attacker.paired >= 2 * per_source * len(sources), 60), (
+                f"the attacker was paired only {attacker.paired} times")
+            served, worst, errors = legitimate_tries(proxy.port, "k", tries, timeout=30)
+        wait_until(lambda: fds_of(proxy.pid) <= fds, 10)  # the server registers again, the attacker's are closed
+        outcome = AttackOutcome(served, tries, worst, errors, attacker.paired, memory.rise,
+                                max(0, fds_of(proxy.pid) - fds))
+        assert proxy.alive
+    return outcome
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_waiting_client_is_paired_in_its_turn_against_an_attacker(private_tmpdir, attack):
+    """Issue 17 item 4: an attacker keeps asking for the key (on the client's own address, or from 8 others),
+    taking each pairing it gets; the legitimate client still gets at least 18 sessions of 20."""
+    outcome = pairing_attack(attack, 20)
+    assert outcome.served >= 18, f"{outcome.served} of 20 served against an attacker on {attack}: {outcome.errors[:3]}"
+    assert outcome.attacker_paired > 20  # it was served too, in its turns
+    assert outcome.fds_left == 0

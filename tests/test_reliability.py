@@ -1,5 +1,5 @@
 """The reliability suite: fuzzed protocols, many sessions, idle and dripping connections, a farm under chaos,
-sessions held idle and dense control parts.
+sessions held idle, dense control parts and an attacker taking the proxy's pairings.
 
     python -m pytest tests/test_reliability.py -p no:cacheprovider               # the short version (also in CI)
     python -m pytest tests/test_reliability.py -m stress -p no:cacheprovider     # the long one
@@ -473,6 +473,25 @@ def test_dense_control_messages(private_tmpdir, row, size, kind):
         assert r.failures == 0 and srv.alive, r.notes
     finally:
         srv.terminate()
+
+
+@pytest.mark.parametrize("attack", ["same address", "8 addresses"])
+def test_proxy_pairing_attack(private_tmpdir, row, size, attack):
+    """Issue 17 item 4: an attacker asks the proxy for a key all along (from the legitimate client's own address,
+    or from 8 others) and takes every pairing it gets; the client still gets its sessions, in its turns."""
+    from .test_hardening_proxy import pairing_attack
+
+    r = row(f"proxy pairing, attacker on {attack}")
+    outcome = pairing_attack(attack, scale(10, 20, size))
+    left = session_workspaces(private_tmpdir)
+    r.cases, r.failures = outcome.tries, outcome.tries - outcome.served
+    r.served_after_s, r.memory_mb = outcome.worst_s, outcome.memory_mb
+    r.leaks = "none" if not left and not outcome.fds_left else f"workspaces {left}, proxy fds +{outcome.fds_left}"
+    r.notes.append(f"{outcome.served}/{outcome.tries} served; attacker paired {outcome.attacker_paired}; disk: "
+                   f"{len(left)} workspaces left")
+    r.notes += outcome.errors[:2]
+    assert outcome.served >= outcome.tries * 9 // 10, outcome.errors[:3]
+    assert r.leaks == "none"
 
 
 def test_farm_under_chaos(private_tmpdir, row, size):

@@ -23,6 +23,7 @@ import sys
 from ..rpc.tracker.registration import PROXY_TOKEN_ENV, REGISTRATION_TOKEN_ENV
 from ..rpc.proxy.proxy import (
     HANDSHAKE_TIMEOUT_S,
+    MAX_CLIENTS,
     MAX_CLIENTS_PER_SOURCE,
     PAIRING_TIMEOUT_S,
     TIMEOUT_CLIENT_S,
@@ -47,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a new connection has to send its opening (default %(default)g)")
     parser.add_argument("--pairing-timeout", type=float, default=PAIRING_TIMEOUT_S, metavar="S",
                         help="seconds a paired client has to send its CONNECT (default %(default)g)")
+    parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
+                        help="clients held or being paired at once, from all addresses (default %(default)d, and at "
+                             "most half the file-descriptor limit)")
     parser.add_argument("--max-clients-per-source", type=int, default=MAX_CLIENTS_PER_SOURCE, metavar="N",
-                        help="clients of one address held or being paired at once (default %(default)d)")
+                        help="an address's share: when the proxy is full, only an address holding more clients than "
+                             "this (and the most) gives up its newest to make room (default %(default)d)")
     parser.add_argument("--auth-token", default=None, metavar="TOKEN",
                         help=f"servers must prove this token to wait here (their --registration-token / "
                              f"{REGISTRATION_TOKEN_ENV}). Prefer the {PROXY_TOKEN_ENV} variable: command lines are "
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
               "tracker_addr": list(args.tracker) if args.tracker else None, "custom_addr": args.custom_addr,
               "timeout_client": args.timeout_client, "handshake_timeout": args.handshake_timeout,
               "pairing_timeout": args.pairing_timeout, "max_clients_per_source": args.max_clients_per_source,
+              "max_clients": args.max_clients,
               "auth_token": args.auth_token or os.environ.get(PROXY_TOKEN_ENV) or None,
               "registration_token": args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None}
     try:

@@ -10,16 +10,41 @@ servers to the tracker, so ``request(key)`` works through it.
 A client whose key has no server waiting, but whose servers are in sessions or
 were here within the last minute, is held up to ``timeout_client`` seconds
 until one of them (re)registers: reconnecting right after a session works. A
-key nobody serves is refused at once. Held clients of one key are served by
-source address in turn (then by arrival), one address may have at most
-``max_clients_per_source`` clients held or being paired, and a paired client
-must send its CONNECT within ``pairing_timeout`` seconds, so silent clients
-cannot keep the servers from everyone else. Before pairing, the proxy reads
-only the opening of a connection (preamble and one frame of at most 16 KiB),
-which must arrive within ``handshake_timeout`` seconds. At the file-descriptor
-limit it closes the oldest unfinished opening to make room, or refuses with
-"proxy busy" and stops accepting for a moment (never spinning), and the
-sessions it relays go on.
+key nobody serves is refused at once.
+
+Held clients of a key are paired in turns (workbench.rpc.proxy.turns): source
+addresses take turns in rounds, each address once per round, and the clients
+of one address go in arrival order. A connection that comes later never
+overtakes a waiting client of its own address, and no other address is served
+more than k + 1 times before the k-th waiting client of an address: a waiting
+client is paired within k × A turns (A: addresses with clients waiting),
+however many connections others open or reopen. Reconnecting buys no turn:
+an address that has had its turn in a round keeps waiting for the next one
+even if all its clients left and a new one came.
+
+A client is never refused for its address alone: one address shares its host
+or NAT with other users, and an attacker there could otherwise take all of its
+places. Up to ``max_clients`` clients in all (held or being paired; at most
+half the file-descriptor limit) are taken, whatever their addresses. When the
+proxy is full, the newest held client of the address holding the most makes
+room, provided that address holds more than its share
+(``max_clients_per_source``) and more than the newcomer's would (longest queue
+drop); otherwise the newcomer is refused. Both are told ``BUSY`` with the
+limit. A paired client must send its CONNECT within ``pairing_timeout``
+seconds, so silent clients cannot keep the servers from everyone else.
+
+This is what queueing front ends do (HAProxy's server queue: first come, first
+served, with ``timeout queue``), made fair between addresses. What it cannot do
+is tell two clients of one address apart: an attacker on the client's own
+address that keeps more clients waiting than the key's servers can pair in
+``timeout_client`` seconds delays that client as much as that many honest
+clients would.
+
+Before pairing, the proxy reads only the opening of a connection (preamble and
+one frame of at most 16 KiB), which must arrive within ``handshake_timeout``
+seconds. At the file-descriptor limit it closes the oldest unfinished opening
+to make room, or refuses with "proxy busy" and stops accepting for a moment
+(never spinning), and the sessions it relays go on.
 
 With ``auth_token``, a server may wait here only after proving it knows the
 token: the proxy answers its REGISTER with a HELLO carrying a fresh nonce, and
@@ -40,6 +65,7 @@ import hmac
 import itertools
 import logging
 import os
+import resource
 import select
 import selectors
 import socket
@@ -59,6 +85,7 @@ from ..tracker.registration import (
     token_or_env,
 )
 from ..wire.relay import Relay
+from .turns import HeldQueue
 from ..service.process import ServiceHandle, service_main, setup_logging, stop_on_signals
 from ..service.loop import ServiceLoop, bind_port, peer_closed, refuse
 from ..tracker.tracker import check_timeout
@@ -68,7 +95,8 @@ log = logging.getLogger("workbench.rpc.proxy")
 HANDSHAKE_TIMEOUT_S = 10.0  # a new connection's opening (preamble and REGISTER or PROXY_CONNECT)
 TIMEOUT_CLIENT_S = 5.0  # below the client's connect_timeout (10 s), so it reads the proxy's answer
 PAIRING_TIMEOUT_S = 5.0  # a paired client sends its CONNECT within this, or both ends are closed
-MAX_CLIENTS_PER_SOURCE = 16  # clients of one address held or being paired at once
+MAX_CLIENTS_PER_SOURCE = 16  # an address's share: its clients up to this many are never refused to make room
+MAX_CLIENTS = 1024  # clients held or being paired at once, in all (and at most half the proxy's fd limit)
 MAX_OPENING = 16 << 10  # bytes of the control part of a REGISTER or PROXY_CONNECT (and of a client's CONNECT)
 KEY_MEMORY_S = 60.0  # a key whose servers were here this recently: its clients are held for one
 
@@ -78,8 +106,8 @@ class Proxy(ServiceHandle):
 
     ``timeout_client`` (seconds, 0: refuse at once) is how long a client waits
     for a server of its key to come back (TVM's proxy has the same knob);
-    ``handshake_timeout``, ``pairing_timeout`` and ``max_clients_per_source``
-    bound what a stranger can hold (see the module doc). ``auth_token``:
+    ``handshake_timeout``, ``pairing_timeout``, ``max_clients`` and
+    ``max_clients_per_source`` bound what a stranger can hold (see the module doc). ``auth_token``:
     servers must prove they know it to wait here (their
     ``registration_token``); None: any server may. ``registration_token``
     (None: ``$WORKBENCH_REGISTRATION_TOKEN``) is what the proxy proves to a
@@ -106,6 +134,7 @@ class Proxy(ServiceHandle):
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         pairing_timeout: float = PAIRING_TIMEOUT_S,
         max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
+        max_clients: int = MAX_CLIENTS,
         auth_token: str | None = None,
         registration_token: str | None = None,
     ):
@@ -115,22 +144,23 @@ class Proxy(ServiceHandle):
              "tracker_addr": list(tracker_addr) if tracker_addr else None,
              "auth_token": check_token("auth_token", auth_token),
              "registration_token": token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV)},
-            **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source)))
+            **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source, max_clients)))
 
 
 def proxy_limits(timeout_client: float | None = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  pairing_timeout: float = PAIRING_TIMEOUT_S,
-                 max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE) -> dict[str, Any]:
+                 max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE, max_clients: int = MAX_CLIENTS
+                 ) -> dict[str, Any]:
     """The proxy's limits, checked (a clear ValueError for a bad one)."""
     limits = {"timeout_client": check_timeout("timeout_client", timeout_client) or 0.0}
     for name, value in (("handshake_timeout", handshake_timeout), ("pairing_timeout", pairing_timeout)):
         limits[name] = check_timeout(name, value)
         if limits[name] is None:
             raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
-    if isinstance(max_clients_per_source, bool) or not isinstance(max_clients_per_source, int) \
-            or max_clients_per_source < 1:
-        raise ValueError(f"max_clients_per_source must be an integer >= 1, not {max_clients_per_source!r}")
-    limits["max_clients_per_source"] = max_clients_per_source
+    for name, value in (("max_clients_per_source", max_clients_per_source), ("max_clients", max_clients)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        limits[name] = value
     return limits
 
 
@@ -163,10 +193,10 @@ class _Incoming:
 class _Held:
     """A client waiting for a server of its key to come back."""
 
-    __slots__ = ("client", "key", "base", "deadline", "arrival", "since")
+    __slots__ = ("client", "host", "key", "base", "deadline", "arrival", "since")
 
     def __init__(self, client: _Incoming, key: str, deadline: float, arrival: int, since: float):
-        self.client, self.key, self.base = client, key, key.partition(":")[0]
+        self.client, self.host, self.key, self.base = client, client.host, key, key.partition(":")[0]
         self.deadline, self.arrival, self.since = deadline, arrival, since
 
 
@@ -188,6 +218,7 @@ class ProxyLoop(ServiceLoop):
                  tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None,
                  *, timeout_client: float = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  pairing_timeout: float = PAIRING_TIMEOUT_S, max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
+                 max_clients: int = MAX_CLIENTS,
                  auth_token: str | None = None, registration_token: str | None = None):
         super().__init__(listener, owner_fd)
         self.auth_token = auth_token
@@ -196,8 +227,12 @@ class ProxyLoop(ServiceLoop):
         self.handshake_timeout = handshake_timeout
         self.pairing_timeout = pairing_timeout
         self.max_clients_per_source = max_clients_per_source
+        # each held client is a descriptor: keep half of them for servers, relays and new connections
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_clients = max_clients if fd_limit == resource.RLIM_INFINITY else \
+            min(max_clients, max(max_clients_per_source, fd_limit // 2))
         self.incoming: dict[int, _Incoming] = {}
-        self.held: dict[str, list[_Held]] = {}  # by key (the part before ':')
+        self.held: dict[str, HeldQueue[_Held]] = {}  # by key (the part before ':'), in the order they are served
         self.waiting: dict[str, deque[_Waiting]] = {}
         self.relays: set[Relay] = set()
         self.pairings: set[tuple[socket.socket, socket.socket]] = set()  # being paired, in threads
@@ -206,7 +241,6 @@ class ProxyLoop(ServiceLoop):
         self.clients_of: Counter[str] = Counter()  # clients held or being paired, by source address
         self.last_seen: dict[str, float] = {}  # when a server of the key was last here
         self._relays_lock = threading.Lock()
-        self._turn: dict[str, int] = {}  # when each source address was last served (held clients take turns)
         self._arrival = itertools.count()
         self._sweep_every = max(0.02, min(1.0, handshake_timeout / 4, (self.timeout_client or 4.0) / 4))
         self._next_sweep = 0.0
@@ -495,30 +529,59 @@ class ProxyLoop(ServiceLoop):
     def _client(self, conn: _Incoming, key: str) -> None:
         base = key.partition(":")[0]
         with self._relays_lock:
-            busy = self.clients_of[conn.host]
             known = self.paired[base] > 0 or time.monotonic() - self.last_seen.get(base, -KEY_MEMORY_S) < KEY_MEMORY_S
         server, matched = self._take_server(key)
         if server is None and not (self.timeout_client and known):
             self._close_incoming(conn, (ErrorCode.NO_DEVICE, self._no_server(base)))
             return
-        if busy >= self.max_clients_per_source:
-            self._close_incoming(conn, (ErrorCode.BUSY, (
-                f"proxy busy: {busy} clients from {conn.host} are already waiting for servers at this proxy (at most "
-                f"{self.max_clients_per_source}); wait for them to be served, or start the proxy with a larger "
-                "--max-clients-per-source")))
+        if not self._make_room(conn):
             return
         with self._relays_lock:
             self.clients_of[conn.host] += 1
         self.incoming.pop(conn.sock.fileno())
-        if server is not None:
+        if server is not None and not self.held.get(base):
             self._sel.unregister(conn.sock)
             self._pair(conn, server, matched)
             return
         now = time.monotonic()
         held = _Held(conn, key, now + self.timeout_client, next(self._arrival), now)
         self._sel.modify(conn.sock, selectors.EVENT_READ, held)
-        self.held.setdefault(base, []).append(held)
+        self.held.setdefault(base, HeldQueue()).add(held)
         log.info("holding a client of key %r from %s up to %g s for a server", base, conn.host, self.timeout_client)
+        if server is not None:  # clients were already waiting for the key: it waits its turn behind them
+            self._serve_held(base)
+
+    def _make_room(self, conn: _Incoming) -> bool:
+        """A place for a new client, or False (and ``conn`` refused with BUSY) if the proxy is full.
+
+        Below ``max_clients`` every client gets one, whatever its address. At it, the newest held client of the
+        address with the most clients makes room, if that address holds more than its share
+        (``max_clients_per_source``) and more than ``conn``'s would; otherwise ``conn`` itself is refused.
+        """
+        with self._relays_lock:
+            total = sum(self.clients_of.values())
+            mine = self.clients_of[conn.host] + 1
+            heaviest, most = max(self.clients_of.items(), key=lambda item: item[1], default=(conn.host, 0))
+        if total < self.max_clients:
+            return True
+        victim = None
+        if heaviest != conn.host and most > max(self.max_clients_per_source, mine):
+            victim = max((q.newest_of(heaviest) for q in self.held.values()), default=None,
+                         key=lambda h: -1 if h is None else h.arrival)
+        if victim is None:
+            self._close_incoming(conn, (ErrorCode.BUSY, (
+                f"proxy busy: it holds {total} clients waiting for servers (at most {self.max_clients}), "
+                f"{mine - 1} of them from {conn.host}; try again once some are served, or start the proxy with a "
+                "larger --max-clients")))
+            return False
+        log.warning("proxy full (%d clients): refusing the newest client from %s (%d clients) to hold one from %s",
+                    total, heaviest, most, conn.host)
+        self._drop_held(victim, (ErrorCode.BUSY, (
+            f"proxy busy: it holds {total} clients waiting for servers (at most {self.max_clients}) and {most} of "
+            f"them are from {heaviest}, the most of any address (over its share of {self.max_clients_per_source}): "
+            "the newest of them made room for a client from another address; try again once some are served, or "
+            "start the proxy with a larger --max-clients")))
+        return True
 
     def _no_server(self, base: str, waited: float | None = None) -> str:
         text = f"no server of key {base!r} is waiting at this proxy (keys waiting: {self._keys_waiting()})"
@@ -532,8 +595,8 @@ class ProxyLoop(ServiceLoop):
 
     def _drop_held(self, held: _Held, error: tuple[int, str] | None) -> None:
         queue = self.held.get(held.base)
-        if queue and held in queue:
-            queue.remove(held)
+        if queue is not None:
+            queue.remove(held, served=False)
             if not queue:
                 del self.held[held.base]
         with self._relays_lock:
@@ -545,26 +608,21 @@ class ProxyLoop(ServiceLoop):
         self.clients_of[host] -= 1
         if self.clients_of[host] <= 0:
             del self.clients_of[host]
-            self._turn.pop(host, None)
 
     def _serve_held(self, key: str) -> None:
-        """Pair the clients held for ``key`` with its waiting servers: each source address in turn, then by arrival."""
+        """Pair the clients held for ``key`` with its waiting servers, in their turns (workbench.rpc.proxy.turns)."""
         while self.held.get(key) and self.waiting.get(key):
             queue = self.held[key]
-            held = next_held(queue, self._turn)
-            queue.remove(held)
-            if not queue:
-                del self.held[key]
+            held = queue.peek()
             if peer_closed(held.client.sock):
-                with self._relays_lock:
-                    self._release_source(held.client.host)
-                self._close_incoming(held.client)
+                self._drop_held(held, None)
                 continue
             server, matched = self._take_server(held.key)
             if server is None:
-                self.held.setdefault(key, []).append(held)
                 return
-            self._turn[held.client.host] = next(self._arrival)
+            queue.remove(held, served=True)
+            if not queue:
+                del self.held[key]
             self._sel.unregister(held.client.sock)
             self._pair(held.client, server, matched)
 
@@ -649,14 +707,6 @@ class ProxyLoop(ServiceLoop):
             self.registration.close()
 
 
-def next_held(queue: list[_Held], turn: dict[str, int]) -> _Held:
-    """The held client to serve next: of the source address served longest ago (or never), the oldest.
-
-    ``turn`` maps a source address to when it was last served (a counter).
-    """
-    return min(queue, key=lambda h: (turn.get(h.client.host, -1), h.arrival))
-
-
 def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
     view = memoryview(data)
     while view:
@@ -726,7 +776,8 @@ def serve_proxy(config: dict[str, Any], ready: Callable[[int], None] | None = No
     """Run a proxy in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
     setup_logging(config.get("silent", False))
     limits = proxy_limits(**{k: config[k] for k in ("timeout_client", "handshake_timeout", "pairing_timeout",
-                                                    "max_clients_per_source") if config.get(k) is not None})
+                                                    "max_clients_per_source", "max_clients")
+                             if config.get(k) is not None})
     tokens = {k: check_token(k, config.get(k)) for k in ("auth_token", "registration_token")}
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9090)), int(config.get("port_end", 9199)))
     listener.setblocking(False)
