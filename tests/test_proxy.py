@@ -392,6 +392,25 @@ def test_tracker_hands_out_every_server_behind_the_proxy(private_tmpdir, no_toke
                 server.terminate()
 
 
+def test_a_key_with_colons_behind_the_proxy(private_tmpdir, no_token):
+    """Keys such as "127.0.0.1:5555" (TVM users name boards by address): through the tracker and the proxy,
+    and straight to the proxy, as on a direct server."""
+    key = "127.0.0.1:5555"
+    with rpc.Tracker(port=0, silent=True) as tracker_proc, \
+            rpc.Proxy(port=0, silent=True, tracker_addr=(HOST, tracker_proc.port)) as proxy, \
+            rpc.connect_tracker(HOST, tracker_proc.port) as tracker:
+        server = through_proxy(proxy, key)
+        try:
+            wait_waiting(proxy.port, [key])
+            with tracker.request(key, timeout=20) as remote:
+                roundtrip(remote, 1 << 10)
+            assert wait_until(lambda: queue(tracker, key)["free"] == 1, timeout=15)
+            with rpc.connect(HOST, proxy.port, key=key) as remote:
+                roundtrip(remote, 1 << 10)
+        finally:
+            server.terminate()
+
+
 def test_tracker_counts_every_free_server_behind_the_proxy(no_token):
     """A proxy offers all its servers from one connection and one port: each is a free slot."""
     with rpc.Tracker(port=0, silent=True) as tracker_proc, \

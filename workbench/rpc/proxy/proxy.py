@@ -195,8 +195,8 @@ class _Held:
 
     __slots__ = ("client", "host", "key", "base", "deadline", "arrival", "since")
 
-    def __init__(self, client: _Incoming, key: str, deadline: float, arrival: int, since: float):
-        self.client, self.host, self.key, self.base = client, client.host, key, key.partition(":")[0]
+    def __init__(self, client: _Incoming, key: str, base: str, deadline: float, arrival: int, since: float):
+        self.client, self.host, self.key, self.base = client, client.host, key, base
         self.deadline, self.arrival, self.since = deadline, arrival, since
 
 
@@ -232,7 +232,7 @@ class ProxyLoop(ServiceLoop):
         self.max_clients = max_clients if fd_limit == resource.RLIM_INFINITY else \
             min(max_clients, max(max_clients_per_source, fd_limit // 2))
         self.incoming: dict[int, _Incoming] = {}
-        self.held: dict[str, HeldQueue[_Held]] = {}  # by key (the part before ':'), in the order they are served
+        self.held: dict[str, HeldQueue[_Held]] = {}  # by device key (_base), in the order they are served
         self.waiting: dict[str, deque[_Waiting]] = {}
         self.relays: set[Relay] = set()
         self.pairings: set[tuple[socket.socket, socket.socket]] = set()  # being paired, in threads
@@ -508,8 +508,22 @@ class ProxyLoop(ServiceLoop):
             self.registration.withdraw(id(waiting), still_on_offer=True)
             self._publish_keys()
 
-    def _take_server(self, key: str) -> tuple[_Waiting | None, bool]:
-        """A live waiting server for ``key`` (a plain key or a tracker match key), and whether it was the match."""
+    def _base(self, key: str) -> str:
+        """The device key a client's key names: the key itself, or the longest key served here that it extends
+        with ``:`` and a suffix (a match key; a key may hold colons, "127.0.0.1:5555"), else the part before its
+        first colon."""
+        if ":" not in key:
+            return key
+        with self._relays_lock:
+            known = set(self.waiting) | set(self.held) | set(self.last_seen) | {k for k, n in self.paired.items() if n}
+        if key in known:
+            return key
+        longest = max((k for k in known if key.startswith(k + ":")), key=len, default=None)
+        return longest if longest is not None else key.partition(":")[0]
+
+    def _take_server(self, key: str, base: str) -> tuple[_Waiting | None, bool]:
+        """A live waiting server for ``key`` (a plain key or a tracker match key; ``base`` its device key), and
+        whether it was the match."""
         if self.registration is not None:
             slot = self.registration.find(key)
             server = next((w for q in self.waiting.values() for w in q if id(w) == slot), None)
@@ -517,7 +531,7 @@ class ProxyLoop(ServiceLoop):
                 return server, True
             if server is not None:
                 self._drop_waiting(server, "it closed the connection")
-        queue = self.waiting.get(key.partition(":")[0])
+        queue = self.waiting.get(base)
         while queue:
             server = queue[0]
             if not peer_closed(server.sock):
@@ -527,10 +541,10 @@ class ProxyLoop(ServiceLoop):
 
     # -- clients ------------------------------------------------------------------------
     def _client(self, conn: _Incoming, key: str) -> None:
-        base = key.partition(":")[0]
+        base = self._base(key)
         with self._relays_lock:
             known = self.paired[base] > 0 or time.monotonic() - self.last_seen.get(base, -KEY_MEMORY_S) < KEY_MEMORY_S
-        server, matched = self._take_server(key)
+        server, matched = self._take_server(key, base)
         if server is None and not (self.timeout_client and known):
             self._close_incoming(conn, (ErrorCode.NO_DEVICE, self._no_server(base)))
             return
@@ -544,7 +558,7 @@ class ProxyLoop(ServiceLoop):
             self._pair(conn, server, matched)
             return
         now = time.monotonic()
-        held = _Held(conn, key, now + self.timeout_client, next(self._arrival), now)
+        held = _Held(conn, key, base, now + self.timeout_client, next(self._arrival), now)
         self._sel.modify(conn.sock, selectors.EVENT_READ, held)
         self.held.setdefault(base, HeldQueue()).add(held)
         log.info("holding a client of key %r from %s up to %g s for a server", base, conn.host, self.timeout_client)
@@ -617,7 +631,7 @@ class ProxyLoop(ServiceLoop):
             if peer_closed(held.client.sock):
                 self._drop_held(held, None)
                 continue
-            server, matched = self._take_server(held.key)
+            server, matched = self._take_server(held.key, held.base)
             if server is None:
                 return
             queue.remove(held, served=True)
