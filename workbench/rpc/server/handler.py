@@ -22,6 +22,7 @@ from ...runtime import registry
 from ...runtime.devices import DEVICE_NAMES, device_name
 from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ...runtime.modules import link_tar, load_module
+from ...runtime.quota import Quotas, format_size
 from ...runtime.storage import DeviceTensor
 from ...runtime.tvm_bridge import TVMModule
 from ...runtime.timer import check_time_options, python_runner, time_repeats
@@ -93,8 +94,19 @@ class Reply:
 
 
 class SessionHandler:
-    def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None):
+    """One session's objects and workspace, and the answers to its requests.
+
+    ``quotas`` (None: no limits, as an in-process LocalSession has) bound its
+    workspace and its tensors; a request over one is refused with
+    QuotaExceededError and the session goes on.
+    """
+
+    def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None,
+                 quotas: Quotas | None = None):
         self.workspace = workspace or Workspace()
+        self.quotas = quotas or Quotas()
+        self.workspace.set_quotas(self.quotas)
+        self.tensor_bytes = 0  # of the live tensors the client allocated
         self._system_libs = system_libs or []
         self._objects: dict[int, Any] = {}
         self._next = 1
@@ -163,6 +175,7 @@ class SessionHandler:
             if isinstance(obj, DeviceTensor):
                 obj.release()
         self._objects.clear()
+        self.tensor_bytes = 0
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
@@ -232,12 +245,12 @@ class SessionHandler:
 
     # -- requests ---------------------------------------------------------------
     def ping(self, args: list, bulk: Bulk | None) -> Any:
-        tensors = [o for o in self._objects.values() if isinstance(o, DeviceTensor)]
-        return {"objects": len(self._objects), "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors)}
+        tensors = sum(isinstance(o, DeviceTensor) for o in self._objects.values())
+        return {"objects": len(self._objects), "tensors": tensors, "tensor_bytes": self.tensor_bytes}
 
     def upload(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "UPLOAD")
-        self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None)
+        self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None, bulk.size if bulk else 0)
         return None
 
     def download(self, args: list, bulk: Bulk | None) -> Any:
@@ -260,7 +273,7 @@ class SessionHandler:
 
     def load_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LOAD_MODULE")
-        return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace.private_path))
+        return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace))
 
     def link_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LINK_MODULE")
@@ -269,8 +282,11 @@ class SessionHandler:
             raise BadRequestError(f"download_linked_module takes a .tar of object files, not {args[0]!r}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no file {args[0]!r} in the session workspace; upload it first")
-        so = link_tar(path, self.workspace.private_path(os.path.basename(path) + ".so"))
-        f = open(so, "rb")
+        so = link_tar(path, self.workspace.private_path(os.path.basename(path) + ".so"), self.workspace)
+        try:
+            f = open(so, "rb")
+        finally:
+            os.unlink(so)  # sent from the open file, then gone: the client has it (not counted against the quota)
         size = os.fstat(f.fileno()).st_size
         return Reply(size, file=(f, size))
 
@@ -318,10 +334,21 @@ class SessionHandler:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor
         shape, dtype, dev_type, dev_id = args
         self.check_device(dev_type, dev_id)
-        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id))
-        if bulk is not None:
-            bulk.read_into(tensor.view())
+        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), self._admit if self.quotas.tensor_bytes else None)
+        try:
+            if bulk is not None:
+                bulk.read_into(tensor.view())
+        except BaseException:
+            tensor.release()
+            raise
+        self.tensor_bytes += tensor.nbytes
         return self._add(Ext.TENSOR, tensor)
+
+    def _admit(self, tensor: DeviceTensor) -> None:
+        """QuotaExceededError if ``tensor`` would take the session's tensors over their quota."""
+        if self.tensor_bytes + tensor.nbytes > self.quotas.tensor_bytes:
+            raise self.quotas.tensor_bytes_error(
+                f"a {tensor.dtype} tensor of shape {tensor.shape} ({format_size(tensor.nbytes)})", self.tensor_bytes)
 
     def tensor_write(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_WRITE")
@@ -341,6 +368,7 @@ class SessionHandler:
             if isinstance(handle, Handle):
                 obj = self._objects.pop(handle.data, None)
                 if isinstance(obj, DeviceTensor):
+                    self.tensor_bytes -= obj.nbytes
                     obj.release()
         return None
 
