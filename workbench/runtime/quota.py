@@ -5,7 +5,7 @@ go over one is refused (``QuotaExceededError``, BAD_REQUEST on the wire)
 before anything is written or allocated, and the session goes on. Both
 servers (this package's and minrpc) word the errors alike:
 
-    >>> Quotas(workspace_bytes=4 << 30).workspace_bytes_error("upload of 2.0 GiB to 'w.bin'", 3 << 30)
+    >>> str(Quotas(workspace_bytes=4 << 30).workspace_bytes_error("upload of 2.0 GiB to 'w.bin'", 3 << 30))
     "upload of 2.0 GiB to 'w.bin' would put the session workspace over its 4.0 GiB quota (max_workspace_bytes / --max-workspace-bytes; 3.0 GiB used): remove files or start the server with a larger --max-workspace-bytes"
 
 Sizes are given in bytes or with a binary suffix (``parse_size("512M")``); 0 is no limit.
