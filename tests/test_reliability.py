@@ -1,10 +1,11 @@
 """The reliability suite: fuzzed protocols, many sessions, idle and dripping connections, a farm under chaos,
-sessions held idle, dense control parts and an attacker taking the proxy's pairings.
+sessions held idle, dense control parts, an attacker taking the proxy's pairings, and sessions that write,
+allocate and expand past their quotas.
 
     python -m pytest tests/test_reliability.py -p no:cacheprovider               # the short version (also in CI)
     python -m pytest tests/test_reliability.py -m stress -p no:cacheprovider     # the long one
 
-Each test adds a row (cases, failures, served-after, leaks) to the table
+Each test adds a row (cases, failures, served-after, peak memory and disk, leaks) to the table
 printed at the end of the run. Everything runs on 127.0.0.1, every loop is
 bounded in count and time, and every process, socket and directory started
 here ends with its test. The attacks of the hardening issue have their own
@@ -12,6 +13,8 @@ regression tests beside the code they hit (tests/test_hardening_*.py).
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import random
@@ -19,6 +22,7 @@ import resource
 import signal
 import socket
 import struct
+import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +31,7 @@ import numpy as np
 import pytest
 
 from workbench import rpc, runtime
-from workbench.errors import ErrorCode, RPCError
+from workbench.errors import ErrorCode, QuotaExceededError, RPCError
 from workbench.farm import LocalFarm
 from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION, Kind
 from workbench.rpc.tracker.wire import MAGIC_BYTES, Code, encode
@@ -47,6 +51,7 @@ class Row:
     failures: int = 0
     served_after_s: float | None = None  # worst time a legitimate client waited while the attack went on
     memory_mb: float | None = None  # the server's processes' peak resident memory above their idle level
+    disk_mb: float | None = None  # the peak of what the session workspaces held on disk while the attack went on
     leaks: str = "none"
     notes: list[str] = field(default_factory=list)
 
@@ -494,6 +499,223 @@ def test_proxy_pairing_attack(private_tmpdir, row, size, attack):
     assert r.leaks == "none"
 
 
+# -- issue 17, item 5: quotas ------------------------------------------------------------------------------
+def workspaces_on_disk(tmpdir: str) -> tuple[int, int]:
+    """``(bytes, entries)`` the session workspaces under ``tmpdir`` hold (files' sizes; files and directories
+    below each one's ``files/`` and ``lib/``)."""
+    size = entries = 0
+    for base in session_workspaces(tmpdir):
+        entries -= 2  # files/ and lib/
+        for top, dirs, files in os.walk(base):
+            entries += len(dirs) + len(files)
+            for name in files:
+                try:
+                    size += os.lstat(os.path.join(top, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return size, entries
+
+
+class PeakDisk:
+    """Samples ``workspaces_on_disk(tmpdir)`` every 20 ms in a thread while the block runs: its peaks."""
+
+    def __init__(self, tmpdir: str):
+        self.tmpdir, self.bytes, self.entries = tmpdir, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            size, entries = workspaces_on_disk(self.tmpdir)
+            self.bytes, self.entries = max(self.bytes, size), max(self.entries, entries)
+
+    def __enter__(self) -> "PeakDisk":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._run_once()
+
+    def _run_once(self) -> None:
+        size, entries = workspaces_on_disk(self.tmpdir)
+        self.bytes, self.entries = max(self.bytes, size), max(self.entries, entries)
+
+
+def quota_attack(srv, private_tmpdir: str, r: Row, attack, seconds: float = 120.0) -> int:
+    """Run ``attack(remote, deadline)`` (it returns the cases it ran) in a thread on a session of ``srv`` while
+    legitimate clients connect and ping; fill ``r`` with the figures; return the peak of entries on disk."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            with rpc.connect(HOST, srv.port) as remote:
+                outcome["cases"] = attack(remote, time.monotonic() + seconds)
+        except Exception as exc:  # noqa: BLE001  (reported below as a failure)
+            outcome["error"] = exc
+
+    served_in(srv.port)
+    with PeakMemory(srv.pid) as memory, PeakDisk(private_tmpdir) as disk:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        worst, legit = 0.0, 0
+        while thread.is_alive() and legit < 200:
+            try:
+                worst = max(worst, served_in(srv.port))
+            except (OSError, RPCError) as exc:
+                r.failures += 1
+                r.notes.append(f"legitimate client: {str(exc)[:60]}")
+            legit += 1
+            thread.join(0.05)
+        thread.join(seconds + 30)
+    r.served_after_s, r.memory_mb, r.disk_mb = worst, memory.rise, disk.bytes / 1e6
+    if "error" in outcome or thread.is_alive():
+        r.failures += 1
+        r.notes.append(f"attacker: {outcome.get('error', 'stuck')!s:.60}")
+    r.cases = outcome.get("cases", 0)
+    r.notes.append(f"{legit} legitimate sessions")
+    served_in(srv.port)  # and after
+    return disk.entries
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_writing_past_the_workspace_quota(private_tmpdir, row, size, kind):
+    """A session writes 1 MiB files as fast as it can, to 4 times its workspace quota: what is past the quota
+    is refused before it is written, the disk holds at most the quota, and other clients are served."""
+    quota = scale(32, 256, size) << 20
+    r = row(f"writing past the workspace quota ({quota >> 20} MiB), {kind}")
+    srv = start_server(kind, max_workspace_bytes=quota)
+    accepted = []
+
+    def attack(remote, deadline: float) -> int:
+        block, cases = bytes(1 << 20), 0
+        for i in range(4 * (quota >> 20)):
+            if time.monotonic() > deadline:
+                break
+            cases += 1
+            try:
+                remote.upload(block, target=f"blob{i}")
+                accepted.append(i)
+            except QuotaExceededError:
+                pass
+        remote.ping()  # the session goes on
+        return cases
+
+    try:
+        quota_attack(srv, private_tmpdir, r, attack)
+        over = len(accepted) - (quota >> 20)
+        r.failures += max(over, 0) + (r.disk_mb * 1e6 > quota)
+        r.notes.insert(0, f"{len(accepted)} MiB written, {r.cases - len(accepted)} refused")
+        assert r.failures == 0 and srv.alive, r.notes
+    finally:
+        srv.terminate()
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_many_files_past_the_files_quota(private_tmpdir, row, size, kind):
+    """A session creates empty files as fast as it can, twice its files quota (20,000 in the stress run, against
+    the default 10,000): the files past the quota are refused."""
+    quota = scale(500, 10_000, size)
+    r = row(f"{2 * quota} files against a quota of {quota}, {kind}")
+    srv = start_server(kind, max_workspace_files=quota if size == "short" else None)
+    accepted = []
+
+    def attack(remote, deadline: float) -> int:
+        cases = 0
+        for i in range(2 * quota):
+            if time.monotonic() > deadline:
+                break
+            cases += 1
+            try:
+                remote.upload(b"", target=f"d{i // 1000}/f{i}")
+                accepted.append(i)
+            except QuotaExceededError:
+                pass
+        return cases
+
+    try:
+        entries = quota_attack(srv, private_tmpdir, r, attack)
+        directories = len({i // 1000 for i in accepted})
+        # on disk: the quota, and the one file an upload writes beside its target before renaming it over
+        r.failures += (len(accepted) + directories > quota) + (entries > quota + 1)
+        r.notes.insert(0, f"{len(accepted)} files written, {r.cases - len(accepted)} refused, peak {entries} entries")
+        assert r.failures == 0 and srv.alive, r.notes
+    finally:
+        srv.terminate()
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_tensor_memory_past_the_quota(private_tmpdir, row, size, kind):
+    """A session allocates 8 MiB tensors full of data (resident), to 4 times its tensor quota: the ones past the
+    quota are refused before any memory is taken, and the server's memory rises by the quota at most."""
+    quota = scale(64, 1024, size) << 20
+    r = row(f"tensors past the tensor quota ({quota >> 20} MiB), {kind}")
+    srv = start_server(kind, max_tensor_bytes=quota)
+    accepted = []
+
+    def attack(remote, deadline: float) -> int:
+        dev, data, cases, held = remote.cpu(0), np.ones(2 << 20, "float32"), 0, []
+        for _ in range(4 * quota // (8 << 20)):
+            if time.monotonic() > deadline:
+                break
+            cases += 1
+            try:
+                held.append(runtime.tensor(data, dev))
+                accepted.append(len(held))
+            except QuotaExceededError:
+                pass
+        return cases
+
+    try:
+        quota_attack(srv, private_tmpdir, r, attack)
+        r.failures += (len(accepted) * (8 << 20) > quota) + (r.memory_mb * 1e6 > 1.25 * quota + 64e6)
+        r.notes.insert(0, f"{len(accepted) * 8} MiB held, {r.cases - len(accepted)} refused")
+        assert r.failures == 0 and srv.alive, r.notes
+    finally:
+        srv.terminate()
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_archive_bombs(private_tmpdir, row, size, kind):
+    """A session loads .tar.gz bombs, each about 1 KiB per MiB it expands to (256 MiB, 1 GiB in the stress run):
+    one member of zeros, refused at its header; and zeros after the archive's end, stopped at the quota
+    while decompressing. Nothing past the quota reaches the disk; other clients are served meanwhile."""
+    from .test_quotas import gzip_of_zeros, zero_bomb
+
+    quota, expands = 32 << 20, scale(256, 1024, size) << 20
+    r = row(f"{expands >> 20} MiB archive bombs, quota {quota >> 20} MiB, {kind}")
+    srv = start_server(kind, max_workspace_bytes=quota)
+    refusals: list[float] = []
+    header = zero_bomb("lib0.o", expands)
+    end = io.BytesIO()
+    with tarfile.open(fileobj=end, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("notes.txt"), io.BytesIO(b""))
+    trailing = gzip.compress(end.getvalue()) + gzip_of_zeros(expands)
+
+    def attack(remote, deadline: float) -> int:
+        remote.upload(header, target="bomb.tar")
+        remote.upload(trailing, target="trail.tar")
+        cases = 0
+        for i in range(scale(6, 16, size)):
+            if time.monotonic() > deadline:
+                break
+            cases += 1
+            start = time.perf_counter()
+            with pytest.raises(QuotaExceededError):
+                remote.load_module("bomb.tar" if i % 2 == 0 else "trail.tar")
+            refusals.append(time.perf_counter() - start)
+        return cases
+
+    try:
+        quota_attack(srv, private_tmpdir, r, attack)
+        r.failures += (len(refusals) != r.cases) + (r.disk_mb * 1e6 > quota)
+        r.notes.insert(0, f"{len(refusals)} refused, the slowest in {max(refusals, default=0) * 1e3:.0f} ms")
+        assert r.failures == 0 and srv.alive, r.notes
+    finally:
+        srv.terminate()
+
+
 def test_farm_under_chaos(private_tmpdir, row, size):
     """Clients and servers are killed at random; every request is served or answered with an error, none stuck."""
     r = row("farm under chaos")
@@ -562,10 +784,11 @@ def test_farm_under_chaos(private_tmpdir, row, size):
 
 def report_table(rows: list[dict]) -> str:
     """The figures of every reliability test of the run, one line each."""
-    header = ["reliability", "cases", "failures", "served after (worst)", "peak memory", "leaks", "notes"]
+    header = ["reliability", "cases", "failures", "served after (worst)", "peak memory", "peak disk", "leaks", "notes"]
     lines = [[r["name"], str(r["cases"]), str(r["failures"]),
               "-" if r["served_after_s"] is None else f"{r['served_after_s'] * 1e3:.0f} ms",
-              "-" if r.get("memory_mb") is None else f"+{r['memory_mb']:.0f} MB", r["leaks"],
+              "-" if r.get("memory_mb") is None else f"+{r['memory_mb']:.0f} MB",
+              "-" if r.get("disk_mb") is None else f"{r['disk_mb']:.1f} MB", r["leaks"],
               "; ".join(r["notes"])[:80]] for r in rows]
     widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

@@ -93,6 +93,18 @@ class ArgumentTypeError(BadRequestError, TypeError):
     """
 
 
+class QuotaExceededError(BadRequestError):
+    """A request would take the session over one of its server's quotas (workspace bytes or files, tensor
+    memory); nothing was written or allocated, and the session goes on. BAD_REQUEST on the wire; the message
+    names the quota and the server option that raises it.
+
+        >>> try:                                                   # doctest: +SKIP
+        ...     remote.upload(big, target="big.bin")
+        ... except QuotaExceededError as exc:
+        ...     print(exc)  # upload of 5.0 GiB to 'big.bin' would put the session workspace over its 4.0 GiB quota ...
+    """
+
+
 class PathDeniedError(RPCError, PermissionError):
     code = ErrorCode.PATH_DENIED
 
@@ -215,12 +227,16 @@ _BY_CODE = {
 
 # "add_one: TypeError: argument 0 ..." (a kernel's error, either server) or "TypeError: ..." (a Python function's)
 _REMOTE_TYPE_ERROR = re.compile(r"(?:[A-Za-z_][\w.]*: )?TypeError: ")
+# "... over its 4.0 GiB quota (max_workspace_bytes / --max-workspace-bytes; ..." (either server)
+_QUOTA_ERROR = re.compile(r" quota (?:of \d+ files and directories )?\((?:max_workspace_bytes|max_workspace_files|"
+                          r"max_tensor_bytes) / --max-")
 
 
 def error_from_code(code: int, message: str) -> RPCError:
     """Build the exception a client raises for an error frame.
 
-    A remote error whose kind is TypeError is a :class:`RemoteTypeError`, so ``except TypeError`` works.
+    A remote error whose kind is TypeError is a :class:`RemoteTypeError`, so ``except TypeError`` works; a
+    refusal that names a session quota is a :class:`QuotaExceededError`.
 
         >>> type(error_from_code(5, "add_one: TypeError: expected 2 arguments, got 1")).__name__
         'RemoteTypeError'
@@ -231,6 +247,8 @@ def error_from_code(code: int, message: str) -> RPCError:
         return RPCError(f"{message} (unknown error code {code})")
     if code == ErrorCode.REMOTE and _REMOTE_TYPE_ERROR.match(message):
         return RemoteTypeError(message, code=code)
+    if code == ErrorCode.BAD_REQUEST and _QUOTA_ERROR.search(message):
+        return QuotaExceededError(message, code=code)
     return _BY_CODE.get(code, RPCError)(message, code=code)
 
 

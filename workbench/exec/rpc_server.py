@@ -3,6 +3,7 @@
     python -m workbench.exec.rpc_server --host 127.0.0.1 --port 9090
     WORKBENCH_RPC_TOKEN=secret python -m workbench.exec.rpc_server --port 9090
     python -m workbench.exec.rpc_server --port 9090 --max-sessions 8 --idle-timeout 600
+    python -m workbench.exec.rpc_server --port 9090 --max-workspace-bytes 16G --max-tensor-bytes 8G
     WORKBENCH_REGISTRATION_TOKEN=secret python -m workbench.exec.rpc_server --tracker 127.0.0.1:9190 --key rasp
 
 Runs in the foreground until Ctrl-C or SIGTERM, which also end every session.
@@ -17,7 +18,8 @@ from ..farm.local import parse_address
 from ..rpc.wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_seconds
 from ..rpc.tracker.registration import REGISTRATION_TOKEN_ENV
 from ..rpc.server.serve import serve
-from ..rpc.server.server import PREEMPT_IDLE_S, ServerConfig, callable_spec, check_max_sessions
+from ..rpc.server.server import PREEMPT_IDLE_S, ServerConfig, callable_spec, check_max_sessions, check_quotas
+from ..runtime.quota import DEFAULT_WORKSPACE_BYTES, DEFAULT_WORKSPACE_FILES, format_size
 from ..rpc.service.process import configure_cli_logging
 
 
@@ -59,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default {PREEMPT_IDLE_S:g}; 0: never)")
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="SECONDS",
                         help=f"a client must finish the whole handshake within this (default {HANDSHAKE_TIMEOUT_S:g})")
+    parser.add_argument("--max-workspace-bytes", default=None, metavar="SIZE",
+                        help="bytes a session's workspace may hold (uploads, expanded .tar modules, loaded copies), "
+                             f"e.g. 16G (default {format_size(DEFAULT_WORKSPACE_BYTES)}; 0: no limit)")
+    parser.add_argument("--max-workspace-files", default=None, metavar="N",
+                        help="files and directories a session's workspace may hold "
+                             f"(default {DEFAULT_WORKSPACE_FILES}; 0: no limit)")
+    parser.add_argument("--max-tensor-bytes", default=None, metavar="SIZE",
+                        help="memory a session's tensors may take, e.g. 8G (default: half the machine's memory, "
+                             "or of its cgroup's limit; 0: no limit)")
     parser.add_argument("--auth-token", default=None,
                         help=f"accept only clients knowing this token (prefer the {TOKEN_ENV} variable: "
                              "command lines are visible to other users)")
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         check_seconds("--idle-timeout", args.idle_timeout)
         check_seconds("--preempt-idle", args.preempt_idle or None)
         check_seconds("--handshake-timeout", args.handshake_timeout, allow_none=False)
+        quotas = check_quotas(args.max_workspace_bytes, args.max_workspace_files, args.max_tensor_bytes, flags=True)
     except ValueError as exc:
         parser.error(str(exc))
     labels = {}
@@ -91,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
         preempt_idle=args.preempt_idle or None,
         registration_token=args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None,
+        **quotas,
     )
     configure_cli_logging(args.silent)
     try:

@@ -20,13 +20,22 @@ Linking runs the device's toolchain on bytes a client sent, so it is confined:
 * the command has no client-controlled argument (no ``-L``/``-T``/``@file``,
   members are renamed ``0.o``, ``1.o``, ...), runs in its own directory inside
   the session workspace (its temporary files too), and reads nothing else but
-  the toolchain's own start files and libraries.
+  the toolchain's own start files and libraries;
+* the archive is read as a stream (plain, gzip, bzip2 or xz), never whole: its
+  uncompressed bytes count against what the session's workspace quota has left
+  (each member's size is checked at its header, before its data is read, and the
+  count stops the decompression as soon as it is over), and it may expand to
+  4 GiB at most.
 
     >>> link_tar("lib.tar", "lib.so")               # doctest: +SKIP
     'lib.so'
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
 import os
 import posixpath
 import re
@@ -34,16 +43,23 @@ import shutil
 import struct
 import subprocess
 import tarfile
-from typing import BinaryIO, Callable, NamedTuple
+import zlib
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-from ..errors import BadRequestError, PathDeniedError, RemoteError, UnsupportedError
+from ..errors import BadRequestError, PathDeniedError, RemoteError, RPCError, UnsupportedError
 from .ffi import NativeLibrary
+from .quota import format_size
 from .tvm_bridge import TVMModule, load_with_tvm, tvm_requirement
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 SHARED_SUFFIXES = (".so", ".dylib", ".dll")
 OBJECT_SUFFIXES = (".o", ".obj")
 LINK_TIMEOUT_S = 300
 PROBE_TIMEOUT_S = 60
+TAR_MAX_BYTES = 4 << 30  # what an archive may expand to, whatever the quota (minrpc's tar.c: the same)
+COPY_CHUNK = 1 << 16
 
 # ELF constants (System V gABI; LLVM's extensions from llvm/BinaryFormat/ELF.h)
 ET_NAMES = {0: "an ELF file of no type", 1: "a relocatable object", 2: "an executable",
@@ -229,34 +245,106 @@ def _member_name_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _extract_objects(tar_path: str, dest: str) -> list[tuple[str, str]]:
-    """Extract the object members of ``tar_path`` into ``dest`` as ``0.o``, ``1.o``, ...: ``[(path, member name)]``."""
-    try:
-        tar = tarfile.open(tar_path)
-    except (tarfile.TarError, OSError) as exc:
-        raise RemoteError(f"{os.path.basename(tar_path)} is not a readable tar archive: {exc}") from None
+class _Expansion(io.RawIOBase):
+    """The uncompressed bytes of an archive, counted: over ``limit`` the next read raises ``over()``.
+
+    Reads ask the decompressor for no more than one byte past the limit, so a bomb costs no more
+    decompression than the limit allows.
+    """
+
+    def __init__(self, source: BinaryIO, limit: int, over: Exception):
+        self.source = source
+        self.limit = limit
+        self.over = over
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.count > self.limit:
+            raise self.over
+        want = self.limit + 1 - self.count
+        data = self.source.read(want if size is None or size < 0 else min(size, want))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise self.over
+        return data
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001  (io's signature)
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _open_archive(tar_path: str) -> tuple[BinaryIO, BinaryIO, bool]:
+    """``(raw file, uncompressed stream, compressed?)`` of an archive, plain, gzip, bzip2 or xz (by its magic)."""
+    raw = open(tar_path, "rb")
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb"), True
+    if magic[:3] == b"BZh":
+        return raw, bz2.BZ2File(raw), True
+    if magic == b"\xfd7zXZ\x00":
+        return raw, lzma.LZMAFile(raw), True
+    return raw, raw, False
+
+
+def _has_data(member: tarfile.TarInfo) -> bool:
+    """Whether data follows the member's header (links, directories and devices have none)."""
+    return member.isreg() or member.type not in tarfile.SUPPORTED_TYPES
+
+
+def _extract_objects(tar_path: str, dest: str, workspace: "Workspace | None" = None) -> list[tuple[str, str]]:
+    """Extract the object members of ``tar_path`` into ``dest`` as ``0.o``, ``1.o``, ...: ``[(path, member name)]``.
+
+    With ``workspace``, the archive's uncompressed bytes count against what its byte quota has left
+    (QuotaExceededError: at a member's header when its size does not fit, or while decompressing).
+    """
+    name = os.path.basename(tar_path)
+    left = workspace.bytes_left() if workspace is not None else None
+    if left is not None and left < TAR_MAX_BYTES:
+        over: Exception = workspace.quotas.workspace_bytes_error(
+            f"expanding {name} past {format_size(left)}", workspace.used_bytes)
+        limit = left
+    else:
+        over, limit = RemoteError(f"{name} is not a readable tar archive: it expands to more than 4 GiB"), TAR_MAX_BYTES
     objects: list[tuple[str, str]] = []
-    with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, OSError) as exc:
-            raise RemoteError(f"{os.path.basename(tar_path)} is not a readable tar archive: {exc}") from None
-        for member in members:
-            if not member.name.endswith(OBJECT_SUFFIXES):
-                continue  # other files of an export (sources, metadata) are not linked
-            problem = _member_name_problem(member)
-            if problem:
-                raise PathDeniedError(
-                    f"the .tar member {member.name!r} {problem}; a .tar module holds regular object "
-                    "files with plain relative names only"
-                )
-            target = os.path.join(dest, f"{len(objects)}.o")
-            src = tar.extractfile(member)
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-            objects.append((target, member.name))
+    try:
+        raw, source, compressed = _open_archive(tar_path)
+    except OSError as exc:
+        raise RemoteError(f"{name} is not a readable tar archive: {exc}") from None
+    expansion = _Expansion(source, limit, over)
+    try:
+        with raw, tarfile.open(fileobj=expansion, mode="r|") as tar:
+            for member in tar:
+                if left is not None and _has_data(member) and member.offset_data + member.size > left:
+                    raise workspace.quotas.workspace_bytes_error(
+                        f"extracting the .tar member {member.name!r} of {name} ({format_size(member.size)})",
+                        workspace.used_bytes + member.offset_data)
+                if not member.name.endswith(OBJECT_SUFFIXES):
+                    continue  # other files of an export (sources, metadata) are not linked
+                problem = _member_name_problem(member)
+                if problem:
+                    raise PathDeniedError(
+                        f"the .tar member {member.name!r} {problem}; a .tar module holds regular object "
+                        "files with plain relative names only"
+                    )
+                target = os.path.join(dest, f"{len(objects)}.o")
+                src = tar.extractfile(member)
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, COPY_CHUNK)
+                objects.append((target, member.name))
+            if compressed:  # the rest of the compressed data, so that its checksum is checked (counted too)
+                while expansion.read(COPY_CHUNK):
+                    pass
+    except RPCError:
+        raise  # ours (PathDeniedError is an OSError too)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise RemoteError(f"{name} is not a readable tar archive: {exc}") from None
     if not objects:
-        raise RemoteError(f"{os.path.basename(tar_path)} holds no object files (.o) to link")
+        raise RemoteError(f"{name} holds no object files (.o) to link")
     return objects
 
 
@@ -300,11 +388,13 @@ def link_objects(cc: str, objects: list[str], work: str) -> str:
     return os.path.join(work, "lib.so")
 
 
-def link_tar(tar_path: str, out: str) -> str:
+def link_tar(tar_path: str, out: str, workspace: "Workspace | None" = None) -> str:
     """Link the objects of ``tar_path`` into the shared object ``out``; return ``out``.
 
     Refuses (BadRequestError, PathDeniedError) any member that is not a regular
-    relocatable ELF object for this device; see the module docstring.
+    relocatable ELF object for this device; see the module docstring. With
+    ``workspace``, the archive's expansion counts against its byte quota
+    (QuotaExceededError; ``out`` is not counted here).
     """
     work = out + ".objs"
     os.makedirs(work, exist_ok=True)
@@ -312,7 +402,7 @@ def link_tar(tar_path: str, out: str) -> str:
     try:
         cc = find_compiler()
         expected = toolchain_kind(cc, work)
-        objects = _extract_objects(tar_path, work)
+        objects = _extract_objects(tar_path, work, workspace)
         for path, member in objects:
             check_object(path, member, expected)
         try:
@@ -330,17 +420,18 @@ def link_tar(tar_path: str, out: str) -> str:
     return out
 
 
-def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary | TVMModule:
-    """Load a ``.so`` or a ``.tar`` of objects (linked first).
+def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
+    """Load a ``.so`` or a ``.tar`` of objects (linked first) from the session's ``workspace``.
 
     A library that only TVM's runtime can run (a Relax VM executable, or kernels
     calling TVM runtime functions by name) is loaded through apache-tvm where the
     device has it, and refused here, naming what it needs, where it does not
     (see ``workbench.runtime.tvm_bridge``).
 
-    The library is opened from a new private path (``private_path(name)``):
+    The library is opened from a new private path (``workspace.private_path``):
     the dynamic loader caches libraries by path, so loading a re-uploaded
-    ``lib.so`` must not hand back the old code.
+    ``lib.so`` must not hand back the old code. That copy counts against the
+    workspace's quotas until the session ends (a failed load removes it).
     """
     name = os.path.basename(path)
     if not path.endswith((".tar",) + SHARED_SUFFIXES):
@@ -350,14 +441,15 @@ def load_module(path: str, private_path: Callable[[str], str]) -> NativeLibrary 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
     if path.endswith(".tar"):
-        so = link_tar(path, private_path(os.path.splitext(name)[0] + ".so"))
+        so = link_tar(path, workspace.private_path(os.path.splitext(name)[0] + ".so"), workspace)
+        workspace.charge_private(so, f"the library linked from {name}")
     else:
-        so = private_path(name)
-        try:
-            os.link(path, so)
-        except OSError:
-            shutil.copyfile(path, so)
-    need = tvm_requirement(so)
-    if need is not None:  # a Relax VM executable, or kernels calling runtime functions: TVM's runtime, or a refusal
-        return load_with_tvm(so, name, need)
-    return NativeLibrary(so, name=name)
+        so = workspace.private_copy(path, name)
+    try:
+        need = tvm_requirement(so)
+        if need is not None:  # a Relax VM executable, or kernels calling runtime functions: TVM's runtime, or a refusal
+            return load_with_tvm(so, name, need)
+        return NativeLibrary(so, name=name)
+    except BaseException:
+        workspace.release_private(so)  # (a library that was opened stays mapped: removing its file is safe)
+        raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import BadRequestError, RemoteError
 from .ffi import DLDataType, DLDevice, DLTensor
@@ -75,7 +75,10 @@ def dtype_name(code: int, bits: int, lanes: int) -> str:
 class DeviceTensor:
     """A tensor in this session's memory (page-aligned, zero-filled)."""
 
-    def __init__(self, shape: Sequence[int], dtype: Sequence[int], device: tuple[int, int]):
+    def __init__(self, shape: Sequence[int], dtype: Sequence[int], device: tuple[int, int],
+                 admit: Callable[["DeviceTensor"], None] | None = None):
+        """Allocate the tensor; ``admit(self)``, when given, runs once its size is known and before any memory
+        is taken (a session's tensor quota raises there)."""
         shape = check_shape(shape)
         code, bits, lanes = check_dtype(dtype)
         self.shape = tuple(shape)
@@ -87,6 +90,8 @@ class DeviceTensor:
                 f"a {self.dtype} tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
                 f"{MAX_TENSOR_BYTES}-byte limit of one tensor; split it"
             )
+        if admit is not None:
+            admit(self)
         try:
             self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError, ValueError) as exc:

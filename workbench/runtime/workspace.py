@@ -4,6 +4,10 @@ Every path a client sends is relative to the workspace; absolute paths, ``..``
 and symlinks that lead outside are refused. The directory is removed when the
 session ends.
 
+With ``set_quotas`` the workspace keeps count of its bytes and of its files
+and directories (the private copies of loaded modules included), and refuses a
+write that would go over a quota before any byte of it is written.
+
     >>> ws = Workspace()
     >>> ws.resolve("lib/add.so").startswith(ws.root)
     True
@@ -17,6 +21,31 @@ import tempfile
 from typing import BinaryIO, Callable
 
 from ..errors import BadRequestError, PathDeniedError
+from .quota import Quotas, format_size
+
+
+def tree_usage(path: str) -> tuple[int, int]:
+    """``(bytes, entries)`` of the file or directory tree at ``path`` (itself included; symlinks not followed).
+
+    Bytes are the files' sizes; every file, link and directory is one entry. ``(0, 0)`` if nothing is there.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0, 0
+    if not os.path.isdir(path) or os.path.islink(path):
+        return st.st_size, 1
+    size, entries = 0, 1
+    for top, dirs, files in os.walk(path):  # symlinks to directories are listed in dirs, not entered
+        for name in dirs + files:
+            entries += 1
+            full = os.path.join(top, name)
+            if name in files or os.path.islink(full):
+                try:
+                    size += os.lstat(full).st_size
+                except OSError:
+                    pass
+    return size, entries
 
 
 class Workspace:
@@ -29,6 +58,81 @@ class Workspace:
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.private, exist_ok=True)
         self._serial = 0
+        self.quotas = Quotas()  # no limits until set_quotas
+        self.used_bytes = 0
+        self.used_files = 0
+
+    # -- quotas ---------------------------------------------------------------
+    def set_quotas(self, quotas: Quotas) -> None:
+        """Limit this workspace to ``quotas`` (its bytes and files), counting what it holds now."""
+        self.quotas = quotas
+        files = tree_usage(self.root)
+        private = tree_usage(self.private)
+        self.used_bytes = files[0] + private[0]
+        self.used_files = files[1] + private[1] - 2  # the two directories themselves are not the client's
+
+    def bytes_left(self) -> int | None:
+        """Bytes the workspace may still take (None: no limit)."""
+        limit = self.quotas.workspace_bytes
+        return max(limit - self.used_bytes, 0) if limit else None
+
+    def check_room(self, what: tuple[str, str], add_bytes: int, add_files: int, freed_bytes: int = 0) -> None:
+        """QuotaExceededError unless ``add_bytes`` more bytes (``freed_bytes`` fewer) and ``add_files`` more
+        entries fit; ``what`` names the request in the error over bytes, and in the one over files."""
+        q = self.quotas
+        if q.workspace_bytes and self.used_bytes - freed_bytes + add_bytes > q.workspace_bytes:
+            raise q.workspace_bytes_error(what[0], self.used_bytes)
+        if q.workspace_files and add_files and self.used_files + add_files > q.workspace_files:
+            raise q.workspace_files_error(what[1], self.used_files)
+
+    def charge(self, add_bytes: int, add_files: int) -> None:
+        """Count bytes and entries that were written (negative: removed)."""
+        self.used_bytes = max(self.used_bytes + add_bytes, 0)
+        self.used_files = max(self.used_files + add_files, 0)
+
+    def charge_private(self, path: str, what: str) -> None:
+        """Count the private file ``path`` just written (``what`` names it in the error), or remove it and
+        raise QuotaExceededError when it does not fit."""
+        size = os.lstat(path).st_size
+        try:
+            self.check_room((f"{what} ({format_size(size)})", what), size, 1)
+        except BadRequestError:
+            os.unlink(path)
+            raise
+        self.charge(size, 1)
+
+    def release_private(self, path: str) -> None:
+        """Remove a private file counted with ``charge_private`` (or by ``private_copy``)."""
+        size, entries = tree_usage(path)
+        if entries:
+            os.unlink(path)
+            self.charge(-size, -entries)
+
+    def private_copy(self, src: str, name: str) -> str:
+        """A private copy of the workspace file ``src`` (hard-linked when it can be) for loading, counted.
+
+        Counted at its full size even when hard-linked: the client may remove ``src``, the copy stays
+        until the session ends.
+        """
+        size = os.stat(src).st_size
+        what = f"loading {name!r}"
+        self.check_room((f"{what} ({format_size(size)}; a loaded module keeps a private copy until the session "
+                         "ends)", f"{what} (a loaded module keeps a private copy until the session ends)"), size, 1)
+        dst = self.private_path(name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        self.charge(os.lstat(dst).st_size, 1)
+        return dst
+
+    def _missing_dirs(self, full: str) -> int:
+        """How many directories above ``full`` (inside the workspace) do not exist yet."""
+        missing, parent = 0, os.path.dirname(full)
+        while parent != self.root and len(parent) > len(self.root) and not os.path.lexists(parent):
+            missing += 1
+            parent = os.path.dirname(parent)
+        return missing
 
     def private_path(self, name: str) -> str:
         """A new, never reused path for ``name`` in the private directory."""
@@ -53,27 +157,42 @@ class Workspace:
             raise PathDeniedError(f"{path!r} leads outside the session workspace (through a symlink)")
         return real
 
-    def write(self, path: str, writer: Callable[[int], None]) -> str:
-        """Create ``path`` with what ``writer(fd)`` writes to the open file descriptor.
+    def write(self, path: str, writer: Callable[[int], None], size: int = 0) -> str:
+        """Create ``path`` with the ``size`` bytes ``writer(fd)`` writes to the open file descriptor.
 
         The file is written beside its target and renamed over it, so a module
-        loaded from the old file is never modified under its feet.
+        loaded from the old file is never modified under its feet. A write that
+        would take the workspace over a quota is refused first (QuotaExceededError;
+        the old file's size is credited when it is replaced).
         """
         full = self.resolve(path)
         if full == self.root:
             raise PathDeniedError("cannot write over the workspace directory itself; name a file")
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        try:
+            old = os.lstat(full)
+            old_size, new_entries = (old.st_size if not os.path.isdir(full) else 0), 0
+        except OSError:
+            old_size, new_entries = 0, 1
+        new_dirs = self._missing_dirs(full)
+        self.check_room((f"upload of {format_size(size)} to {path!r}", f"upload to {path!r}"), size,
+                        new_entries + new_dirs, freed_bytes=old_size)
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+        finally:
+            self.charge(0, new_dirs - self._missing_dirs(full))
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".upload-")
         try:
             try:
                 writer(fd)
                 os.fchmod(fd, 0o644)
+                written = os.fstat(fd).st_size
             finally:
                 os.close(fd)
             os.replace(tmp, full)
         except BaseException:
             os.unlink(tmp)
             raise
+        self.charge(written - old_size, new_entries)
         return full
 
     def open_read(self, path: str) -> tuple[BinaryIO, int]:
@@ -89,12 +208,17 @@ class Workspace:
         full = self.resolve(path)
         if full == self.root:
             raise PathDeniedError("cannot remove the workspace directory itself")
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        elif os.path.lexists(full):
-            os.unlink(full)
-        else:
+        if not os.path.lexists(full):
             raise FileNotFoundError(f"no file {path!r} in the session workspace")
+        size, entries = tree_usage(full)
+        try:
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+        finally:
+            left = tree_usage(full)  # what could not be removed stays counted
+            self.charge(left[0] - size, left[1] - entries)
 
     def listdir(self, path: str = ".") -> list[str]:
         full = self.resolve(path)

@@ -72,7 +72,19 @@ typedef struct {
     char* token;     /* WORKBENCH_RPC_TOKEN, or NULL */
     char* reg_token; /* WORKBENCH_REGISTRATION_TOKEN, or NULL */
     const char* target;
+    /* per-session quotas, 0: no limit (docs/protocol.md, "Quotas"; workbench/runtime/quota.py) */
+    uint64_t max_workspace_bytes; /* --max-workspace-bytes: files of the workspace, private copies included */
+    uint64_t max_workspace_files; /* --max-workspace-files: its files and directories */
+    uint64_t max_tensor_bytes;    /* --max-tensor-bytes: the tensors the client allocated */
 } mr_config;
+
+#define MR_DEFAULT_WORKSPACE_BYTES ((uint64_t)4 << 30)
+#define MR_DEFAULT_WORKSPACE_FILES 10000
+/* A quota option's value: bytes, or a number with a binary suffix K, M, G, T, P ("iB"/"B" allowed): "512M",
+   "4G", "1.5k"; 0 is no limit. 0, or -1 if malformed (workspace.c). */
+int mr_parse_size(const char* text, uint64_t* out);
+/* The default --max-tensor-bytes: half this machine's memory, or of its cgroup's limit; 0 if unknown. */
+uint64_t mr_default_tensor_bytes(void);
 
 /* The one global the units share: set by the SIGTERM/SIGINT handlers (the listener's in main.c, a session
    process's in session.c), which can reach nothing but a static flag, and checked by the listener loop, the
@@ -134,6 +146,8 @@ typedef struct {
     char* root;    /* base/files: what the client sees */
     char* private_dir; /* base/lib: private copies of loaded modules */
     unsigned serial;
+    uint64_t max_bytes, max_files;   /* quotas (0: none), from ws_set_quotas */
+    uint64_t used_bytes, used_files; /* what files/ and lib/ hold: bytes of files, files and directories */
 } mr_workspace;
 
 /* Create base/files and base/lib in the existing directory base: 0, or -1 (errno). */
@@ -147,6 +161,18 @@ char* ws_resolve(mr_workspace* ws, const mp_node* path, mr_error* err);
 int ws_make_parents(const mr_workspace* ws, const char* full);
 /* Remove a file or a directory tree (not following symlinks): 0, or -1 (errno). */
 int mr_remove_tree(const char* path);
+/* Quotas (as workbench/runtime/workspace.py): set them (0: none) and count what the workspace holds. */
+void ws_set_quotas(mr_workspace* ws, uint64_t max_bytes, uint64_t max_files);
+/* Bytes (of files and links) and entries (files, links, directories) of the tree at path, itself included. */
+void ws_tree_usage(const char* path, uint64_t* bytes, uint64_t* entries);
+/* 0 if add_bytes more bytes (freed_bytes fewer) and add_files more entries fit; else -1 with err (BAD_REQUEST
+   naming the quota), `what_bytes` / `what_files` naming the request ("upload of 1.0 GiB to 'x'"). */
+int ws_check_room(const mr_workspace* ws, const char* what_bytes, const char* what_files, uint64_t add_bytes,
+                  uint64_t freed_bytes, uint64_t add_files, mr_error* err);
+/* Count bytes and entries written (negative: removed). */
+void ws_charge(mr_workspace* ws, int64_t bytes, int64_t files);
+/* How many directories above `full` (inside the workspace root) do not exist yet. */
+uint64_t ws_missing_dirs(const mr_workspace* ws, const char* full);
 
 /* ---- throttle.c: wrong auth proofs slow down their address ------------------------------------------- */
 typedef struct mr_throttle mr_throttle;

@@ -77,6 +77,7 @@ int64_t mr_now_ns(void) {
 static const char USAGE[] =
     "usage: minrpc [--host H] [--port P] [--port-end PE] [--key K] [--tracker HOST:PORT] [--custom-addr A]\n"
     "              [--cc CC] [--max-sessions N] [--idle-timeout S] [--preempt-idle S] [--handshake-timeout S]\n"
+    "              [--max-workspace-bytes SIZE] [--max-workspace-files N] [--max-tensor-bytes SIZE]\n"
     "              [--silent] [--stdio]\n"
     "\n"
     "minrpc: a small native rpc-workbench session server (docs/protocol.md, version 1).\n"
@@ -97,6 +98,10 @@ static const char USAGE[] =
     "  --preempt-idle S       when full, a session idle for S seconds yields its slot to a new client\n"
     "                         (default 900; 0: never)\n"
     "  --handshake-timeout S  the whole handshake's deadline (default 10)\n"
+    "  --max-workspace-bytes SIZE  bytes a session's workspace may hold: uploads, expanded .tar modules, loaded\n"
+    "                         copies (default 4G; 0: no limit; sizes take K, M, G, T suffixes)\n"
+    "  --max-workspace-files N     files and directories a session's workspace may hold (default 10000; 0: none)\n"
+    "  --max-tensor-bytes SIZE     memory a session's tensors may take (default: half the machine's memory)\n"
     "  --silent               log errors only\n"
     "  --stdio                serve one session on stdin/stdout\n"
     "\n"
@@ -143,6 +148,9 @@ static void parse_options(int argc, char** argv) {
     mr_cfg.handshake_timeout = 10.0;
     mr_cfg.target = MINRPC_TARGET;
     mr_cfg.stdio = argc <= 1;
+    mr_cfg.max_workspace_bytes = MR_DEFAULT_WORKSPACE_BYTES;
+    mr_cfg.max_workspace_files = MR_DEFAULT_WORKSPACE_FILES;
+    mr_cfg.max_tensor_bytes = mr_default_tensor_bytes();
     for (int i = 1; i < argc; ++i) {
         char* arg = argv[i];
         const char* value = NULL;
@@ -170,7 +178,8 @@ static void parse_options(int argc, char** argv) {
         }
         static const char* valued[] = {"--host", "--port", "--port-end", "--key", "--tracker", "--custom-addr",
                                        "--cc", "--max-sessions", "--idle-timeout", "--handshake-timeout",
-                                       "--preempt-idle"};
+                                       "--preempt-idle", "--max-workspace-bytes", "--max-workspace-files",
+                                       "--max-tensor-bytes"};
         int known = 0;
         for (size_t f = 0; f < sizeof(valued) / sizeof(valued[0]); ++f) known |= strcmp(name, valued[f]) == 0;
         if (!known) usage_error("unknown option '%s'", arg);
@@ -190,7 +199,19 @@ static void parse_options(int argc, char** argv) {
         else if (strcmp(name, "--handshake-timeout") == 0) mr_cfg.handshake_timeout = parse_seconds(name, value);
         else if (strcmp(name, "--preempt-idle") == 0)
             mr_cfg.preempt_idle = strcmp(value, "0") == 0 ? 0 : parse_seconds(name, value);
-        else if (strcmp(name, "--max-sessions") == 0) {
+        else if (strcmp(name, "--max-workspace-bytes") == 0 || strcmp(name, "--max-tensor-bytes") == 0) {
+            uint64_t* slot = strcmp(name, "--max-tensor-bytes") == 0 ? &mr_cfg.max_tensor_bytes : &mr_cfg.max_workspace_bytes;
+            if (mr_parse_size(value, slot))
+                usage_error("%s takes a size in bytes >= 0, or with a suffix such as 512M or 4G (0: no limit), "
+                            "not '%s'", name, value);
+        } else if (strcmp(name, "--max-workspace-files") == 0) {
+            char* end = NULL;
+            errno = 0;
+            unsigned long long n = strtoull(value, &end, 10);
+            if (!*value || *end || errno || *value == '-' || n > (unsigned long long)INT64_MAX)
+                usage_error("--max-workspace-files takes a whole number >= 0 (0: no limit), e.g. 10000, not '%s'", value);
+            mr_cfg.max_workspace_files = n;
+        } else if (strcmp(name, "--max-sessions") == 0) {
             char* end = NULL;
             long n = strtol(value, &end, 10);
             if (!*value || *end || n < 1 || n > 100000)

@@ -83,6 +83,16 @@ void mr_replace_all(char* text, size_t cap, const char* what, const char* with);
 /* Set err (printf-style); returns -1 so that callers can `return mr_fail(err, ...)`. */
 int mr_fail(mr_error* err, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* ---- quotas (workspace.c; docs/protocol.md "Quotas", workbench/runtime/quota.py words them alike) ---- */
+/* n bytes for people: "512 bytes", "1.5 KiB", "4.0 GiB" (binary units, one decimal); returns buf. */
+const char* mr_format_size(uint64_t n, char* buf, size_t cap);
+/* err = BAD_REQUEST "<what> would put the session workspace over its <limit> quota (max_workspace_bytes /
+   --max-workspace-bytes; <used> used): remove files or start the server with a larger --max-workspace-bytes";
+   returns -1. The same for the files quota and the tensor quota. */
+int mr_quota_workspace_bytes(mr_error* err, const char* what, uint64_t limit, uint64_t used);
+int mr_quota_workspace_files(mr_error* err, const char* what, uint64_t limit, uint64_t used);
+int mr_quota_tensor_bytes(mr_error* err, const char* what, uint64_t limit, uint64_t used);
+
 /* ---- sha256.c ----------------------------------------------------------- */
 void mr_sha256(const void* data, size_t len, uint8_t out[32]);
 /* HMAC-SHA256(key, msg1 || msg2); msg2 may be NULL with len2 0. */
@@ -157,10 +167,13 @@ int mr_syslib_complete(mr_strlist* kernels, mr_error* err);
  *   cc -shared -fPIC -o out_so -Wl,--whole-archive ./objects.a -Wl,--no-whole-archive -lm
  * in work_dir (fork+execvp, stdout/stderr captured; the link's error text names tar members, never server
  * paths). `cc` is the device's compiler (mr_find_cc). `display` names the tar in errors.
+ * The archive is read as a stream; its uncompressed bytes may not pass quota_limit - quota_used (the session
+ * workspace's byte quota and what it holds; quota_limit 0: no quota), checked at each member's header before
+ * its data is read and while decompressing (mr_quota_workspace_bytes), nor 4 GiB.
  * Returns 0, or -1 with err.
  */
 int mr_link_tar(const char* tar_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
-                mr_error* err);
+                uint64_t quota_limit, uint64_t quota_used, mr_error* err);
 /* The device's C compiler: `preferred` if not NULL/empty, else $WORKBENCH_CC, $CC, then cc, gcc, clang on
  * PATH. NULL if there is none (then linking a .tar is MR_UNSUPPORTED "this device has no C compiler …"). */
 const char* mr_find_cc(const char* preferred);

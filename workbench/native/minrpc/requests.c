@@ -349,9 +349,24 @@ static int do_upload(const mp_node* args, mr_error* err) {
         mr_fail(err, MR_PATH_DENIED, "cannot write over the workspace directory itself; name a file");
         goto out;
     }
-    if (ws_make_parents(S.ws, full)) {
+    /* the quotas, before anything is written: the file it replaces is credited */
+    struct stat old;
+    uint64_t old_size = 0, new_entries = 1, size = S.bulk_left;
+    if (lstat(full, &old) == 0) {
+        old_size = S_ISDIR(old.st_mode) ? 0 : (uint64_t)old.st_size;
+        new_entries = 0;
+    }
+    uint64_t new_dirs = ws_missing_dirs(S.ws, full);
+    char what_bytes[700], what_files[700], sz[32];
+    snprintf(what_bytes, sizeof(what_bytes), "upload of %s to %s", mr_format_size(size, sz, sizeof(sz)), shown);
+    snprintf(what_files, sizeof(what_files), "upload to %s", shown);
+    if (ws_check_room(S.ws, what_bytes, what_files, size, old_size, new_entries + new_dirs, err)) goto out;
+    int made = ws_make_parents(S.ws, full);
+    int made_errno = errno;
+    ws_charge(S.ws, 0, (int64_t)(new_dirs - ws_missing_dirs(S.ws, full)));
+    if (made) {
         mr_fail(err, MR_REMOTE, "cannot create the directories of %s in the session workspace: %s", shown,
-                strerror(errno));
+                strerror(made_errno));
         goto out;
     }
     /* written beside its target and renamed over it: a module loaded from the old file is never changed */
@@ -390,6 +405,7 @@ static int do_upload(const mp_node* args, mr_error* err) {
                 e == EISDIR ? " (it is a directory: remove it first)" : "");
         goto out;
     }
+    ws_charge(S.ws, (int64_t)size - (int64_t)old_size, (int64_t)new_entries);
     mp_put_nil(&S.c->out);
     rc = 0;
 out:
@@ -437,7 +453,13 @@ static int do_remove(const mp_node* args, mr_error* err) {
     struct stat st;
     if (strcmp(full, S.ws->root) == 0) rc = mr_fail(err, MR_PATH_DENIED, "cannot remove the workspace directory itself");
     else if (lstat(full, &st) != 0) rc = mr_fail(err, MR_NOT_FOUND, "no file %s in the session workspace", shown);
-    else if (mr_remove_tree(full) != 0) rc = mr_fail(err, MR_REMOTE, "cannot remove %s: %s", shown, strerror(errno));
+    else {
+        uint64_t bytes, entries, left_bytes, left_entries;
+        ws_tree_usage(full, &bytes, &entries);
+        if (mr_remove_tree(full) != 0) rc = mr_fail(err, MR_REMOTE, "cannot remove %s: %s", shown, strerror(errno));
+        ws_tree_usage(full, &left_bytes, &left_entries); /* what could not be removed stays counted */
+        ws_charge(S.ws, (int64_t)left_bytes - (int64_t)bytes, (int64_t)left_entries - (int64_t)entries);
+    }
     free(full);
     if (rc == 0) mp_put_nil(&S.c->out);
     return rc;
@@ -618,7 +640,7 @@ static char* link_tar(const char* tar, const char* name, const char* so_name, mr
     snprintf(work, n, "%s.objs", so);
     int rc;
     if (mkdir(work, 0700) != 0) rc = mr_fail(err, MR_REMOTE, "cannot create a directory to link %s: %s", name, strerror(errno));
-    else rc = mr_link_tar(tar, name, work, so, cc, err);
+    else rc = mr_link_tar(tar, name, work, so, cc, S.ws->max_bytes, S.ws->used_bytes, err);
     mr_remove_tree(work);
     free(work);
     if (rc) {
@@ -649,12 +671,31 @@ static int do_load_module(const mp_node* args, mr_error* err) {
         mr_fail(err, MR_NOT_FOUND, "no file %s in the session workspace; upload it first", shown);
         goto out;
     }
+    /* the private copy (or the library linked from a .tar) counts against the workspace's quotas until the
+       session ends, at its full size even when hard-linked: the client may remove the file it came from */
+    char what_bytes[800], what_files[700], sz[32];
     if (is_tar) {
         char stem[512];
         snprintf(stem, sizeof(stem), "%.*s.so", (int)(strlen(name) - 4), name);
         so = link_tar(full, name, stem, err);
         if (!so) goto out;
+        struct stat linked;
+        uint64_t linked_size = stat(so, &linked) == 0 ? (uint64_t)linked.st_size : 0;
+        snprintf(what_bytes, sizeof(what_bytes), "the library linked from %s (%s)", name,
+                 mr_format_size(linked_size, sz, sizeof(sz)));
+        snprintf(what_files, sizeof(what_files), "the library linked from %s", name);
+        if (ws_check_room(S.ws, what_bytes, what_files, linked_size, 0, 1, err)) {
+            unlink(so);
+            goto out;
+        }
+        ws_charge(S.ws, (int64_t)linked_size, 1);
     } else {
+        snprintf(what_bytes, sizeof(what_bytes),
+                 "loading %s (%s; a loaded module keeps a private copy until the session ends)", shown,
+                 mr_format_size((uint64_t)st.st_size, sz, sizeof(sz)));
+        snprintf(what_files, sizeof(what_files),
+                 "loading %s (a loaded module keeps a private copy until the session ends)", shown);
+        if (ws_check_room(S.ws, what_bytes, what_files, (uint64_t)st.st_size, 0, 1, err)) goto out;
         /* a private copy under a new path: the loader caches libraries by path, so a re-uploaded lib.so
            must not hand back the old code */
         so = ws_private_path(S.ws, name);
@@ -664,11 +705,19 @@ static int do_load_module(const mp_node* args, mr_error* err) {
         }
         if (copy_file(full, so) != 0) {
             mr_fail(err, MR_REMOTE, "cannot copy %s to load it: %s", shown, strerror(errno));
+            unlink(so);
             goto out;
         }
+        struct stat copied;
+        ws_charge(S.ws, stat(so, &copied) == 0 ? (int64_t)copied.st_size : 0, 1);
     }
     mr_module* m = open_library(so, name, err);
     if (m) rc = module_reply(m, err);
+    if (rc) { /* a failed load keeps no copy (a library that was opened stays mapped: removing its file is safe) */
+        uint64_t bytes, entries;
+        ws_tree_usage(so, &bytes, &entries);
+        if (entries && unlink(so) == 0) ws_charge(S.ws, -(int64_t)bytes, -(int64_t)entries);
+    }
 out:
     free(so);
     free(full);
@@ -1113,18 +1162,24 @@ static int do_tensor_alloc(const mp_node* args, mr_error* err) {
         else nbytes *= d;
     }
     if (zero) nbytes = 0, overflow = 0;
+    char tuple[256]; /* the shape as Python shows a tuple */
+    size_t used = (size_t)snprintf(tuple, sizeof(tuple), "(");
+    for (uint32_t i = 0; i < shape->len && used < sizeof(tuple); ++i)
+        used += (size_t)snprintf(tuple + used, sizeof(tuple) - used, "%s%lld", i ? ", " : "",
+                                 (long long)shape->v.items[i].v.i);
+    if (used < sizeof(tuple)) snprintf(tuple + used, sizeof(tuple) - used, shape->len == 1 ? ",)" : ")");
     if (overflow || nbytes > MAX_TENSOR_BYTES) {
-        char tuple[256];
-        size_t used = (size_t)snprintf(tuple, sizeof(tuple), "(");
-        for (uint32_t i = 0; i < shape->len && used < sizeof(tuple); ++i)
-            used += (size_t)snprintf(tuple + used, sizeof(tuple) - used, "%s%lld", i ? ", " : "",
-                                     (long long)shape->v.items[i].v.i);
-        if (used < sizeof(tuple)) snprintf(tuple + used, sizeof(tuple) - used, shape->len == 1 ? ",)" : ")");
         char size[64];
         if (overflow) snprintf(size, sizeof(size), "more than %llu", (unsigned long long)UINT64_MAX);
         else snprintf(size, sizeof(size), "%llu", (unsigned long long)nbytes);
         return mr_fail(err, MR_BAD_REQUEST, "a %s tensor of shape %s needs %s bytes, over the %llu-byte limit of one "
                                             "tensor; split it", dname, tuple, size, (unsigned long long)MAX_TENSOR_BYTES);
+    }
+    uint64_t quota = S.cfg->max_tensor_bytes;
+    if (quota && (nbytes > quota || S.tensor_bytes > quota - nbytes)) {
+        char what[400], sz[32];
+        snprintf(what, sizeof(what), "a %s tensor of shape %s (%s)", dname, tuple, mr_format_size(nbytes, sz, sizeof(sz)));
+        return mr_quota_tensor_bytes(err, what, quota, S.tensor_bytes);
     }
     mr_tensor* t = (mr_tensor*)calloc(1, sizeof(mr_tensor) + (shape->len ? shape->len : 1) * sizeof(int64_t));
     if (!t) return mr_fail(err, MR_REMOTE, "out of memory");
@@ -1492,6 +1547,7 @@ void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_con
     S.ws = ws;
     S.shared = shared;
     S.reply_fd = -1;
+    ws_set_quotas(ws, cfg->max_workspace_bytes, cfg->max_workspace_files);
     /* a kernel still running MR_CANCEL_GRACE_MS after the client's CANCEL (or its leaving) is stopped */
     if (wb_guard_watch(c->rfd, MR_CANCEL_GRACE_MS) != 0)
         mr_log_info("cannot start the call watcher: a kernel that never returns cannot be cancelled");

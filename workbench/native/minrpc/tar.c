@@ -19,6 +19,9 @@
  * Tar formats: ustar (POSIX prefix), GNU (long names 'L'/'K', old sparse 'S'), pax ('x' and global 'g'
  * records: path, linkpath, size, GNU.sparse.*), v7; plain or gzip-compressed (a small DEFLATE decoder below,
  * RFC 1951/1952). At most 10000 members; names up to 4096 bytes; truncated or corrupt archives are refused.
+ * The uncompressed bytes count against what the session workspace's byte quota has left: a member whose size
+ * does not fit is refused at its header, before any of its data is read, and the decompression stops as soon
+ * as the count is over (what the archive wrote is removed with work_dir by the caller); 4 GiB at most.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -153,6 +156,9 @@ typedef struct {
     int failed;    /* a read failed: why says it */
     char why[200];
     uint64_t delivered; /* bytes handed to the tar reader */
+    uint64_t limit;     /* what the archive may expand to: TAR_MAX_BYTES, or less, what the quota has left */
+    uint64_t quota_limit, quota_used, quota_left; /* the workspace's byte quota (0: none) */
+    int over_quota;     /* the expansion went past quota_left */
     /* compressed input */
     uint8_t in[COPY_CHUNK];
     size_t in_pos, in_len;
@@ -495,8 +501,24 @@ static long src_read(source* s, void* buf, size_t n) {
         }
     }
     s->delivered += got;
-    if (s->delivered > TAR_MAX_BYTES) return src_fail(s, "it expands to more than 4 GiB");
+    if (s->delivered > s->limit) {
+        if (s->limit < TAR_MAX_BYTES) { /* the quota's limit (reported by source_error) */
+            s->over_quota = 1;
+            return src_fail(s, "it expands past the workspace's quota");
+        }
+        return src_fail(s, "it expands to more than 4 GiB");
+    }
     return (long)got;
+}
+
+/* Why reading the archive failed, in err: the workspace's quota, or "not a readable tar archive: ...". */
+static int source_error(source* s, const char* display, mr_error* err) {
+    if (s->over_quota) {
+        char what[600], sz[32];
+        snprintf(what, sizeof(what), "expanding %s past %s", display, mr_format_size(s->limit, sz, sizeof(sz)));
+        return mr_quota_workspace_bytes(err, what, s->quota_limit, s->quota_used);
+    }
+    return source_error(s, display, err);
 }
 
 /* ======================================================================================================
@@ -723,7 +745,7 @@ static int extract_objects(source* s, const char* display, const char* work_dir,
     for (;;) {
         long got = src_read(s, header, TAR_BLOCK);
         if (got < 0) {
-            mr_fail(err, MR_REMOTE, "%s is not a readable tar archive: %s", display, s->why);
+            source_error(s, display, err);
             goto done;
         }
         if (got < TAR_BLOCK) {
@@ -741,7 +763,7 @@ static int extract_objects(source* s, const char* display, const char* work_dir,
             while (s->gz && (got = src_read(s, buf, COPY_CHUNK)) == COPY_CHUNK) {
             }
             if (got < 0) {
-                mr_fail(err, MR_REMOTE, "%s is not a readable tar archive: %s", display, s->why);
+                source_error(s, display, err);
                 goto done;
             }
             break;
@@ -855,6 +877,15 @@ static int extract_objects(source* s, const char* display, const char* work_dir,
             }
         }
         uint64_t data_size = has_no_data(type) ? 0 : size;
+        /* the quota, at the header: a member that would not fit is refused before any of its data is read */
+        if (s->quota_limit && data_size && s->delivered + data_size > s->quota_left) {
+            char what[1400], sz[32];
+            py_repr(name, strlen(name), shown, sizeof(shown));
+            snprintf(what, sizeof(what), "extracting the .tar member %s of %s (%s)", shown, display,
+                     mr_format_size(data_size, sz, sizeof(sz)));
+            mr_quota_workspace_bytes(err, what, s->quota_limit, s->quota_used + s->delivered);
+            goto done;
+        }
         int fd = -1;
         if (ends_with(name, ".o") || ends_with(name, ".obj")) {
             const char* problem = member_problem(name, type, sparse, linkname, problem_buf, sizeof(problem_buf));
@@ -918,7 +949,7 @@ stream_error:
     if (status == -4)
         mr_fail(err, MR_REMOTE, "out of memory reading %s", display);
     else if (status == -1)
-        mr_fail(err, MR_REMOTE, "%s is not a readable tar archive: %s", display, s->why);
+        source_error(s, display, err);
     else
         mr_fail(err, MR_REMOTE, "%s is not a readable tar archive: it ends inside member %d; it is truncated "
                 "(upload it again)", display, members);
@@ -1388,7 +1419,7 @@ static int run_linker(const char* cc, const char* work_dir, const char* display,
  * The entry points.
  * ====================================================================================================== */
 int mr_link_tar(const char* tar_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
-                mr_error* err) {
+                uint64_t quota_limit, uint64_t quota_used, mr_error* err) {
     crc_init();
     if (!cc || !*cc)
         return mr_fail(err, MR_UNSUPPORTED,
@@ -1416,6 +1447,10 @@ int mr_link_tar(const char* tar_path, const char* display, const char* work_dir,
     }
     s->fd = fd;
     s->gz = got >= 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+    s->quota_limit = quota_limit;
+    s->quota_used = quota_used;
+    s->quota_left = quota_limit > quota_used ? quota_limit - quota_used : 0;
+    s->limit = quota_limit && s->quota_left < TAR_MAX_BYTES ? s->quota_left : TAR_MAX_BYTES;
     s->state = GZ_MEMBER_HEADER;
     object_list objects;
     memset(&objects, 0, sizeof(objects));

@@ -223,3 +223,179 @@ int mr_remove_tree(const char* path) {
     if (nftw(path, remove_one, 32, FTW_DEPTH | FTW_PHYS) != 0) return -1;
     return lstat(path, &st) == 0 ? -1 : 0;
 }
+
+/* ---- quotas ---------------------------------------------------------------------------------------- */
+const char* mr_format_size(uint64_t n, char* buf, size_t cap) {
+    static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    if (n < 1024) {
+        snprintf(buf, cap, n == 1 ? "1 byte" : "%llu bytes", (unsigned long long)n);
+        return buf;
+    }
+    double value = (double)n;
+    int unit = 0;
+    while (value >= 1024 && unit < 5) {
+        value /= 1024;
+        ++unit;
+    }
+    snprintf(buf, cap, "%.1f %s", value, units[unit]);
+    return buf;
+}
+
+static int quota_bytes(mr_error* err, const char* what, uint64_t limit, uint64_t used, const char* whose,
+                       const char* its, const char* option, const char* flag, const char* fix) {
+    char l[32], u[32];
+    return mr_fail(err, MR_BAD_REQUEST,
+                   "%s would put %s over %s %s quota (%s / %s; %s used): %s or start the server with a larger %s", what,
+                   whose, its, mr_format_size(limit, l, sizeof(l)), option, flag, mr_format_size(used, u, sizeof(u)), fix,
+                   flag);
+}
+
+int mr_quota_workspace_bytes(mr_error* err, const char* what, uint64_t limit, uint64_t used) {
+    return quota_bytes(err, what, limit, used, "the session workspace", "its", "max_workspace_bytes",
+                       "--max-workspace-bytes", "remove files");
+}
+
+int mr_quota_tensor_bytes(mr_error* err, const char* what, uint64_t limit, uint64_t used) {
+    return quota_bytes(err, what, limit, used, "the session's tensors", "their", "max_tensor_bytes",
+                       "--max-tensor-bytes", "free tensors");
+}
+
+int mr_quota_workspace_files(mr_error* err, const char* what, uint64_t limit, uint64_t used) {
+    return mr_fail(err, MR_BAD_REQUEST,
+                   "%s would put the session workspace over its quota of %llu files and directories "
+                   "(max_workspace_files / --max-workspace-files; %llu used): remove files or start the server with a "
+                   "larger --max-workspace-files",
+                   what, (unsigned long long)limit, (unsigned long long)used);
+}
+
+int mr_parse_size(const char* text, uint64_t* out) {
+    const char* p = text;
+    while (*p == ' ' || *p == '\t') ++p;
+    if (*p < '0' || *p > '9') return -1;
+    /* digits and an optional fraction (its first 9 digits), exact: no strtod, so no locale and no rounding */
+    uint64_t whole = 0, frac = 0, scale = 1;
+    for (; *p >= '0' && *p <= '9'; ++p) {
+        if (whole > (UINT64_MAX - 9) / 10) return -1;
+        whole = whole * 10 + (uint64_t)(*p - '0');
+    }
+    if (*p == '.') {
+        ++p;
+        if (*p < '0' || *p > '9') return -1;
+        for (; *p >= '0' && *p <= '9'; ++p)
+            if (scale < 1000000000ULL) {
+                frac = frac * 10 + (uint64_t)(*p - '0');
+                scale *= 10;
+            }
+    }
+    while (*p == ' ' || *p == '\t') ++p;
+    int shift = 0;
+    const char* units = "kmgtp";
+    if (*p) {
+        const char* u = strchr(units, *p | 0x20);
+        if (u && *p != '\0') {
+            shift = 10 * (int)(u - units + 1);
+            ++p;
+        }
+        if ((*p | 0x20) == 'i' && (p[1] | 0x20) == 'b') p += 2;
+        else if ((*p | 0x20) == 'b') p += 1;
+    }
+    while (*p == ' ' || *p == '\t') ++p;
+    if (*p) return -1;
+    const uint64_t max = (uint64_t)INT64_MAX;
+    if (shift && whole > max >> shift) return -1;
+    uint64_t value = whole << shift;
+    uint64_t part = 0, rest = frac; /* floor(frac * 2^shift / scale) by long division: exact, no overflow */
+    for (int i = 0; i < shift; ++i) {
+        rest <<= 1;
+        part <<= 1;
+        if (rest >= scale) {
+            rest -= scale;
+            part |= 1;
+        }
+    }
+    if (value > max - part) return -1;
+    *out = value + part;
+    return 0;
+}
+
+uint64_t mr_default_tensor_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    uint64_t total = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
+    static const char* limits[] = {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (size_t i = 0; i < sizeof(limits) / sizeof(limits[0]); ++i) {
+        FILE* f = fopen(limits[i], "re");
+        if (!f) continue;
+        char line[64] = "";
+        char* got = fgets(line, sizeof(line), f);
+        fclose(f);
+        char* end = NULL;
+        unsigned long long v = got ? strtoull(line, &end, 10) : 0;
+        if (got && end != line && (*end == '\n' || *end == '\0') && v > 0 && v < (total ? total : UINT64_MAX))
+            total = v;
+        break;
+    }
+    return total / 2;
+}
+
+static uint64_t usage_bytes, usage_entries; /* nftw's callback has no context pointer */
+
+static int count_one(const char* path, const struct stat* st, int flag, struct FTW* ftw) {
+    (void)path;
+    (void)ftw;
+    usage_entries++;
+    if (flag == FTW_F || flag == FTW_SL || flag == FTW_SLN) usage_bytes += (uint64_t)st->st_size;
+    return 0;
+}
+
+void ws_tree_usage(const char* path, uint64_t* bytes, uint64_t* entries) {
+    usage_bytes = usage_entries = 0;
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) nftw(path, count_one, 32, FTW_PHYS);
+        else usage_bytes = (uint64_t)st.st_size, usage_entries = 1;
+    }
+    *bytes = usage_bytes;
+    *entries = usage_entries;
+}
+
+void ws_set_quotas(mr_workspace* ws, uint64_t max_bytes, uint64_t max_files) {
+    uint64_t b1, e1, b2, e2;
+    ws->max_bytes = max_bytes;
+    ws->max_files = max_files;
+    ws_tree_usage(ws->root, &b1, &e1);
+    ws_tree_usage(ws->private_dir, &b2, &e2);
+    ws->used_bytes = b1 + b2;
+    ws->used_files = e1 + e2 >= 2 ? e1 + e2 - 2 : 0; /* the two directories themselves are not the client's */
+}
+
+int ws_check_room(const mr_workspace* ws, const char* what_bytes, const char* what_files, uint64_t add_bytes,
+                  uint64_t freed_bytes, uint64_t add_files, mr_error* err) {
+    uint64_t after = ws->used_bytes > freed_bytes ? ws->used_bytes - freed_bytes : 0;
+    if (ws->max_bytes && (add_bytes > ws->max_bytes || after > ws->max_bytes - add_bytes))
+        return mr_quota_workspace_bytes(err, what_bytes, ws->max_bytes, ws->used_bytes);
+    if (ws->max_files && add_files && ws->used_files + add_files > ws->max_files)
+        return mr_quota_workspace_files(err, what_files, ws->max_files, ws->used_files);
+    return 0;
+}
+
+void ws_charge(mr_workspace* ws, int64_t bytes, int64_t files) {
+    ws->used_bytes = bytes < 0 && (uint64_t)-bytes > ws->used_bytes ? 0 : ws->used_bytes + (uint64_t)bytes;
+    ws->used_files = files < 0 && (uint64_t)-files > ws->used_files ? 0 : ws->used_files + (uint64_t)files;
+}
+
+uint64_t ws_missing_dirs(const mr_workspace* ws, const char* full) {
+    char* dir = strdup(full);
+    if (!dir) return 0;
+    size_t rl = strlen(ws->root);
+    uint64_t missing = 0;
+    struct stat st;
+    for (;;) {
+        char* slash = strrchr(dir, '/');
+        if (!slash) break;
+        *slash = '\0';
+        if (strlen(dir) <= rl || lstat(dir, &st) == 0) break;
+        ++missing;
+    }
+    free(dir);
+    return missing;
+}

@@ -22,6 +22,7 @@ from ...runtime import registry
 from ...runtime.devices import DEVICE_NAMES, device_name
 from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ...runtime.modules import link_tar, load_module
+from ...runtime.quota import Quotas, format_size
 from ...runtime.storage import DeviceTensor
 from ...runtime.tvm_bridge import TVMModule
 from ...runtime.timer import check_time_options, python_runner, time_repeats
@@ -94,8 +95,19 @@ class Reply:
 
 
 class SessionHandler:
-    def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None):
+    """One session's objects and workspace, and the answers to its requests.
+
+    ``quotas`` (None: no limits, as an in-process LocalSession has) bound its
+    workspace and its tensors; a request over one is refused with
+    QuotaExceededError and the session goes on.
+    """
+
+    def __init__(self, workspace: Workspace | None = None, system_libs: list[NativeLibrary] | None = None,
+                 quotas: Quotas | None = None):
         self.workspace = workspace or Workspace()
+        self.quotas = quotas or Quotas()
+        self.workspace.set_quotas(self.quotas)
+        self.tensor_bytes = 0  # of the live tensors the client allocated
         self._system_libs = system_libs or []
         self._objects: dict[int, Any] = {}
         self._shared: dict[int, int] = {}  # handles per tensor, for tensors a call handed out (_hand_out)
@@ -166,6 +178,7 @@ class SessionHandler:
             tensor.release()
         self._objects.clear()
         self._shared.clear()
+        self.tensor_bytes = 0
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
@@ -235,12 +248,12 @@ class SessionHandler:
 
     # -- requests ---------------------------------------------------------------
     def ping(self, args: list, bulk: Bulk | None) -> Any:
-        tensors = [o for o in self._objects.values() if isinstance(o, DeviceTensor)]
-        return {"objects": len(self._objects), "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors)}
+        tensors = sum(isinstance(o, DeviceTensor) for o in self._objects.values())
+        return {"objects": len(self._objects), "tensors": tensors, "tensor_bytes": self.tensor_bytes}
 
     def upload(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "UPLOAD")
-        self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None)
+        self.workspace.write(args[0], bulk.write_to if bulk else lambda fd: None, bulk.size if bulk else 0)
         return None
 
     def download(self, args: list, bulk: Bulk | None) -> Any:
@@ -263,7 +276,7 @@ class SessionHandler:
 
     def load_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LOAD_MODULE")
-        return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace.private_path))
+        return self._module_reply(load_module(self.workspace.resolve(args[0]), self.workspace))
 
     def link_module(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "LINK_MODULE")
@@ -272,8 +285,11 @@ class SessionHandler:
             raise BadRequestError(f"download_linked_module takes a .tar of object files, not {args[0]!r}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no file {args[0]!r} in the session workspace; upload it first")
-        so = link_tar(path, self.workspace.private_path(os.path.basename(path) + ".so"))
-        f = open(so, "rb")
+        so = link_tar(path, self.workspace.private_path(os.path.basename(path) + ".so"), self.workspace)
+        try:
+            f = open(so, "rb")
+        finally:
+            os.unlink(so)  # sent from the open file, then gone: the client has it (not counted against the quota)
         size = os.fstat(f.fileno()).st_size
         return Reply(size, file=(f, size))
 
@@ -338,6 +354,8 @@ class SessionHandler:
         count = self._shared.get(id(tensor))
         if count is None:
             count = sum(1 for o in self._objects.values() if o is tensor)
+            if not count:  # made by the function: the session's from now on
+                self.tensor_bytes += tensor.nbytes
         self._shared[id(tensor)] = count + 1
         return self._add(Ext.TENSOR, tensor)
 
@@ -345,10 +363,21 @@ class SessionHandler:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor
         shape, dtype, dev_type, dev_id = args
         self.check_device(dev_type, dev_id)
-        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id))
-        if bulk is not None:
-            bulk.read_into(tensor.view())
+        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), self._admit if self.quotas.tensor_bytes else None)
+        try:
+            if bulk is not None:
+                bulk.read_into(tensor.view())
+        except BaseException:
+            tensor.release()
+            raise
+        self.tensor_bytes += tensor.nbytes
         return self._add(Ext.TENSOR, tensor)
+
+    def _admit(self, tensor: DeviceTensor) -> None:
+        """QuotaExceededError if ``tensor`` would take the session's tensors over their quota."""
+        if self.tensor_bytes + tensor.nbytes > self.quotas.tensor_bytes:
+            raise self.quotas.tensor_bytes_error(
+                f"a {tensor.dtype} tensor of shape {tensor.shape} ({format_size(tensor.nbytes)})", self.tensor_bytes)
 
     def tensor_write(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_WRITE")
@@ -372,6 +401,7 @@ class SessionHandler:
                     if left > 0:
                         self._shared[id(obj)] = left
                     else:
+                        self.tensor_bytes -= obj.nbytes
                         obj.release()
         return None
 

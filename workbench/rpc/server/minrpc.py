@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from ..wire.handshake import TOKEN_ENV, check_seconds
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, check_token
-from .server import PREEMPT_IDLE_S, check_max_sessions
+from .server import PREEMPT_IDLE_S, check_max_sessions, check_quotas
 
 log = logging.getLogger("workbench.rpc.minrpc")
 
@@ -59,7 +59,10 @@ class MinRPCServer:
 
     Limits as ``rpc.Server``'s: ``max_sessions``, ``idle_timeout``,
     ``handshake_timeout``, ``preempt_idle`` (a session idle this long yields its
-    slot when the server is full; None: never) and the per-address share.
+    slot when the server is full; None: never) and the per-address share, and
+    the per-session quotas ``max_workspace_bytes``, ``max_workspace_files`` and
+    ``max_tensor_bytes`` (None: minrpc's defaults, the same as ``rpc.Server``'s;
+    0: no limit).
 
     ``auth_token`` (None: ``$WORKBENCH_RPC_TOKEN``) and ``registration_token``
     (None: ``$WORKBENCH_REGISTRATION_TOKEN``) reach the server through its
@@ -95,6 +98,9 @@ class MinRPCServer:
         handshake_timeout: float | None = None,
         start_timeout: float = START_TIMEOUT_S,
         preempt_idle: float | None = PREEMPT_IDLE_S,
+        max_workspace_bytes: int | str | None = None,
+        max_workspace_files: int | None = None,
+        max_tensor_bytes: int | str | None = None,
     ):
         from ...cc.targets import parse_target
         from ...native import build_minrpc
@@ -130,6 +136,9 @@ class MinRPCServer:
                 args += [flag, f"{seconds:g}"]
         preempt = check_seconds("preempt_idle", preempt_idle)
         args += ["--preempt-idle", f"{preempt:g}" if preempt is not None else "0"]
+        for option, value in check_quotas(max_workspace_bytes, max_workspace_files, max_tensor_bytes).items():
+            if value is not None:
+                args += ["--" + option.replace("_", "-"), str(value)]
         if silent:
             args.append("--silent")
         self.command = self.emulator.command(self.binary, *args) if self.emulator else [self.binary, *args]

@@ -67,6 +67,7 @@ from ..wire.protocol import (
 )
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, RefusalLog, TrackerRegistration, registration_proof
 from .secrets import hide_from_kernels
+from ...runtime.quota import Quotas
 from .server import ServerConfig, address_share, default_max_sessions, resolve_callable
 from ..service.loop import ServiceLoop, bind_port, refuse
 from ..service.process import service_main, setup_logging, stop_on_signals
@@ -277,6 +278,7 @@ class ServeLoop(ServiceLoop):
 
         self.config = config
         self.max_sessions = config.max_sessions or default_max_sessions()
+        self.quotas = Quotas.resolve(config.max_workspace_bytes, config.max_workspace_files, config.max_tensor_bytes)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         room = 1 << 20 if soft == resource.RLIM_INFINITY else soft - 64 - 2 * self.max_sessions
         self.max_pending = max(16, min(room, 1024))  # connections in their handshake; the oldest makes room
@@ -660,6 +662,7 @@ class ServeLoop(ServiceLoop):
             cmd += ["--idle-timeout", str(cfg.idle_timeout)]
         if cfg.init:
             cmd += ["--init", cfg.init]
+        cmd += self.quotas.worker_args()
         env = dict(os.environ)
         for name in (TOKEN_ENV, REGISTRATION_TOKEN_ENV):
             env.pop(name, None)  # the worker needs no token: the handshake is done
@@ -692,6 +695,7 @@ class ServeLoop(ServiceLoop):
             code = serve_accepted(
                 SocketChannel(conn), Workspace(workspace), opts, key=self.config.key, system_libs=self.system_libs,
                 sock=conn, io_timeout=self.config.timeout, idle_timeout=self.config.idle_timeout, report=report,
+                quotas=self.quotas,
             )
         except BaseException:
             log.exception("session worker failed")

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ...runtime.quota import check_count, parse_size
 from ..wire.handshake import HANDSHAKE_TIMEOUT_S, check_seconds
 from ..tracker.registration import REGISTRATION_TOKEN_ENV, token_or_env
 from ..service.process import ServiceHandle
@@ -85,6 +86,30 @@ class ServerConfig:
     preempt_idle: float | None = PREEMPT_IDLE_S  # a session idle this long gives its slot to a refused client
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S  # for the whole handshake, from accept to CONNECT
     registration_token: str | None = None  # proved to the tracker or proxy this server registers with
+    # per-session quotas (workbench.runtime.quota): None the default, 0 no limit
+    max_workspace_bytes: int | None = None  # default 4 GiB
+    max_workspace_files: int | None = None  # default 10000 files and directories
+    max_tensor_bytes: int | None = None  # default half the memory of the machine the server runs on
+
+
+def check_quotas(max_workspace_bytes: object = None, max_workspace_files: object = None,
+                 max_tensor_bytes: object = None, *, flags: bool = False) -> dict[str, int | None]:
+    """The quota options as ``ServerConfig`` keeps them (bytes; None: the default), or ValueError naming one
+    (as a command-line flag with ``flags``).
+
+        >>> check_quotas(max_workspace_bytes="512M")["max_workspace_bytes"]
+        536870912
+    """
+    def name(option: str) -> str:
+        return "--" + option.replace("_", "-") if flags else option
+
+    return {
+        "max_workspace_bytes": None if max_workspace_bytes is None
+        else parse_size(max_workspace_bytes, name("max_workspace_bytes")),
+        "max_workspace_files": None if max_workspace_files is None
+        else check_count(max_workspace_files, name("max_workspace_files")),
+        "max_tensor_bytes": None if max_tensor_bytes is None else parse_size(max_tensor_bytes, name("max_tensor_bytes")),
+    }
 
 
 def callable_spec(func: Callable | str) -> str:
@@ -135,7 +160,12 @@ class Server(ServiceHandle):
     session idle for ``preempt_idle`` seconds (default 15 min; None: never) gives
     its slot to the new client, and its own client is told why; one client
     address holds at most ``address_share(max_sessions)`` sessions (all but a
-    quarter of the slots). ``timeout`` is TVM's: the
+    quarter of the slots). Each session's workspace holds at most
+    ``max_workspace_bytes`` (default 4 GiB) in at most ``max_workspace_files``
+    files and directories (default 10000), and its tensors take at most
+    ``max_tensor_bytes`` (default half the machine's memory); sizes are bytes or
+    strings such as ``"512M"``, 0 is no limit, and a request over a quota is
+    refused with ``QuotaExceededError`` (the session goes on). ``timeout`` is TVM's: the
     socket timeout of a session's reads and writes.
     ``registration_token`` (None: ``$WORKBENCH_REGISTRATION_TOKEN``) is what
     the server proves when it registers with ``tracker_addr``, or waits at a
@@ -175,6 +205,9 @@ class Server(ServiceHandle):
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         registration_token: str | None = None,
         preempt_idle: float | None = PREEMPT_IDLE_S,
+        max_workspace_bytes: int | str | None = None,
+        max_workspace_files: int | None = None,
+        max_tensor_bytes: int | str | None = None,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -203,6 +236,7 @@ class Server(ServiceHandle):
             preempt_idle=check_seconds("preempt_idle", preempt_idle),
             handshake_timeout=check_seconds("handshake_timeout", handshake_timeout, allow_none=False),
             registration_token=token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV),
+            **check_quotas(max_workspace_bytes, max_workspace_files, max_tensor_bytes),
         )
         self.host = host
         self.key = key

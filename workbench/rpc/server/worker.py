@@ -37,6 +37,7 @@ from ...errors import (
 )
 from ...runtime import ffi
 from ...runtime.ffi import NativeLibrary, shim
+from ...runtime.quota import DEFAULT_WORKSPACE_BYTES, DEFAULT_WORKSPACE_FILES, Quotas, format_size
 from ...runtime.workspace import Workspace
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
 from .handler import Bulk, Reply, SessionHandler, device_info, error_text
@@ -449,6 +450,7 @@ def serve_accepted(
     io_timeout: float | None = None,
     idle_timeout: float | None = None,
     report: EndReport | None = None,
+    quotas: Quotas | None = None,
 ) -> int:
     """Serve a session whose CONNECT the server accepted (``check_connect``): send OK, then answer requests.
 
@@ -470,7 +472,7 @@ def serve_accepted(
             info["proof"] = opts["proof"]
         chan.send_frame(Kind.OK, info)
         return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
-                      idle_timeout=idle_timeout, report=report, inner=inner)
+                      idle_timeout=idle_timeout, report=report, inner=inner, quotas=quotas)
     except OSError as exc:
         return EXIT_LOST if exc.errno == errno.EBADF else EXIT_CLEAN
     finally:
@@ -491,6 +493,7 @@ def _serve(
     idle_timeout: float | None,
     report: EndReport | None,
     inner: socket.socket | None,
+    quotas: Quotas | None = None,
 ) -> int:
     """After the OK: relay to the inner server (rpc.Connect), or answer requests; the worker's exit code."""
     if inner is not None:
@@ -499,7 +502,7 @@ def _serve(
         return EXIT_CLEAN
     if sock is not None:
         sock.settimeout(io_timeout)
-    handler = SessionHandler(workspace, system_libs)
+    handler = SessionHandler(workspace, system_libs, quotas)
     lock = threading.Lock()
     timers: list[Watchdog | IdleTimer] = []
     fd = sock.fileno() if sock is not None else getattr(chan, "read_fd", -1)
@@ -546,6 +549,7 @@ def run_session(
     matchkey: str | None = None,
     idle_timeout: float | None = None,
     report: EndReport | None = None,
+    quotas: Quotas | None = None,
 ) -> int:
     """Handshake (blocking) and serve one session on ``chan``; return the worker's exit code.
 
@@ -571,7 +575,7 @@ def run_session(
         hide_from_kernels(token, os.environ.get(REGISTRATION_TOKEN_ENV), worker=True)  # the handshake is done
         try:
             return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
-                          idle_timeout=idle_timeout, report=report, inner=inner[0] if inner else None)
+                          idle_timeout=idle_timeout, report=report, inner=inner[0] if inner else None, quotas=quotas)
         except OSError as exc:
             return EXIT_LOST if exc.errno == errno.EBADF else EXIT_CLEAN
     finally:
@@ -669,7 +673,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--idle-timeout", type=float, default=None)
     parser.add_argument("--init", default=None, help="module:function to call before serving")
+    parser.add_argument("--max-workspace-bytes", default=None, metavar="SIZE",
+                        help=f"a session's workspace quota (default {format_size(DEFAULT_WORKSPACE_BYTES)}; 0: none)")
+    parser.add_argument("--max-workspace-files", default=None, metavar="N",
+                        help=f"files and directories a session's workspace may hold (default {DEFAULT_WORKSPACE_FILES})")
+    parser.add_argument("--max-tensor-bytes", default=None, metavar="SIZE",
+                        help="memory a session's tensors may take (default: half the machine's memory; 0: none)")
     args = parser.parse_args(argv)
+    try:
+        quotas = Quotas.resolve(args.max_workspace_bytes, args.max_workspace_files, args.max_tensor_bytes, flags=True)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.init:
         from .server import resolve_callable
@@ -680,14 +694,15 @@ def main(argv: list[str] | None = None) -> int:
     worker_signals()
     if args.stdio:
         token = os.environ.get(TOKEN_ENV) or None
-        return serve_stdio(workspace, key=args.key, token=token, system_libs=libs, idle_timeout=args.idle_timeout)
+        return serve_stdio(workspace, key=args.key, token=token, system_libs=libs, idle_timeout=args.idle_timeout,
+                           quotas=quotas)
     hide_from_kernels(worker=True, always=True)  # the server's worker (no_fork): its tokens were never here
     accepted = json.loads(sys.stdin.readline())
     opts = dict(accepted, proof=bytes.fromhex(accepted["proof"]) if accepted.get("proof") else None)
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     code = serve_accepted(SocketChannel(sock), workspace, opts, key=args.key, system_libs=libs, sock=sock,
-                          io_timeout=args.timeout, idle_timeout=args.idle_timeout)
+                          io_timeout=args.timeout, idle_timeout=args.idle_timeout, quotas=quotas)
     sock.close()
     return code
 
