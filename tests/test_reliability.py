@@ -263,8 +263,10 @@ def test_fuzzed_tracker_messages(row, size):
             worst = max(worst, time.perf_counter() - start)
         r.served_after_s = worst
         assert tracker.alive and r.failures == 0, r.notes
-        assert wait_until(lambda: "fuzz" not in watcher.summary()["queue_info"], timeout=10), \
-            "queues of fuzzed keys outlived their connections"
+        # a key once served stays listed, empty, as TVM lists it (at most MAX_KEYS_KEPT of them): nothing held
+        assert wait_until(lambda: all(q == {"free": 0, "pending": 0} for q in watcher.summary()["queue_info"].values()),
+                          timeout=10), "queues of fuzzed keys kept slots or requests after their connections"
+        assert not watcher.summary()["server_info"]
 
 
 def test_many_sessions_leak_nothing(private_tmpdir, row, size):
