@@ -81,7 +81,7 @@ def test_bad_module_files(remote):
     with pytest.raises(RemoteError, match="not a readable tar"):
         remote.load_module("junk.tar")
     remote.upload(b"x", target="model.onnx")
-    with pytest.raises(UnsupportedError, match=r"shared object \(.so\) or a .tar"):
+    with pytest.raises(UnsupportedError, match=r"shared object \(.so\), an object file \(.o\) or a .tar"):
         remote.load_module("model.onnx")
     with pytest.raises(RemoteNotFoundError, match="upload it first"):
         remote.load_module("absent.so")

@@ -174,3 +174,30 @@ def test_an_unencodable_result_is_a_request_error(extras_session):
     with pytest.raises(BadRequestError, match="returned"):
         extras_session.get_function("tests.a_set")()
     extras_session.ping()  # the session goes on
+
+
+# -- 4. load_module of an object file ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_load_module_links_an_object_file(private_tmpdir, tmp_path, kind):
+    """As TVM's server: an uploaded .o is linked on the device and loaded (TVM's cross-compilation examples)."""
+    src = tmp_path / "add_one.c"
+    src.write_text(ADD_ONE)
+    obj = cc.compile_objects([src], tmp_path)[0]
+    (tmp_path / "junk.o").write_bytes(b"not an object file")
+    srv = start_server(kind)
+    try:
+        with rpc.connect("127.0.0.1", srv.port) as remote:
+            remote.upload(obj, "add_one.o")
+            mod = remote.load_module("add_one.o")
+            dev = remote.cpu(0)
+            a, b = runtime.tensor(np.arange(8, dtype="float32"), dev), runtime.empty((8,), "float32", dev)
+            mod["add_one"](a, b)
+            np.testing.assert_array_equal(b.numpy(), np.arange(8) + 1)
+            remote.upload(str(tmp_path / "junk.o"))
+            with pytest.raises(RuntimeError, match="the object file 'junk.o' is not an ELF object file .*; "
+                                                   "load_module takes relocatable objects compiled with -c"):
+                remote.load_module("junk.o")
+            assert sorted(remote.listdir()) == ["add_one.o", "junk.o"]  # nothing else left in the workspace
+            mod["add_one"](b, a)  # the session goes on
+    finally:
+        srv.terminate()

@@ -44,7 +44,7 @@ import struct
 import subprocess
 import tarfile
 import zlib
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, Callable, NamedTuple
 
 from ..errors import BadRequestError, PathDeniedError, RemoteError, RPCError, UnsupportedError
 from .ffi import NativeLibrary
@@ -396,13 +396,37 @@ def link_tar(tar_path: str, out: str, workspace: "Workspace | None" = None) -> s
     ``workspace``, the archive's expansion counts against its byte quota
     (QuotaExceededError; ``out`` is not counted here).
     """
+    return _link_into(out, tar_path, lambda work: _extract_objects(tar_path, work, workspace))
+
+
+def link_object(obj_path: str, out: str) -> str:
+    """Link one object file into the shared object ``out``, as TVM's server does for ``load_module("x.o")``;
+    the object is checked and linked as a ``.tar``'s members are (see the module docstring)."""
+    name = os.path.basename(obj_path)
+
+    def copy(work: str) -> list[tuple[str, str]]:
+        local = os.path.join(work, "0.o")
+        with open(obj_path, "rb") as src, open(local, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return [(local, name)]
+
+    try:
+        return _link_into(out, obj_path, copy)
+    except BadRequestError as exc:  # the checks speak of .tar members: this is one object file
+        text = str(exc).replace(f"the .tar member {name!r}", f"the object file {name!r}")
+        raise BadRequestError(text.replace("a .tar module holds", "load_module takes")) from None
+
+
+def _link_into(out: str, source: str, extract: Callable[[str], list[tuple[str, str]]]) -> str:
+    """Extract the objects of ``source`` into a private directory (``extract(work)``: [(path, member name)]),
+    check them, link them into ``out``; return ``out``."""
     work = out + ".objs"
     os.makedirs(work, exist_ok=True)
-    tar_name = os.path.basename(tar_path)
+    source_name = os.path.basename(source)
     try:
         cc = find_compiler()
         expected = toolchain_kind(cc, work)
-        objects = _extract_objects(tar_path, work, workspace)
+        objects = extract(work)
         for path, member in objects:
             check_object(path, member, expected)
         try:
@@ -410,10 +434,10 @@ def link_tar(tar_path: str, out: str, workspace: "Workspace | None" = None) -> s
         except RemoteError as exc:
             members = [member for _, member in objects]
             text = _ARCHIVE_MEMBER.sub(
-                lambda m: f"{tar_name}({members[int(m.group(1))]})" if int(m.group(1)) < len(members) else m.group(0),
+                lambda m: f"{source_name}({members[int(m.group(1))]})" if int(m.group(1)) < len(members) else m.group(0),
                 str(exc),
             )
-            raise RemoteError(f"linking {tar_name} on the device failed:\n{text}") from None
+            raise RemoteError(f"linking {source_name} on the device failed:\n{text}") from None
         os.replace(linked, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -421,7 +445,7 @@ def link_tar(tar_path: str, out: str, workspace: "Workspace | None" = None) -> s
 
 
 def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
-    """Load a ``.so`` or a ``.tar`` of objects (linked first) from the session's ``workspace``.
+    """Load a ``.so``, an object file or a ``.tar`` of objects (linked first) from the session's ``workspace``.
 
     A library that only TVM's runtime can run (a Relax VM executable, or kernels
     calling TVM runtime functions by name) is loaded through apache-tvm where the
@@ -434,14 +458,16 @@ def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
     workspace's quotas until the session ends (a failed load removes it).
     """
     name = os.path.basename(path)
-    if not path.endswith((".tar",) + SHARED_SUFFIXES):
+    if not path.endswith((".tar",) + SHARED_SUFFIXES + OBJECT_SUFFIXES):
         raise UnsupportedError(
-            f"cannot load {name!r}: load_module takes a shared object (.so) or a .tar of object files"
+            f"cannot load {name!r}: load_module takes a shared object (.so), an object file (.o) or a .tar of "
+            "object files"
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
-    if path.endswith(".tar"):
-        so = link_tar(path, workspace.private_path(os.path.splitext(name)[0] + ".so"), workspace)
+    if path.endswith((".tar",) + OBJECT_SUFFIXES):  # linked here first (an object file as TVM's server takes it)
+        out = workspace.private_path(os.path.splitext(name)[0] + ".so")
+        so = link_tar(path, out, workspace) if path.endswith(".tar") else link_object(path, out)
         workspace.charge_private(so, f"the library linked from {name}")
     else:
         so = workspace.private_copy(path, name)

@@ -174,6 +174,10 @@ int mr_syslib_complete(mr_strlist* kernels, mr_error* err);
  */
 int mr_link_tar(const char* tar_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
                 uint64_t quota_limit, uint64_t quota_used, mr_error* err);
+/* One object file (load_module("x.o"), as TVM's server takes it): copied into work_dir, checked and linked as a
+ * .tar's members are. Returns 0, or -1 with err. */
+int mr_link_object(const char* obj_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
+                   mr_error* err);
 /* The device's C compiler: `preferred` if not NULL/empty, else $WORKBENCH_CC, $CC, then cc, gcc, clang on
  * PATH. NULL if there is none (then linking a .tar is MR_UNSUPPORTED "this device has no C compiler …"). */
 const char* mr_find_cc(const char* preferred);

@@ -617,12 +617,14 @@ static int module_reply(mr_module* m, mr_error* err) {
     return 0;
 }
 
-/* Link the .tar at `tar` (client name `name`) into a new private .so; returns its path (malloc'ed) or NULL. */
-static char* link_tar(const char* tar, const char* name, const char* so_name, mr_error* err) {
+/* Link the .tar (or the object file: is_object) at `tar` (client name `name`) into a new private .so; returns
+   its path (malloc'ed) or NULL. */
+static char* link_tar(const char* tar, const char* name, const char* so_name, int is_object, mr_error* err) {
     const char* cc = mr_find_cc(S.cfg->cc);
     if (!cc) {
-        mr_fail(err, MR_UNSUPPORTED, "this device has no C compiler to link a .tar module: install gcc on the device, "
-                                     "or cross-compile and upload a .so instead");
+        mr_fail(err, MR_UNSUPPORTED, "this device has no C compiler to link %s: install gcc on the device, "
+                                     "or cross-compile and upload a .so instead",
+                is_object ? "an object file into a module" : "a .tar module");
         return NULL;
     }
     char* so = ws_private_path(S.ws, so_name);
@@ -640,6 +642,7 @@ static char* link_tar(const char* tar, const char* name, const char* so_name, mr
     snprintf(work, n, "%s.objs", so);
     int rc;
     if (mkdir(work, 0700) != 0) rc = mr_fail(err, MR_REMOTE, "cannot create a directory to link %s: %s", name, strerror(errno));
+    else if (is_object) rc = mr_link_object(tar, name, work, so, cc, err);
     else rc = mr_link_tar(tar, name, work, so, cc, S.ws->max_bytes, S.ws->used_bytes, err);
     mr_remove_tree(work);
     free(work);
@@ -660,10 +663,12 @@ static int do_load_module(const mp_node* args, mr_error* err) {
     py_repr_str(name, strlen(name), shown, sizeof(shown));
     char* so = NULL;
     int rc = -1;
-    int is_tar = ends_with(full, ".tar");
+    int is_object = ends_with(full, ".o") || ends_with(full, ".obj");
+    int is_tar = ends_with(full, ".tar") || is_object; /* linked first, one object as a .tar's members */
     if (!is_tar && !ends_with(full, ".so") && !ends_with(full, ".dylib") && !ends_with(full, ".dll")) {
         mr_fail(err, MR_UNSUPPORTED,
-                "cannot load %s: load_module takes a shared object (.so) or a .tar of object files", shown);
+                "cannot load %s: load_module takes a shared object (.so), an object file (.o) or a .tar of object "
+                "files", shown);
         goto out;
     }
     struct stat st;
@@ -676,8 +681,9 @@ static int do_load_module(const mp_node* args, mr_error* err) {
     char what_bytes[800], what_files[700], sz[32];
     if (is_tar) {
         char stem[512];
-        snprintf(stem, sizeof(stem), "%.*s.so", (int)(strlen(name) - 4), name);
-        so = link_tar(full, name, stem, err);
+        const char* dot = strrchr(name, '.');
+        snprintf(stem, sizeof(stem), "%.*s.so", (int)(dot - name), name);
+        so = link_tar(full, name, stem, is_object, err);
         if (!so) goto out;
         struct stat linked;
         uint64_t linked_size = stat(so, &linked) == 0 ? (uint64_t)linked.st_size : 0;
@@ -740,7 +746,7 @@ static int do_link_module(const mp_node* args, mr_error* err) {
         const char* name = base_name(full);
         char so_name[512];
         snprintf(so_name, sizeof(so_name), "%s.so", name);
-        char* so = link_tar(full, name, so_name, err);
+        char* so = link_tar(full, name, so_name, 0, err);
         if (so) {
             int fd = open(so, O_RDONLY | O_CLOEXEC);
             if (fd < 0 || fstat(fd, &st) != 0) {

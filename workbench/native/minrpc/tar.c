@@ -1418,6 +1418,26 @@ static int run_linker(const char* cc, const char* work_dir, const char* display,
 /* ======================================================================================================
  * The entry points.
  * ====================================================================================================== */
+/* Check the objects extracted into work_dir (N.o), archive and link them, keep the library as out_so. */
+static int link_extracted(const object_list* objects, const char* display, const char* work_dir, const char* out_so,
+                          const char* cc, mr_error* err) {
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < objects->count; ++i) {
+        char path[4200];
+        snprintf(path, sizeof(path), "%s/%d.o", work_dir, i);
+        rc = check_object(path, objects->names[i], err);
+    }
+    if (rc == 0) rc = write_archive(work_dir, objects->count, err, display);
+    if (rc == 0) rc = run_linker(cc, work_dir, display, objects, err);
+    if (rc == 0) {
+        char so[4200];
+        snprintf(so, sizeof(so), "%s/lib.so", work_dir);
+        if (rename(so, out_so) != 0)
+            rc = mr_fail(err, MR_REMOTE, "cannot keep the library linked from %s: %s", display, strerror(errno));
+    }
+    return rc;
+}
+
 int mr_link_tar(const char* tar_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
                 uint64_t quota_limit, uint64_t quota_used, mr_error* err) {
     crc_init();
@@ -1457,20 +1477,46 @@ int mr_link_tar(const char* tar_path, const char* display, const char* work_dir,
     int rc = extract_objects(s, display, work_dir, &objects, err);
     close(fd);
     free(s);
-    for (int i = 0; rc == 0 && i < objects.count; ++i) {
-        char path[4200];
-        snprintf(path, sizeof(path), "%s/%d.o", work_dir, i);
-        rc = check_object(path, objects.names[i], err);
-    }
-    if (rc == 0) rc = write_archive(work_dir, objects.count, err, display);
-    if (rc == 0) rc = run_linker(cc, work_dir, display, &objects, err);
-    if (rc == 0) {
-        char so[4200];
-        snprintf(so, sizeof(so), "%s/lib.so", work_dir);
-        if (rename(so, out_so) != 0)
-            rc = mr_fail(err, MR_REMOTE, "cannot keep the library linked from %s: %s", display, strerror(errno));
-    }
+    if (rc == 0) rc = link_extracted(&objects, display, work_dir, out_so, cc, err);
     objects_free(&objects);
+    return rc;
+}
+
+int mr_link_object(const char* obj_path, const char* display, const char* work_dir, const char* out_so, const char* cc,
+                   mr_error* err) {
+    if (!cc || !*cc)
+        return mr_fail(err, MR_UNSUPPORTED,
+                       "this device has no C compiler to link an object file into a module: install gcc on the "
+                       "device, or cross-compile and upload a .so instead");
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/0.o", work_dir);
+    int in = open(obj_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int out = in < 0 ? -1 : open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int rc = in < 0 || out < 0 ? -1 : 0;
+    char buf[65536];
+    ssize_t n;
+    while (rc == 0 && (n = read(in, buf, sizeof(buf))) != 0) {
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || write(out, buf, (size_t)n) != n) rc = -1;
+    }
+    int e = errno;
+    if (in >= 0) close(in);
+    if (out >= 0) close(out);
+    if (rc) return mr_fail(err, MR_REMOTE, "cannot copy %s to link it: %s", display, strerror(e));
+    object_list objects;
+    memset(&objects, 0, sizeof(objects));
+    objects.names = (char**)malloc(sizeof(char*));
+    if (!objects.names || !(objects.names[0] = strdup(display))) {
+        free(objects.names);
+        return mr_fail(err, MR_REMOTE, "out of memory linking %s", display);
+    }
+    objects.count = objects.cap = 1;
+    rc = link_extracted(&objects, display, work_dir, out_so, cc, err);
+    objects_free(&objects);
+    if (rc) { /* the checks speak of .tar members: this is one object file */
+        mr_replace_all(err->msg, sizeof(err->msg), "the .tar member ", "the object file ");
+        mr_replace_all(err->msg, sizeof(err->msg), "a .tar module holds", "load_module takes");
+    }
     return rc;
 }
 

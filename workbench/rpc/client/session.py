@@ -678,7 +678,7 @@ class RPCSession:
 
     # -- modules and functions -----------------------------------------------------
     def load_module(self, path: str) -> RemoteModule:
-        """Load an uploaded ``.so``, or a ``.tar`` of objects (linked on the device)."""
+        """Load an uploaded ``.so``, an object file (``.o``) or a ``.tar`` of objects (both linked on the device)."""
         handle, names, entry = self._request(Kind.LOAD_MODULE, [path])
         return RemoteModule(self, handle, names, entry, path)
 
