@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pytest
 
-from workbench import rpc, runtime
+from workbench import cc, rpc, runtime
 from workbench.errors import ErrorCode, QuotaExceededError, RPCError
 from workbench.farm import LocalFarm
 from workbench.rpc.wire.protocol import MAGIC, PREAMBLE, VERSION, Kind
@@ -795,3 +795,115 @@ def report_table(rows: list[dict]) -> str:
     widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
+
+
+# -- issue 17, items 1, 6 and 7: tokens, a dripping server, errors ----------------------------------------------
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_kernel_searches_for_the_tokens(private_tmpdir, tmp_path, row, size, kind):
+    """A kernel looks for the server's auth and registration tokens in /proc/self/environ, its memory and its
+    parent's environ and memory: it finds neither, and legitimate clients go on."""
+    from .test_tokens_and_kernels import AUTH, REGISTRATION, SEARCH, _found
+
+    r = row(f"a kernel searches for the server's tokens, {kind}")
+    (tmp_path / "search.c").write_text(SEARCH)
+    search_so = cc.create_shared(tmp_path / "search.so", [str(tmp_path / "search.c")])
+    srv = (rpc.Server(port=0, silent=True, auth_token=AUTH, registration_token=REGISTRATION) if kind == "python"
+           else rpc.MinRPCServer(port=0, auth_token=AUTH, registration_token=REGISTRATION))
+    try:
+        worst = 0.0
+        for _ in range(scale(2, 10, size)):
+            with rpc.connect(HOST, srv.port, auth_token=AUTH) as remote:
+                found = _found(remote, search_so)
+            r.cases += len(found)
+            r.failures += sum(n > 0 for n in found.values())
+            r.notes += [what for what, n in found.items() if n > 0][:2]
+            start = time.perf_counter()
+            with rpc.connect(HOST, srv.port, auth_token=AUTH) as remote:
+                remote.ping()
+            worst = max(worst, time.perf_counter() - start)
+        r.served_after_s = worst
+        r.notes.append(f"{r.cases - r.failures}/{r.cases} places searched held no token")
+        assert r.failures == 0, r.notes
+    finally:
+        srv.terminate()
+
+
+def test_server_drips_its_hello(row, size):
+    """A server answers the handshake one byte every 0.3 s: rpc.connect(connect_timeout=1.5) gives up in time."""
+    from .test_hardening_client import _dripping_server
+
+    r = row("a server drips its HELLO (client connect_timeout 1.5 s)")
+    worst = 0.0
+    for _ in range(scale(3, 10, size)):
+        with socket.create_server((HOST, 0)) as listener:
+            stop = threading.Event()
+            dripper = threading.Thread(target=_dripping_server, args=(listener, stop), daemon=True)
+            dripper.start()
+            start = time.perf_counter()
+            try:
+                rpc.connect(HOST, listener.getsockname()[1], connect_timeout=1.5).close()
+                r.failures += 1
+                r.notes.append("connected to a dripping server")
+            except RPCError as exc:
+                if "did not answer the handshake in time" not in str(exc):
+                    r.failures += 1
+                    r.notes.append(str(exc)[:60])
+            finally:
+                worst = max(worst, time.perf_counter() - start)
+                stop.set()
+                dripper.join(timeout=5)
+            r.cases += 1
+    r.served_after_s = worst  # here: how long the client was held
+    r.notes.append("worst wait: how long rpc.connect was held")
+    assert r.failures == 0, r.notes
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_errors_carry_no_internals(private_tmpdir, tmp_path, row, size, kind):
+    """Requests built to make the server fail deep inside (a path 5,000 levels deep, tars with crafted headers)
+    get errors without tracebacks or server paths."""
+    import io
+    import tarfile
+
+    r = row(f"errors that could leak internals, {kind}")
+    crafted = []
+    for name, mutate_header in (("negative size", lambda h: h[:124] + b"-0000000001\0" + h[136:]),
+                                ("bad checksum", lambda h: h[:148] + b"zzzzzz\0 " + h[156:]),
+                                ("huge size", lambda h: h[:124] + b"\x80" + b"\xff" * 11 + h[136:])):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("a.o")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\x7fELF"))
+        data = buf.getvalue()
+        crafted.append((name, mutate_header(data[:512]) + data[512:]))
+    srv = start_server(kind)
+    leaks = (private_tmpdir, os.path.dirname(os.path.dirname(rpc.__file__)), "Traceback", 'File "', ".py\"")
+    try:
+        worst = 0.0
+        for _ in range(scale(1, 5, size)):
+            with rpc.connect(HOST, srv.port) as remote:
+                texts = []
+                try:
+                    remote.upload(b"x", "d/" * 5000 + "f")
+                    texts.append("")
+                except RPCError as exc:
+                    texts.append(str(exc))
+                for name, data in crafted:
+                    remote.upload(data, f"{name.replace(' ', '_')}.tar")
+                    try:
+                        remote.load_module(f"{name.replace(' ', '_')}.tar")
+                        texts.append("")
+                    except RPCError as exc:
+                        texts.append(str(exc))
+            for text in texts:
+                r.cases += 1
+                bad = [leak for leak in leaks if leak and leak in text]
+                if bad or not text:
+                    r.failures += 1
+                    r.notes.append(f"{bad or 'no error'}: {text[:80]}")
+            worst = max(worst, served_in(srv.port))
+        r.served_after_s = worst
+        assert r.failures == 0, r.notes
+    finally:
+        srv.terminate()
