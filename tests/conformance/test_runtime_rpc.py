@@ -401,10 +401,11 @@ def test_rpc_tracker_register(device_key, spawn, closing):
     address): the summary counts 2 free and lists both addresses; a request takes one (1 free) and its end gives
     it back (2); a terminated server leaves the summary; with none left the key shows 0 free."""
     with rpc.Tracker(host=HOST, port=0, silent=True) as tracker:
-        server1 = spawn(tracker.port, device_key)
-        server2 = spawn(tracker.port, device_key, custom_addr="test_addr")  # an address nobody can connect to
         client = rpc.connect_tracker(HOST, tracker.port)
         closing.append(client)
+        server1 = spawn(tracker.port, device_key)
+        assert wait_until(lambda: free(client, device_key) == 1)  # first in the queue: the request below gets it
+        server2 = spawn(tracker.port, device_key, custom_addr="test_addr")  # an address nobody can connect to
         assert wait_until(lambda: free(client, device_key) == 2)
         summary = client.summary()
         assert summary["queue_info"][device_key]["free"] == 2
