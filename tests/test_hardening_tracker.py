@@ -226,7 +226,6 @@ def test_queues_of_keys_nobody_serves_or_waits_for_are_dropped(tracker, closing)
 def test_keys_kept_after_their_servers_left_are_bounded(tracker, closing):
     from workbench.rpc.tracker.tracker import MAX_KEYS_KEPT
 
-    watcher = wire(closing, tracker.port)
     for i in range(MAX_KEYS_KEPT + 40):  # servers of distinct keys come and go
         srv = TrackerConnection(LOCAL, tracker.port, timeout=10)
         try:
@@ -234,6 +233,7 @@ def test_keys_kept_after_their_servers_left_are_bounded(tracker, closing):
             put(srv, f"gone-{i}", 9500, f"gone-{i}:1")
         finally:
             srv.close()
+    watcher = wire(closing, tracker.port)  # (this tracker ends connections idle for 0.5 s)
     assert wait_until(lambda: not summary_of(watcher)["server_info"], 15)
     queues = summary_of(watcher)["queue_info"]
     assert len(queues) == MAX_KEYS_KEPT and f"gone-{MAX_KEYS_KEPT + 39}" in queues and "gone-0" not in queues

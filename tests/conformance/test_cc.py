@@ -2,7 +2,7 @@
 
 TVM's ``create_shared`` and ``create_executable`` take ``cwd`` (where the compiler runs: relative sources and
 output are there) and ``ccache_env`` (run the compiler through ccache with these variables; without ccache
-installed, a ValueError). Ours take neither yet: those tests are xfail, and the README table says so.
+installed, a ValueError), and so do ours.
 """
 from __future__ import annotations
 
@@ -13,10 +13,6 @@ import pytest
 
 from workbench import cc
 
-NO_CWD = pytest.mark.xfail(
-    reason="divergence: TVM's cc.create_shared/create_executable(output, objects, options, cc, cwd=None, "
-           "ccache_env=None) compile in cwd and through ccache; ours take (output, objects, options, cc) only "
-           "(TypeError on cwd=/ccache_env=)", strict=False)
 CREATORS = [pytest.param(cc.create_shared, "main.o", id="create_shared"),
             pytest.param(cc.create_executable, "main", id="create_executable")]
 
@@ -31,7 +27,6 @@ def compile_in(temp_dir, f_create, text: str, output: str, ccache_env=None) -> N
     f_create(output, ["src.cpp"], ["-c"], cwd=str(temp_dir), ccache_env=ccache_env)
 
 
-@NO_CWD
 @pytest.mark.skipif(shutil.which("ccache") is None, reason="ccache is not installed: apt-get install ccache")
 @pytest.mark.parametrize("f_create, output", CREATORS)
 def test_ccache(f_create, output, tmp_path):
@@ -48,7 +43,6 @@ def test_ccache(f_create, output, tmp_path):
     assert "Succeeded getting cached result" in logs[1]
 
 
-@NO_CWD
 @pytest.mark.parametrize("f_create, output", CREATORS)
 def test_ccache_call_without_ccache(f_create, output, tmp_path):
     """upstream: test_ccache.py::test_shared and ::test_executable — the call they make, where ccache need not be

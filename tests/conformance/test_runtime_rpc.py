@@ -25,12 +25,6 @@ from .conftest import HOST
 
 COLON_KEY = "127.0.0.1:5555"
 DEVICE_KEYS = ["test_device", COLON_KEY]
-POINT_3 = pytest.mark.xfail(
-    reason="issue 18 point 3: a tracker key holding ':' whose servers sit behind a proxy; lands with its fix",
-    strict=False)
-POINT_4 = pytest.mark.xfail(
-    reason="issue 18 point 4: remote.load_module('x.o') links an object file on the server; lands with its fix",
-    strict=False)
 POPEN_CONSTRUCTOR = pytest.mark.xfail(
     reason="divergence: TVM's session_constructor_args=['rpc.PopenSession', <program bytes>] runs the program "
            "on the server and serves the session from it; our servers know rpc.LocalSession and rpc.Connect only, "
@@ -92,7 +86,6 @@ def test_bigendian_rpc(tmp_path, dtype):
         np.testing.assert_allclose(b.numpy(), a.numpy() + np.array(1, dtype=dtype))
 
 
-@POINT_4
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int8"])
 def test_bigendian_rpc_object_file(tmp_path, x1, dtype):
     """upstream: test_runtime_rpc.py::test_bigendian_rpc — its module travels as an object file: upload
@@ -109,7 +102,6 @@ def test_bigendian_rpc_object_file(tmp_path, x1, dtype):
     np.testing.assert_allclose(b.numpy(), a.numpy() + np.array(1, dtype=dtype))
 
 
-@POINT_4
 def test_bigendian_rpc_tvm_object_file(x1, tvm_built):
     """upstream: test_runtime_rpc.py::test_bigendian_rpc — the object file is TVM's ``f.write_to_file("dev_lib.o")``."""
     x1.upload(tvm_built["o"])
@@ -478,7 +470,7 @@ def test_rpc_tracker_request(device_key, spawn, closing, tmp_path):
                 proc.stdout.close()
 
 
-@pytest.mark.parametrize("device_key", ["test_device", pytest.param(COLON_KEY, marks=POINT_3)])
+@pytest.mark.parametrize("device_key", ["test_device", COLON_KEY])
 def test_rpc_tracker_via_proxy(device_key, private_tmpdir):
     """upstream: test_runtime_rpc.py::test_rpc_tracker_via_proxy — two servers behind a proxy that registers them
     with the tracker: a client gets two sessions through the tracker."""

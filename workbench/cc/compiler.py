@@ -27,9 +27,17 @@ def include_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "include")
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], cwd: str | os.PathLike | None = None, ccache_env: dict[str, str] | None = None) -> None:
+    """Run a compiler command (in ``cwd``; through ccache with ``ccache_env`` added to the environment, as TVM's
+    ``tvm.contrib.cc`` does)."""
+    env = None
+    if ccache_env is not None:
+        if shutil.which("ccache") is None:
+            raise ValueError("ccache not found: install it (apt-get install ccache), or pass ccache_env=None")
+        cmd = ["ccache", *cmd]
+        env = {**os.environ, **ccache_env}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"compiler took over {COMPILE_TIMEOUT_S} s: {shlex.join(cmd)}") from None
     if proc.returncode != 0:
@@ -52,16 +60,20 @@ def create_shared(
     objects_or_sources: str | os.PathLike | Sequence[str | os.PathLike],
     options: str | Sequence[str] | None = None,
     cc: str | None = None,
+    cwd: str | os.PathLike | None = None,
+    ccache_env: dict[str, str] | None = None,
 ) -> str:
     """Compile and link C sources and/or objects into the shared object ``output``; return its path.
 
-    ``cc`` is the compiler command (default ``$CC`` or ``cc``), e.g. ``"aarch64-linux-gnu-gcc"``.
+    ``cc`` is the compiler command (default ``$CC`` or ``cc``), e.g. ``"aarch64-linux-gnu-gcc"``. As in
+    TVM, the compiler runs in ``cwd`` (relative paths are there) and, with ``ccache_env``, through ccache
+    with those variables (a ValueError if ccache is not installed).
 
         >>> create_shared("add_one.so", ["add_one.c"], cc="aarch64-linux-gnu-gcc")   # doctest: +SKIP
     """
     output = os.fspath(output)
     cmd = _compiler(cc) + ["-shared", "-fPIC", "-O2", "-I", include_path(), "-o", output]
-    _run(cmd + _paths(objects_or_sources) + _options(options))
+    _run(cmd + _paths(objects_or_sources) + _options(options), cwd, ccache_env)
     return output
 
 
@@ -73,16 +85,19 @@ def create_executable(
     objects_or_sources: str | os.PathLike | Sequence[str | os.PathLike],
     options: str | Sequence[str] | None = None,
     cc: str | None = None,
+    cwd: str | os.PathLike | None = None,
+    ccache_env: dict[str, str] | None = None,
 ) -> str:
     """Compile and link C sources and/or objects into the program ``output``; return its path.
 
-    As TVM's ``tvm.contrib.cc.create_executable``, but ``cc`` defaults to the C compiler (``$CC`` or ``cc``).
+    As TVM's ``tvm.contrib.cc.create_executable`` (``cwd``, ``ccache_env`` too), but ``cc`` defaults to the
+    C compiler (``$CC`` or ``cc``).
 
         >>> create_executable("hello", ["hello.c"], cc="aarch64-linux-gnu-gcc")   # doctest: +SKIP
     """
     output = os.fspath(output)
     cmd = _compiler(cc) + ["-O2", "-I", include_path(), "-o", output]
-    _run(cmd + _paths(objects_or_sources) + _options(options))
+    _run(cmd + _paths(objects_or_sources) + _options(options), cwd, ccache_env)
     return output
 
 

@@ -120,6 +120,7 @@ static struct {
     uint64_t reply_bulk_len;
     int reply_fd;
     char* reply_unlink;
+    mr_tensor* reply_swapped; /* a big-endian device: the tensor read, in wire order until it is sent */
     int64_t crash_ns[MR_CRASH_LIMIT - 1]; /* when the last kernels crashed, newest first */
     int end_session;                      /* the error being sent ends the session (a crash loop) */
 } S;
@@ -1102,6 +1103,24 @@ static int check_device(const mp_node* type, const mp_node* id, mr_error* err) {
     return mr_fail(err, MR_NO_DEVICE, "this server has no %s; it has: cpu(0)%s", what, unknown);
 }
 
+/* Tensor data travels little-endian (protocol.md section 6), as TVM's RPC has it: a big-endian device swaps each
+   element (each component of a complex) on the way in and out. Its own inverse; nothing on little-endian ones. */
+static void to_wire_order(mr_tensor* t) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    unsigned unit = t->dl.dtype.code == 5 ? t->dl.dtype.bits / 16u : t->dl.dtype.bits / 8u;
+    if (t->dl.dtype.bits % 8 || unit < 2) return;
+    uint8_t* p = (uint8_t*)t->dl.data;
+    for (uint64_t i = 0; i + unit <= t->nbytes; i += unit)
+        for (unsigned a = 0, b = unit - 1; a < b; ++a, --b) {
+            uint8_t x = p[i + a];
+            p[i + a] = p[i + b];
+            p[i + b] = x;
+        }
+#else
+    (void)t;
+#endif
+}
+
 static int do_tensor_alloc(const mp_node* args, mr_error* err) {
     if (arity(args, 4, "TENSOR_ALLOC", err)) return -1;
     const mp_node* shape = &args->v.items[0];
@@ -1225,6 +1244,7 @@ static int do_tensor_alloc(const mp_node* args, mr_error* err) {
             tensor_release(t);
             return -1;
         }
+        to_wire_order(t);
     }
     uint64_t id = table_add((mr_obj*)t);
     if (!id) {
@@ -1246,6 +1266,7 @@ static int do_tensor_write(const mp_node* args, mr_error* err) {
         return mr_fail(err, MR_BAD_REQUEST, "expected %llu bytes of data, the request carries %llu",
                        (unsigned long long)t->nbytes, (unsigned long long)S.bulk_left);
     if (bulk_into(t->dl.data, t->nbytes)) return -1;
+    to_wire_order(t);
     mp_put_nil(&S.c->out);
     return 0;
 }
@@ -1257,6 +1278,10 @@ static int do_tensor_read(const mp_node* args, mr_error* err) {
     mp_put_uint(&S.c->out, t->nbytes);
     S.reply_bulk = t->dl.data;
     S.reply_bulk_len = t->nbytes;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    to_wire_order(t);
+    S.reply_swapped = t;
+#endif
     return 0;
 }
 
@@ -1514,6 +1539,8 @@ static int send_reply(void) {
 }
 
 static void reply_done(void) {
+    if (S.reply_swapped) to_wire_order(S.reply_swapped); /* back to the device's order */
+    S.reply_swapped = NULL;
     if (S.reply_fd >= 0) close(S.reply_fd);
     if (S.reply_unlink) {
         unlink(S.reply_unlink);
