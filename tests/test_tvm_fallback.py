@@ -79,6 +79,9 @@ EXPORT_SCRIPT = textwrap.dedent(
                 y = bb.emit(relax.op.matmul(h, w2))
                 pair = bb.emit_output(relax.Tuple([y, h]))
             bb.emit_func_output(pair)
+        xs = relax.Var("x", R.Tensor((n, {IN}), "float32"))
+        with bb.function("seven", [xs]):  # a plain result: nothing to pass for it
+            bb.emit_func_output(relax.prim_value(7))
         out["mlp_pair"] = export("mlp_pair", relax.build(bb.get(), target="llvm"))
 
         s = te.placeholder(({SORT_N},), name="S")
@@ -298,6 +301,8 @@ def test_relax_tuple_result_and_symbolic_batch(remote, exported):
             mod["main"](xt, *weights, h, y)  # the outputs swapped
     mod.time_evaluator("main", dev, number=3, repeat=2)(xt, *weights, y, h)
     np.testing.assert_allclose(y.numpy(), np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+    assert [mod["seven"](xt) for _ in range(3)] == [7, 7, 7]
+    assert len(mod.time_evaluator("seven", dev, number=3, repeat=2)(xt).results) == 2
 
 
 def test_relax_fresh_tensors_do_not_grow_the_worker(server, exported):

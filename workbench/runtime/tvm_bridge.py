@@ -447,6 +447,8 @@ class TVMFunction:
             views, shapes, result_type = (), (), None
         else:
             outs = args[self._arity:]
+            if not outs:
+                return  # a plain result (a number, a string): nothing to copy, the general path returns it
             views = tuple(self.module.to_tvm(o) for o in outs)
             shapes = tuple(tuple(o.shape) for o in outs)
             result_type = type(result)
