@@ -1,9 +1,10 @@
 """Modules only TVM's runtime can run: through apache-tvm on the device where it is there, refused clearly where not.
 
 apache-tvm 0.27 exports (in a subprocess, once per test session) a tiny Relax MLP
-(``relax.build(...).export_library``: two dense layers and a relu), ``topi.argsort``
-(its kernel calls the runtime function ``tvm.contrib.sort.argsort``) and a plain
-vector add, each as ``.so`` and ``.tar``. On a real ``rpc.Server`` whose workers may
+(``relax.build(...).export_library``: two dense layers and a relu), the same MLP
+with a symbolic batch returning ``(y, h)``, ``topi.argsort`` (its kernel calls the
+runtime function ``tvm.contrib.sort.argsort``) and a plain vector add, each as
+``.so`` and ``.tar``. On a real ``rpc.Server`` whose workers may
 import TVM they run end to end against numpy; on a server started with
 ``WORKBENCH_NO_TVM=1`` (TVM installed, but kept out) ``load_module`` refuses them,
 saying what they are and that the server needs apache-tvm, and never imports TVM.
@@ -67,6 +68,22 @@ EXPORT_SCRIPT = textwrap.dedent(
             bb.emit_func_output(y)
         out = {{"mlp": export("mlp", relax.build(bb.get(), target="llvm"))}}
 
+        n = tvm.tirx.Var("n", "int64")  # a symbolic batch; both layers' outputs returned as a tuple
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", R.Tensor((n, {IN}), "float32"))
+        w1 = relax.Var("w1", R.Tensor(({IN}, {HIDDEN}), "float32"))
+        w2 = relax.Var("w2", R.Tensor(({HIDDEN}, {OUT}), "float32"))
+        with bb.function("main", [x, w1, w2]):
+            with bb.dataflow():
+                h = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w1)))
+                y = bb.emit(relax.op.matmul(h, w2))
+                pair = bb.emit_output(relax.Tuple([y, h]))
+            bb.emit_func_output(pair)
+        xs = relax.Var("x", R.Tensor((n, {IN}), "float32"))
+        with bb.function("seven", [xs]):  # a plain result: nothing to pass for it
+            bb.emit_func_output(relax.prim_value(7))
+        out["mlp_pair"] = export("mlp_pair", relax.build(bb.get(), target="llvm"))
+
         s = te.placeholder(({SORT_N},), name="S")
         o = topi.argsort(s, axis=0, is_ascend=True, dtype="int32")
         prim = te.create_prim_func([s, o]).with_attr("global_symbol", "argsort")
@@ -87,7 +104,8 @@ EXTS = pytest.mark.parametrize("ext", ["so", "tar"])
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> dict[str, dict[str, str]]:
-    """``{"mlp"|"argsort"|"double": {"so": path, "tar": path}}`` exported by apache-tvm 0.27 in a subprocess."""
+    """``{"mlp"|"mlp_pair"|"argsort"|"double": {"so": path, "tar": path}}`` exported by apache-tvm 0.27 in a
+    subprocess."""
     out = tmp_path_factory.mktemp("tvm_fallback_modules")
     return run_export_script(EXPORT_SCRIPT, out, "the TVM modules", EXPORT_TIMEOUT_S)["modules"]
 
@@ -135,6 +153,13 @@ def mlp_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def mlp_reference(x, w1, w2) -> np.ndarray:
     return np.maximum(x @ w1, 0) @ w2
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib << 10
 
 
 def tvm_mapped(pid: int) -> list[str]:
@@ -194,6 +219,119 @@ def test_relax_output_must_be_passed(remote, exported):
     out = runtime.empty((BATCH, OUT), "float32", dev)
     mod["main"](*args, out)  # the session goes on
     assert np.isfinite(out.numpy()).all()
+
+
+# A function's first call with a set of tensors makes a plan (TVM views, result shapes); later calls
+# with the same tensors reuse it. These hold the plan to what a call without one does.
+def test_relax_reads_tensors_rewritten_between_calls(remote, exported):
+    mod = load(remote, exported["mlp"], "so")
+    dev = remote.cpu(0)
+    x, w1, w2 = mlp_inputs()
+    args = [runtime.tensor(a, dev) for a in (x, w1, w2)]
+    out = runtime.empty((BATCH, OUT), "float32", dev)
+    f = mod["main"]
+    for _ in range(3):  # the first call plans, the next ones run the plan: each reads what the tensors hold now
+        f(*args, out)
+        np.testing.assert_allclose(out.numpy(), mlp_reference(x, w1, w2), rtol=1e-5, atol=1e-5)
+        x, w1, w2 = mlp_inputs()
+        for t, a in zip(args, (x, w1, w2)):
+            t.copyfrom(a)
+    out.copyfrom(np.zeros((BATCH, OUT), "float32"))  # the result is written again, not left from before
+    f(*args, out)
+    np.testing.assert_allclose(out.numpy(), mlp_reference(x, w1, w2), rtol=1e-5, atol=1e-5)
+    x2 = RNG.uniform(-1, 1, (BATCH, IN)).astype("float32")
+    args[0].copyfrom(x2)
+    mod.time_evaluator("main", dev, number=5, repeat=2)(*args, out)  # the timing loop runs the plan too
+    np.testing.assert_allclose(out.numpy(), mlp_reference(x2, w1, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_relax_fresh_tensors_every_call(remote, exported):
+    """Tensors freed and allocated again (the server reuses their ids) never meet the plan of the old ones."""
+    mod = load(remote, exported["mlp"], "so")
+    dev = remote.cpu(0)
+    _, w1, w2 = mlp_inputs()
+    weights = [runtime.tensor(w1, dev), runtime.tensor(w2, dev)]
+    for i in range(24):
+        x = RNG.uniform(-1, 1, (BATCH, IN)).astype("float32")
+        xt, out = runtime.tensor(x, dev), runtime.empty((BATCH, OUT), "float32", dev)
+        mod["main"](xt, *weights, out)
+        mod["main"](xt, *weights, out)
+        np.testing.assert_allclose(out.numpy(), mlp_reference(x, w1, w2), rtol=1e-5, atol=1e-5, err_msg=f"call {i}")
+        del xt, out  # freed with the next request
+
+
+def test_relax_output_checked_for_every_set_of_tensors(remote, exported):
+    mod = load(remote, exported["mlp"], "so")
+    dev = remote.cpu(0)
+    x, w1, w2 = mlp_inputs()
+    args = [runtime.tensor(a, dev) for a in (x, w1, w2)]
+    out = runtime.empty((BATCH, OUT), "float32", dev)
+    mod["main"](*args, out)
+    mod["main"](*args, out)  # planned
+    with pytest.raises(BadRequestError, match=rf"output 0 is float32\[{BATCH}, {OUT}\], the tensor passed for it "
+                                              rf"is float32\[{OUT}, {BATCH}\]"):
+        mod["main"](*args, runtime.empty((OUT, BATCH), "float32", dev))  # same bytes, another shape
+    with pytest.raises(BadRequestError, match=r"passed for it is int32"):
+        mod["main"](*args, runtime.empty((BATCH, OUT), "int32", dev))  # same bytes, another dtype
+    with pytest.raises(BadRequestError, match="output 0 is float32"):
+        mod.time_evaluator("main", dev, number=2)(*args, runtime.empty((BATCH * OUT,), "float32", dev))
+    with pytest.raises(BadRequestError, match="pass a tensor for each"):
+        mod["main"](*args, out, runtime.empty((BATCH, OUT), "float32", dev))
+    mod["main"](*args, out)  # the plan of the right tensors still runs
+    np.testing.assert_allclose(out.numpy(), mlp_reference(x, w1, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_relax_tuple_result_and_symbolic_batch(remote, exported):
+    mod = load(remote, exported["mlp_pair"], "so")
+    dev = remote.cpu(0)
+    w1, w2 = RNG.uniform(-1, 1, (IN, HIDDEN)).astype("float32"), RNG.uniform(-1, 1, (HIDDEN, OUT)).astype("float32")
+    weights = [runtime.tensor(w1, dev), runtime.tensor(w2, dev)]
+    for n in (1, 5, 5, 33):
+        x = RNG.uniform(-1, 1, (n, IN)).astype("float32")
+        xt = runtime.tensor(x, dev)
+        y, h = runtime.empty((n, OUT), "float32", dev), runtime.empty((n, HIDDEN), "float32", dev)
+        for _ in range(2):
+            mod["main"](xt, *weights, y, h)
+            hidden = np.maximum(x @ w1, 0)
+            np.testing.assert_allclose(h.numpy(), hidden, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(y.numpy(), hidden @ w2, rtol=1e-5, atol=1e-5)
+            x = RNG.uniform(-1, 1, (n, IN)).astype("float32")
+            xt.copyfrom(x)
+        with pytest.raises(BadRequestError, match=rf"output 0 is float32\[{n}, {OUT}\]"):
+            mod["main"](xt, *weights, h, y)  # the outputs swapped
+    mod.time_evaluator("main", dev, number=3, repeat=2)(xt, *weights, y, h)
+    np.testing.assert_allclose(y.numpy(), np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+    assert [mod["seven"](xt) for _ in range(3)] == [7, 7, 7]
+    assert len(mod.time_evaluator("seven", dev, number=3, repeat=2)(xt).results) == 2
+
+
+def test_relax_fresh_tensors_do_not_grow_the_worker(server, exported):
+    """Plans and TVM views go with their tensors: 48 calls on fresh 7 MiB of tensors leave the worker's memory flat."""
+    sess = rpc.connect("127.0.0.1", server.port)
+    try:
+        mod = load(sess, exported["mlp_pair"], "so")
+        dev = sess.cpu(0)
+        worker = sess.info["pid"]
+        weights = [runtime.tensor(a, dev) for a in mlp_inputs()[1:]]
+        n = 1 << 16  # x 2 MiB, h 4 MiB, y 0.75 MiB
+
+        def fresh_call() -> None:
+            x = runtime.tensor(np.ones((n, IN), "float32"), dev)
+            y, h = runtime.empty((n, OUT), "float32", dev), runtime.empty((n, HIDDEN), "float32", dev)
+            mod["main"](x, *weights, y, h)
+            mod["main"](x, *weights, y, h)
+
+        for _ in range(8):
+            fresh_call()
+        assert sess.ping()["tensors"] == 2  # the FREEs of the last call's tensors go with this request
+        before = rss_bytes(worker)
+        for _ in range(48):
+            fresh_call()
+        assert sess.ping()["tensors"] == 2
+        grown = rss_bytes(worker) - before
+        assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB over 48 calls (~330 MiB if nothing was freed)"
+    finally:
+        sess.close()
 
 
 @EXTS

@@ -24,7 +24,7 @@ from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ...runtime.modules import link_tar, load_module
 from ...runtime.quota import Quotas, format_size
 from ...runtime.storage import DeviceTensor
-from ...runtime.tvm_bridge import TVMModule
+from ...runtime.tvm_bridge import TVMFunction, TVMModule
 from ...runtime.timer import check_time_options, python_runner, time_repeats
 from ...runtime.workspace import Workspace
 from ..wire.protocol import Ext, Handle, Kind
@@ -448,7 +448,7 @@ class SessionHandler:
                 warmup = lambda n: fn.time_calls(values, n)  # noqa: E731
         else:
             _check_binds(fn, values, _callable_name(fn))
-            run = python_runner(fn, tuple(values))
+            run = fn.runner(tuple(values)) if isinstance(fn, TVMFunction) else python_runner(fn, tuple(values))
             if flush_bytes:
                 flush = lambda: flush_cache(flush_bytes)  # noqa: E731
         counts: list[int] = []
