@@ -349,7 +349,7 @@ def test_a_proxy_without_a_token_takes_servers_with_one(private_tmpdir):
 
 
 def test_a_replayed_proof_at_the_proxy_is_refused_and_guessing_is_slowed_down(closing):
-    with rpc.Proxy(port=0, silent=True, auth_token=TOKEN, timeout_client=0.5) as proxy:
+    with rpc.Proxy(port=0, silent=True, auth_token=TOKEN, timeout_client=0.5, unknown_key_grace=0) as proxy:
         honest, nonce = proxy_challenge(closing, proxy.port, "phone")
         captured = proxy_proof(nonce)
         assert proxy_prove(honest, captured) == (Kind.OK, None)

@@ -44,9 +44,6 @@ def test_rpc_proxy_check(private_tmpdir):
             assert f1("xyz") == "xyz"
 
 
-@pytest.mark.xfail(reason="divergence (documented in workbench/rpc/proxy/proxy.py): TVM's proxy pools a client whose key "
-                          "no server has yet and pairs it when one comes (up to timeout_client); ours refuses a key it "
-                          "has not seen in the last minute at once (DeviceNotFoundError)", strict=False)
 def test_rpc_proxy_check_client_first(private_tmpdir):
     """upstream: test_rpc_proxy.py::rpc_proxy_check — TVM's client may reach the proxy before the server does (the
     test's docstring: the proxy starting first is "often the case but not always"); the proxy pairs them."""

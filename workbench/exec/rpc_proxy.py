@@ -27,6 +27,7 @@ from ..rpc.proxy.proxy import (
     MAX_CLIENTS_PER_SOURCE,
     PAIRING_TIMEOUT_S,
     TIMEOUT_CLIENT_S,
+    UNKNOWN_KEY_GRACE_S,
     serve_proxy,
 )
 from .rpc_server import parse_tracker
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-client", type=float, default=TIMEOUT_CLIENT_S, metavar="S",
                         help="seconds a client waits for a server of its key to come back (default %(default)g; "
                              "0: refuse at once); keep it below the clients' connect timeout (10 s)")
+    parser.add_argument("--unknown-key-grace", type=float, default=UNKNOWN_KEY_GRACE_S, metavar="S",
+                        help="seconds a client of a key no server has had here waits for one that is starting "
+                             "(default %(default)g, at most --timeout-client; 0: refuse it at once)")
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="S",
                         help="seconds a new connection has to send its opening (default %(default)g)")
     parser.add_argument("--pairing-timeout", type=float, default=PAIRING_TIMEOUT_S, metavar="S",
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               "tracker_addr": list(args.tracker) if args.tracker else None, "custom_addr": args.custom_addr,
               "timeout_client": args.timeout_client, "handshake_timeout": args.handshake_timeout,
               "pairing_timeout": args.pairing_timeout, "max_clients_per_source": args.max_clients_per_source,
-              "max_clients": args.max_clients,
+              "max_clients": args.max_clients, "unknown_key_grace": args.unknown_key_grace,
               "auth_token": args.auth_token or os.environ.get(PROXY_TOKEN_ENV) or None,
               "registration_token": args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None}
     try:

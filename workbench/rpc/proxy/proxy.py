@@ -10,7 +10,10 @@ servers to the tracker, so ``request(key)`` works through it.
 A client whose key has no server waiting, but whose servers are in sessions or
 were here within the last minute, is held up to ``timeout_client`` seconds
 until one of them (re)registers: reconnecting right after a session works. A
-key nobody serves is refused at once.
+key nobody has served here is held for a short grace (``unknown_key_grace``,
+3 s): a client that arrives just before its server (a script that starts both,
+as TVM's own proxy test does) is paired, and a mistyped key is told within
+seconds, with the keys there are.
 
 Held clients of a key are paired in turns (workbench.rpc.proxy.turns): source
 addresses take turns in rounds, each address once per round, and the clients
@@ -99,6 +102,7 @@ MAX_CLIENTS_PER_SOURCE = 16  # an address's share: its clients up to this many a
 MAX_CLIENTS = 1024  # clients held or being paired at once, in all (and at most half the proxy's fd limit)
 MAX_OPENING = 16 << 10  # bytes of the control part of a REGISTER or PROXY_CONNECT (and of a client's CONNECT)
 KEY_MEMORY_S = 60.0  # a key whose servers were here this recently: its clients are held for one
+UNKNOWN_KEY_GRACE_S = 3.0  # a key nobody served here: its client is held this long for a server that is starting
 
 
 class Proxy(ServiceHandle):
@@ -106,6 +110,8 @@ class Proxy(ServiceHandle):
 
     ``timeout_client`` (seconds, 0: refuse at once) is how long a client waits
     for a server of its key to come back (TVM's proxy has the same knob);
+    ``unknown_key_grace`` (seconds, at most ``timeout_client``) how long one waits
+    for a key no server has had here, such as a server still starting;
     ``handshake_timeout``, ``pairing_timeout``, ``max_clients`` and
     ``max_clients_per_source`` bound what a stranger can hold (see the module doc). ``auth_token``:
     servers must prove they know it to wait here (their
@@ -135,6 +141,7 @@ class Proxy(ServiceHandle):
         pairing_timeout: float = PAIRING_TIMEOUT_S,
         max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
         max_clients: int = MAX_CLIENTS,
+        unknown_key_grace: float | None = UNKNOWN_KEY_GRACE_S,
         auth_token: str | None = None,
         registration_token: str | None = None,
     ):
@@ -144,15 +151,17 @@ class Proxy(ServiceHandle):
              "tracker_addr": list(tracker_addr) if tracker_addr else None,
              "auth_token": check_token("auth_token", auth_token),
              "registration_token": token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV)},
-            **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source, max_clients)))
+            **proxy_limits(timeout_client, handshake_timeout, pairing_timeout, max_clients_per_source, max_clients,
+                           unknown_key_grace)))
 
 
 def proxy_limits(timeout_client: float | None = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  pairing_timeout: float = PAIRING_TIMEOUT_S,
-                 max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE, max_clients: int = MAX_CLIENTS
-                 ) -> dict[str, Any]:
+                 max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE, max_clients: int = MAX_CLIENTS,
+                 unknown_key_grace: float | None = UNKNOWN_KEY_GRACE_S) -> dict[str, Any]:
     """The proxy's limits, checked (a clear ValueError for a bad one)."""
-    limits = {"timeout_client": check_timeout("timeout_client", timeout_client) or 0.0}
+    limits = {"timeout_client": check_timeout("timeout_client", timeout_client) or 0.0,
+              "unknown_key_grace": check_timeout("unknown_key_grace", unknown_key_grace) or 0.0}
     for name, value in (("handshake_timeout", handshake_timeout), ("pairing_timeout", pairing_timeout)):
         limits[name] = check_timeout(name, value)
         if limits[name] is None:
@@ -218,9 +227,10 @@ class ProxyLoop(ServiceLoop):
                  tracker_addr: tuple[str, int] | None = None, custom_addr: str | None = None,
                  *, timeout_client: float = TIMEOUT_CLIENT_S, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  pairing_timeout: float = PAIRING_TIMEOUT_S, max_clients_per_source: int = MAX_CLIENTS_PER_SOURCE,
-                 max_clients: int = MAX_CLIENTS,
+                 max_clients: int = MAX_CLIENTS, unknown_key_grace: float = UNKNOWN_KEY_GRACE_S,
                  auth_token: str | None = None, registration_token: str | None = None):
         super().__init__(listener, owner_fd)
+        self.unknown_key_grace = unknown_key_grace or 0.0
         self.auth_token = auth_token
         self.throttle = AuthThrottle()  # wrong registration proofs, by address
         self.timeout_client = timeout_client or 0.0
@@ -545,7 +555,7 @@ class ProxyLoop(ServiceLoop):
         with self._relays_lock:
             known = self.paired[base] > 0 or time.monotonic() - self.last_seen.get(base, -KEY_MEMORY_S) < KEY_MEMORY_S
         server, matched = self._take_server(key, base)
-        if server is None and not (self.timeout_client and known):
+        if server is None and not (self.timeout_client and (known or self.unknown_key_grace)):
             self._close_incoming(conn, (ErrorCode.NO_DEVICE, self._no_server(base)))
             return
         if not self._make_room(conn):
@@ -558,10 +568,11 @@ class ProxyLoop(ServiceLoop):
             self._pair(conn, server, matched)
             return
         now = time.monotonic()
-        held = _Held(conn, key, base, now + self.timeout_client, next(self._arrival), now)
+        wait = self.timeout_client if known or server is not None else min(self.timeout_client, self.unknown_key_grace)
+        held = _Held(conn, key, base, now + wait, next(self._arrival), now)
         self._sel.modify(conn.sock, selectors.EVENT_READ, held)
         self.held.setdefault(base, HeldQueue()).add(held)
-        log.info("holding a client of key %r from %s up to %g s for a server", base, conn.host, self.timeout_client)
+        log.info("holding a client of key %r from %s up to %g s for a server", base, conn.host, wait)
         if server is not None:  # clients were already waiting for the key: it waits its turn behind them
             self._serve_held(base)
 
@@ -602,7 +613,7 @@ class ProxyLoop(ServiceLoop):
         if waited is not None:
             with self._relays_lock:
                 busy = self.paired[base]
-            text += f"; waited {waited:.1f} s for one to come back"
+            text += f"; waited {waited:.1f} s for one to register"
             if busy:
                 text += f" ({busy} of its servers are in sessions)"
         return text
@@ -790,7 +801,7 @@ def serve_proxy(config: dict[str, Any], ready: Callable[[int], None] | None = No
     """Run a proxy in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
     setup_logging(config.get("silent", False))
     limits = proxy_limits(**{k: config[k] for k in ("timeout_client", "handshake_timeout", "pairing_timeout",
-                                                    "max_clients_per_source", "max_clients")
+                                                    "max_clients_per_source", "max_clients", "unknown_key_grace")
                              if config.get(k) is not None})
     tokens = {k: check_token(k, config.get(k)) for k in ("auth_token", "registration_token")}
     listener = bind_port(config.get("host", "127.0.0.1"), int(config.get("port", 9090)), int(config.get("port_end", 9199)))
