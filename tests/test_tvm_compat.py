@@ -201,3 +201,34 @@ def test_load_module_links_an_object_file(private_tmpdir, tmp_path, kind):
             mod["add_one"](b, a)  # the session goes on
     finally:
         srv.terminate()
+
+
+# -- TVM's rpc.PopenSession constructor: a program of the client's, run by the server ---------------------------
+@pytest.fixture(scope="module")
+def program_bytes(tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("popen-ctor")
+    with cc.build(ADD_ONE, name="add_one") as mod:
+        path = mod.export_library(out / "prog", fcompile=rpc.with_minrpc("host"))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_popen_session_constructor_runs_the_clients_program(private_tmpdir, program_bytes):
+    with rpc.Server(port=0, silent=True, max_workspace_bytes=len(program_bytes) // 2) as small, \
+            rpc.Server(port=0, silent=True, auth_token="s3cret") as guarded, \
+            rpc.Server(port=0, silent=True) as server:
+        ctor = ["rpc.PopenSession", program_bytes]
+        with rpc.connect("127.0.0.1", server.port, session_constructor_args=ctor) as remote:
+            assert remote.info.get("server") == "minrpc"  # the program's own session info
+            dev = remote.cpu(0)
+            a, b = runtime.tensor(np.ones(4, "float32"), dev), runtime.empty((4,), "float32", dev)
+            remote.system_lib()["add_one"](a, b)
+            np.testing.assert_array_equal(b.numpy(), np.full(4, 2.0))
+        with pytest.raises(RuntimeError, match="quota"):  # the program counts against the workspace quota
+            rpc.connect("127.0.0.1", small.port, session_constructor_args=ctor)
+        with pytest.raises(RuntimeError, match="requires an auth token"):  # checked before the program is read
+            rpc.connect("127.0.0.1", guarded.port, session_constructor_args=ctor, auth_token="")
+        with pytest.raises(RuntimeError, match="rpc.PopenSession takes the program's bytes"):
+            rpc.connect("127.0.0.1", server.port, session_constructor_args=["rpc.PopenSession", "prog"])
+        with rpc.connect("127.0.0.1", server.port) as remote:  # the server goes on
+            remote.ping()

@@ -25,11 +25,6 @@ from .conftest import HOST
 
 COLON_KEY = "127.0.0.1:5555"
 DEVICE_KEYS = ["test_device", COLON_KEY]
-POPEN_CONSTRUCTOR = pytest.mark.xfail(
-    reason="divergence: TVM's session_constructor_args=['rpc.PopenSession', <program bytes>] runs the program "
-           "on the server and serves the session from it; our servers know rpc.LocalSession and rpc.Connect only, "
-           "and the program's bytes exceed the 64 KiB CONNECT limit (TooLargeError)", strict=False)
-
 # A test kernel of a given dtype, b = a + 1, and a kernel that raises: for minrpc programs and the board.
 ADD_ONE_T = """#include <workbench_kernel.h>
 WB_KERNEL(add_one_{dtype}) {{
@@ -203,7 +198,6 @@ def test_rpc_echo_minrpc(minrpc_program):
             remote.system_lib()["notexist"]
 
 
-@POPEN_CONSTRUCTOR
 def test_rpc_echo_minrpc_on_the_remote(minrpc_program, private_tmpdir):
     """upstream: test_runtime_rpc.py::test_rpc_echo (check_minrpc, "minrpc on the remote") — a client sends a minrpc
     program's bytes with ``session_constructor_args=["rpc.PopenSession", bytes]``; the server runs it and the

@@ -44,6 +44,7 @@ from .handler import device_info
 from ..wire.handshake import (
     ERROR_BUSY,
     MAX_CONNECT_CTRL,
+    MAX_PROGRAM_BYTES,
     TOKEN_ENV,
     AuthThrottle,
     check_connect,
@@ -117,6 +118,12 @@ def idle_seconds(worker: _Worker) -> float:
     except (OSError, struct.error):
         return 0.0
     return min(sent, received) / 1000
+
+
+def _carries_program(ctrl: Any) -> bool:
+    """A CONNECT for ``["rpc.PopenSession"]``: its bulk part is the program to run (read by the worker)."""
+    ctor = ctrl.get("ctor") if isinstance(ctrl, dict) else None
+    return isinstance(ctor, list) and len(ctor) == 1 and ctor[0] == "rpc.PopenSession"
 
 
 class Handshake:
@@ -504,10 +511,10 @@ class ServeLoop(ServiceLoop):
         except ProtocolError as exc:
             return self._refuse(hs, exc.code, str(exc))
         hs.buf = b""
-        if hs.bulk_left:
+        if hs.bulk_left and not _carries_program(hs.ctrl):
             hs.stage = _BULK  # a bulk part on CONNECT means nothing: read and dropped
             return
-        self._evaluate(hs)
+        self._evaluate(hs)  # (rpc.PopenSession's program, the bulk part, is read by the worker once accepted)
 
     def _discard_bulk(self, hs: Handshake) -> None:
         view = memoryview(self._scratch)[: min(hs.bulk_left, len(self._scratch))]
@@ -552,6 +559,12 @@ class ServeLoop(ServiceLoop):
             return self._refuse(hs, exc.code, text)
         if token and hs.addr is not None:
             self.throttle.succeeded(hs.addr)
+        if _carries_program(hs.ctrl):
+            if not 0 < hs.bulk_left <= MAX_PROGRAM_BYTES:
+                return self._refuse(hs, ErrorCode.TOO_LARGE if hs.bulk_left else ErrorCode.UNSUPPORTED, (
+                    f"rpc.PopenSession: the program (CONNECT's bulk part) is {hs.bulk_left} bytes; it must be 1 to "
+                    f"{MAX_PROGRAM_BYTES} bytes"))
+            opts["program_bytes"] = hs.bulk_left
         share = address_share(self.max_sessions)
         held = sum(1 for w in self.workers.values() if w.addr is not None and w.addr == hs.addr and not w.preempted)
         if hs.addr is not None and held >= share < self.max_sessions and not self._preempt_idle(hs.addr):

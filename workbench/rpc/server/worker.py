@@ -30,6 +30,7 @@ from ...errors import (
     ConnectionClosedError,
     ErrorCode,
     KernelCrashedError,
+    RemoteError,
     RemoteNotFoundError,
     RPCError,
     UnsupportedError,
@@ -429,14 +430,83 @@ class IdleTimer:
         self._stop.set()
 
 
-def session_info(opts: dict[str, Any], *, key: str, sock: socket.socket | None) -> tuple[dict[str, Any], socket.socket | None]:
-    """The OK reply's session info for accepted CONNECT options, and for rpc.Connect the inner session's socket."""
+def session_info(opts: dict[str, Any], *, key: str, sock: socket.socket | None,
+                 workspace: Workspace | None = None) -> tuple[dict[str, Any], socket.socket | None]:
+    """The OK reply's session info for accepted CONNECT options, and for rpc.Connect (rpc.PopenSession) the
+    inner session's socket."""
     ctor = opts.get("ctor")
-    if ctor and ctor[0] == "rpc.Connect":
+    if ctor and ctor[0] in ("rpc.Connect", "rpc.PopenSession"):
         if sock is None:
-            raise UnsupportedError("rpc.Connect needs a network session; this one runs over pipes")
+            raise UnsupportedError(f"{ctor[0]} needs a network session; this one runs over pipes")
+        if ctor[0] == "rpc.PopenSession":
+            return popen_inner(sock, int(opts.get("program_bytes") or 0), workspace, opts["timeout"])[::-1]
         return connect_inner(ctor, opts["timeout"])[::-1]
     return dict(device_info(), key=key, session_timeout=opts["timeout"]), None
+
+
+def popen_inner(sock: socket.socket, size: int, workspace: Workspace | None,
+                session_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
+    """Run the program of ``["rpc.PopenSession", program]`` (the ``size`` bytes after CONNECT on ``sock``) in the
+    session workspace, served over a socket pair as its stdin and stdout, as TVM's server does; return the socket
+    to it and its session info. The program ends when the session does (its socket closes; it is killed then)."""
+    import stat
+    import subprocess
+
+    if workspace is None:
+        raise UnsupportedError("rpc.PopenSession needs a session workspace")
+    what = "rpc.PopenSession's program"
+    workspace.check_room((f"{what} ({format_size(size)})", what), size, 1)  # refused: the session ends unread
+    path = workspace.private_path("popen-program")
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = sock.recv(min(left, 1 << 20))
+            if not chunk:
+                raise ConnectionClosedError("the client closed the connection while sending its program")
+            f.write(chunk)
+            left -= len(chunk)
+    workspace.charge_private(path, what)
+    os.chmod(path, stat.S_IRWXU)
+    ours, theirs = socket.socketpair()
+    try:
+        # its temporary files (a minrpc's own workspace) go inside this session's: removed with it
+        env = dict(os.environ, TMPDIR=workspace.private)
+        proc = subprocess.Popen([path], stdin=theirs, stdout=theirs, cwd=workspace.root, env=env,
+                                start_new_session=True)
+    except OSError as exc:
+        ours.close()
+        raise RemoteError(f"rpc.PopenSession: cannot start the program: {exc.strerror or exc} (is it an executable "
+                          "for this server's machine?)") from None
+    finally:
+        theirs.close()
+    try:
+        from ..wire.handshake import client_handshake
+
+        info = client_handshake(SocketChannel(ours), "rpc.PopenSession's program", session_timeout=session_timeout,
+                                deadline=time.monotonic() + HANDSHAKE_TIMEOUT_S)
+    except BaseException:
+        ours.close()
+        _end_program(proc)
+        raise
+    ours.settimeout(None)
+    _PROGRAMS.append(proc)
+    return ours, info
+
+
+_PROGRAMS: list[Any] = []  # rpc.PopenSession programs this worker started: ended with it (_end_programs)
+
+
+def _end_program(proc: Any) -> None:
+    """Give an rpc.PopenSession program that saw its session end a moment to exit, then kill what is left."""
+    try:
+        proc.wait(timeout=2.0)
+    except Exception:  # noqa: BLE001  (subprocess.TimeoutExpired)
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
 
 
 def serve_accepted(
@@ -459,8 +529,10 @@ def serve_accepted(
     """
     inner = None
     try:
+        if quotas is not None:
+            workspace.set_quotas(quotas)  # (rpc.PopenSession's program counts too)
         try:
-            info, inner = session_info(opts, key=key, sock=sock)
+            info, inner = session_info(opts, key=key, sock=sock, workspace=workspace)
         except RPCError as exc:
             log.info("session refused: %s", exc)
             try:
@@ -478,6 +550,8 @@ def serve_accepted(
     finally:
         if inner is not None:
             inner.close()
+        while _PROGRAMS:
+            _end_program(_PROGRAMS.pop())
         workspace.cleanup()
         shutdown(sock)
 

@@ -32,6 +32,7 @@ from ...errors import (
     KeyMismatchError,
     ProtocolError,
     RPCError,
+    TooLargeError,
     UnsupportedError,
     error_from_code,
 )
@@ -43,7 +44,8 @@ HANDSHAKE_TIMEOUT_S = 10.0  # the whole handshake, from accept to CONNECT, not e
 MAX_SESSION_TIMEOUT_S = 365 * 24 * 3600.0  # one year; 0 means no limit
 MAX_CONNECT_CTRL = 64 << 10  # a CONNECT control part is a few hundred bytes
 ERROR_BUSY = ErrorCode.BUSY  # "server busy" (max_sessions reached, or out of processes, files or disk)
-SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect")
+SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect", "rpc.PopenSession")
+MAX_PROGRAM_BYTES = 256 << 20  # rpc.PopenSession's program (CONNECT's bulk part)
 CLIENT_LABEL = b"workbench-rpc-v1"
 SERVER_LABEL = b"workbench-rpc-v1-server"
 
@@ -106,9 +108,9 @@ def connect_token(ctor: list) -> str | None:
 
 
 def check_constructor(ctor: Any) -> list | None:
-    """``session_constructor_args`` as sent in CONNECT: None, ``["rpc.LocalSession"]`` or
+    """``session_constructor_args`` as sent in CONNECT: None, ``["rpc.LocalSession"]``,
     ``["rpc.Connect", url, port, key, token?]`` (TVM's enable_logging flag may stand beside the
-    token); UnsupportedError otherwise."""
+    token) or ``["rpc.PopenSession"]`` (the program is CONNECT's bulk part); UnsupportedError otherwise."""
     if not ctor:
         return None
     name = ctor[0] if isinstance(ctor, list) else ctor
@@ -117,6 +119,10 @@ def check_constructor(ctor: Any) -> list | None:
             f"session constructor {name!r:.100} is not supported by this server "
             f"(supported: {', '.join(SESSION_CONSTRUCTORS)})"
         )
+    if name == "rpc.PopenSession" and len(ctor) != 1:
+        raise UnsupportedError(
+            "rpc.PopenSession takes the program's bytes, which travel as CONNECT's bulk part: "
+            "session_constructor_args=[\"rpc.PopenSession\", program_bytes] on the client")
     if name == "rpc.Connect":
         args = ctor[1:]
         extra = args[3:]
@@ -343,6 +349,12 @@ def _client_handshake(chan: Channel, address: str, key: str, session_timeout: fl
         else:
             raise ProtocolError(f"more than {MAX_PROXY_HOPS} proxies on the way to {address}")
         ctor = list(constructor_args) if constructor_args else None
+        program = None
+        if ctor and ctor[0] == "rpc.PopenSession" and len(ctor) == 2 and isinstance(ctor[1], (bytes, bytearray)):
+            program, ctor = ctor[1], ["rpc.PopenSession"]  # the program goes as CONNECT's bulk part
+            if len(program) > MAX_PROGRAM_BYTES:
+                raise TooLargeError(f"rpc.PopenSession: the program is {len(program)} bytes, over the "
+                                    f"{MAX_PROGRAM_BYTES}-byte limit")
         connect = {"key": key or "", "timeout": session_timeout, "proof": None, "ctor": ctor}
         if token:
             nonce = hello.get("nonce")
@@ -357,7 +369,7 @@ def _client_handshake(chan: Channel, address: str, key: str, session_timeout: fl
                 raise ProtocolError(f"{address} sent a HELLO without a {NONCE_BYTES}-byte nonce")
             client_nonce = os.urandom(NONCE_BYTES)
             connect.update(proof=auth_proof(token, nonce), cnonce=client_nonce)
-        chan.send_frame(Kind.CONNECT, connect)
+        chan.send_frame(Kind.CONNECT, connect, program)
         frame = chan.recv_frame()
         if frame.kind == Kind.ERROR:
             raise error_reply(frame.ctrl)
