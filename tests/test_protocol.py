@@ -558,7 +558,7 @@ def test_auth_proof_is_hmac_of_the_nonce():
         ({"token": "s3cret"}, {"proof": None}, ErrorCode.AUTH, "requires an auth token"),
         ({"token": "s3cret"}, {"proof": "WRONG"}, ErrorCode.AUTH, "wrong auth token"),
         ({"key": "rasp"}, {"key": "jetson"}, ErrorCode.KEY_MISMATCH, "serves key 'rasp'"),
-        ({}, {"ctor": ["rpc.PopenSession", b"x"]}, ErrorCode.UNSUPPORTED, "'rpc.PopenSession' is not supported"),
+        ({}, {"ctor": ["rpc.Spawn", b"x"]}, ErrorCode.UNSUPPORTED, "'rpc.Spawn' is not supported"),
         ({}, {"timeout": -1}, ErrorCode.PROTOCOL, "session_timeout must be a number >= 0"),
         ({}, None, ErrorCode.PROTOCOL, "expected a CONNECT message"),
     ],
