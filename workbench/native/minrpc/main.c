@@ -630,7 +630,7 @@ static void reap(void) {
 
 static void stop_children(void) {
     for (size_t i = 0; i < n_children; ++i) kill(children[i].pid, SIGTERM); /* each ends its worker */
-    int64_t deadline = mr_now_ns() + 3000000000LL;
+    int64_t deadline = mr_now_ns() + 1500000000LL; /* well within MinRPCServer's 10 s before SIGKILL */
     while (n_children && mr_now_ns() < deadline) {
         reap();
         if (n_children) {

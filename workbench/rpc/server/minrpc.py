@@ -35,7 +35,7 @@ from .server import PREEMPT_IDLE_S, check_max_sessions, check_quotas
 log = logging.getLogger("workbench.rpc.minrpc")
 
 START_TIMEOUT_S = 30.0  # until the server prints its listening line (qemu start-up included)
-STOP_TIMEOUT_S = 5.0  # after SIGTERM, before SIGKILL
+STOP_TIMEOUT_S = 10.0  # after SIGTERM, before SIGKILL (the server ends its sessions in 1.5 s at most)
 STDERR_TAIL = 40  # lines of the server's log kept for error messages
 LISTENING_RE = re.compile(r"^minrpc listening on (\S+):(\d+)\s*$")
 POPEN_SERVERS = ("posix_popen_server",)
@@ -201,7 +201,7 @@ class MinRPCServer:
         return list(self._log)
 
     def terminate(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 5 s) and every process it started."""
+        """Stop the server (SIGTERM, then SIGKILL after 10 s) and every process it started."""
         self._finalizer()
 
     def __enter__(self) -> "MinRPCServer":
