@@ -44,6 +44,7 @@ MAX_SESSION_TIMEOUT_S = 365 * 24 * 3600.0  # one year; 0 means no limit
 MAX_CONNECT_CTRL = 64 << 10  # a CONNECT control part is a few hundred bytes
 ERROR_BUSY = ErrorCode.BUSY  # "server busy" (max_sessions reached, or out of processes, files or disk)
 SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect")
+TVM_PROTOCOL = "tvm"  # the "protocol" of accepted options for a TVM client's session (wire/tvm.py)
 CLIENT_LABEL = b"workbench-rpc-v1"
 SERVER_LABEL = b"workbench-rpc-v1-server"
 
