@@ -122,6 +122,13 @@ def test_python_functions_and_values(tvm, remote):
     fill(t)
     values = t.numpy()
     assert values.any() and (abs(values) <= 1).all()
+    arange = remote.get_function("tests.arange")(5)  # a tensor made on the server
+    np.testing.assert_array_equal(arange.numpy(), np.arange(5, dtype="float32"))
+    same = remote.get_function("tests.same")(t)  # the tensor it was given, under a new handle
+    np.testing.assert_array_equal(same.numpy(), values)
+    del same
+    np.testing.assert_array_equal(t.numpy(), values)  # freeing one handle keeps the tensor for the other
+    assert remote.get_function("tests.adder")(2)(3) == 5  # a function (a closure) made on the server
     f = remote.get_function("workbench.echo")
     assert f(7) == 7 and f(2.5) == 2.5 and f("text") == "text" and f(True) is True
     assert bytes(f(bytearray(b"\x00\x01bytes"))) == b"\x00\x01bytes"

@@ -320,10 +320,23 @@ class TVMSession:
             value = self.handler.handle(Kind.CALL, [Handle(Ext.FUNCTION, handle), self._args(args, reader)], None)
         if isinstance(value, FileBytes):
             return Out(bytes_return_header(value.size), file=(value.file, value.size))
+        if isinstance(value, Handle):  # a tensor or a function a registered function returned
+            return Out(return_packet(self._returned(value)))
         try:
             return Out(return_packet(call_return(value)))
         except (TypeError, OverflowError) as exc:
             raise BadRequestError(f"the function returned a value that cannot be sent back: {exc}") from None
+
+    def _returned(self, handle: Handle) -> list[Any]:
+        """A CALL_FUNC return for a session object: ``[70, DLTensor, handle]`` for a tensor (TVM's form: the
+        description, its data handle, the handle the client frees it by), ``[68 or 73, handle]`` otherwise."""
+        if handle.code == Ext.TENSOR:
+            tensor = self.handler.tensor(handle)
+            dl = tensor.dltensor
+            meta = TensorArg(handle.id, Device(dl.device.device_type, dl.device.device_id),
+                             DataType(dl.dtype.code, dl.dtype.bits, dl.dtype.lanes), tuple(tensor.shape), 0)
+            return [int(TypeIndex.TENSOR), meta, Pointer(handle.id)]
+        return [int(TypeIndex.FUNCTION if handle.code == Ext.FUNCTION else TypeIndex.MODULE), Pointer(handle.id)]
 
     def copy_to_remote(self, reader: PacketReader) -> Out:
         arg = read_tensor(reader)

@@ -349,7 +349,8 @@ def read_packed(reader: PacketReader, stream_last: bool = False) -> list[Any]:
 def encode_value(value: Any) -> bytes:
     """One value of a packed sequence the server sends: type index and payload.
 
-    None, bool, int (int64), float, ``Pointer``, str (sent as a raw string), bytes (a byte array).
+    None, bool, int (int64), float, ``Pointer``, str (sent as a raw string), bytes (a byte array),
+    ``TensorArg`` (a DLTensor).
     """
     if value is None:
         return _I32.pack(TypeIndex.NONE)
@@ -369,6 +370,10 @@ def encode_value(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
         return _I32.pack(TypeIndex.BYTE_ARRAY_PTR) + _U64.pack(len(raw)) + raw
+    if isinstance(value, TensorArg):  # a tensor the server returns: its description, its data handle
+        return (_I32.pack(TypeIndex.DLTENSOR_PTR) + _U64.pack(value.data) + _DEVICE.pack(*value.device)
+                + _I32.pack(len(value.shape)) + _DTYPE.pack(*value.dtype)
+                + struct.pack(f"<{len(value.shape)}q", *value.shape) + _U64.pack(value.byte_offset))
     raise TypeError(f"a {type(value).__name__} cannot travel over TVM's RPC")
 
 
