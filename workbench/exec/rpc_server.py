@@ -4,6 +4,7 @@
     WORKBENCH_RPC_TOKEN=secret python -m workbench.exec.rpc_server --port 9090
     python -m workbench.exec.rpc_server --port 9090 --max-sessions 8 --idle-timeout 600
     python -m workbench.exec.rpc_server --port 9090 --max-workspace-bytes 16G --max-tensor-bytes 8G
+    python -m workbench.exec.rpc_server --port 9090 --auth-token ... --allow-tvm-clients   # tvm.rpc.connect too
     WORKBENCH_REGISTRATION_TOKEN=secret python -m workbench.exec.rpc_server --tracker 127.0.0.1:9190 --key rasp
 
 Runs in the foreground until Ctrl-C or SIGTERM, which also end every session.
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registration-token", default=None, metavar="TOKEN",
                         help="the token to prove to a --tracker or proxy (--through-proxy) started with --auth-token "
                              f"(prefer the {REGISTRATION_TOKEN_ENV} variable)")
+    parser.add_argument("--allow-tvm-clients", action="store_true",
+                        help="with an auth token, serve TVM's own RPC client all the same (it cannot prove a "
+                             "token; without a token TVM's clients are always served)")
     args = parser.parse_args(argv)
     try:
         check_max_sessions(args.max_sessions)
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         preempt_idle=args.preempt_idle or None,
         registration_token=args.registration_token or os.environ.get(REGISTRATION_TOKEN_ENV) or None,
         **quotas,
+        allow_tvm_clients=args.allow_tvm_clients,
     )
     configure_cli_logging(args.silent)
     try:

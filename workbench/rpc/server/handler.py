@@ -217,6 +217,10 @@ class SessionHandler:
             return f"{value!r} is not a live {what} of this session (was it freed, or is it another session's?)"
         return f"{value!r} is not a {what} of this session (that id names another kind of object)"
 
+    def tensor(self, handle: Any) -> DeviceTensor:
+        """The live tensor ``handle`` names, or BadRequestError (TVM-protocol sessions copy into it directly)."""
+        return self._get(handle, _TENSOR, DeviceTensor)
+
     def _resolve_args(self, args: list) -> list:
         out = []
         for i, a in enumerate(args):

@@ -38,7 +38,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from ...errors import AuthenticationError, ConnectionClosedError, ErrorCode, ProtocolError, RPCError, error_from_code
+from ...errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    ErrorCode,
+    ProtocolError,
+    RPCError,
+    UnsupportedError,
+    error_from_code,
+)
 from ...runtime.workspace import Workspace
 from .handler import device_info
 from ..wire.handshake import (
@@ -46,11 +54,15 @@ from ..wire.handshake import (
     MAX_CONNECT_CTRL,
     MAX_PROGRAM_BYTES,
     TOKEN_ENV,
+    TVM_PROTOCOL,
     AuthThrottle,
     check_connect,
+    check_key,
+    check_session_timeout,
     hello,
     refusal_text,
 )
+from ..wire import tvm
 from ..wire.protocol import (
     FLAG_SERVER,
     HEADER,
@@ -79,6 +91,7 @@ log = logging.getLogger("workbench.rpc.server")
 SELF = "self"  # the one tracker slot of a server
 _HANGUP = object()  # selector data of the epoll that watches session connections for hang-ups
 _PREAMBLE, _HEADER, _CTRL, _BULK, _WAIT = range(5)  # handshake stages
+_TVM_KEY, _TVM_LENGTH, _TVM_INIT = range(5, 8)  # TVM's handshake: its key, then its INIT_SERVER packet
 TCP_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))  # a vanished peer: ~2 min
 
 
@@ -88,7 +101,8 @@ def error_frame(code: int, message: str) -> bytes:
 
 
 class _Worker:
-    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey", "report", "hung_up", "addr", "preempted")
+    __slots__ = ("pid", "pidfd", "conn", "workspace", "wait", "matchkey", "report", "hung_up", "addr", "preempted",
+                 "tvm")
 
     def __init__(self, pid: int, pidfd: int, conn: socket.socket, workspace: str, wait: Callable[[], int],
                  matchkey: str | None, report: EndReport | None):
@@ -102,6 +116,7 @@ class _Worker:
         self.hung_up = False
         self.addr: str | None = None  # the client's address (None: through a proxy)
         self.preempted: str | None = None  # why the server ended it to free its slot
+        self.tvm = False  # a TVM client's session: notices go out as TVM's exception packets
 
 
 _TCP_INFO_LAST = struct.Struct("=III")  # tcp_info's last_data_sent, last_ack_sent, last_data_recv (ms ago), at 44
@@ -127,10 +142,11 @@ def _carries_program(ctrl: Any) -> bool:
 
 
 class Handshake:
-    """A connection in its handshake, read without blocking: the preamble, then one CONNECT frame."""
+    """A connection in its handshake, read without blocking: the preamble, then one CONNECT frame
+    (a TVM client: its key, then its INIT_SERVER packet)."""
 
     __slots__ = ("sock", "peer", "addr", "deadline", "buf", "stage", "nonce", "kind", "ctrl_len", "bulk_left",
-                 "ctrl", "registered")
+                 "ctrl", "registered", "tvm")
 
     def __init__(self, sock: socket.socket, peer: str, addr: str | None, deadline: float):
         self.sock = sock
@@ -143,6 +159,7 @@ class Handshake:
         self.kind = self.ctrl_len = self.bulk_left = 0
         self.ctrl: Any = None
         self.registered = True
+        self.tvm = False
 
     def need(self) -> int:
         """Bytes still to read for the current stage (exact: nothing after the CONNECT is read here)."""
@@ -412,7 +429,10 @@ class ServeLoop(ServiceLoop):
         """End a handshake: with ``[code, message]`` if given (and our preamble first if not yet sent)."""
         self._forget(hs)
         data = b""
-        if code is not None:
+        if code is not None and hs.tvm:
+            data = tvm.refusal(code, message, key_answered=hs.stage not in (_PREAMBLE, _TVM_KEY))
+            log.info("refused the TVM client %s: %s", hs.peer, message)
+        elif code is not None:
             if hs.stage == _PREAMBLE:
                 data = PREAMBLE.pack(MAGIC, VERSION, 0)
             data += error_frame(code, message)
@@ -462,15 +482,19 @@ class ServeLoop(ServiceLoop):
             self._got_preamble(hs)
         elif hs.stage == _HEADER:
             self._got_header(hs)
+        elif hs.tvm:
+            self._tvm_step(hs)
         else:
             self._got_ctrl(hs)
 
     def _got_preamble(self, hs: Handshake) -> None:
+        if hs.buf[:4] == tvm.MAGIC_BYTES:  # TVM's client: its magic and key length came in these 8 bytes
+            return self._got_tvm_magic(hs)
         magic, version, flags = PREAMBLE.unpack(hs.buf)
         if magic != MAGIC:
             return self._refuse(hs, ErrorCode.PROTOCOL, (
                 f"bad magic {magic!r}: this is an rpc-workbench server (protocol v{VERSION}); "
-                "connect with workbench.rpc.connect (a TVM client cannot talk to it directly)"))
+                "connect with workbench.rpc.connect (or TVM's tvm.rpc.connect)"))
         if version != VERSION:
             return self._refuse(hs, ErrorCode.PROTOCOL, (
                 f"the client speaks protocol version {version}, this server speaks {VERSION}: "
@@ -491,6 +515,76 @@ class ServeLoop(ServiceLoop):
         if sent != len(data):  # a fresh connection's buffer takes 80 bytes; if not, the peer is gone
             self._forget(hs)
             hs.sock.close()
+
+    # -- TVM's handshake (wire/tvm.py; docs/protocol.md, "TVM's protocol on workbench servers") ----------
+    def _got_tvm_magic(self, hs: Handshake) -> None:
+        hs.tvm = True
+        (keylen,) = struct.unpack_from("<i", hs.buf, 4)
+        if not 0 <= keylen <= tvm.MAX_KEY:
+            return self._refuse(hs, ErrorCode.TOO_LARGE, f"a TVM handshake key of {keylen} bytes")
+        hs.stage, hs.ctrl_len, hs.buf = _TVM_KEY, keylen, b""
+        if not keylen:
+            self._tvm_step(hs)
+
+    def _tvm_step(self, hs: Handshake) -> None:
+        """The key, the INIT_SERVER packet's length or the packet itself has come whole."""
+        if hs.stage == _TVM_KEY:
+            try:
+                key, options = tvm.parse_client_key(hs.buf)
+                check_key(self.config.key, key, self._matchkey())
+            except RPCError as exc:  # TVM's answer: the mismatch code (its client says "cannot find server")
+                return self._refuse(hs, exc.code, str(exc))
+            hs.ctrl = {"key": key, "timeout": options.get("timeout", "0"), "ctor": None, "proof": None,
+                       "protocol": TVM_PROTOCOL}
+            data = tvm.server_reply(self.config.key)
+            try:
+                sent = hs.sock.send(data)
+            except OSError:
+                sent = 0
+            if sent != len(data):  # a fresh connection's buffer takes it; if not, the peer is gone
+                self._forget(hs)
+                hs.sock.close()
+                return
+            hs.stage, hs.ctrl_len, hs.buf = _TVM_LENGTH, 8, b""
+        elif hs.stage == _TVM_LENGTH:
+            (length,) = struct.unpack("<Q", hs.buf)
+            if length > tvm.MAX_INIT_PACKET:
+                return self._refuse(hs, ErrorCode.TOO_LARGE, (
+                    f"a {length}-byte packet where INIT_SERVER was expected is over the handshake's "
+                    f"{tvm.MAX_INIT_PACKET}-byte limit"))
+            hs.stage, hs.ctrl_len, hs.buf = (_TVM_INIT, length, b"") if length else (_TVM_LENGTH, 8, b"")
+        else:
+            self._got_tvm_init(hs)
+
+    def _got_tvm_init(self, hs: Handshake) -> None:
+        """Decide on a TVM client's INIT_SERVER: its session constructor, its session_timeout, the token."""
+        if hs.registered:
+            self._sel.unregister(hs.sock)  # nothing more to read here: the worker reads what follows
+            hs.registered = False
+        hs.stage = _WAIT
+        opts = hs.ctrl
+        try:
+            ctor = tvm.parse_init_server(hs.buf)
+            if ctor and ctor != ["rpc.LocalSession"]:
+                name = ctor[0] if isinstance(ctor[0], str) else type(ctor[0]).__name__
+                raise UnsupportedError(
+                    f"session constructor {name!r:.100} is not supported by this server for TVM's client "
+                    "(supported: rpc.LocalSession; for a server behind this one, use a proxy or its tracker)")
+            try:
+                opts["timeout"] = check_session_timeout(float(opts["timeout"]))
+            except ValueError as exc:
+                raise ProtocolError(f"-timeout={opts['timeout']}: {exc}") from None
+        except RPCError as exc:
+            return self._refuse(hs, exc.code, str(exc))
+        if self.config.token and not self.config.allow_tvm_clients:
+            log.warning("refused a TVM-protocol client from %s: this server has an auth token, which TVM's "
+                        "client cannot prove (allow_tvm_clients=True / --allow-tvm-clients lets them in)", hs.peer)
+            return self._refuse(hs, ErrorCode.AUTH, (
+                "this server requires an auth token, which TVM's RPC client cannot prove: connect with "
+                "workbench.rpc.connect(..., auth_token=...), or start the server with allow_tvm_clients=True "
+                "(rpc_server --allow-tvm-clients) to let TVM's clients in without a token"))
+        log.info("TVM-protocol client %s, key %r", hs.peer, opts["key"])
+        self._admit(hs, opts)
 
     def _got_header(self, hs: Handshake) -> None:
         ctrl_len, kind, _flags, bulk_len = HEADER.unpack(hs.buf)
@@ -565,6 +659,10 @@ class ServeLoop(ServiceLoop):
                     f"rpc.PopenSession: the program (CONNECT's bulk part) is {hs.bulk_left} bytes; it must be 1 to "
                     f"{MAX_PROGRAM_BYTES} bytes"))
             opts["program_bytes"] = hs.bulk_left
+        self._admit(hs, opts)
+
+    def _admit(self, hs: Handshake, opts: dict[str, Any]) -> None:
+        """Start a session for a client whose handshake passed its checks, unless the server is full."""
         share = address_share(self.max_sessions)
         held = sum(1 for w in self.workers.values() if w.addr is not None and w.addr == hs.addr and not w.preempted)
         if hs.addr is not None and held >= share < self.max_sessions and not self._preempt_idle(hs.addr):
@@ -617,6 +715,7 @@ class ServeLoop(ServiceLoop):
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: it cannot start a session worker ({exc.strerror or exc}); try again later"))
         worker.addr = hs.addr
+        worker.tvm = opts.get("protocol") == TVM_PROTOCOL
         self.workers[worker.pidfd] = worker
         self._sel.register(worker.pidfd, selectors.EVENT_READ, worker)
         fd = conn.fileno()
@@ -751,8 +850,9 @@ class ServeLoop(ServiceLoop):
             notice, code = worker.preempted, ErrorCode.SESSION_TIMEOUT
         if notice:
             log.warning("%s", notice)
+            data = tvm.exception_packet(notice, code) if worker.tvm else error_frame(code, notice)
             try:  # never wait on a client that does not read: what does not fit now is dropped
-                worker.conn.send(error_frame(code, notice), socket.MSG_DONTWAIT)
+                worker.conn.send(data, socket.MSG_DONTWAIT)
             except OSError:
                 pass
         shutdown(worker.conn)

@@ -90,6 +90,7 @@ class ServerConfig:
     max_workspace_bytes: int | None = None  # default 4 GiB
     max_workspace_files: int | None = None  # default 10000 files and directories
     max_tensor_bytes: int | None = None  # default half the memory of the machine the server runs on
+    allow_tvm_clients: bool = False  # with a token: let TVM's client (which cannot prove one) in all the same
 
 
 def check_quotas(max_workspace_bytes: object = None, max_workspace_files: object = None,
@@ -171,6 +172,10 @@ class Server(ServiceHandle):
     the server proves when it registers with ``tracker_addr``, or waits at a
     proxy (``is_proxy``), started with an auth token; with a wrong or missing
     one it logs a warning and keeps retrying.
+    TVM's own client (``tvm.rpc.connect``, a tracker's ``request``, MetaSchedule's
+    ``RPCRunner``) is served too, told apart by its first bytes; it cannot prove
+    a token, so a server with one refuses it (saying why) unless
+    ``allow_tvm_clients=True``.
     The server ends with ``terminate()``, when this object is collected, or
     when this process exits. It logs through ``logging`` at this process's
     level for ``workbench`` (nothing below WARNING unless logging was set up);
@@ -208,6 +213,7 @@ class Server(ServiceHandle):
         max_workspace_bytes: int | str | None = None,
         max_workspace_files: int | None = None,
         max_tensor_bytes: int | str | None = None,
+        allow_tvm_clients: bool = False,
     ):
         if isinstance(load_library, str):
             load_library = [p for p in load_library.replace(",", ":").split(":") if p]
@@ -237,6 +243,7 @@ class Server(ServiceHandle):
             handshake_timeout=check_seconds("handshake_timeout", handshake_timeout, allow_none=False),
             registration_token=token_or_env("registration_token", registration_token, REGISTRATION_TOKEN_ENV),
             **check_quotas(max_workspace_bytes, max_workspace_files, max_tensor_bytes),
+            allow_tvm_clients=bool(allow_tvm_clients),
         )
         self.host = host
         self.key = key

@@ -44,7 +44,7 @@ from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, 
 from .handler import Bulk, Reply, SessionHandler, device_info, error_text
 from .secrets import hide_from_kernels
 from ..tracker.registration import REGISTRATION_TOKEN_ENV
-from ..wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, check_connect, hello
+from ..wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, TVM_PROTOCOL, check_connect, hello
 from ..wire.relay import relay
 from ..wire.protocol import (
     FLAG_NO_REPLY,
@@ -542,7 +542,12 @@ def serve_accepted(
             return EXIT_REFUSED
         if opts.get("proof") is not None:
             info["proof"] = opts["proof"]
-        chan.send_frame(Kind.OK, info)
+        if opts.get("protocol") == TVM_PROTOCOL:  # TVM's client (the server read its handshake): tvm_session.py
+            from .tvm_session import accept_tvm_session
+
+            chan = accept_tvm_session(sock)
+        else:
+            chan.send_frame(Kind.OK, info)
         return _serve(chan, workspace, opts, system_libs=system_libs, sock=sock, io_timeout=io_timeout,
                       idle_timeout=idle_timeout, report=report, inner=inner, quotas=quotas)
     except OSError as exc:
@@ -596,7 +601,13 @@ def _serve(
             timers.append(idle)
             activity = idle.activity
         try:
-            serve_requests(chan, handler, lock, activity, report.page if report is not None else None)
+            busy = report.page if report is not None else None
+            if opts.get("protocol") == TVM_PROTOCOL:
+                from .tvm_session import serve_tvm_requests
+
+                serve_tvm_requests(chan, handler, lock, activity, busy, CrashCounter(), crash_loop_notice)
+            else:
+                serve_requests(chan, handler, lock, activity, busy)
         except OSError as exc:  # socket timeout (the server's timeout=), a reset, or the fd closed under us
             if exc.errno == errno.EBADF:
                 log.warning("the session's connection was closed by the code it ran")

@@ -46,6 +46,7 @@ MAX_CONNECT_CTRL = 64 << 10  # a CONNECT control part is a few hundred bytes
 ERROR_BUSY = ErrorCode.BUSY  # "server busy" (max_sessions reached, or out of processes, files or disk)
 SESSION_CONSTRUCTORS = ("rpc.LocalSession", "rpc.Connect", "rpc.PopenSession")
 MAX_PROGRAM_BYTES = 256 << 20  # rpc.PopenSession's program (CONNECT's bulk part)
+TVM_PROTOCOL = "tvm"  # the "protocol" of accepted options for a TVM client's session (wire/tvm.py)
 CLIENT_LABEL = b"workbench-rpc-v1"
 SERVER_LABEL = b"workbench-rpc-v1-server"
 
