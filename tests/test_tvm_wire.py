@@ -399,3 +399,34 @@ def test_handshake_and_packet_bounds(server, private_tmpdir):
         assert code == 5 and "over this server's limit" in exception_text(body)
         assert sock.recv(1) == b""
     assert_clean(server, private_tmpdir)
+
+
+def test_a_tvm_client_through_our_proxy(tvm, private_tmpdir):
+    """TVM's client reaches a server that waits at our proxy: directly with its key, and through a tracker the
+    proxy offers it to; a key no server has is TVM's "cannot find server"."""
+    with rpc.Tracker(port=0, silent=True) as tracker, \
+            rpc.Proxy(port=0, silent=True, tracker_addr=(HOST, tracker.port), unknown_key_grace=0) as proxy, \
+            rpc.Server(host=HOST, port=proxy.port, is_proxy=True, key="behind", silent=True):
+        with rpc.connect_tracker(HOST, tracker.port) as ours:
+            assert wait_until(lambda: ours.summary()["queue_info"].get("behind", {}).get("free") == 1, 15)
+        remote = None
+        for _ in range(50):  # the server waits at the proxy again a moment after each session
+            try:
+                remote = tvm.rpc.connect(HOST, proxy.port, key="behind", session_timeout=60)
+                break
+            except Exception:  # noqa: BLE001  (TVM's RPCError: not yet back at the proxy)
+                time.sleep(0.1)
+        assert remote is not None, "TVM's client could not reach the server behind the proxy"
+        a = tvm.runtime.tensor(np.arange(8, dtype="float32"), remote.cpu(0))
+        np.testing.assert_array_equal(a.numpy(), np.arange(8, dtype="float32"))
+        del a
+        close(remote)
+        tvm_tracker = tvm.rpc.connect_tracker(HOST, tracker.port)
+        try:
+            remote = tvm_tracker.request("behind", session_timeout=60, max_retry=3)
+            assert remote.get_function("workbench.echo")(5) == 5
+            close(remote)
+        finally:
+            tvm_tracker.close()
+        with pytest.raises(Exception, match="cannot find server that matches key"):
+            tvm.rpc.connect(HOST, proxy.port, key="nobody")

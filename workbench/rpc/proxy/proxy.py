@@ -72,6 +72,7 @@ import resource
 import select
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -88,6 +89,7 @@ from ..tracker.registration import (
     token_or_env,
 )
 from ..wire.relay import Relay
+from ..wire.tvm import CODE_MISMATCH, MAGIC_BYTES as TVM_MAGIC_BYTES, MAX_KEY as MAX_TVM_KEY
 from .turns import HeldQueue
 from ..service.process import ServiceHandle, service_main, setup_logging, stop_on_signals
 from ..service.loop import ServiceLoop, bind_port, peer_closed, refuse
@@ -102,6 +104,7 @@ MAX_CLIENTS_PER_SOURCE = 16  # an address's share: its clients up to this many a
 MAX_CLIENTS = 1024  # clients held or being paired at once, in all (and at most half the proxy's fd limit)
 MAX_OPENING = 16 << 10  # bytes of the control part of a REGISTER or PROXY_CONNECT (and of a client's CONNECT)
 KEY_MEMORY_S = 60.0  # a key whose servers were here this recently: its clients are held for one
+TVM_MISMATCH = struct.pack("<i", CODE_MISMATCH)  # what a refused TVM client reads
 UNKNOWN_KEY_GRACE_S = 3.0  # a key nobody served here: its client is held this long for a server that is starting
 
 
@@ -177,7 +180,7 @@ def proxy_limits(timeout_client: float | None = TIMEOUT_CLIENT_S, handshake_time
 class _Incoming:
     """A connection whose opening (preamble and first frame) has not fully arrived; it holds no more than that."""
 
-    __slots__ = ("sock", "host", "buf", "preamble", "is_server", "deadline", "nonce", "key", "info")
+    __slots__ = ("sock", "host", "buf", "preamble", "is_server", "deadline", "nonce", "key", "info", "tvm")
 
     def __init__(self, sock: socket.socket, host: str, deadline: float):
         self.sock = sock
@@ -189,11 +192,14 @@ class _Incoming:
         self.nonce: bytes | None = None  # a server challenged for its registration proof (auth_token set)
         self.key = ""  # and the key and info of its first REGISTER
         self.info: dict = {}
+        self.tvm = False  # a TVM client: its opening is TVM's magic, key length and key (replayed to the server)
 
     def need(self) -> int:
         """Bytes still missing from the part of the opening being read."""
         if self.preamble is None:
             return PREAMBLE.size - len(self.buf)
+        if self.tvm:  # the key after TVM's magic and key length
+            return struct.unpack_from("<i", self.preamble, 4)[0] - len(self.buf)
         if len(self.buf) < HEADER.size:
             return HEADER.size - len(self.buf)
         return HEADER.size + HEADER.unpack_from(self.buf)[0] - len(self.buf)
@@ -346,6 +352,10 @@ class ProxyLoop(ServiceLoop):
         if error is None:
             conn.sock.close()
             return
+        if conn.tvm:  # TVM's client reads one i32 here: "no server matches the key" (it names the key itself)
+            log.info("refused a TVM client from %s: %s", conn.host, error[1])
+            refuse(conn.sock, TVM_MISMATCH)
+            return
         notice = _frame(Kind.ERROR, [int(error[0]), error[1]])
         if conn.preamble is None:
             notice = PREAMBLE.pack(MAGIC, VERSION, 0) + notice
@@ -382,6 +392,22 @@ class ProxyLoop(ServiceLoop):
 
     def _advance(self, conn: _Incoming) -> bool:
         """A part of the opening is complete: check it; True once the connection has left ``incoming``."""
+        if conn.preamble is None and conn.buf[:4] == TVM_MAGIC_BYTES:  # TVM's client (docs/protocol.md 13)
+            length = struct.unpack_from("<i", conn.buf, 4)[0]
+            conn.tvm, conn.preamble = True, bytes(conn.buf)
+            conn.buf.clear()
+            if not 0 < length <= MAX_TVM_KEY:
+                self._close_incoming(conn, (ErrorCode.KEY_MISMATCH, "bad key length"))
+                return True
+            return False
+        if conn.tvm:  # its key, "client:<key>[ -timeout=S]": paired with a server of that key, to which it is replayed
+            word = bytes(conn.buf).decode("utf-8", "replace").split(" ")[0]
+            conn.preamble += bytes(conn.buf)
+            if not word.startswith("client:") or not word[len("client:"):]:
+                self._close_incoming(conn, (ErrorCode.KEY_MISMATCH, "not a client's key"))
+                return True
+            self._client(conn, word[len("client:"):])
+            return True
         if conn.preamble is None:
             magic, version, flags = PREAMBLE.unpack_from(conn.buf)
             if magic != MAGIC:
@@ -674,8 +700,9 @@ class ProxyLoop(ServiceLoop):
         deadline = time.monotonic() + self.pairing_timeout
         try:
             _send_by(server.sock, client.preamble, deadline)
-            _recv_by(server.sock, PREAMBLE.size, deadline)
-            _pass_first_frame(client.sock, server.sock, deadline, self.pairing_timeout)
+            if not client.tvm:  # (a TVM client's handshake goes on end to end: the server answers it)
+                _recv_by(server.sock, PREAMBLE.size, deadline)
+                _pass_first_frame(client.sock, server.sock, deadline, self.pairing_timeout)
             ok = True
         except (OSError, _PairingTimeout) as exc:
             log.info("pairing a client from %s with a server of key %r failed: %s", client.host, server.key, exc)
