@@ -71,8 +71,13 @@ def create_shared(
 
         >>> create_shared("add_one.so", ["add_one.c"], cc="aarch64-linux-gnu-gcc")   # doctest: +SKIP
     """
+    return _build(["-shared", "-fPIC"], output, objects_or_sources, options, cc, cwd, ccache_env)
+
+
+def _build(kind: list[str], output: str | os.PathLike, objects_or_sources: Any, options: Any, cc: str | None,
+           cwd: str | os.PathLike | None, ccache_env: dict[str, str] | None) -> str:
     output = os.fspath(output)
-    cmd = _compiler(cc) + ["-shared", "-fPIC", "-O2", "-I", include_path(), "-o", output]
+    cmd = _compiler(cc) + kind + ["-O2", "-I", include_path(), "-o", output]
     _run(cmd + _paths(objects_or_sources) + _options(options), cwd, ccache_env)
     return output
 
@@ -95,10 +100,7 @@ def create_executable(
 
         >>> create_executable("hello", ["hello.c"], cc="aarch64-linux-gnu-gcc")   # doctest: +SKIP
     """
-    output = os.fspath(output)
-    cmd = _compiler(cc) + ["-O2", "-I", include_path(), "-o", output]
-    _run(cmd + _paths(objects_or_sources) + _options(options), cwd, ccache_env)
-    return output
+    return _build([], output, objects_or_sources, options, cc, cwd, ccache_env)
 
 
 def compile_objects(
