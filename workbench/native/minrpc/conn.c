@@ -343,6 +343,19 @@ int conn_send_error(mr_conn* c, int code, const char* msg) {
     return conn_finish(c, K_ERROR, NULL, 0);
 }
 
+void conn_send_nowait(int fd, int is_socket, const void* data, size_t n) {
+    if (is_socket) {
+        ssize_t w = send(fd, data, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void)w;
+    } else {
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+        ssize_t w = write(fd, data, n);
+        (void)w;
+        if (flags >= 0) fcntl(fd, F_SETFL, flags);
+    }
+}
+
 void conn_send_error_nowait(int fd, int is_socket, int code, const char* msg) {
     mp_buf b = {0};
     mp_reserve(&b, 256);
@@ -352,16 +365,7 @@ void conn_send_error_nowait(int fd, int is_socket, int code, const char* msg) {
     mp_put_cstr(&b, msg);
     if (!b.failed) {
         mr_put_header(b.data, (uint32_t)(b.len - MR_HEADER), K_ERROR, 0, 0);
-        if (is_socket) {
-            ssize_t w = send(fd, b.data, b.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-            (void)w;
-        } else {
-            int flags = fcntl(fd, F_GETFL);
-            if (flags >= 0) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-            ssize_t w = write(fd, b.data, b.len);
-            (void)w;
-            if (flags >= 0) fcntl(fd, F_SETFL, flags);
-        }
+        conn_send_nowait(fd, is_socket, b.data, b.len);
     }
     mp_buf_free(&b);
 }

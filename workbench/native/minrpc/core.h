@@ -5,6 +5,8 @@
  *   handshake.c  the handshake, read without blocking (in the listener's event loop), and CONNECT's checks
  *   session.c    one session process: slots, workspace, the worker, its supervision and notices
  *   requests.c   the worker: the request loop and every request of protocol.md section 6
+ *   tvm.c        TVM's RPC protocol (protocol.md section 13): its handshake checks, its packets, and a worker
+ *                loop that serves them with requests.c's operations
  *   workspace.c  the session workspace: confined paths, directories, removal
  *   conn.c       frames over a socket or a pair of pipes
  *   msgpack.c    control parts
@@ -76,6 +78,7 @@ typedef struct {
     uint64_t max_workspace_bytes; /* --max-workspace-bytes: files of the workspace, private copies included */
     uint64_t max_workspace_files; /* --max-workspace-files: its files and directories */
     uint64_t max_tensor_bytes;    /* --max-tensor-bytes: the tensors the client allocated */
+    int allow_tvm_clients;        /* --allow-tvm-clients: TVM's clients (who cannot prove a token) are let in */
 } mr_config;
 
 #define MR_DEFAULT_WORKSPACE_BYTES ((uint64_t)4 << 30)
@@ -137,6 +140,8 @@ int conn_finish(mr_conn* c, int kind, const void* bulk, uint64_t bulk_len);
 int conn_send_error(mr_conn* c, int code, const char* msg);
 /* Send ERROR [code, msg] without blocking (notices): what does not fit is dropped. */
 void conn_send_error_nowait(int fd, int is_socket, int code, const char* msg);
+/* Send n bytes without blocking: what does not fit is dropped. */
+void conn_send_nowait(int fd, int is_socket, const void* data, size_t n);
 /* The 16-byte header. */
 void mr_put_header(uint8_t* p, uint32_t ctrl_len, uint16_t kind, uint16_t flags, uint64_t bulk_len);
 
@@ -186,7 +191,7 @@ int mr_throttle_failed(mr_throttle* t, const uint8_t addr[16], double* delay_s);
 void mr_throttle_succeeded(mr_throttle* t, const uint8_t addr[16]);
 
 /* ---- handshake.c: the handshake, read without blocking ---------------------------------------------- */
-enum { HS_PREAMBLE, HS_HEADER, HS_CTRL, HS_BULK, HS_WAIT };
+enum { HS_PREAMBLE, HS_HEADER, HS_CTRL, HS_BULK, HS_WAIT, HS_TVM_KEY, HS_TVM_LENGTH, HS_TVM_INIT };
 
 typedef struct {
     int rfd, wfd, is_socket;
@@ -203,6 +208,12 @@ typedef struct {
     uint8_t nonce[MR_NONCE];
     uint8_t addr[16];    /* the client's address (IPv4 as ::ffff:a.b.c.d): throttle, shares */
     char peer[64];       /* "127.0.0.1:5555" or "stdio", for messages */
+    /* a TVM client (its first bytes were TVM's magic): HS_TVM_KEY (ctrl: its key), HS_TVM_LENGTH (head: the
+       INIT_SERVER packet's length), HS_TVM_INIT (ctrl: the packet), then HS_WAIT */
+    int tvm;
+    int tvm_answered;      /* our key went out: a refusal is an EXCEPTION packet, before it TVM's mismatch code */
+    char tvm_timeout[64];  /* its -timeout=<seconds> option ("" if none) */
+    char tvm_key[128];     /* the key it asked for, for the log */
 } mr_handshake;
 
 /* What a CONNECT that passed its checks asks for. */
@@ -210,13 +221,15 @@ typedef struct {
     double timeout;    /* the session timeout, 0: none */
     uint8_t proof[32]; /* the server's proof to the client (has_proof) */
     int has_proof;
+    int tvm;           /* a TVM client: the session speaks TVM's protocol (tvm.c) */
 } mr_connect;
 
 void mr_handshake_init(mr_handshake* hs, int rfd, int wfd, int is_socket, int64_t deadline_ns);
 void mr_handshake_free(mr_handshake* hs);
-/* Read what has arrived: 0, call again when rfd is readable (or, in HS_WAIT, at turn_ns); 1, the CONNECT is
-   read: check it (mr_handshake_check); -1, the handshake ended (refused, or the peer left): close it. */
-int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, mr_throttle* throttle);
+/* Read what has arrived: 0, call again when rfd is readable (or, in HS_WAIT, at turn_ns); 1, the CONNECT (or a
+   TVM client's INIT_SERVER) is read: check it (mr_handshake_check); -1, the handshake ended (refused, or the peer
+   left): close it. `matchkey` as for mr_handshake_check: a TVM client's key is checked as soon as it is read. */
+int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, const char* matchkey, mr_throttle* throttle);
 /* CONNECT's checks: 0 and *out, or -1 (refused). `matchkey`: with a tracker, the only key served. */
 int mr_handshake_check(mr_handshake* hs, const mr_config* cfg, const char* matchkey, mr_throttle* throttle,
                        mr_connect* out);
@@ -260,10 +273,64 @@ typedef struct {
 } mr_shared;
 
 /* The worker: send the OK with `proof` (the server proof or NULL), then serve requests until the client
-   leaves; `cfg` gives the key and target of the session info and the --cc of .tar links. Returns when the
+   leaves; `cfg` gives the key and target of the session info and the --cc of .tar links. `tvm`: the client speaks
+   TVM's protocol: answer its INIT_SERVER and serve its packets instead (mr_tvm_serve). Returns when the
    session ends on purpose (the caller sets shared->ended and exits). */
 void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_config* cfg, double session_timeout,
-                   const uint8_t* proof);
+                   const uint8_t* proof, int tvm);
+
+/* What tvm.c serves TVM's packets with: requests.c's own operations, on its session objects. */
+#define MR_LOST (-2) /* mr_worker_request: the connection failed (the session ends) */
+/* Serve one request of kind K_* with `args` (a list node), as if it had come over our protocol, `bulk_len` bytes
+   of its bulk part still on the stream: 0 and the reply's control part in mr_worker_reply, -1 with err, MR_LOST.
+   The reply's file, if any (DOWNLOAD, LINK_MODULE), is mr_worker_reply_file's until mr_worker_reply_done. */
+int mr_worker_request(int kind, const mp_node* args, uint64_t bulk_len, mr_error* err);
+const uint8_t* mr_worker_reply(size_t* len);
+int mr_worker_reply_file(uint64_t* len); /* its descriptor, or -1 */
+void mr_worker_reply_done(void);
+int mr_worker_ending(void);              /* the error just returned ends the session (a crash loop) */
+mp_arena* mr_worker_arena(void);         /* reset before each request */
+void mr_worker_connection_failed(void);  /* a failed read or write: _exit if the code the session ran closed it */
+/* A tensor of the session, as tvm.c sees it. */
+typedef struct {
+    uint8_t* data;
+    uint64_t nbytes;
+    int32_t device_type, device_id, ndim;
+    uint8_t code, bits;
+    uint16_t lanes;
+    const int64_t* shape;
+} mr_tensor_info;
+/* The object kind (MP_EXT_*) of id, 0 if none. */
+int mr_worker_object_kind(uint64_t id);
+/* The live tensor id: 0 and *out, or -1 with err (the texts of our TENSOR handles). */
+int mr_worker_tensor(uint64_t id, mr_tensor_info* out, mr_error* err);
+/* A session object describing nbytes of tensor `base` from byte_offset with another shape and dtype (the caller
+   checked that it lies inside): its id (a TENSOR handle for CALL and TIME_EVAL), or 0 (out of memory). It owns
+   no memory and counts against no quota; drop it with mr_worker_drop_view. */
+uint64_t mr_worker_add_view(uint64_t base, uint64_t byte_offset, int32_t ndim, const int64_t* shape, uint8_t code,
+                            uint8_t bits, uint16_t lanes, uint64_t nbytes);
+void mr_worker_drop_view(uint64_t id);
+/* check_device of TENSOR_ALLOC: 0 for cpu(0), else -1 with err (NO_DEVICE naming it). */
+int mr_worker_check_device(int64_t device_type, int64_t device_id, mr_error* err);
+
+/* ---- tvm.c: TVM's RPC protocol (docs/protocol.md section 13) -------------------------------------------------- */
+#define MR_TVM_MAGIC 0xFF271       /* the i32 a TVM client opens with (71 f2 0f 00), and the success answer */
+#define MR_TVM_MISMATCH 0xFF273    /* the refusal before our key went out (TVM: "cannot find server that matches") */
+#define MR_TVM_MAX_KEY 4096        /* handshake key bytes */
+#define MR_TVM_MAX_INIT (64 << 10) /* the INIT_SERVER packet, read in the listener */
+/* The key a TVM client sent (`client:<key>[ -timeout=<s>]`): 0 and its -timeout option's text in timeout (cap
+   bytes) and the key in key_out, or -1 with err (KEY_MISMATCH: not a client's key, not ours). */
+int mr_tvm_check_key(const uint8_t* key, size_t n, const mr_config* cfg, const char* matchkey, char* timeout,
+                     size_t timeout_cap, char* key_out, size_t key_cap, mr_error* err);
+/* An INIT_SERVER packet (body, after its u64 length): 0, or -1 with err (another protocol version, a session
+   constructor other than rpc.LocalSession, a malformed packet). */
+int mr_tvm_check_init(const uint8_t* body, size_t n, mr_error* err);
+/* Append TVM's EXCEPTION packet carrying msg (code SESSION_TIMEOUT: "RPCSessionTimeoutError: " first). */
+void mr_tvm_put_exception(mp_buf* b, int code, const char* msg);
+/* A notice or refusal without blocking: an EXCEPTION packet (tvm) or our ERROR frame. */
+void mr_notice_nowait(int fd, int is_socket, int tvm, int code, const char* msg);
+/* The worker's loop for a TVM client: answer INIT_SERVER, then serve packets until SHUTDOWN or the client leaves. */
+void mr_tvm_serve(mr_conn* c, mr_shared* shared);
 
 /* The session info map of the OK reply (devices, arch, ...), with `pid`. */
 void mr_put_session_info(mp_buf* b, const mr_config* cfg, double session_timeout, const uint8_t* proof);

@@ -6,6 +6,10 @@
  * constructor, timeout), all without a process of its own per connection. Only a CONNECT that passed its
  * checks gets a session process (session.c). The auth proof is computed here, where no kernel runs.
  * With --stdio, mr_handshake_run drives the same steps on stdin/stdout, waiting for each.
+ *
+ * A connection whose first four bytes are TVM's RPC magic (71 f2 0f 00) is a TVM client (docs/protocol.md section
+ * 13.2): the rest of those 8 bytes is its key's length; its key is checked (tvm.c) and answered with ours, then
+ * its INIT_SERVER packet is read and checked, under the same deadline and bounds, before its session is forked.
  */
 #include "core.h"
 
@@ -48,6 +52,18 @@ void mr_handshake_refuse(mr_handshake* hs, int code, const char* fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (hs->tvm) { /* before our key went out TVM's client reads one i32 and no text */
+        mr_log_info("refused the TVM client %s: %s", hs->peer, msg);
+        if (hs->tvm_answered) {
+            mr_notice_nowait(hs->wfd, hs->is_socket, 1, code, msg);
+        } else {
+            const uint32_t m = MR_TVM_MISMATCH;
+            uint8_t mismatch[4] = {(uint8_t)m, (uint8_t)(m >> 8), (uint8_t)(m >> 16), (uint8_t)(m >> 24)};
+            ssize_t w = send_now(hs, mismatch, sizeof(mismatch));
+            (void)w;
+        }
+        return;
+    }
     mr_log_info("refused %s: %s", hs->peer, msg);
     if (!hs->greeted) { /* the client learns our version first */
         ssize_t w = send_now(hs, OUR_PREAMBLE, sizeof(OUR_PREAMBLE));
@@ -70,7 +86,7 @@ static int got_preamble(mr_handshake* hs, const mr_config* cfg) {
     char shown[64];
     if (memcmp(pre, "WBRP", 4) != 0) {
         mr_handshake_refuse(hs, MR_PROTOCOL, "bad magic %s: this is an rpc-workbench server (protocol v1); connect "
-                            "with workbench.rpc.connect (a TVM client cannot talk to it directly)",
+                            "with workbench.rpc.connect (or TVM's tvm.rpc.connect)",
                             py_repr_bytes(pre, 4, shown, sizeof(shown)));
         return -1;
     }
@@ -111,6 +127,120 @@ static int got_preamble(mr_handshake* hs, const mr_config* cfg) {
     }
     mp_buf_free(&b);
     return rc;
+}
+
+/* ---- a TVM client (docs/protocol.md section 13.2) ------------------------------------------------------ */
+static const uint8_t TVM_MAGIC[4] = {0x71, 0xf2, 0x0f, 0x00};
+
+/* Its key is in hs->ctrl: check it and answer with ours. 0, or -1 (refused, or the peer is gone). */
+static int tvm_got_key(mr_handshake* hs, const mr_config* cfg, const char* matchkey) {
+    mr_error err;
+    int rc = mr_tvm_check_key(hs->ctrl, hs->ctrl_len, cfg, matchkey, hs->tvm_timeout, sizeof(hs->tvm_timeout),
+                              hs->tvm_key, sizeof(hs->tvm_key), &err);
+    mr_handshake_free(hs);
+    if (rc) {
+        mr_handshake_refuse(hs, err.code, "%s", err.msg);
+        return -1;
+    }
+    size_t n = strlen(cfg->key) + 7;
+    uint8_t* reply = (uint8_t*)malloc(8 + n);
+    if (!reply) {
+        mr_handshake_refuse(hs, MR_BUSY, "server busy: it is out of memory; try again later");
+        return -1;
+    }
+    memcpy(reply, TVM_MAGIC, 4);
+    for (int i = 0; i < 4; ++i) reply[4 + i] = (uint8_t)(n >> (8 * i));
+    memcpy(reply + 8, "server:", 7);
+    memcpy(reply + 15, cfg->key, n - 7);
+    /* a fresh connection's buffer takes it at once; if it does not, the peer is gone */
+    rc = send_now(hs, reply, 8 + n) == (ssize_t)(8 + n) ? 0 : -1;
+    free(reply);
+    hs->tvm_answered = 1;
+    hs->stage = HS_TVM_LENGTH;
+    return rc;
+}
+
+/* TVM's magic is in hs->head, its key's length after it. 0, or -1 (refused). */
+static int tvm_got_magic(mr_handshake* hs, const mr_config* cfg, const char* matchkey) {
+    const uint8_t* h = hs->head;
+    int32_t keylen = (int32_t)((uint32_t)h[4] | (uint32_t)h[5] << 8 | (uint32_t)h[6] << 16 | (uint32_t)h[7] << 24);
+    hs->tvm = 1;
+    if (keylen < 0 || keylen > MR_TVM_MAX_KEY) {
+        mr_handshake_refuse(hs, MR_TOO_LARGE, "a TVM handshake key of %d bytes", (int)keylen);
+        return -1;
+    }
+    hs->ctrl = (uint8_t*)malloc(keylen ? (size_t)keylen : 1);
+    if (!hs->ctrl) {
+        mr_handshake_refuse(hs, MR_BUSY, "server busy: it is out of memory; try again later");
+        return -1;
+    }
+    hs->ctrl_len = (size_t)keylen;
+    hs->stage = HS_TVM_KEY;
+    return keylen ? 0 : tvm_got_key(hs, cfg, matchkey);
+}
+
+/* The INIT_SERVER packet's length is in hs->head. 0, or -1 (refused). */
+static int tvm_got_length(mr_handshake* hs) {
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | hs->head[i];
+    if (n > MR_TVM_MAX_INIT) {
+        mr_handshake_refuse(hs, MR_TOO_LARGE, "a %llu-byte packet where INIT_SERVER was expected is over the "
+                            "handshake's %d-byte limit", (unsigned long long)n, MR_TVM_MAX_INIT);
+        return -1;
+    }
+    if (!n) return 0; /* an empty packet is skipped */
+    hs->ctrl = (uint8_t*)malloc((size_t)n);
+    if (!hs->ctrl) {
+        mr_handshake_refuse(hs, MR_BUSY, "server busy: it is out of memory; try again later");
+        return -1;
+    }
+    hs->ctrl_len = (size_t)n;
+    hs->stage = HS_TVM_INIT;
+    return 0;
+}
+
+/* INIT_SERVER is read: its checks (serve.py _got_tvm_init, in that order), then the token's. 0, or -1. */
+static int check_tvm(mr_handshake* hs, const mr_config* cfg, mr_connect* out) {
+    mr_error err;
+    if (mr_tvm_check_init(hs->ctrl, hs->ctrl_len, &err)) {
+        mr_handshake_refuse(hs, err.code, "%s", err.msg);
+        return -1;
+    }
+    if (hs->tvm_timeout[0]) { /* as float(text), then check_session_timeout */
+        const char* text = hs->tvm_timeout;
+        char* end = NULL;
+        errno = 0;
+        double v = strtod(text, &end);
+        while (end && (*end == ' ' || *end == '\t')) ++end;
+        char shown[200];
+        py_repr_str(text, strlen(text), shown, sizeof(shown));
+        if (end == text || !end || *end) {
+            mr_handshake_refuse(hs, MR_PROTOCOL, "-timeout=%s: could not convert string to float: %s", text, shown);
+            return -1;
+        }
+        if (!(v >= 0 && v <= MR_MAX_SESSION_TIMEOUT)) {
+            char num[64];
+            mr_handshake_refuse(hs, MR_PROTOCOL, "-timeout=%s: session_timeout must be a number >= 0 and at most "
+                                "31536000 seconds (one year; 0 means no limit), not %s", text,
+                                py_repr_float(v, num, sizeof(num)));
+            return -1;
+        }
+        out->timeout = v;
+    }
+    if (cfg->token && !cfg->allow_tvm_clients) {
+        mr_log_error("refused a TVM-protocol client from %s: this server has an auth token, which TVM's client cannot "
+                     "prove (--allow-tvm-clients lets them in)", hs->peer);
+        mr_handshake_refuse(hs, MR_AUTH, "this server requires an auth token, which TVM's RPC client cannot prove: "
+                            "connect with workbench.rpc.connect(..., auth_token=...), or start the server with "
+                            "allow_tvm_clients=True (rpc_server --allow-tvm-clients) to let TVM's clients in without "
+                            "a token");
+        return -1;
+    }
+    char shown[300];
+    mr_log_info("TVM-protocol client %s, key %s", hs->peer, py_repr_str(hs->tvm_key, strlen(hs->tvm_key), shown,
+                                                                        sizeof(shown)));
+    out->tvm = 1;
+    return 0;
 }
 
 /* The CONNECT header is in hs->head: check its sizes. 0, or -1 (refused). */
@@ -164,16 +294,16 @@ static int connect_read(mr_handshake* hs, const mr_config* cfg, mr_throttle* thr
     return 0;
 }
 
-int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, mr_throttle* throttle) {
-    if (hs->stage == HS_WAIT) return connect_read(hs, cfg, throttle);
+int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, const char* matchkey, mr_throttle* throttle) {
+    if (hs->stage == HS_WAIT) return hs->tvm ? 1 : connect_read(hs, cfg, throttle);
     for (;;) { /* as far as the bytes already here go */
         uint8_t scratch[4096];
         uint8_t* dst;
         size_t need;
-        if (hs->stage == HS_PREAMBLE || hs->stage == HS_HEADER) {
-            need = (hs->stage == HS_PREAMBLE ? 8 : MR_HEADER) - hs->have;
+        if (hs->stage == HS_PREAMBLE || hs->stage == HS_HEADER || hs->stage == HS_TVM_LENGTH) {
+            need = (hs->stage == HS_HEADER ? MR_HEADER : 8) - hs->have;
             dst = hs->head + hs->have;
-        } else if (hs->stage == HS_CTRL) {
+        } else if (hs->stage == HS_CTRL || hs->stage == HS_TVM_KEY || hs->stage == HS_TVM_INIT) {
             need = hs->ctrl_len - hs->have;
             dst = hs->ctrl + hs->have;
         } else { /* HS_BULK: a bulk part on CONNECT means nothing: read and dropped */
@@ -195,7 +325,16 @@ int mr_handshake_step(mr_handshake* hs, const mr_config* cfg, mr_throttle* throt
             continue;
         }
         hs->have = 0;
-        if (hs->stage == HS_PREAMBLE) {
+        if (hs->stage == HS_PREAMBLE && !memcmp(hs->head, TVM_MAGIC, 4)) {
+            if (tvm_got_magic(hs, cfg, matchkey)) return -1;
+        } else if (hs->stage == HS_TVM_KEY) {
+            if (tvm_got_key(hs, cfg, matchkey)) return -1;
+        } else if (hs->stage == HS_TVM_LENGTH) {
+            if (tvm_got_length(hs)) return -1;
+        } else if (hs->stage == HS_TVM_INIT) {
+            hs->stage = HS_WAIT; /* what follows is the session's */
+            return 1;
+        } else if (hs->stage == HS_PREAMBLE) {
             if (got_preamble(hs, cfg)) return -1;
             hs->stage = HS_HEADER;
         } else if (hs->stage == HS_HEADER) {
@@ -332,6 +471,11 @@ int mr_handshake_check(mr_handshake* hs, const mr_config* cfg, const char* match
     mp_node* opts;
     char perr[512];
     int rc;
+    if (hs->tvm) {
+        rc = check_tvm(hs, cfg, out);
+        mr_handshake_free(hs);
+        return rc;
+    }
     if (mp_parse(hs->ctrl, hs->ctrl_len, &arena, &opts, perr, sizeof(perr))) {
         mr_handshake_refuse(hs, MR_PROTOCOL, "%s", perr);
         rc = -1;
@@ -354,7 +498,7 @@ int mr_handshake_run(mr_handshake* hs, const mr_config* cfg, mr_connect* out) {
         struct pollfd p = {hs->rfd, POLLIN, 0};
         int n = poll(&p, 1, (int)((left + 999999) / 1000000));
         if (n <= 0) continue;
-        int rc = mr_handshake_step(hs, cfg, NULL);
+        int rc = mr_handshake_step(hs, cfg, NULL, NULL);
         if (rc < 0) {
             mr_handshake_free(hs);
             return -1;

@@ -78,13 +78,14 @@ static const char USAGE[] =
     "usage: minrpc [--host H] [--port P] [--port-end PE] [--key K] [--tracker HOST:PORT] [--custom-addr A]\n"
     "              [--cc CC] [--max-sessions N] [--idle-timeout S] [--preempt-idle S] [--handshake-timeout S]\n"
     "              [--max-workspace-bytes SIZE] [--max-workspace-files N] [--max-tensor-bytes SIZE]\n"
-    "              [--silent] [--stdio]\n"
+    "              [--allow-tvm-clients] [--silent] [--stdio]\n"
     "\n"
     "minrpc: a small native rpc-workbench session server (docs/protocol.md, version 1).\n"
     "\n"
     "With no arguments, or --stdio, serve one session on stdin/stdout (workbench.rpc.PopenSession), then exit\n"
     "with status 86 (as python -m workbench.rpc.server.worker --stdio: the session ended, nothing to report).\n"
     "Otherwise listen on TCP and print one line, \"minrpc listening on HOST:PORT\".\n"
+    "Clients speak docs/protocol.md, or TVM's RPC protocol (apache-tvm's tvm.rpc.connect; section 13).\n"
     "\n"
     "  --host H               address to bind (default 127.0.0.1)\n"
     "  --port P               first port to try (default 9090; 0: any free port)\n"
@@ -102,6 +103,8 @@ static const char USAGE[] =
     "                         copies (default 4G; 0: no limit; sizes take K, M, G, T suffixes)\n"
     "  --max-workspace-files N     files and directories a session's workspace may hold (default 10000; 0: none)\n"
     "  --max-tensor-bytes SIZE     memory a session's tensors may take (default: half the machine's memory)\n"
+    "  --allow-tvm-clients    with WORKBENCH_RPC_TOKEN set, still let TVM's RPC clients in (they cannot prove a\n"
+    "                         token; refused otherwise)\n"
     "  --silent               log errors only\n"
     "  --stdio                serve one session on stdin/stdout\n"
     "\n"
@@ -163,12 +166,13 @@ static void parse_options(int argc, char** argv) {
         } else {
             snprintf(name, sizeof(name), "%s", arg);
         }
-        static const char* flags[] = {"--silent", "--stdio", "--help", "-h"};
+        static const char* flags[] = {"--silent", "--stdio", "--help", "-h", "--allow-tvm-clients"};
         int is_flag = 0;
         for (size_t f = 0; f < sizeof(flags) / sizeof(flags[0]); ++f) is_flag |= strcmp(name, flags[f]) == 0;
         if (is_flag) {
             if (value) usage_error("%s takes no value", name);
             if (strcmp(name, "--silent") == 0) mr_cfg.silent = 1;
+            else if (strcmp(name, "--allow-tvm-clients") == 0) mr_cfg.allow_tvm_clients = 1;
             else if (strcmp(name, "--stdio") == 0) mr_cfg.stdio = 1;
             else {
                 fputs(USAGE, stdout);
@@ -453,14 +457,14 @@ static void start_session(size_t i, const mr_connect* connect, int listen_fd);
 /* Run the handshake of pending[i] as far as its bytes go; a checked CONNECT starts its session. */
 static void advance(size_t i, int listen_fd) {
     mr_handshake* hs = pending[i];
-    int rc = mr_handshake_step(hs, &mr_cfg, throttle);
-    if (rc == 0) return;
-    mr_connect connect;
     const char* matchkey = NULL;
     if (tracker) { /* while a session runs, no key matches: the tracker hands this device to one client at a time */
         const char* offered = mr_tracker_matchkey(tracker);
         matchkey = *sessions > 0 || !offered || !*offered ? "\001busy" : offered;
     }
+    int rc = mr_handshake_step(hs, &mr_cfg, matchkey, throttle);
+    if (rc == 0) return;
+    mr_connect connect;
     if (rc > 0 && mr_handshake_check(hs, &mr_cfg, matchkey, throttle, &connect) == 0) start_session(i, &connect, listen_fd);
     else close_pending(i);
 }

@@ -78,6 +78,7 @@ typedef struct {
     mr_dltensor dl;
     uint64_t nbytes;
     size_t maplen;
+    int borrowed; /* a view of another tensor's memory (tvm.c): owns nothing, counts against nothing */
     char dtype[24];
     int64_t shape[]; /* ndim entries */
 } mr_tensor;
@@ -123,6 +124,7 @@ static struct {
     mr_tensor* reply_swapped; /* a big-endian device: the tensor read, in wire order until it is sent */
     int64_t crash_ns[MR_CRASH_LIMIT - 1]; /* when the last kernels crashed, newest first */
     int end_session;                      /* the error being sent ends the session (a crash loop) */
+    int no_cancel;                        /* TVM's protocol: no CANCEL frames (its client has none) */
 } S;
 
 static int table_grow(void) {
@@ -182,6 +184,10 @@ static mr_obj* table_remove(uint64_t id) {
 }
 
 static void tensor_release(mr_tensor* t) {
+    if (t->borrowed) {
+        free(t);
+        return;
+    }
     S.tensors--;
     S.tensor_bytes -= t->nbytes;
     munmap(t->dl.data, t->maplen);
@@ -1305,6 +1311,7 @@ static int do_free(const mp_node* args, mr_error* err) {
    that came stays buffered for the loop.  A CANCEL is one 17-byte write, so its header is whole. */
 static int cancel_pending(void) {
     mr_conn* c = S.c;
+    if (S.no_cancel) return 0;
     if (c->end - c->start < MR_HEADER) {
         struct pollfd p = {c->rfd, POLLIN, 0};
         if (poll(&p, 1, 0) <= 0) return 0;
@@ -1560,6 +1567,94 @@ static void connection_failed(void) {
     }
 }
 
+/* ---- what tvm.c serves TVM's packets with (core.h) ------------------------------------------------------ */
+int mr_worker_request(int kind, const mp_node* args, uint64_t bulk_len, mr_error* err) {
+    S.bulk_left = bulk_len;
+    S.lost = 0;
+    err->code = 0;
+    conn_begin(S.c);
+    int rc = dispatch(kind, args, err);
+    if (S.lost || bulk_drop()) return MR_LOST;
+    if (rc == 0 && S.c->out.failed) rc = mr_fail(err, MR_REMOTE, "out of memory for the reply");
+    return rc;
+}
+
+const uint8_t* mr_worker_reply(size_t* len) {
+    *len = S.c->out.len > MR_HEADER ? S.c->out.len - MR_HEADER : 0;
+    return S.c->out.data + MR_HEADER;
+}
+
+int mr_worker_reply_file(uint64_t* len) {
+    *len = S.reply_bulk_len;
+    return S.reply_fd;
+}
+
+void mr_worker_reply_done(void) { reply_done(); }
+int mr_worker_ending(void) { return S.end_session; }
+mp_arena* mr_worker_arena(void) { return &S.arena; }
+void mr_worker_connection_failed(void) { connection_failed(); }
+
+int mr_worker_object_kind(uint64_t id) {
+    mr_obj* obj = table_get(id);
+    return obj ? obj->kind : 0;
+}
+
+int mr_worker_tensor(uint64_t id, mr_tensor_info* out, mr_error* err) {
+    mp_node h = {MP_EXT, MP_EXT_TENSOR, 0, {0}};
+    h.v.u = id;
+    mr_tensor* t = (mr_tensor*)get_obj(&h, OBJ_TENSOR, err);
+    if (!t) return -1;
+    out->data = (uint8_t*)t->dl.data;
+    out->nbytes = t->nbytes;
+    out->device_type = t->dl.device.device_type;
+    out->device_id = t->dl.device.device_id;
+    out->ndim = t->dl.ndim;
+    out->code = t->dl.dtype.code;
+    out->bits = t->dl.dtype.bits;
+    out->lanes = t->dl.dtype.lanes;
+    out->shape = t->shape;
+    return 0;
+}
+
+uint64_t mr_worker_add_view(uint64_t base, uint64_t byte_offset, int32_t ndim, const int64_t* shape, uint8_t code,
+                            uint8_t bits, uint16_t lanes, uint64_t nbytes) {
+    mr_tensor* b = (mr_tensor*)table_get(base);
+    if (!b || b->kind != OBJ_TENSOR || ndim < 0 || ndim > MAX_NDIM) return 0;
+    mr_tensor* t = (mr_tensor*)calloc(1, sizeof(mr_tensor) + (ndim ? (size_t)ndim : 1) * sizeof(int64_t));
+    if (!t) return 0;
+    t->kind = OBJ_TENSOR;
+    t->borrowed = 1;
+    t->nbytes = nbytes;
+    t->dl = b->dl;
+    t->dl.data = (uint8_t*)b->dl.data + byte_offset;
+    t->dl.ndim = ndim;
+    t->dl.dtype.code = code;
+    t->dl.dtype.bits = bits;
+    t->dl.dtype.lanes = lanes;
+    for (int32_t i = 0; i < ndim; ++i) t->shape[i] = shape[i];
+    t->dl.shape = t->shape;
+    t->dl.strides = NULL;
+    t->dl.byte_offset = 0;
+    snprintf(t->dtype, sizeof(t->dtype), "view");
+    uint64_t id = table_add((mr_obj*)t);
+    if (!id) free(t);
+    return id;
+}
+
+void mr_worker_drop_view(uint64_t id) {
+    mr_tensor* t = (mr_tensor*)table_get(id);
+    if (!t || t->kind != OBJ_TENSOR || !t->borrowed) return;
+    table_remove(id);
+    free(t);
+}
+
+int mr_worker_check_device(int64_t device_type, int64_t device_id, mr_error* err) {
+    mp_node type = {MP_INT, 0, 0, {0}}, id = {MP_INT, 0, 0, {0}};
+    type.v.i = device_type;
+    id.v.i = device_id;
+    return check_device(&type, &id, err);
+}
+
 static int send_error_closing(int code, const char* msg) {
     char text[MR_ERR_CAP + 64];
     snprintf(text, sizeof(text), "%s; closing this connection", msg);
@@ -1573,7 +1668,7 @@ static int send_error_closing(int code, const char* msg) {
 static void serve_requests(mr_conn* c, mr_shared* shared, double session_timeout, const uint8_t* proof);
 
 void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_config* cfg, double session_timeout,
-                   const uint8_t* proof) {
+                   const uint8_t* proof, int tvm) {
     memset(&S, 0, sizeof(S));
     S.cfg = cfg;
     S.c = c;
@@ -1584,7 +1679,12 @@ void mr_worker_run(mr_conn* c, mr_workspace* ws, mr_shared* shared, const mr_con
     /* a kernel still running MR_CANCEL_GRACE_MS after the client's CANCEL (or its leaving) is stopped */
     if (wb_guard_watch(c->rfd, MR_CANCEL_GRACE_MS) != 0)
         mr_log_info("cannot start the call watcher: a kernel that never returns cannot be cancelled");
-    serve_requests(c, shared, session_timeout, proof);
+    if (tvm) {
+        S.no_cancel = 1;
+        mr_tvm_serve(c, shared);
+    } else {
+        serve_requests(c, shared, session_timeout, proof);
+    }
     wb_guard_watch(-1, 0);
 }
 

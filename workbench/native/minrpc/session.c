@@ -58,6 +58,8 @@ static void set_handler(int sig, void (*fn)(int)) {
     sigaction(sig, &sa, NULL);
 }
 
+static int tvm_session; /* the client speaks TVM's protocol: refusals and notices are its EXCEPTION packets */
+
 /* Refuse a handshaken client (server busy): ERROR [code, msg]. */
 static void refuse(mr_conn* c, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 static void refuse(mr_conn* c, int code, const char* fmt, ...) {
@@ -67,7 +69,7 @@ static void refuse(mr_conn* c, int code, const char* fmt, ...) {
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     mr_log_info("refused: %s", msg);
-    conn_send_error_nowait(c->wfd, c->is_socket, code, msg);
+    mr_notice_nowait(c->wfd, c->is_socket, tvm_session, code, msg);
 }
 
 static const char* signal_name(int sig) {
@@ -164,6 +166,7 @@ static int preempt_idle_session(const mr_session_args* args, int same_address) {
 int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args) {
     const mr_config* cfg = args->cfg;
     double timeout = args->connect.timeout;
+    tvm_session = args->connect.tvm;
     mr_conn c;
     conn_init(&c, rfd, wfd, is_socket);
     if (pipe(self_pipe) == 0) {
@@ -263,11 +266,12 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
             if (wb_guard_secrets(1) != 0 || wb_scrub_secrets(secrets, lengths, 2) < 0)
                 mr_log_error("could not put the server's tokens out of the kernels' reach: %s", strerror(errno));
         }
-        mr_worker_run(&c, &ws, shared, cfg, timeout, args->connect.has_proof ? args->connect.proof : NULL);
+        mr_worker_run(&c, &ws, shared, cfg, timeout, args->connect.has_proof ? args->connect.proof : NULL,
+                      args->connect.tvm);
         shared->ended = 1; /* the session ended on purpose: nothing to report */
         _exit(0);
     }
-    mr_log_info("session %s started (worker %d)", args->peer, (int)pid);
+    mr_log_info("session %s started (worker %d)%s", args->peer, (int)pid, tvm_session ? ", TVM's protocol" : "");
 
     /* supervise the worker */
     int64_t start = mr_now_ns();
@@ -360,7 +364,7 @@ int mr_session_main(int rfd, int wfd, int is_socket, const mr_session_args* args
     mr_remove_tree(ws.base); /* before the notice goes out */
     if (notice_code) {
         mr_log_info("session %s: %s", args->peer, notice);
-        if (!was_sending) conn_send_error_nowait(wfd, is_socket, notice_code, notice);
+        if (!was_sending) mr_notice_nowait(wfd, is_socket, tvm_session, notice_code, notice);
     } else {
         mr_log_info("session %s ended", args->peer);
     }

@@ -64,6 +64,11 @@ class MinRPCServer:
     ``max_tensor_bytes`` (None: minrpc's defaults, the same as ``rpc.Server``'s;
     0: no limit).
 
+    The server also serves apache-tvm's own RPC client (``tvm.rpc.connect``, a
+    tracker's ``request``; docs/protocol.md section 13). TVM's client cannot
+    prove a token: a server with ``auth_token`` refuses it and says so, unless
+    ``allow_tvm_clients=True`` (``--allow-tvm-clients``) lets it in without one.
+
     ``auth_token`` (None: ``$WORKBENCH_RPC_TOKEN``) and ``registration_token``
     (None: ``$WORKBENCH_REGISTRATION_TOKEN``) reach the server through its
     environment, never its command line. The process ends on
@@ -101,6 +106,7 @@ class MinRPCServer:
         max_workspace_bytes: int | str | None = None,
         max_workspace_files: int | None = None,
         max_tensor_bytes: int | str | None = None,
+        allow_tvm_clients: bool = False,
     ):
         from ...cc.targets import parse_target
         from ...native import build_minrpc
@@ -139,6 +145,8 @@ class MinRPCServer:
         for option, value in check_quotas(max_workspace_bytes, max_workspace_files, max_tensor_bytes).items():
             if value is not None:
                 args += ["--" + option.replace("_", "-"), str(value)]
+        if allow_tvm_clients:
+            args.append("--allow-tvm-clients")
         if silent:
             args.append("--silent")
         self.command = self.emulator.command(self.binary, *args) if self.emulator else [self.binary, *args]
