@@ -3,6 +3,7 @@
  *
  *   minrpc [--host H] [--port P] [--port-end PE] [--key K] [--tracker HOST:PORT] [--custom-addr A]
  *          [--cc CC] [--max-sessions N] [--idle-timeout S] [--preempt-idle S] [--handshake-timeout S] [--silent]
+ *          [--max-workspace-bytes SIZE] [--max-workspace-files N] [--max-tensor-bytes SIZE] [--allow-tvm-clients]
  *          [--stdio] [--help]
  *
  * With no arguments, or --stdio, one session is served on stdin/stdout (PopenSession, with_minrpc programs).
