@@ -1,4 +1,4 @@
-"""apache-tvm 0.27's own RPC client on our Python server: TVM's wire protocol, told apart by its first bytes.
+"""apache-tvm 0.27's own RPC client on our servers: TVM's wire protocol, told apart by its first bytes.
 
 ``tvm.rpc.connect`` (and a tracker's ``request``, and MetaSchedule's
 ``RPCRunner``) talk to ``rpc.Server`` as to a TVM server: files, modules,
@@ -6,6 +6,8 @@ tensors, kernels and ``time_evaluator``, in a session that has our sandbox,
 crash isolation and limits. The client runs in this process, the server in
 its own, on loopback; after each test no session worker or workspace is left.
 A few tests write TVM's bytes by hand, to check the bounds of the codec.
+The tests that hold for both servers run on minrpc too (``any_server``, ``any_remote``,
+``make_server``); tests/test_tvm_wire_minrpc.py has minrpc's own.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -82,8 +86,56 @@ def remote(tvm, server, private_tmpdir):
     assert_clean(server, private_tmpdir)
 
 
+NO_CC = (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")) is None
+BOTH = ["python", pytest.param("minrpc", marks=pytest.mark.skipif(NO_CC, reason="no C compiler to build minrpc"))]
+
+
+def start_server(kind: str, **options):
+    """``rpc.Server`` (kind "python") or ``rpc.MinRPCServer`` ("minrpc") on a free port, with ``options``."""
+    if kind == "python":
+        return rpc.Server(port=0, silent=True, **options)
+    return rpc.MinRPCServer(port=0, **options)
+
+
+@pytest.fixture(params=BOTH)
+def make_server(request):
+    """``make_server(**options)``: a server of the test's kind (both, in turn); all end with the test."""
+    started = []
+
+    def make(**options):
+        started.append(start_server(request.param, **options))
+        return started[-1]
+
+    try:
+        yield make
+    finally:
+        for srv in started:
+            srv.terminate()
+
+
+@pytest.fixture(scope="module", params=BOTH)
+def any_server(request, private_tmpdir):
+    """The Python server above, then minrpc: for what both serve alike."""
+    if request.param == "python":
+        yield request.getfixturevalue("server")
+        return
+    srv = start_server("minrpc")
+    yield srv
+    srv.terminate()
+    assert not srv.alive
+
+
+@pytest.fixture
+def any_remote(tvm, any_server, private_tmpdir):
+    sess = tvm.rpc.connect(HOST, any_server.port)
+    yield sess
+    close(sess)
+    assert_clean(any_server, private_tmpdir)
+
+
 # -- kernels, tensors, time_evaluator ---------------------------------------------------------
-def test_tvm_kernel_tensors_and_time_evaluator(tvm, remote, tvm_kernels):
+def test_tvm_kernel_tensors_and_time_evaluator(tvm, any_remote, tvm_kernels):
+    remote = any_remote
     remote.upload(tvm_kernels["add_one"]["so"])
     mod = remote.load_module("add_one.so")
     dev = remote.cpu(0)
@@ -105,7 +157,8 @@ def test_tvm_kernel_tensors_and_time_evaluator(tvm, remote, tvm_kernels):
     np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
-def test_tensor_views_reach_the_kernel_as_their_part(tvm, remote, kernels):
+def test_tensor_views_reach_the_kernel_as_their_part(tvm, any_remote, kernels):
+    remote = any_remote
     remote.upload(kernels["so"])
     mod = remote.load_module("kernels.so")
     dev = remote.cpu(0)
@@ -138,7 +191,8 @@ def test_python_functions_and_values(tvm, remote):
 
 
 # -- files ------------------------------------------------------------------------------------
-def test_files_upload_download_listdir_remove(tvm, remote, tvm_kernels):
+def test_files_upload_download_listdir_remove(tvm, any_remote, tvm_kernels):
+    remote = any_remote
     small = b"hello\x00world"
     remote.upload(bytearray(small), "small.bin")
     big = os.urandom(20 << 20)  # over the 16 MiB held in memory: streamed into the file
@@ -166,7 +220,8 @@ def test_files_upload_download_listdir_remove(tvm, remote, tvm_kernels):
     np.testing.assert_array_equal(a.numpy(), np.full(N, 2, dtype="float32"))
 
 
-def test_paths_stay_in_the_workspace(tvm, remote):
+def test_paths_stay_in_the_workspace(tvm, any_remote):
+    remote = any_remote
     for bad in ("../escape.bin", "/etc/passwd", "a/../../b"):
         with pytest.raises(tvm.error.RPCError, match=r"absolute path|'\.\.'"):
             remote.upload(bytearray(b"x"), bad)
@@ -194,7 +249,8 @@ def test_missing_functions_and_failing_kernels(tvm, remote, kernels):
     assert remote.get_function("tests.add")(2, 3) == 5  # the session goes on after errors
 
 
-def test_a_crashing_kernel_ends_its_call_and_a_dying_worker_only_its_session(tvm, server, kernels, private_tmpdir):
+def test_a_crashing_kernel_ends_its_call_and_a_dying_worker_only_its_session(tvm, any_server, kernels, private_tmpdir):
+    server = any_server
     remote = tvm.rpc.connect(HOST, server.port)
     remote.upload(kernels["so"])
     mod = remote.load_module("kernels.so")
@@ -216,7 +272,8 @@ def test_a_crashing_kernel_ends_its_call_and_a_dying_worker_only_its_session(tvm
     assert_clean(server, private_tmpdir)
 
 
-def test_session_timeout_reaches_tvm_as_its_timeout_error(tvm, server, private_tmpdir):
+def test_session_timeout_reaches_tvm_as_its_timeout_error(tvm, any_server, private_tmpdir):
+    server = any_server
     remote = tvm.rpc.connect(HOST, server.port, session_timeout=1)
     with pytest.raises(tvm.error.RPCSessionTimeoutError, match="session timed out after 1 s"):
         remote.get_function("workbench.sleep")(30.0)
@@ -225,12 +282,12 @@ def test_session_timeout_reaches_tvm_as_its_timeout_error(tvm, server, private_t
 
 
 # -- tokens ------------------------------------------------------------------------------------
-def test_a_server_with_a_token_refuses_tvm_clients_unless_allowed(tvm, private_tmpdir):
-    with rpc.Server(port=0, silent=True, auth_token="s3cret") as strict:
+def test_a_server_with_a_token_refuses_tvm_clients_unless_allowed(tvm, make_server, private_tmpdir):
+    with make_server(auth_token="s3cret") as strict:
         with pytest.raises(tvm.error.RPCError, match=r"requires an auth token.*allow_tvm_clients=True"):
             tvm.rpc.connect(HOST, strict.port)
         assert_clean(strict, private_tmpdir)
-    with rpc.Server(port=0, silent=True, auth_token="s3cret", allow_tvm_clients=True) as open_to_tvm:
+    with make_server(auth_token="s3cret", allow_tvm_clients=True) as open_to_tvm:
         remote = tvm.rpc.connect(HOST, open_to_tvm.port)
         remote.upload(bytearray(b"ok"), "ok.bin")
         assert bytes(remote.download("ok.bin")) == b"ok"
@@ -260,9 +317,9 @@ def test_the_command_line_flag_lets_tvm_clients_in(tvm, tmp_path):
 
 
 # -- trackers and farms --------------------------------------------------------------------------
-def test_a_tvm_client_gets_our_server_from_our_tracker(tvm, spawn, private_tmpdir):
+def test_a_tvm_client_gets_our_server_from_our_tracker(tvm, make_server, private_tmpdir):
     with rpc.Tracker(port=0, silent=True) as tracker:
-        server = spawn(tracker.port, "wbdev")
+        server = make_server(tracker_addr=(HOST, tracker.port), key="wbdev")
         with rpc.connect_tracker(HOST, tracker.port) as ours:
             assert wait_until(lambda: ours.summary()["queue_info"].get("wbdev", {}).get("free") == 1, 15)
         tvm_tracker = tvm.rpc.connect_tracker(HOST, tracker.port)
@@ -352,16 +409,18 @@ def exception_text(body: bytes) -> str:
     return body[16:16 + size].decode()
 
 
-def handshake(port: int, key: bytes = b"client:", version: bytes = b"0.8.0") -> socket.socket:
+def handshake(port: int, key: bytes = b"client:", version: bytes = b"0.8.0", ctor: bytes = b"\0\0\0\0") -> socket.socket:
+    """TVM's opening and INIT_SERVER (``ctor``: the packed constructor arguments, none by default)."""
     sock = socket.create_connection((HOST, port), timeout=20)
     sock.sendall(struct.pack("<ii", MAGIC, len(key)) + key)
     code, keylen = struct.unpack("<ii", recv_exact(sock, 8))
     assert code == MAGIC and recv_exact(sock, keylen) == b"server:"
-    sock.sendall(packet(2, struct.pack("<Q", len(version)) + version + struct.pack("<i", 0)))
+    sock.sendall(packet(2, struct.pack("<Q", len(version)) + version + ctor))
     return sock
 
 
-def test_handshake_and_packet_bounds(server, private_tmpdir):
+def test_handshake_and_packet_bounds(any_server, private_tmpdir):
+    server = any_server
     with socket.create_connection((HOST, server.port), timeout=20) as sock:  # a key length past the limit
         sock.sendall(struct.pack("<ii", MAGIC, 1 << 30))
         assert struct.unpack("<i", recv_exact(sock, 4))[0] == MAGIC + 2  # TVM's mismatch code
