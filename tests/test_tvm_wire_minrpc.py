@@ -3,9 +3,9 @@
 tests/test_tvm_wire.py runs TVM's client against both servers (kernels, views,
 copies, time_evaluator, files, paths, crashes, session timeouts, tokens, the
 tracker, the codec's bounds); these are minrpc's own: its registered functions,
-a .tar linked on the device, a full server, keys in TVM's handshake, TVM's byte
-order on a big-endian board (s390x under qemu), and more of TVM's bytes by hand
-for minrpc's codec (tvm.c). Real sockets on loopback; after each test no session
+a .tar linked on the device, MetaSchedule's RPCRunner, a full server, keys in
+TVM's handshake, TVM's byte order on a big-endian board (s390x under qemu), and
+more of TVM's bytes by hand for minrpc's codec (tvm.c). Real sockets on loopback; after each test no session
 process or workspace is left.
 """
 from __future__ import annotations
@@ -289,3 +289,49 @@ def test_more_packet_bounds(server, private_tmpdir):
         assert code == 5 and "over this server's limit" in exception_text(body)
         assert_closed(sock)
     assert_clean(server, private_tmpdir)
+
+
+# -- MetaSchedule ------------------------------------------------------------------------------------
+def test_metaschedule_rpc_runner_times_candidates_on_minrpc(tvm, tmp_path, private_tmpdir):
+    """MetaSchedule's RPCRunner as tuning uses it (random_fill_for_measure, cold-cache time_evaluator, cleanup):
+    two candidate schedules of a small matmul, timed on minrpc handed out by our tracker."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.runner import (
+        EvaluatorConfig,
+        RPCConfig,
+        RPCRunner,
+        RunnerInput,
+    )
+
+    n = 64
+    a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    func = te.create_prim_func([a, b, c])
+    candidates = []
+    for index, tile in enumerate((None, 16)):
+        mod = tvm.IRModule({"main": func})
+        if tile:
+            sch = Schedule(mod)
+            i, j, kk = sch.get_loops(sch.get_sblock("C"))
+            jo, ji = sch.split(j, [None, tile])
+            sch.reorder(i, jo, kk, ji)
+            sch.vectorize(ji)
+            mod = sch.mod
+        path = str(tmp_path / f"candidate{index}.so")
+        tvm.compile(mod, target="llvm").export_library(path)
+        candidates.append(RunnerInput(path, "cpu", ArgInfo.from_prim_func(func)))
+    with rpc.Tracker(port=0, silent=True) as tracker, \
+            rpc.MinRPCServer(port=0, key="native", tracker_addr=(HOST, tracker.port)) as server:
+        runner = RPCRunner(
+            RPCConfig(tracker_host=HOST, tracker_port=tracker.port, tracker_key="native", session_timeout_sec=60),
+            EvaluatorConfig(number=3, repeat=2, min_repeat_ms=0, enable_cpu_cache_flush=True),
+            max_workers=1,
+        )
+        results = [future.result() for future in runner.run(candidates)]
+        for result in results:
+            assert result.error_msg is None, result.error_msg
+            assert len(result.run_secs) == 2 and all(float(s) >= 0 for s in result.run_secs)
+        assert_clean(server, private_tmpdir)
