@@ -402,15 +402,18 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
   return rc;
 }
 
-/* Wait for a device runtime's worker threads (clFinish(queue)) as a guarded call: fn(arg)'s value, or
-   WB_CRASHED / WB_CANCELLED (error set) when a thread of that runtime faults while it waits, or the call is
-   stopped (a CANCEL, Ctrl-C).  The threads are the kernel's own threads of wb_guarded_call. */
-WB_EXPORT int wb_guarded_wait(void* fn, void* arg) {
+/* Wait for a device runtime's worker threads as a guarded call: release(gate, 0) first when given (OpenCL:
+   clSetUserEventStatus(gate, CL_COMPLETE), the event the kernels were enqueued behind, so that they run only
+   now), then fn(arg) (clFinish(queue)).  Returns the first non-zero value of the two, or 0; WB_CRASHED /
+   WB_CANCELLED (error set) when a thread of that runtime faults while it waits, or the call is stopped (a
+   CANCEL, Ctrl-C).  The runtime's threads are then the kernel's own threads of wb_guarded_call. */
+WB_EXPORT int wb_guarded_wait(void* fn, void* arg, void* release, void* gate) {
   WBGuard g;
   int sig = sigsetjmp(g.env, 0);
   if (sig != 0) return wb_guard_caught(&g, sig, "the kernel");
   wb_guard_arm(&g, 1);
-  int rc = ((int (*)(void*))fn)(arg);
+  int rc = release ? ((int (*)(void*, int32_t))release)(gate, 0) : 0;
+  if (rc == 0) rc = ((int (*)(void*))fn)(arg);
   wb_guard_disarm(&g);
   return rc;
 }

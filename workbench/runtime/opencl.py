@@ -16,9 +16,11 @@ What it holds, the OpenCL row of the device table (``runtime.device_api``):
   from the socket straight into it, TENSOR_READ sends from a mapping (one copy
   each way, no per-element work);
 * **programs and launches**: a build error is a ``CLBuildError`` carrying the
-  compiler's log with its line numbers; a launch enqueues, and ``finish``
-  waits for the queue inside a guarded call, so that a kernel that faults in the
-  OpenCL runtime's own threads fails that call, not the process;
+  compiler's log with its line numbers; a launch enqueues the kernel behind a
+  *gate* (a user event), and ``finish`` opens the gate and waits for the queue
+  in one guarded call: kernels run only while the guard is armed, so a kernel
+  that faults in the OpenCL runtime's own threads fails that call, not the
+  process;
 * **timing** as TVM's OpenCL timer: the queues record profiling events while a
   timer runs, and the time is the sum of the kernels' execution on the device.
 
@@ -120,6 +122,8 @@ _PROTOTYPES: dict[str, tuple[Any, list]] = {
     "clSetKernelArg": (_i32, [_vp, _u32, _sz, _vp]),
     "clEnqueueNDRangeKernel": (_i32, [_vp, _vp, _u32, _vp, _vp, _vp, _u32, _vp, _vp]),
     "clWaitForEvents": (_i32, [_u32, _vp]),
+    "clCreateUserEvent": (_vp, [_vp, _pi32]),
+    "clSetUserEventStatus": (_i32, [_vp, _i32]),
     "clGetEventProfilingInfo": (_i32, [_vp, _u32, _sz, _vp, ctypes.POINTER(_sz)]),
     "clReleaseEvent": (_i32, [_vp]),
 }
@@ -335,6 +339,7 @@ class CLDevice:
         self._context: int | None = None
         self._queue: int | None = None
         self.dirty = False  # work enqueued since the last finish
+        self.gate: int | None = None  # the user event the kernels since the last finish wait for (finish opens it)
 
     @property
     def context(self) -> int:
@@ -390,7 +395,13 @@ class OpenCLRuntime:
                 "tensors and modules are intact: open a new session for OpenCL")
 
     def settle(self) -> None:
-        """Unmap what TENSOR_READ mapped (its reply has been sent: the next request is being served)."""
+        """Unmap what TENSOR_READ mapped (its reply has been sent: the next request is being served), and run
+        the kernels still behind a gate (a call that failed halfway) before the memory is touched."""
+        if any(d.gate for d in self.devices):
+            self.finish()
+        self._unmap()
+
+    def _unmap(self) -> None:
         mapped, self._mapped = self._mapped, []
         for dev, mem, ptr in mapped:
             self.lib.clEnqueueUnmapMemObject(dev.queue, mem, ptr, 0, None, None)
@@ -493,12 +504,17 @@ class OpenCLRuntime:
         """Enqueue ``kernel`` (its arguments set) on ``dev``'s queue; an event is kept while a timer runs."""
         self.check_usable()
         if self._mapped:
-            self.settle()
+            self._unmap()  # (not settle: the kernels of this call stay behind the gate until its finish)
         dims = len(global_size)
         gsize = (_sz * dims)(*global_size)
         lsize = (_sz * dims)(*local_size) if local_size else None
         event = _vp() if self._events is not None else None
-        code = self.lib.clEnqueueNDRangeKernel(dev.queue, kernel, dims, None, gsize, lsize, 0, None,
+        if dev.gate is None:
+            err = _i32()
+            dev.gate = self.lib.clCreateUserEvent(dev.context, ctypes.byref(err))
+            _check(err.value, f"clCreateUserEvent on {dev}")
+        gate = _vp(dev.gate)
+        code = self.lib.clEnqueueNDRangeKernel(dev.queue, kernel, dims, None, gsize, lsize, 1, ctypes.byref(gate),
                                               ctypes.byref(event) if event is not None else None)
         if code != CL_SUCCESS:
             sizes = f"global size {list(global_size)}" + (f", local size {list(local_size)}" if local_size else "")
@@ -522,16 +538,19 @@ class OpenCLRuntime:
         devices = [dev] if dev is not None else [d for d in self.devices if d.dirty]
         if self.broken or not devices:
             return
-        self.settle()
         shim = _guard()
         finish = ctypes.cast(self.lib.clFinish, _vp).value
+        release = ctypes.cast(self.lib.clSetUserEventStatus, _vp).value
         for d in devices:
             d.dirty = False
+            gate, d.gate = d.gate, None
             if shim.wb_guard_threads_lost() != self._threads_lost:
                 shim.wb_raise(b"KernelCrashed", b"the kernel's own thread died while it was being launched")
                 code = WB_CRASHED  # its queue would never finish: do not wait for it
-            else:
-                code = shim.wb_guarded_wait(finish, d.queue)
+            else:  # the gate opens and the queue drains inside one guarded call: the kernels run only there
+                code = shim.wb_guarded_wait(finish, d.queue, release if gate else None, gate)
+            if gate:
+                self.lib.clReleaseEvent(gate)
             if code in (WB_CRASHED, WB_CANCELLED):
                 raise self._lost(d, code)
             _check(code, f"clFinish on {d}")
@@ -590,7 +609,7 @@ def _guard() -> Any:
         from .ffi import shim
 
         lib = shim()
-        lib.wb_guarded_wait.argtypes = [_vp, _vp]
+        lib.wb_guarded_wait.argtypes = [_vp, _vp, _vp, _vp]
         lib.wb_guarded_wait.restype = ctypes.c_int
         lib.wb_guard_threads_lost.restype = ctypes.c_int64
         _shim = lib

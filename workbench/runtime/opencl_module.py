@@ -159,6 +159,8 @@ class CLSourceModule:
 class CLFunction:
     """A hand-written kernel, called with server-side values: its arguments, then the launch (module docstring)."""
 
+    guarded = True  # its call ends in a guarded wait (runtime.opencl): the worker's call watcher can stop it
+
     def __init__(self, module: CLSourceModule, name: str):
         self.module = module
         self.name = name

@@ -183,13 +183,14 @@ class SessionHandler:
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
-    # called once, when the session gets its first native kernel (the worker starts its call watcher then,
+    # called once, when the session gets its first native kernel, or a function whose calls wait in a guarded
+    # call (``guarded = True``: an OpenCL kernel) (the worker starts its call watcher then,
     # not before: loading the shim early would bind a TVM module's error setter to ours)
     on_native_function: Callable[[], None] | None = None
     on_python_function: Callable[[], None] | None = None  # the same, for its first Python function
 
     def _add(self, ext: int, obj: Any) -> Handle:
-        if self.on_native_function is not None and type(obj) is NativeFunction:
+        if self.on_native_function is not None and (type(obj) is NativeFunction or getattr(obj, "guarded", False)):
             self.on_native_function()
             self.on_native_function = None
         elif self.on_python_function is not None and ext == Ext.FUNCTION and type(obj) is not NativeFunction:
