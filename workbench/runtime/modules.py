@@ -461,8 +461,8 @@ def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
     name = os.path.basename(path)
     if not path.endswith((".tar", OPENCL_SUFFIX) + SHARED_SUFFIXES + OBJECT_SUFFIXES):
         raise UnsupportedError(
-            f"cannot load {name!r}: load_module takes a shared object (.so), an object file (.o), a .tar of "
-            "object files or OpenCL C source (.cl)"
+            f"cannot load {name!r}: load_module takes a shared object (.so), an object file (.o) or a .tar of "
+            "object files, or OpenCL C source (.cl)"
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
