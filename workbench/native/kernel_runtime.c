@@ -188,10 +188,18 @@ static struct sigaction wb_guard_previous_sigint; /* while wb_guard_sigint(1) ho
    thread ends (the exit system call ends it alone; a pthread_join of it returns), and the kernel's
    call fails as if the kernel had crashed itself.  Returns only when no kernel runs elsewhere. */
 static int64_t wb_guard_lost_threads; /* threads ended by wb_guard_end_kernel_thread (wb_guard_threads_lost) */
+/* Set when a wb_guarded_wait lost one of the device runtime's threads: that runtime's other threads may still
+   fault on the same kernel after the wait has ended (its work-groups ran on several), and they end alone too. */
+static int wb_guard_device_threads_lost;
 
 static void wb_guard_end_kernel_thread(int how, int status) {
   int64_t running = WB_LOAD(&wb_guard_now);
-  if (!running || pthread_equal(wb_guard_owner, pthread_self())) return;
+  if (pthread_equal(wb_guard_owner, pthread_self())) return;
+  if (!running) {
+    if (!WB_LOAD(&wb_guard_device_threads_lost)) return;
+    WB_FETCH_ADD(&wb_guard_lost_threads, 1);
+    for (;;) syscall(SYS_exit, 0);
+  }
   WB_FETCH_ADD(&wb_guard_lost_threads, 1);
   int64_t before = WB_LOAD(&wb_guard_thread_death_serial); /* 0, or a call that ended before it heard */
   if (before != running && before != -1 &&
@@ -410,7 +418,10 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
 WB_EXPORT int wb_guarded_wait(void* fn, void* arg, void* release, void* gate) {
   WBGuard g;
   int sig = sigsetjmp(g.env, 0);
-  if (sig != 0) return wb_guard_caught(&g, sig, "the kernel");
+  if (sig != 0) {
+    WB_STORE(&wb_guard_device_threads_lost, 1); /* the runtime's other threads may fault on the same kernel */
+    return wb_guard_caught(&g, sig, "the kernel");
+  }
   wb_guard_arm(&g, 1);
   int rc = release ? ((int (*)(void*, int32_t))release)(gate, 0) : 0;
   if (rc == 0) rc = ((int (*)(void*))fn)(arg);
