@@ -14,6 +14,7 @@ Flags:
     --no-minrpc   leave the fifth table, "minrpc" (benchmarks/minrpc.py), out
     --no-resilience leave the sixth table, "resilience" (benchmarks/resilience.py), out
     --no-lab      leave the seventh table, "lab" (benchmarks/lab.py), out
+    --no-opencl   leave the eighth table, "opencl" (benchmarks/opencl.py), out
     --cpu N       the CPU the pinned runs use (default: the first this process may run on)
 
 One run measures, all on 127.0.0.1 with free ports:
@@ -53,7 +54,10 @@ board), "resilience" (benchmarks/resilience.py: the crash guard's cost and how
 soon a session works again after a crash) and "lab" (benchmarks/lab.py: from
 starting JupyterLab to a notebook's kernel Idle in headless Chromium, with the
 lab extension and with both its halves disabled, interleaved; skipped while
-``jupyter labextension list`` does not list jupyterlab-rpc-workbench) tables.
+``jupyter labextension list`` does not list jupyterlab-rpc-workbench) and "opencl"
+(benchmarks/opencl.py: copies to and from an OpenCL device against pyopencl's
+``enqueue_copy``, and a TVM-built OpenCL matmul against its llvm build, on PoCL
+where nothing else is installed) tables.
 
 The last column of the table says what each figure is (the median of how many
 readings, or a single reading). Targets and PASS/FAIL are printed beside our
@@ -87,6 +91,7 @@ if __package__:
     from . import lab as lab_bench
     from . import minrpc as minrpc_bench
     from . import notebook as notebook_bench
+    from . import opencl as opencl_bench
     from . import resilience as resilience_bench
     from . import tracker as tracker_bench
     from . import tvm_kernels as tvm_kernels_bench
@@ -95,6 +100,7 @@ else:  # run as a script: this directory is sys.path[0]
     import lab as lab_bench
     import minrpc as minrpc_bench
     import notebook as notebook_bench
+    import opencl as opencl_bench
     import resilience as resilience_bench
     import tracker as tracker_bench
     import tvm_kernels as tvm_kernels_bench
@@ -739,6 +745,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-minrpc", action="store_true", help='leave the fifth table, "minrpc", out')
     parser.add_argument("--no-resilience", action="store_true", help='leave the sixth table, "resilience", out')
     parser.add_argument("--no-lab", action="store_true", help='leave the seventh table, "lab", out')
+    parser.add_argument("--no-opencl", action="store_true", help='leave the eighth table, "opencl", out')
     allowed = sorted(os.sched_getaffinity(0))
     parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
     args = parser.parse_args(argv)
@@ -819,6 +826,10 @@ def main(argv: list[str] | None = None) -> int:
         with harness.owned():  # the labs, their kernels, the browser and the farm end before the next step
             lab_text, document["lab"] = lab_bench.measure_lab(args.quick)
         print("\n" + lab_text)
+    if not args.no_opencl:
+        with harness.owned():  # the servers end before the report is saved
+            opencl_text, document["opencl"] = opencl_bench.measure_opencl(args.quick)
+        print("\n" + opencl_text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(document, f, indent=2)

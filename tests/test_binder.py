@@ -65,7 +65,8 @@ def test_binder_files_follow_repo2docker():
     assert requirements == ["-e .[notebook]"]  # repo2docker installs it from the repository's root
     packages = [line.strip() for line in (BINDER / "apt.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    assert packages == ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"]
+    assert packages == ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user", "pocl-opencl-icd",
+                        "ocl-icd-libopencl1"]
     assert all(re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", p) for p in packages)
     for name in ("postBuild", "start"):
         script = BINDER / name

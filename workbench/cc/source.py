@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..rpc.client.session import RemoteModule, RPCSession
 
 EXPORTS = ("so", "tar")
+LANGS = ("c", "opencl")  # opencl: OpenCL C, uploaded as NAME.cl and built on the device for its OpenCL devices
 
 
 class CompileError(WorkbenchError, RuntimeError):
@@ -109,13 +110,28 @@ def load_source(
     source_name: str | None = None,
     first_line: int = 1,
     timings: dict[str, float] | None = None,
+    lang: str = "c",
 ) -> "RemoteModule":
     """Build ``source`` for the session's device, upload it as ``NAME.so``/``NAME.tar``, load it and return the module.
 
     The target defaults to the triple the device published; ``timings``, if
     given, receives the seconds spent in ``compile`` and in ``upload_load``.
     ``source_name`` and ``first_line`` are how diagnostics name the text (see build_source).
+
+    ``lang="opencl"``: ``source`` is OpenCL C. It is uploaded as ``NAME.cl`` and the device builds it for
+    each of its OpenCL devices; a build error is a CompileError holding the device compiler's log, with the
+    lines of ``source`` (numbered from ``first_line``). Call a kernel with its arguments, then the launch:
+    the global size (one int), or 1-3 global sizes then as many local sizes (2, 4 or 6 ints)::
+
+        mod = cc.load_source(remote, VADD_CL, name="vadd", lang="opencl")
+        mod["vadd"](a, b, c, 1024)        # global 1024, the local size picked by the OpenCL runtime
+        mod["vadd"](a, b, c, 1024, 64)    # global 1024, local 64
     """
+    if lang not in LANGS:
+        raise ValueError(f"lang must be one of {', '.join(LANGS)}, not {lang!r}")
+    if lang == "opencl":
+        return _load_opencl(remote, source, name=name, target=target, export=export, options=options,
+                            source_name=source_name, first_line=first_line, timings=timings)
     target = target or remote.info.get("target")
     with tempfile.TemporaryDirectory(prefix="wb-src-") as tmp:
         start = time.perf_counter()
@@ -128,6 +144,44 @@ def load_source(
         timings["compile"] = compiled - start
         timings["upload_load"] = time.perf_counter() - compiled
     return module
+
+
+def _load_opencl(remote: "RPCSession", source: str, *, name: str, target: str | None, export: str,
+                 options: Sequence[str] | None, source_name: str | None, first_line: int,
+                 timings: dict[str, float] | None) -> "RemoteModule":
+    from ..errors import RemoteError
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"module name {name!r} must be a plain file name (letters, digits, _ . -)")
+    if isinstance(first_line, bool) or not isinstance(first_line, int) or first_line < 1:
+        raise ValueError(f"first_line must be a line number >= 1, not {first_line!r}")
+    if target or options or export != "so":
+        raise ValueError("OpenCL C is built on the device for its OpenCL devices: target, options and export do not "
+                         "apply to lang='opencl'")
+    shown = source_name or f"{name}.cl"
+    text = f'#line {first_line} "{_c_string(shown)}"\n{source}'  # the device compiler's log names the text's lines
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="wb-src-") as tmp:
+        path = os.path.join(tmp, f"{name}.cl")
+        with open(path, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        remote.upload(path)
+    uploaded = time.perf_counter()
+    try:
+        module = remote.load_module(f"{name}.cl")
+    except RemoteError as exc:
+        if OPENCL_BUILD_FAILED not in str(exc):
+            raise
+        raise CompileError(str(exc).split(": ", 1)[1] if str(exc).startswith(OPENCL_BUILD_FAILED) else str(exc)) \
+            from None
+    if timings is not None:
+        timings["compile"] = 0.0  # built on the device, inside load_module
+        timings["upload_load"] = time.perf_counter() - start
+        timings["upload"] = uploaded - start
+    return module
+
+
+OPENCL_BUILD_FAILED = "OpenCL build failed"  # how the device's build error starts (runtime/opencl.py BUILD_FAILED)
 
 
 def _c_string(text: str) -> str:

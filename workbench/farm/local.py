@@ -20,6 +20,7 @@ log = logging.getLogger("workbench.farm")
 READY_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 900.0  # a farm's sessions end after 15 minutes without a request (idle_timeout=None: never)
 MINRPC_KEY = "minrpc"  # a key served by minrpc built for this machine
+OPENCL_KEY = "opencl"  # Python servers, for sessions that need an OpenCL device (refused where there is none)
 # the server options minrpc servers take too; the others are the Python server's own
 MINRPC_OPTIONS = frozenset({"idle_timeout", "max_sessions", "handshake_timeout", "auth_token", "custom_addr"})
 
@@ -47,6 +48,9 @@ class LocalFarm:
     with the cross compiler. Where qemu, the cross compiler or its C library
     is missing, the constructor raises ``EmulatorNotFoundError`` naming the
     Debian packages, before anything starts.
+    The key ``"opencl"`` gets Python servers too, for sessions that need an
+    OpenCL device (``remote.cl(0)``): where this machine has none, the
+    constructor raises DeviceNotFoundError naming the Debian packages of PoCL.
 
     The constructor returns once every server is registered; everything ends
     on ``close()``, on leaving a ``with`` block (Ctrl-C included), when the
@@ -106,6 +110,8 @@ class LocalFarm:
             if not isinstance(key, str) or not key or not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise ValueError(f"LocalFarm takes {{key: number of servers >= 1}}, got {key!r}: {count!r}")
         targets = {key: minrpc_target(key) for key in servers}
+        if OPENCL_KEY in servers:
+            _check_opencl()
         native = sorted(k for k, t in targets.items() if t is not None)
         if native:
             from ..native import build_minrpc
@@ -178,6 +184,19 @@ class LocalFarm:
         keys = ", ".join(f"{k}×{n}" for k, n in self.servers_per_key.items())
         port = self.tracker.port if self.tracker else "?"
         return f"<LocalFarm tracker {self.host}:{port} servers {keys}>"
+
+
+def _check_opencl() -> None:
+    """DeviceNotFoundError naming the packages when this machine has no OpenCL device for the ``opencl`` key."""
+    from ..errors import DeviceNotFoundError
+    from ..runtime.opencl import APT_PACKAGES, NO_OPENCL_ENV, opencl_disabled, published_devices
+
+    if opencl_disabled():
+        raise DeviceNotFoundError(f"LocalFarm: the key {OPENCL_KEY!r} needs OpenCL, which {NO_OPENCL_ENV}=1 turns off")
+    if not published_devices():
+        raise DeviceNotFoundError(
+            f"LocalFarm: the key {OPENCL_KEY!r} needs an OpenCL device, and this machine has none; a CPU one "
+            f"(PoCL) installs with: sudo apt-get install {APT_PACKAGES}")
 
 
 def _check_minrpc_options(keys: list[str], options: dict[str, Any]) -> None:

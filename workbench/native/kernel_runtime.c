@@ -187,9 +187,20 @@ static struct sigaction wb_guard_previous_sigint; /* while wb_guard_sigint(1) ho
    kernel runs on another thread: a thread that kernel started (OpenMP's, its own pthreads).  That
    thread ends (the exit system call ends it alone; a pthread_join of it returns), and the kernel's
    call fails as if the kernel had crashed itself.  Returns only when no kernel runs elsewhere. */
+static int64_t wb_guard_lost_threads; /* threads ended by wb_guard_end_kernel_thread (wb_guard_threads_lost) */
+/* Set when a wb_guarded_wait lost one of the device runtime's threads: that runtime's other threads may still
+   fault on the same kernel after the wait has ended (its work-groups ran on several), and they end alone too. */
+static int wb_guard_device_threads_lost;
+
 static void wb_guard_end_kernel_thread(int how, int status) {
   int64_t running = WB_LOAD(&wb_guard_now);
-  if (!running || pthread_equal(wb_guard_owner, pthread_self())) return;
+  if (pthread_equal(wb_guard_owner, pthread_self())) return;
+  if (!running) {
+    if (!WB_LOAD(&wb_guard_device_threads_lost)) return;
+    WB_FETCH_ADD(&wb_guard_lost_threads, 1);
+    for (;;) syscall(SYS_exit, 0);
+  }
+  WB_FETCH_ADD(&wb_guard_lost_threads, 1);
   int64_t before = WB_LOAD(&wb_guard_thread_death_serial); /* 0, or a call that ended before it heard */
   if (before != running && before != -1 &&
       __atomic_compare_exchange_n(&wb_guard_thread_death_serial, &before, -1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
@@ -398,6 +409,28 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
   wb_guard_disarm(&g);
   return rc;
 }
+
+/* Wait for a device runtime's worker threads as a guarded call: release(gate, 0) first when given (OpenCL:
+   clSetUserEventStatus(gate, CL_COMPLETE), the event the kernels were enqueued behind, so that they run only
+   now), then fn(arg) (clFinish(queue)).  Returns the first non-zero value of the two, or 0; WB_CRASHED /
+   WB_CANCELLED (error set) when a thread of that runtime faults while it waits, or the call is stopped (a
+   CANCEL, Ctrl-C).  The runtime's threads are then the kernel's own threads of wb_guarded_call. */
+WB_EXPORT int wb_guarded_wait(void* fn, void* arg, void* release, void* gate) {
+  WBGuard g;
+  int sig = sigsetjmp(g.env, 0);
+  if (sig != 0) {
+    WB_STORE(&wb_guard_device_threads_lost, 1); /* the runtime's other threads may fault on the same kernel */
+    return wb_guard_caught(&g, sig, "the kernel");
+  }
+  wb_guard_arm(&g, 1);
+  int rc = release ? ((int (*)(void*, int32_t))release)(gate, 0) : 0;
+  if (rc == 0) rc = ((int (*)(void*))fn)(arg);
+  wb_guard_disarm(&g);
+  return rc;
+}
+
+/* How many threads the guard has ended (a thread that faulted or exited while a kernel ran on another). */
+WB_EXPORT int64_t wb_guard_threads_lost(void) { return WB_LOAD(&wb_guard_lost_threads); }
 
 /* -- a kernel ending itself: exit(), a SIGKILL of its own process, pthread_exit() ----------------- */
 

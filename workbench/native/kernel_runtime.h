@@ -101,6 +101,14 @@ int wb_time_calls(void* fn, const WBAny* args, int32_t nargs, int64_t number, in
 #define WB_CRASHED (-2)
 #define WB_CANCELLED (-3)
 int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret);
+/* release(gate, 0) (when not NULL), then fn(arg), as one guarded call: for waiting on a device runtime whose
+   own threads run the kernels (OpenCL: clSetUserEventStatus(gate, CL_COMPLETE) lets the kernels enqueued
+   behind the gate start, clFinish(queue) waits for them, so they run only while the guard is armed).  A fault
+   in those threads fails it like a kernel's own thread's (WB_CRASHED), a CANCEL stops it (WB_CANCELLED);
+   otherwise the first non-zero value of the two calls, or 0. */
+int wb_guarded_wait(void* fn, void* arg, void* release, void* gate);
+/* Threads the guard has ended so far (a thread that faulted or exited while a guarded call ran on another). */
+int64_t wb_guard_threads_lost(void);
 /* The serial number of the guarded call running now (outermost, any thread), 0 when none. */
 int64_t wb_guard_running(void);
 /* Stop the guarded call `serial` if it is still running: 1 (signal sent), 0 (it ended). */

@@ -293,6 +293,8 @@ class WorkbenchMagics(Magics):
     @argument("--target", metavar="TRIPLE", help="the target triple (default: the one the device published)")
     @argument("--export", choices=cc.source.EXPORTS, default="so",
               help="so: link here; tar: a tar of objects, linked on the device (default: so)")
+    @argument("--lang", choices=cc.source.LANGS, default="c",
+              help="c (default), or opencl: the cell is OpenCL C, built on the device for its OpenCL devices")
     @argument("--session", metavar="NAME", help="the session to load into (default: remote)")
     @argument("--cflags", default="", help='extra compiler flags, quoted: --cflags "-O3 -march=native"')
     @argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -308,10 +310,20 @@ class WorkbenchMagics(Magics):
         Compiler errors name the lines as the notebook numbers them, the
         %%rpc_compile line being line 1 ("cell:4:10: error: ..."). A cell with
         no WB_KERNEL(name) is an error: the module would have nothing to call.
+
+        %%rpc_compile --lang opencl vadd
+        __kernel void vadd(__global const float* a, __global float* b) { ... }
+
+        OpenCL C is built on the device (its OpenCL compiler's errors name the
+        cell's lines too). Call a kernel with its arguments, then the global
+        size, or the global sizes then the local sizes: vadd(a, b, 1024, 64).
         """
         args = parse_argstring(self.rpc_compile, line)
         if not args.name.isidentifier():
             raise UsageError(f"NAME must be a Python name, not {args.name!r}")
+        if args.lang == "opencl" and (args.target or args.cflags or args.export != "so"):
+            raise UsageError("--lang opencl: the cell is built on the device for its OpenCL devices; "
+                             "--target, --export and --cflags do not apply")
         try:
             flags = shlex.split(_unquote(args.cflags))
         except ValueError as exc:
@@ -320,14 +332,20 @@ class WorkbenchMagics(Magics):
         if not cell.strip():
             raise MagicError("rpc_compile: the cell is empty: write a C kernel below the %%rpc_compile line")
         self.last_compile_timings = {}
+        opencl = args.lang == "opencl"
         try:
             module = cc.load_source(session, cell, name=args.name, target=args.target, export=args.export,
                                     options=flags, source_name="cell", first_line=CELL_FIRST_LINE,
-                                    timings=self.last_compile_timings)
+                                    timings=self.last_compile_timings, lang=args.lang)
         except cc.CompileError as exc:
             if args.debug:
                 raise
-            raise MagicError(f"the C compiler rejected the cell:\n{exc}") from None
+            what = "the device's OpenCL compiler" if opencl else "the C compiler"
+            raise MagicError(f"{what} rejected the cell:\n{exc}") from None
+        if not module.function_names and opencl:
+            _discard(session, module)
+            raise MagicError(f"rpc_compile: the cell declares no kernel, so `{args.name}` would have no function to "
+                             f"call: declare one with __kernel void {args.name}(...) {{ ... }}")
         if not module.function_names:
             _discard(session, module)
             raise MagicError(f"rpc_compile: the cell declares no kernel, so `{args.name}` would have no function to "

@@ -100,6 +100,78 @@ class Device:
         if ping is not None:
             ping()
 
+    # -- attributes, under TVM's names (published by the server: info["device_details"]) ------------------
+    def _details(self) -> dict[str, Any] | None:
+        info = getattr(self.session, "info", None)
+        if not isinstance(info, dict):
+            return {} if self.session is None and self.device_type == 1 else None  # this process's CPU
+        where = [self.device_type, self.device_id]
+        if where not in [list(d) for d in info.get("devices", [])]:
+            return None
+        for entry in info.get("device_details") or []:
+            if isinstance(entry, dict) and entry.get("device") == where:
+                return entry
+        return {}
+
+    @property
+    def exist(self) -> bool:
+        """Whether the session's server has this device (TVM's ``Device.exist``).
+
+            >>> remote.cl(0).exist                                   # doctest: +SKIP
+            True
+        """
+        return self._details() is not None
+
+    def _attr(self, name: str) -> Any:
+        details = self._details()
+        return None if details is None else details.get(name)
+
+    @property
+    def device_name(self) -> str | None:
+        """The device's name (``"pthread-skylake-avx512-..."`` for PoCL); None where the server does not say."""
+        return self._attr("device_name")
+
+    @property
+    def multi_processor_count(self) -> int | None:
+        """Compute units (OpenCL's CL_DEVICE_MAX_COMPUTE_UNITS)."""
+        return self._attr("multi_processor_count")
+
+    @property
+    def max_threads_per_block(self) -> int | None:
+        """The largest work-group (OpenCL's CL_DEVICE_MAX_WORK_GROUP_SIZE)."""
+        return self._attr("max_threads_per_block")
+
+    @property
+    def max_thread_dimensions(self) -> list[int] | None:
+        return self._attr("max_thread_dimensions")
+
+    @property
+    def max_shared_memory_per_block(self) -> int | None:
+        """Local memory per work-group, in bytes."""
+        return self._attr("max_shared_memory_per_block")
+
+    @property
+    def total_global_memory(self) -> int | None:
+        """The device's memory, in bytes."""
+        return self._attr("total_global_memory")
+
+    @property
+    def max_clock_rate(self) -> int | None:
+        """In MHz, as OpenCL reports it."""
+        return self._attr("max_clock_rate")
+
+    @property
+    def compute_version(self) -> str | None:
+        return self._attr("compute_version")
+
+    @property
+    def driver_version(self) -> str | None:
+        return self._attr("driver_version")
+
+    @property
+    def warp_size(self) -> int | None:
+        return self._attr("warp_size")
+
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Device)

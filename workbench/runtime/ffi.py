@@ -126,7 +126,7 @@ def _kernel_error(name: str) -> RemoteError | KeyboardInterrupt:
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of the shim (kernel_runtime.c): a built shim without it is stale (built before the source changed).
-_SHIM_NEWEST_SYMBOL = "wb_guard_secrets"
+_SHIM_NEWEST_SYMBOL = "wb_guard_threads_lost"
 _NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
 
 

@@ -49,12 +49,13 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, NamedTuple
 from ..errors import BadRequestError, PathDeniedError, RemoteError, RPCError, UnsupportedError
 from .ffi import NativeLibrary
 from .quota import format_size
-from .tvm_bridge import TVMModule, load_with_tvm, tvm_requirement
+from .tvm_bridge import TVMModule, library_modules, load_with_tvm, tvm_requirement
 
 if TYPE_CHECKING:
     from .workspace import Workspace
 
 SHARED_SUFFIXES = (".so", ".dylib", ".dll")
+OPENCL_SUFFIX = ".cl"
 OBJECT_SUFFIXES = (".o", ".obj")
 LINK_TIMEOUT_S = 300
 PROBE_TIMEOUT_S = 60
@@ -458,13 +459,17 @@ def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
     workspace's quotas until the session ends (a failed load removes it).
     """
     name = os.path.basename(path)
-    if not path.endswith((".tar",) + SHARED_SUFFIXES + OBJECT_SUFFIXES):
+    if not path.endswith((".tar", OPENCL_SUFFIX) + SHARED_SUFFIXES + OBJECT_SUFFIXES):
         raise UnsupportedError(
             f"cannot load {name!r}: load_module takes a shared object (.so), an object file (.o) or a .tar of "
-            "object files"
+            "object files, or OpenCL C source (.cl)"
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file {name!r} in the session workspace; upload it first")
+    if path.endswith(OPENCL_SUFFIX):  # OpenCL C, built for the server's OpenCL devices (runtime/opencl_module.py)
+        from .opencl_module import load_source_module
+
+        return load_source_module(path, name)
     if path.endswith((".tar",) + OBJECT_SUFFIXES):  # linked here first (an object file as TVM's server takes it)
         out = workspace.private_path(os.path.splitext(name)[0] + ".so")
         so = link_tar(path, out, workspace) if path.endswith(".tar") else link_object(path, out)
@@ -472,6 +477,10 @@ def load_module(path: str, workspace: "Workspace") -> NativeLibrary | TVMModule:
     else:
         so = workspace.private_copy(path, name)
     try:
+        if library_modules(so) == ["opencl"]:  # TVM's OpenCL target: its kernels launched by runtime/opencl_module.py
+            from .opencl_module import load_tvm_library
+
+            return load_tvm_library(so, name)
         need = tvm_requirement(so)
         if need is not None:  # a Relax VM executable, or kernels calling runtime functions: TVM's runtime, or a refusal
             return load_with_tvm(so, name, need)

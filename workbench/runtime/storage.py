@@ -79,19 +79,7 @@ class DeviceTensor:
                  admit: Callable[["DeviceTensor"], None] | None = None):
         """Allocate the tensor; ``admit(self)``, when given, runs once its size is known and before any memory
         is taken (a session's tensor quota raises there)."""
-        shape = check_shape(shape)
-        code, bits, lanes = check_dtype(dtype)
-        self.shape = tuple(shape)
-        self.dtype = dtype_name(code, bits, lanes)
-        self.itemsize = (bits * lanes + 7) // 8
-        self.nbytes = math.prod(shape) * self.itemsize
-        if self.nbytes > MAX_TENSOR_BYTES:
-            raise BadRequestError(
-                f"a {self.dtype} tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
-                f"{MAX_TENSOR_BYTES}-byte limit of one tensor; split it"
-            )
-        if admit is not None:
-            admit(self)
+        shape, code, bits, lanes = self._describe(shape, dtype, admit)
         try:
             self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError, ValueError) as exc:
@@ -113,7 +101,34 @@ class DeviceTensor:
             byte_offset=0,
         )
 
+    def _describe(self, shape: Sequence[int], dtype: Sequence[int],
+                  admit: Callable[["DeviceTensor"], None] | None) -> tuple[list[int], int, int, int]:
+        """Check and set ``shape``, ``dtype``, ``itemsize``, ``nbytes`` (every device's tensors), then ``admit``."""
+        shape = check_shape(shape)
+        code, bits, lanes = check_dtype(dtype)
+        self.shape = tuple(shape)
+        self.dtype = dtype_name(code, bits, lanes)
+        self.itemsize = (bits * lanes + 7) // 8
+        self.nbytes = math.prod(shape) * self.itemsize
+        if self.nbytes > MAX_TENSOR_BYTES:
+            raise BadRequestError(
+                f"a {self.dtype} tensor of shape {self.shape} needs {self.nbytes} bytes, over the "
+                f"{MAX_TENSOR_BYTES}-byte limit of one tensor; split it"
+            )
+        if admit is not None:
+            admit(self)
+        return shape, code, bits, lanes
+
     def view(self) -> memoryview:
+        return memoryview(self._mem)[: self.nbytes]
+
+    # what the requests do with a tensor, whatever its device (an OpenCL tensor: runtime/opencl.py CLTensor)
+    def receive(self, bulk: Any) -> None:
+        """TENSOR_WRITE (and TENSOR_ALLOC with data): read the request's bulk part into the tensor."""
+        bulk.read_into(memoryview(self._mem)[: self.nbytes])
+
+    def contents(self) -> memoryview:
+        """TENSOR_READ: the tensor's bytes, valid until the session's next request."""
         return memoryview(self._mem)[: self.nbytes]
 
     def numpy(self):

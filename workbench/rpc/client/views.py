@@ -8,7 +8,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ...errors import RPCError
-from ...runtime.devices import device_name
+from ..tracker.summary import devices_text
 
 if TYPE_CHECKING:
     from .session import RemoteModule, RPCSession
@@ -34,7 +34,7 @@ def session_html(session: "RPCSession") -> str:
         rows.append(("key", info["key"]))
     rows += [
         ("architecture", f"{info.get('arch', '?')} ({info.get('target') or info.get('system', '?')})"),
-        ("devices", ", ".join(device_name(*d) for d in info.get("devices", [])) or "none"),
+        ("devices", devices_text(info.get("devices", []), info.get("device_details")) or "none"),
     ]
     if info.get("session_timeout"):
         rows.append(("session timeout", f"{info['session_timeout']:g} s"))

@@ -18,13 +18,13 @@ from typing import Any, BinaryIO, Callable
 
 from ...cc.compiler import target_triple
 from ...errors import BadRequestError, CallCancelledError, DeviceNotFoundError, RPCError, code_of, error_from_code
-from ...runtime import registry
+from ...runtime import device_api, registry
 from ...runtime.devices import DEVICE_NAMES, device_name
 from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ...runtime.modules import link_tar, load_module
 from ...runtime.quota import Quotas, format_size
 from ...runtime.storage import DeviceTensor
-from ...runtime.tvm_bridge import TVMFunction, TVMModule
+from ...runtime.tvm_bridge import TVMFunction
 from ...runtime.timer import check_time_options, python_runner, time_repeats
 from ...runtime.workspace import Workspace
 from ..wire.protocol import Ext, Handle, Kind
@@ -34,20 +34,22 @@ log = logging.getLogger(__name__)
 CPU = 1
 _TENSOR, _MODULE, _FUNCTION = int(Ext.TENSOR), int(Ext.MODULE), int(Ext.FUNCTION)
 _EXT_NAMES = {_TENSOR: "tensor", _MODULE: "module", _FUNCTION: "function"}
-DEVICES: tuple[tuple[int, int], ...] = ((CPU, 0),)
 _PLAIN_RESULTS = frozenset({int, float, str, bytes, bool, type(None)})  # call results sent as they are
 
 
 def device_info() -> dict[str, Any]:
     """What this serving side is: published in the handshake (and to the tracker)."""
-    return {
-        "devices": [list(d) for d in DEVICES],
+    info = {
+        "devices": [list(d) for d in device_api.published()],
         "arch": platform.machine(),
         "system": platform.system(),
         "cpu_count": os.cpu_count() or 1,
         "pid": os.getpid(),
         "target": target_triple(),
     }
+    if device_api.details():  # the attributes of the devices besides the CPU (TVM's names: docs/protocol.md)
+        info["device_details"] = device_api.details()
+    return info
 
 
 class Bulk:
@@ -182,13 +184,14 @@ class SessionHandler:
         self.workspace.cleanup()
 
     # -- objects --------------------------------------------------------------
-    # called once, when the session gets its first native kernel (the worker starts its call watcher then,
+    # called once, when the session gets its first native kernel, or a function whose calls wait in a guarded
+    # call (``guarded = True``: an OpenCL kernel) (the worker starts its call watcher then,
     # not before: loading the shim early would bind a TVM module's error setter to ours)
     on_native_function: Callable[[], None] | None = None
     on_python_function: Callable[[], None] | None = None  # the same, for its first Python function
 
     def _add(self, ext: int, obj: Any) -> Handle:
-        if self.on_native_function is not None and type(obj) is NativeFunction:
+        if self.on_native_function is not None and (type(obj) is NativeFunction or getattr(obj, "guarded", False)):
             self.on_native_function()
             self.on_native_function = None
         elif self.on_python_function is not None and ext == Ext.FUNCTION and type(obj) is not NativeFunction:
@@ -243,8 +246,8 @@ class SessionHandler:
     def check_device(device_type: int, device_id: int) -> None:
         if type(device_type) is not int or type(device_id) is not int:
             raise BadRequestError(f"a device is [device_type, device_id], two ints (e.g. [1, 0]), not {[device_type, device_id]!r:.80}")
-        if (device_type, device_id) not in DEVICES:
-            have = ", ".join(device_name(*d) for d in DEVICES)
+        if (device_type, device_id) not in device_api.published():
+            have = ", ".join(device_name(*d) for d in device_api.published())
             raise DeviceNotFoundError(
                 f"this server has no {device_name(device_type, device_id)}; it has: {have}"
                 + ("" if device_type in DEVICE_NAMES else f" (unknown device type {device_type})")
@@ -275,7 +278,7 @@ class SessionHandler:
             raise BadRequestError(f"request LISTDIR takes 0 or 1 arguments, got {len(args)}")
         return self.workspace.listdir(args[0] if args else ".")
 
-    def _module_reply(self, lib: NativeLibrary | TVMModule) -> list:
+    def _module_reply(self, lib: Any) -> list:
         return [self._add(Ext.MODULE, lib), lib.names, lib.entry_name]
 
     def load_module(self, args: list, bulk: Bulk | None) -> Any:
@@ -308,7 +311,9 @@ class SessionHandler:
 
     def module_function(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 2, "MODULE_FUNCTION")
-        lib = self._get(args[0], _MODULE, (NativeLibrary, TVMModule))
+        lib = self._get(args[0], _MODULE, object)
+        if not hasattr(lib, "get_function"):  # NativeLibrary, TVMModule, an OpenCL source module...
+            raise BadRequestError(self._not_a(args[0], _MODULE))
         return self._add(Ext.FUNCTION, lib.get_function(_name(args[1], "kernel")))
 
     def _function(self, handle: Any) -> Callable:
@@ -329,6 +334,8 @@ class SessionHandler:
             call_args = self._resolve_args(call_args)
         try:
             result = fn(*call_args)
+            if device_api.SYNC:  # a device whose calls enqueue work (OpenCL): the call ends when it has run
+                _sync()
             return result if type(result) in _PLAIN_RESULTS else self._result(result)  # the rest: refused when sent
         except TypeError as exc:
             if not callable(fn):  # a forged handle: a function's ext with another object's id
@@ -367,10 +374,14 @@ class SessionHandler:
         self._arity(args, 4, "TENSOR_ALLOC")  # shape and dtype are checked by DeviceTensor
         shape, dtype, dev_type, dev_id = args
         self.check_device(dev_type, dev_id)
-        tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), self._admit if self.quotas.tensor_bytes else None)
+        admit = self._admit if self.quotas.tensor_bytes else None
+        if dev_type == CPU:
+            tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), admit)
+        else:
+            tensor = device_api.api(dev_type).tensor(shape, dtype, (dev_type, dev_id), admit, zero=bulk is None)
         try:
             if bulk is not None:
-                bulk.read_into(tensor.view())
+                tensor.receive(bulk)
         except BaseException:
             tensor.release()
             raise
@@ -388,13 +399,13 @@ class SessionHandler:
         tensor = self._get(args[0], _TENSOR, DeviceTensor)
         if bulk is None:
             raise BadRequestError(f"TENSOR_WRITE carries no data; the tensor holds {tensor.nbytes} bytes")
-        bulk.read_into(tensor.view())
+        tensor.receive(bulk)
         return None
 
     def tensor_read(self, args: list, bulk: Bulk | None) -> Any:
         self._arity(args, 1, "TENSOR_READ")
         tensor = self._get(args[0], _TENSOR, DeviceTensor)
-        return Reply(tensor.nbytes, bulk=tensor.view())
+        return Reply(tensor.nbytes, bulk=tensor.contents())
 
     def free(self, args: list, bulk: Bulk | None) -> Any:
         for handle in args:
@@ -446,7 +457,14 @@ class SessionHandler:
             _check_binds(pre, values, f"f_preproc {preproc_name!r}")
             preproc = lambda: pre(*values)  # noqa: E731
         warmup = flush = None
-        if isinstance(fn, NativeFunction):
+        device_timer = None
+        if where[0] != CPU:  # timed on the device's own clock (OpenCL: its queue's profiling events, as TVM)
+            device_timer = device_api.api(where[0]).timer(where[1], lambda n: _repeat(fn, values, n))
+        if device_timer is not None:
+            run = device_timer
+            if flush_bytes:
+                flush = lambda: flush_cache(flush_bytes)  # noqa: E731
+        elif isinstance(fn, NativeFunction):
             run = lambda n: fn.time_calls(values, n, flush_bytes)  # noqa: E731  (the flush in C, by the clock)
             if flush_bytes:
                 warmup = lambda n: fn.time_calls(values, n)  # noqa: E731
@@ -459,6 +477,17 @@ class SessionHandler:
         preproc = self._cancellable(preproc, getattr(fn, "name", None) or _callable_name(fn), counts, options.get("repeat", 1))
         results: list[Any] = time_repeats(run, preproc=preproc, flush=flush, warmup=warmup, counts=counts, **options)
         return results + [counts]  # seconds per call per repeat, then the calls each repeat made (docs/protocol.md)
+
+
+def _sync() -> None:
+    """Wait for the work the call enqueued on devices that run asynchronously (``device_api.SYNC``)."""
+    for wait in device_api.SYNC:
+        wait()
+
+
+def _repeat(fn: Callable, values: list, n: int) -> None:
+    for _ in range(n):
+        fn(*values)
 
 
 def _device_copy(array: Any) -> DeviceTensor:

@@ -321,6 +321,7 @@ class ServeLoop(ServiceLoop):
         self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + error_frame(
             ERROR_BUSY, "server busy: it is out of file descriptors; try again later")
         self.system_libs = load_libraries(config.load_library)
+        device_info()  # the devices are listed once, here (OpenCL's from a forked probe): workers inherit the list
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
         os.environ.pop(REGISTRATION_TOKEN_ENV, None)  # in config: session workers need not inherit it

@@ -69,7 +69,7 @@ class TrackerSummary(dict):
                 "key": ", ".join(server_keys(str(raw_key))) if raw_key else "",
                 "arch": _text(server.get("arch")),
                 "target": _text(server.get("target")),
-                "devices": _devices(server.get("devices")),
+                "devices": devices_text(server.get("devices"), server.get("device_details")),
                 "labels": _labels(server.get("labels")),
             })
         rows.sort(key=lambda r: (r["key"], r["address"]))
@@ -151,18 +151,36 @@ def _address(addr: Any) -> str:
     return _text(addr)
 
 
-def _devices(devices: Any) -> str:
+def devices_text(devices: Any, details: Any = None) -> str:
+    """``"cpu(0), cl(0) pthread-skylake (2 CU, work-group 4096, 21.5 GiB)"``: names, with what a server says of them."""
     from ...runtime.devices import device_name
 
     if not isinstance(devices, list):
         return ""
+    said = {tuple(d["device"]): d for d in details if isinstance(d, dict) and isinstance(d.get("device"), list)} \
+        if isinstance(details, list) else {}
     names = []
     for entry in devices:
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry):
-            names.append(device_name(entry[0], entry[1]))
+            names.append(device_name(entry[0], entry[1]) + _device_summary(said.get(tuple(entry))))
         else:
             names.append(str(entry))
     return ", ".join(names)
+
+
+def _device_summary(details: dict[str, Any] | None) -> str:
+    if not details:
+        return ""
+    parts = []
+    if isinstance(details.get("multi_processor_count"), int):
+        parts.append(f"{details['multi_processor_count']} CU")
+    if isinstance(details.get("max_threads_per_block"), int):
+        parts.append(f"work-group {details['max_threads_per_block']}")
+    if isinstance(details.get("total_global_memory"), int):
+        parts.append(f"{details['total_global_memory'] / (1 << 30):.1f} GiB")
+    name = str(details.get("device_name") or "")
+    text = f" {name[:40]}" if name else ""
+    return text + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _labels(labels: Any) -> str:
