@@ -38,6 +38,7 @@ from ...errors import (
     UnsupportedError,
     code_of,
 )
+from ...runtime import device_api
 from ...runtime.ffi import DLDataType, DLTensor
 from ...runtime.storage import DeviceTensor, check_dtype, check_shape, dtype_name
 from ..wire.protocol import Ext, Handle, Kind, write_all
@@ -62,7 +63,7 @@ from ..wire.tvm import (
     read_tensor,
     return_packet,
 )
-from .handler import DEVICES, Bulk, Reply, SessionHandler, error_text
+from .handler import Bulk, Reply, SessionHandler, error_text
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ class TVMSession:
         if not isinstance(device, Device) or type(kind) is not int:
             raise BadRequestError("DevGetAttr takes a device and an attribute kind")
         if kind == ATTR_EXIST:
-            return int(tuple(device) in DEVICES)
+            return int(tuple(device) in device_api.published())
         self._check_device(device)
         if kind == ATTR_TOTAL_GLOBAL_MEMORY:
             try:
