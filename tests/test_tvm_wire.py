@@ -337,14 +337,12 @@ def test_a_tvm_client_gets_our_server_from_our_tracker(tvm, make_server, private
         assert_clean(server, private_tmpdir)
 
 
-def test_metaschedule_rpc_runner_times_candidates_on_a_local_farm(tvm, tmp_path, private_tmpdir):
-    """MetaSchedule's RPCRunner as tuning uses it: two candidate schedules of a small matmul, timed on a farm."""
+def matmul_candidates(tvm, tmp_path) -> list:
+    """MetaSchedule RunnerInputs for two schedules (plain, and tiled by 16 and vectorized) of a 64x64 matmul."""
     from tvm import te
     from tvm.s_tir import Schedule
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner, RunnerInput
-
-    from workbench.farm import LocalFarm
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
 
     n = 64
     a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
@@ -364,6 +362,16 @@ def test_metaschedule_rpc_runner_times_candidates_on_a_local_farm(tvm, tmp_path,
         path = str(tmp_path / f"candidate{index}.so")
         tvm.compile(mod, target="llvm").export_library(path)
         candidates.append(RunnerInput(path, "cpu", ArgInfo.from_prim_func(func)))
+    return candidates
+
+
+def test_metaschedule_rpc_runner_times_candidates_on_a_local_farm(tvm, tmp_path, private_tmpdir):
+    """MetaSchedule's RPCRunner as tuning uses it: two candidate schedules of a small matmul, timed on a farm."""
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
+
+    from workbench.farm import LocalFarm
+
+    candidates = matmul_candidates(tvm, tmp_path)
     with LocalFarm({"local": 1}) as farm:
         host, port = farm.tracker_addr
         runner = RPCRunner(

@@ -27,6 +27,7 @@ from .test_tvm_wire import (
     MAGIC,
     N,
     close,
+    matmul_candidates,
     exception_text,
     handshake,
     packet,
@@ -295,34 +296,9 @@ def test_more_packet_bounds(server, private_tmpdir):
 def test_metaschedule_rpc_runner_times_candidates_on_minrpc(tvm, tmp_path, private_tmpdir):
     """MetaSchedule's RPCRunner as tuning uses it (random_fill_for_measure, cold-cache time_evaluator, cleanup):
     two candidate schedules of a small matmul, timed on minrpc handed out by our tracker."""
-    from tvm import te
-    from tvm.s_tir import Schedule
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.runner import (
-        EvaluatorConfig,
-        RPCConfig,
-        RPCRunner,
-        RunnerInput,
-    )
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
-    n = 64
-    a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
-    k = te.reduce_axis((0, n), name="k")
-    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
-    func = te.create_prim_func([a, b, c])
-    candidates = []
-    for index, tile in enumerate((None, 16)):
-        mod = tvm.IRModule({"main": func})
-        if tile:
-            sch = Schedule(mod)
-            i, j, kk = sch.get_loops(sch.get_sblock("C"))
-            jo, ji = sch.split(j, [None, tile])
-            sch.reorder(i, jo, kk, ji)
-            sch.vectorize(ji)
-            mod = sch.mod
-        path = str(tmp_path / f"candidate{index}.so")
-        tvm.compile(mod, target="llvm").export_library(path)
-        candidates.append(RunnerInput(path, "cpu", ArgInfo.from_prim_func(func)))
+    candidates = matmul_candidates(tvm, tmp_path)
     with rpc.Tracker(port=0, silent=True) as tracker, \
             rpc.MinRPCServer(port=0, key="native", tracker_addr=(HOST, tracker.port)) as server:
         runner = RPCRunner(
