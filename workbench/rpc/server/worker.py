@@ -493,7 +493,7 @@ def popen_inner(sock: socket.socket, size: int, workspace: Workspace | None,
     return ours, info
 
 
-_PROGRAMS: list[Any] = []  # rpc.PopenSession programs this worker started: ended with it (_end_programs)
+_PROGRAMS: list[Any] = []  # rpc.PopenSession programs this worker started: ended with its session (serve_accepted)
 
 
 def _end_program(proc: Any) -> None:
