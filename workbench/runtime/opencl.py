@@ -34,24 +34,20 @@ a forked child (``published_devices``), and each session worker opens its own.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import os
-import select
 import threading
-import time
 from typing import Any, Callable, Sequence
 
+from . import opencl_probe
+from .opencl_probe import NO_OPENCL_ENV, opencl_disabled  # noqa: F401  (this module's names too)
 from ..errors import BadRequestError, CallCancelledError, DeviceNotFoundError, KernelCrashedError, RemoteError
 
 log = logging.getLogger(__name__)
 
 DEVICE_TYPE = 4  # DLPack kDLOpenCL
 LOADER_NAMES = ("libOpenCL.so.1", "libOpenCL.so")
-NO_OPENCL_ENV = "WORKBENCH_NO_OPENCL"
 APT_PACKAGES = "pocl-opencl-icd ocl-icd-libopencl1"
 INSTALL_HINT = f"sudo apt-get install {APT_PACKAGES}"
-PROBE_TIMEOUT_S = 30.0
 
 # -- OpenCL constants (CL/cl.h) ------------------------------------------------------------------
 CL_SUCCESS = 0
@@ -142,11 +138,6 @@ BUILD_FAILED = "OpenCL build failed"  # how a build error's message starts (cc.l
 
 def error_name(code: int) -> str:
     return f"{CL_ERRORS.get(code, 'CL error')} ({code})"
-
-
-def opencl_disabled() -> bool:
-    """True when ``WORKBENCH_NO_OPENCL`` is set (to anything but ``""``/``0``/``false``/``no``)."""
-    return os.environ.get(NO_OPENCL_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def load_library() -> ctypes.CDLL:
@@ -262,7 +253,8 @@ _published_lock = threading.Lock()
 def published_devices() -> list[dict[str, Any]]:
     """The OpenCL devices a server publishes (``describe`` of each), probed once per process.
 
-    Probed in a forked child unless this process already runs OpenCL: a platform
+    Probed in a forked child (``runtime.opencl_probe``; the one a server started
+    early if there is one) unless this process already runs OpenCL: a platform
     (PoCL) starts threads, and a server that forks session workers must not have
     them. ``[]`` when OpenCL is absent, turned off (``WORKBENCH_NO_OPENCL=1``) or
     the probe fails (logged).
@@ -270,59 +262,15 @@ def published_devices() -> list[dict[str, Any]]:
     global _published
     with _published_lock:
         if _published is None:
-            if opencl_disabled():
-                _published = []
-            elif _runtime is not None:
-                _published = [d.attributes for d in _runtime.devices]
+            started = opencl_probe.take()
+            if opencl_disabled() or _runtime is not None:
+                if started:
+                    opencl_probe.discard(started)
+                _published = [d.attributes for d in _runtime.devices] if _runtime is not None else []
             else:
-                _published = _probe_in_child()
+                started = started or opencl_probe.fork()
+                _published = opencl_probe.collect(started) if started else []
         return _published
-
-
-def _probe_in_child() -> list[dict[str, Any]]:
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
-        log.warning("cannot fork to list OpenCL devices (%s): none listed", exc)
-        return []
-    if pid == 0:  # the child: probe, write the JSON, leave without running any of the parent's exit code
-        status = 1
-        try:
-            os.close(read_end)
-            data = json.dumps(probe()).encode()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_end, view):]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    chunks, deadline = [], time.monotonic() + PROBE_TIMEOUT_S
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                log.warning("listing OpenCL devices took over %g s: none listed", PROBE_TIMEOUT_S)
-                os.kill(pid, 9)
-                break
-            chunk = os.read(read_end, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
-    if status != 0:
-        log.warning("listing OpenCL devices failed (the probe ended with status %#x): none listed", status)
-        return []
-    try:
-        devices = json.loads(b"".join(chunks))
-    except ValueError:
-        return []
-    return devices if isinstance(devices, list) else []
 
 
 # -- the runtime of this process ----------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import importlib
 import itertools
 import json
 import logging
@@ -48,6 +49,8 @@ from ...errors import (
     error_from_code,
 )
 from ...runtime.workspace import Workspace
+from ...cc.compiler import target_triple
+from ...runtime import opencl_probe
 from .handler import device_info
 from ..wire.handshake import (
     ERROR_BUSY,
@@ -318,10 +321,11 @@ class ServeLoop(ServiceLoop):
         self._scratch = bytearray(64 << 10)
         self.throttle = AuthThrottle()
         tempfile.gettempdir()  # found now, while files are to spare: at the fd limit the search itself fails
+        importlib.import_module("workbench.runtime.opencl")  # imported and
+        target_triple()  # found now too: the first session's device list then needs no file (the probe's pipe is open)
         self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + error_frame(
             ERROR_BUSY, "server busy: it is out of file descriptors; try again later")
         self.system_libs = load_libraries(config.load_library)
-        device_info()  # the devices are listed once, here (OpenCL's from a forked probe): workers inherit the list
         self.registration: TrackerRegistration | None = None
         self.proxy_link: ProxyLink | None = None
         os.environ.pop(REGISTRATION_TOKEN_ENV, None)  # in config: session workers need not inherit it
@@ -708,6 +712,7 @@ class ServeLoop(ServiceLoop):
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: it cannot create a session workspace ({exc.strerror or exc}); try again later"))
         self._workspaces.add(workspace)
+        device_info()  # listed once, before the first worker, which inherits the list (the probe is collected now)
         try:
             worker = self._spawn(conn, workspace, opts, self._matchkey())
         except OSError as exc:
@@ -896,6 +901,7 @@ class ServeLoop(ServiceLoop):
 def serve(config: ServerConfig, ready: Callable[[int], None] | None = None, owner_fd: int | None = None) -> None:
     """Run a server in this process until SIGTERM/SIGINT (or the owner's pipe closes)."""
     setup_logging(config.silent)
+    opencl_probe.start()  # (python -m workbench.rpc.server started it already) listed while the server starts
     hide_from_kernels(config.token, config.registration_token, worker=False)
     if config.init:
         resolve_callable(config.init)()

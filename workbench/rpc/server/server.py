@@ -247,7 +247,7 @@ class Server(ServiceHandle):
         )
         self.host = host
         self.key = key
-        self._start("workbench.rpc.server.serve", dataclasses.asdict(self.config))
+        self._start("workbench.rpc.server", dataclasses.asdict(self.config))
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
