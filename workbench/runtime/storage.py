@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import sys
 from typing import Any, Callable, Sequence
 
 from ..errors import BadRequestError, RemoteError
@@ -11,6 +12,45 @@ from .ffi import DLDataType, DLDevice, DLTensor
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+PAGE = mmap.PAGESIZE
+
+
+class SpareMappings:
+    """Memory of released tensors kept for the next tensor of the same size whose every byte a transfer
+    writes (TENSOR_ALLOC with data), so that transfer does not wait for the kernel to fault in and zero
+    fresh pages. Only this session's process reuses them; a tensor that asks for zeros never gets one.
+
+    At most ``limit`` bytes (the oldest go first) and only mappings of at least ``min_bytes``; a mapping
+    something still views (a numpy array of a registered function) is never kept.
+    """
+
+    def __init__(self, limit: int = 256 << 20, min_bytes: int = 1 << 20):
+        self.limit, self.min_bytes = limit, min_bytes
+        self._kept: list[mmap.mmap] = []  # oldest first
+        self.bytes = 0
+
+    def take(self, size: int) -> mmap.mmap | None:
+        for i, mem in enumerate(self._kept):
+            if len(mem) == size:
+                del self._kept[i]
+                self.bytes -= size
+                return mem
+        return None
+
+    def keep(self, mem: mmap.mmap) -> bool:
+        """Keep ``mem`` (True), or leave it to the caller (False): too small or too large, or still viewed."""
+        size = len(mem)
+        if not self.min_bytes <= size <= self.limit or sys.getrefcount(mem) > 3:  # the caller's, the argument's
+            return False
+        while self.bytes + size > self.limit:
+            self.bytes -= len(self._kept[0])
+            self._kept.pop(0).close()
+        self._kept.append(mem)
+        self.bytes += size
+        return True
+
+
+SPARE = SpareMappings()
 
 # DLPack dtype codes
 DL_INT, DL_UINT, DL_FLOAT, DL_BFLOAT, DL_COMPLEX, DL_BOOL = 0, 1, 2, 4, 5, 6
@@ -76,19 +116,24 @@ class DeviceTensor:
     """A tensor in this session's memory (page-aligned, zero-filled)."""
 
     def __init__(self, shape: Sequence[int], dtype: Sequence[int], device: tuple[int, int],
-                 admit: Callable[["DeviceTensor"], None] | None = None):
+                 admit: Callable[["DeviceTensor"], None] | None = None, overwritten: bool = False):
         """Allocate the tensor; ``admit(self)``, when given, runs once its size is known and before any memory
-        is taken (a session's tensor quota raises there)."""
+        is taken (a session's tensor quota raises there). ``overwritten``: every byte is written next (a
+        transfer), so the memory of a released tensor may serve (``SPARE``); otherwise it is zero-filled."""
         shape, code, bits, lanes = self._describe(shape, dtype, admit)
-        try:
-            self._mem = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        except (OSError, OverflowError, ValueError) as exc:
-            raise RemoteError(
-                f"cannot allocate a {self.dtype} tensor of {self.nbytes} bytes on this device "
-                f"({getattr(exc, 'strerror', None) or exc}); free tensors or use a smaller one"
-            ) from None
-        if self.nbytes >= HUGE_PAGE and hasattr(self._mem, "madvise"):
-            self._mem.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
+        size = max(-(-self.nbytes // PAGE) * PAGE, PAGE)
+        mem = SPARE.take(size) if overwritten else None
+        if mem is None:
+            try:
+                mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except (OSError, OverflowError, ValueError) as exc:
+                raise RemoteError(
+                    f"cannot allocate a {self.dtype} tensor of {self.nbytes} bytes on this device "
+                    f"({getattr(exc, 'strerror', None) or exc}); free tensors or use a smaller one"
+                ) from None
+            if self.nbytes >= HUGE_PAGE and hasattr(mem, "madvise"):
+                mem.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
+        self._mem = mem
         self._anchor = ctypes.c_char.from_buffer(self._mem)
         self._shape = (ctypes.c_int64 * max(len(shape), 1))(*shape)
         self.dltensor = DLTensor(
@@ -140,6 +185,9 @@ class DeviceTensor:
     def release(self) -> None:
         if self._mem is not None and not self._mem.closed:
             del self._anchor
+            if SPARE.keep(self._mem):
+                self._mem = None
+                return
             try:
                 self._mem.close()
             except BufferError:  # a numpy view still exists; the GC frees it later

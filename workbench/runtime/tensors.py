@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .buffers import RECYCLER
 from .devices import Device
 from .storage import SUPPORTED_BITS
 
@@ -71,7 +72,9 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         """Copy the tensor to a new local numpy array."""
-        out = np.empty(self.shape, self.dtype)
+        # received into a buffer this process dropped before, when there is one of the size (buffers.RECYCLER)
+        out = np.frombuffer(RECYCLER.get(self.nbytes), self.dtype, self.size).reshape(self.shape) \
+            if self.nbytes else np.empty(self.shape, self.dtype)
         self.session._request(TENSOR_READ, [self._wb_handle], recv=lambda size, _v: _bytes_view(out))
         return out
 

@@ -38,7 +38,7 @@ from ...errors import (
 from ...progress import expected_time_eval_seconds, timed_bar, transfer_bar
 from ...runtime.devices import Device, device_name, device_type_code
 from ...runtime.timer import check_time_options
-from ..wire.buffers import receive_buffer
+from ...runtime.buffers import RECYCLER
 from ..wire.handshake import TOKEN_ENV, check_session_timeout, client_handshake, error_reply
 from ..wire.protocol import FLAG_NO_REPLY, Channel, Handle, Kind, SocketChannel, unpack
 
@@ -651,7 +651,7 @@ class RPCSession:
         box: list[bytearray] = []
 
         def receive(size: int, _value: Any) -> memoryview:
-            box.append(receive_buffer(size))
+            box.append(RECYCLER.get(size))
             return memoryview(box[0])
 
         bar = functools.partial(transfer_bar, desc=desc or f"download {path}", progress=progress)

@@ -23,7 +23,7 @@ from ...runtime.devices import DEVICE_NAMES, device_name
 from ...runtime.ffi import NativeFunction, NativeLibrary, flush_cache
 from ...runtime.modules import link_tar, load_module
 from ...runtime.quota import Quotas, format_size
-from ...runtime.storage import DeviceTensor
+from ...runtime.storage import SPARE, DeviceTensor
 from ...runtime.tvm_bridge import TVMFunction
 from ...runtime.timer import check_time_options, python_runner, time_repeats
 from ...runtime.workspace import Workspace
@@ -109,6 +109,8 @@ class SessionHandler:
         self.workspace = workspace or Workspace()
         self.quotas = quotas or Quotas()
         self.workspace.set_quotas(self.quotas)
+        if self.quotas.tensor_bytes:  # released tensors' memory kept for reuse: a quarter of the quota at most
+            SPARE.limit = min(SPARE.limit, self.quotas.tensor_bytes // 4)
         self.tensor_bytes = 0  # of the live tensors the client allocated
         self._system_libs = system_libs or []
         self._objects: dict[int, Any] = {}
@@ -376,7 +378,7 @@ class SessionHandler:
         self.check_device(dev_type, dev_id)
         admit = self._admit if self.quotas.tensor_bytes else None
         if dev_type == CPU:
-            tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), admit)
+            tensor = DeviceTensor(shape, dtype, (dev_type, dev_id), admit, overwritten=bulk is not None)
         else:
             tensor = device_api.api(dev_type).tensor(shape, dtype, (dev_type, dev_id), admit, zero=bulk is None)
         try:
