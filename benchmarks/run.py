@@ -279,8 +279,32 @@ class SelfTimed:
         return self.fn()
 
 
+class FreshUploads:
+    """Uploads, each to a new remote file (replacing one would add the filesystem's cost of freeing it),
+    removed after each block, untimed, as the native program removes its files after each of its blocks."""
+
+    def __init__(self, remote: Any, data: bytes):
+        self.remote, self.data, self.names = remote, data, []
+
+    def __call__(self) -> None:
+        self.names.append(fresh_name())
+        self.remote.upload(self.data, target=self.names[-1])
+
+    def after_block(self) -> None:
+        while self.names:
+            self.remote.remove(self.names.pop())
+
+
 def timed_block(op: Callable[[], Any], count: int) -> list[float]:
-    """Seconds of each of ``count`` runs of ``op`` (what a SelfTimed op says, else the whole call)."""
+    """Seconds of each of ``count`` runs of ``op`` (what a SelfTimed op says, else the whole call), then the
+    op's ``after_block()`` if it has one."""
+    try:
+        return _timed_block(op, count)
+    finally:
+        getattr(op, "after_block", lambda: None)()
+
+
+def _timed_block(op: Callable[[], Any], count: int) -> list[float]:
     if isinstance(op, SelfTimed):
         deadline = time.perf_counter() + harness.LOOP_BUDGET_S
         times = []
@@ -459,7 +483,7 @@ def measure_ours(cfg: Config, res: Results, native: NativeRuns) -> None:
                 on_device = runtime.tensor(arr, dev)
                 check_contents("ours", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
                 ops = {
-                    "upload": lambda: remote.upload(data, target=fresh_name()),
+                    "upload": FreshUploads(remote, data),
                     "download": lambda: remote.download(REMOTE_FILE),
                     "to_device": lambda: runtime.tensor(arr, dev),
                     "copyfrom": lambda: on_device.copyfrom(arr),
@@ -812,7 +836,8 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         "of the C ping-pong" + (" and of TVM's C++ testing.nop" if tvm else "") + " (same window, same placement).",
         f"call placements: unpinned (no target: where the scheduler puts each pair); pinned: this process, the "
         f"servers and their workers (the C ping-pong's two ends) all on CPU {cfg.cpu}{split}.",
-        "uploads write a new remote file each time (replacing one adds the filesystem's cost of freeing it); "
+        "uploads write a new remote file each time (replacing one adds the filesystem's cost of freeing it), "
+        "removed after each block as the native program removes its own; "
         "the proxy rows are unpinned and compare with our direct figure.",
         "result: PASS when the target holds in most rounds; N/M: the rounds that met it (bulk: ours against "
         "the native way in the same round; calls: ours against TVM's C++ in the same round; start-up: each start).",
