@@ -91,7 +91,7 @@ static struct {
     fn_create_context CreateContext;
     fn_create_queue CreateCommandQueue;
     fn_create_buffer CreateBuffer;
-    fn_release ReleaseMemObject, ReleaseProgram, ReleaseKernel, ReleaseEvent;
+    fn_release ReleaseMemObject, ReleaseProgram, ReleaseKernel, ReleaseEvent, ReleaseCommandQueue, ReleaseContext;
     fn_fill_buffer EnqueueFillBuffer;
     fn_map_buffer EnqueueMapBuffer;
     fn_unmap EnqueueUnmapMemObject;
@@ -158,6 +158,8 @@ static int load_loader(char* why, size_t cap) {
             LOAD(SetUserEventStatus, "clSetUserEventStatus");
             LOAD(GetEventProfilingInfo, "clGetEventProfilingInfo");
             LOAD(ReleaseEvent, "clReleaseEvent");
+            LOAD(ReleaseCommandQueue, "clReleaseCommandQueue");
+            LOAD(ReleaseContext, "clReleaseContext");
             if (missing) {
                 snprintf(reason, sizeof(reason), "the OpenCL loader lacks %s (an OpenCL 1.2 loader is needed); install "
                          "one with %s", missing, MR_CL_INSTALL_HINT);
@@ -507,16 +509,23 @@ int mr_cl_ready(mr_error* err) {
             cl_dev* d = &R.devs[i];
             cl_int e = CL_SUCCESS;
             char code[64];
+            const char* what = "clCreateContext";
             d->context = CL.CreateContext(NULL, 1, &d->id.device, NULL, NULL, &e);
-            if (e != CL_SUCCESS || !d->context) {
-                d->context = NULL;
-                return mr_fail(err, MR_REMOTE, "clCreateContext for %s failed: %s", d->label,
-                               mr_cl_error_name(e, code, sizeof(code)));
+            if (e == CL_SUCCESS && d->context) {
+                what = "clCreateCommandQueue";
+                d->queue = CL.CreateCommandQueue(d->context, d->id.device, CL_QUEUE_PROFILING_ENABLE, &e);
             }
-            d->queue = CL.CreateCommandQueue(d->context, d->id.device, CL_QUEUE_PROFILING_ENABLE, &e);
-            if (e != CL_SUCCESS || !d->queue)
-                return mr_fail(err, MR_REMOTE, "clCreateCommandQueue for %s failed: %s", d->label,
-                               mr_cl_error_name(e, code, sizeof(code)));
+            if (e != CL_SUCCESS || !d->context || !d->queue) { /* nothing kept: the next request tries again */
+                mr_fail(err, MR_REMOTE, "%s for %s failed: %s", what, d->label,
+                        mr_cl_error_name(e != CL_SUCCESS ? e : -6, code, sizeof(code)));
+                for (int j = 0; j <= i; ++j) {
+                    if (R.devs[j].queue) CL.ReleaseCommandQueue(R.devs[j].queue);
+                    if (R.devs[j].context) CL.ReleaseContext(R.devs[j].context);
+                }
+                free(R.devs);
+                R.devs = NULL;
+                return -1;
+            }
         }
         R.n = n;
         R.threads_lost = wb_guard_threads_lost();
