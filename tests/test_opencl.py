@@ -502,3 +502,17 @@ def test_minrpc_registers_its_opencl_devices_with_a_tracker(private_tmpdir):
         finally:
             srv.terminate()
 
+
+
+def test_a_kernel_outlives_its_freed_module_and_a_timer_of_nothing_measures_zero(remote):
+    dev = remote.cl(0)
+    mod = cc.load_source(remote, VADD, name="vadd_kept", lang="opencl")
+    vadd = mod["vadd"]
+    remote._request(29, [mod._wb_handle])  # FREE the module's handle (its function stays)
+    a = runtime.tensor(np.arange(32, dtype="float32"), dev)
+    c = runtime.empty((32,), "float32", dev)
+    vadd(a, a, c, 32, 32)  # the function keeps its kernel (and its module's programs)
+    np.testing.assert_array_equal(c.numpy(), 2 * np.arange(32, dtype="float32"))
+    nop = remote.get_function("workbench.nop")  # launches nothing: no profiling event, 0 s on the device's clock
+    result = nop.time_evaluator(dev, number=3, repeat=2)(a)
+    assert list(result.results) == [0.0, 0.0]
