@@ -339,6 +339,7 @@ void mr_cl_probe(void) {
     }
     if (pid == 0) { /* the child: open the platforms, write [count][infos], leave without the parent's exit code */
         close(fds[0]);
+        dup2(2, 1); /* what a platform prints goes to stderr: stdout is the listener's (or a stdio session's) stream */
         char why[600];
         int32_t count = 0;
         cl_pair* pairs = NULL;
