@@ -516,3 +516,18 @@ def test_a_kernel_outlives_its_freed_module_and_a_timer_of_nothing_measures_zero
     nop = remote.get_function("workbench.nop")  # launches nothing: no profiling event, 0 s on the device's clock
     result = nop.time_evaluator(dev, number=3, repeat=2)(a)
     assert list(result.results) == [0.0, 0.0]
+
+
+def test_a_minrpc_stdio_session_serves_the_opencl_device_too(private_tmpdir):
+    from workbench.native import build_minrpc
+
+    session = rpc.PopenSession(build_minrpc())  # minrpc on a pipe: its probe must not write into the stream
+    try:
+        assert session.info["server"] == "minrpc" and [CL, 0] in session.info["devices"]
+        a = runtime.tensor(np.arange(8, dtype="float32"), session.cl(0))
+        mod = cc.load_source(session, "__kernel void t(__global float* a) { a[get_global_id(0)] *= 3.0f; }",
+                             name="t", lang="opencl")
+        mod["t"](a, 8)
+        np.testing.assert_array_equal(a.numpy(), 3 * np.arange(8, dtype="float32"))
+    finally:
+        session.close()
