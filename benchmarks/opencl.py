@@ -5,15 +5,15 @@
 
 * copies to and from ``cl(0)``: ``runtime.tensor`` (TENSOR_ALLOC with data: a new buffer),
   ``Tensor.copyfrom`` (TENSOR_WRITE) and ``Tensor.numpy`` (TENSOR_READ: a new array) of the same
-  array, through a LocalSession (the handler in this process, as pyopencl runs) and through a Python
-  server on loopback, against pyopencl doing the same: a new ``Buffer`` with ``COPY_HOST_PTR``, and
+  array, through a LocalSession (the handler in this process, as pyopencl runs), through a Python
+  server and through minrpc (the C server) on loopback, against pyopencl doing the same: a new ``Buffer`` with ``COPY_HOST_PTR``, and
   ``enqueue_copy`` (blocking) into an existing buffer and into a new array, on the same device,
   interleaved in rounds in the same run; the target, at least 0.8 times
   pyopencl's rate, is on the in-process copies (the like-for-like row); the loopback rows add
   the socket, for information;
 * a TVM-built OpenCL matmul (512 x 512, float32; 16 x 16 work-groups) on ``cl(0)`` against the same
-  computation built for llvm (parallel over rows) on ``cpu(0)``, both on the Python server,
-  ``time_evaluator`` (the OpenCL time from the queue's profiling events, as TVM's), for information.
+  computation built for llvm (parallel over rows) on ``cpu(0)``, both on the Python server, and the
+  OpenCL one on minrpc, ``time_evaluator`` (the OpenCL time from the queue's profiling events, as TVM's), for information.
 
 pyopencl is the ``bench-opencl`` extra (``pip install -e .[bench-opencl]``); without it the
 copy rows say so. apache-tvm (the ``bench`` extra) builds the matmuls in a subprocess.
@@ -97,10 +97,12 @@ def copy_rates(nbytes: int, rounds: int, per_round: int) -> dict[str, list[float
     buf = pcl.Buffer(ctx, pcl.mem_flags.READ_WRITE, nbytes)
     local = rpc.LocalSession()
     server = rpc.Server(port=0, silent=True)
+    native = rpc.MinRPCServer(port=0)
     remote = rpc.connect("127.0.0.1", server.port)
+    remote_c = rpc.connect("127.0.0.1", native.port)
     ways: dict[str, Callable[[], Any]] = {}
     try:
-        for name, session in (("local", local), ("loopback", remote)):
+        for name, session in (("local", local), ("loopback", remote), ("minrpc", remote_c)):
             dev = session.cl(0)
             tensor = runtime.tensor(host, dev)
             ways[f"{name} runtime.tensor"] = lambda s=session, d=dev: runtime.tensor(host, d)
@@ -120,7 +122,9 @@ def copy_rates(nbytes: int, rounds: int, per_round: int) -> dict[str, list[float
         return rates
     finally:
         remote.close()
+        remote_c.close()
         server.terminate()
+        native.terminate()
         local.close()
 
 
@@ -136,23 +140,30 @@ def matmul_times(n: int, repeat: int) -> dict[str, Any]:
             raise RuntimeError(f"building the matmuls with apache-tvm failed: {proc.stderr.strip()[-300:]}")
         files = json.loads(proc.stdout.strip().splitlines()[-1])
         server = rpc.Server(port=0, silent=True)
+        native = rpc.MinRPCServer(port=0)
         try:
             remote = rpc.connect("127.0.0.1", server.port)
+            remote_c = rpc.connect("127.0.0.1", native.port)
             rng = np.random.default_rng(1)
             x, w = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
             out: dict[str, Any] = {"tvm_version": files["tvm_version"]}
-            for kind, dev in (("opencl", remote.cl(0)), ("llvm", remote.cpu(0))):
-                remote.upload(files[kind])
-                mod = remote.load_module(os.path.basename(files[kind]))
+            for kind, session, dev_of in (("opencl", remote, lambda s: s.cl(0)), ("llvm", remote, lambda s: s.cpu(0)),
+                                          ("minrpc opencl", remote_c, lambda s: s.cl(0))):
+                dev = dev_of(session)
+                path = files[kind.split()[-1]]
+                session.upload(path)
+                mod = session.load_module(os.path.basename(path))
                 args = [runtime.tensor(x, dev), runtime.tensor(w, dev), runtime.empty((n, n), "float32", dev)]
                 mod["matmul"](*args)
                 np.testing.assert_allclose(args[2].numpy(), x @ w, rtol=1e-3)
                 result = mod.time_evaluator("matmul", dev, number=3, repeat=repeat)(*args)
                 out[kind] = list(result.results)
             remote.close()
+            remote_c.close()
             return out
         finally:
             server.terminate()
+            native.terminate()
 
 
 def measure_opencl(quick: bool = False) -> tuple[str, dict[str, Any]]:
@@ -171,12 +182,14 @@ def measure_opencl(quick: bool = False) -> tuple[str, dict[str, Any]]:
         document["copy_mib_s"] = rates
         for way, ref in (("runtime.tensor", "pyopencl new buffer"), ("copyfrom", "pyopencl to device"),
                          ("numpy", "pyopencl from device")):
-            for where in ("local", "loopback"):
+            for where in ("local", "loopback", "minrpc"):
                 ours = rates[f"{where} {way}"]
                 ratios = [o / r for o, r in zip(ours, rates[ref])]
                 target = f">= {TARGET_RATIO}: met in {sum(x >= TARGET_RATIO for x in ratios)} of {len(ratios)}" \
                     if where == "local" else "(info: adds the socket)"
-                rows.append([f"{way}, {'LocalSession' if where == 'local' else 'Python server on loopback'}"
+                label = {"local": "LocalSession", "loopback": "Python server on loopback",
+                         "minrpc": "minrpc on loopback"}[where]
+                rows.append([f"{way}, {label}"
                              f" vs {ref} ({nbytes >> 20} MiB)",
                              f"{statistics.median(ours):.0f} vs {statistics.median(rates[ref]):.0f} MiB/s = "
                              f"{statistics.median(ratios):.2f} x",
@@ -194,6 +207,9 @@ def measure_opencl(quick: bool = False) -> tuple[str, dict[str, Any]]:
         rows.append([f"TVM matmul {n}x{n} float32: opencl on cl(0) vs llvm on cpu(0)",
                      f"{cl_ms:.2f} vs {cpu_ms:.2f} ms", f"median of {len(times['opencl'])} each "
                      f"(cl/cpu = {cl_ms / cpu_ms:.2f})", "(info)"])
+        c_ms = statistics.median(times["minrpc opencl"]) * 1e3
+        rows.append([f"TVM matmul {n}x{n} float32 on cl(0): minrpc vs the Python server", f"{c_ms:.2f} vs {cl_ms:.2f} ms",
+                     f"median of {len(times['minrpc opencl'])} each", "(info: the same kernel, timed on the queue)"])
     except ImportError:
         rows.append(["TVM matmul, opencl vs llvm", "n/a", "apache-tvm is not installed (the bench extra)", ""])
     except Exception as exc:

@@ -40,6 +40,7 @@ from .test_protocol import (
     upload_head,
 )
 from workbench import cc, rpc, runtime
+from workbench.runtime.opencl import published_devices
 from workbench.errors import (
     AuthenticationError,
     BadRequestError,
@@ -292,7 +293,11 @@ def test_handshake_bytes_and_session_info(server, private_tmpdir):
         ok = peer.recv_frame()
         assert ok.kind == Kind.OK and ok.bulk == b""
         info = ok.ctrl
-        assert info["devices"] == [[1, 0]] and info["system"] == "Linux"
+        cl_devices = [[4, i] for i in range(len(info["devices"]) - 1)]  # then its OpenCL devices (protocol.md 14)
+        assert info["devices"] == [[1, 0]] + cl_devices and info["system"] == "Linux"
+        if "WB_MINRPC_BINARY" not in os.environ:  # this machine's build: the devices the Python side lists
+            assert len(cl_devices) == len(published_devices())
+            assert info.get("device_details", []) == published_devices()
         assert info["arch"] == os.uname().machine or "WB_MINRPC_BINARY" in os.environ  # (another build: its arch)
         assert info["server"] == "minrpc" and info["key"] == "" and info["cpu_count"] >= 1
         assert info["session_timeout"] == 0.0 and isinstance(info["session_timeout"], float)

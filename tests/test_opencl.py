@@ -1,4 +1,5 @@
-"""OpenCL devices on the Python server, with a real OpenCL platform (PoCL, a CPU OpenCL) on real servers.
+"""OpenCL devices on both servers (the Python server and minrpc, the C one), with a real OpenCL platform (PoCL, a CPU
+OpenCL) on real servers: every test that talks to a server runs against each kind (the `server` fixture).
 
 Skipped, naming the Debian packages, where this machine has no OpenCL device. The TVM part builds its
 OpenCL module with apache-tvm in a subprocess (the wheel has no OpenCL runtime, but it exports the
@@ -25,7 +26,8 @@ from workbench.errors import (
 )
 from workbench.runtime.opencl import APT_PACKAGES, NO_OPENCL_ENV, published_devices
 
-from .helpers import PRINT_MAIN_REPORT, run_export_script
+from .conftest import wait_until
+from .helpers import PRINT_MAIN_REPORT, run_export_script, start_server
 
 if not published_devices():
     pytest.skip(f"no OpenCL device on this machine: install PoCL with `sudo apt-get install {APT_PACKAGES}`",
@@ -66,9 +68,12 @@ __kernel void spin(__global volatile float* a) {
 """
 
 
-@pytest.fixture(scope="module")
-def server(private_tmpdir):
-    srv = rpc.Server(port=0, silent=True)
+SERVER_KINDS = ["python", "minrpc"]
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(request, private_tmpdir):
+    srv = start_server(request.param)
     yield srv
     srv.terminate()
 
@@ -117,9 +122,10 @@ def test_the_tracker_summary_and_picker_rows_show_the_device(private_tmpdir):
             remote.close()
 
 
-def test_a_server_without_opencl_starts_and_lists_no_cl_device(private_tmpdir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_a_server_without_opencl_starts_and_lists_no_cl_device(private_tmpdir, monkeypatch, tmp_path, kind):
     monkeypatch.setenv(NO_OPENCL_ENV, "1")
-    srv = rpc.Server(port=0, silent=True)
+    srv = start_server(kind)
     try:
         remote = rpc.connect("127.0.0.1", srv.port)
         assert remote.info["devices"] == [[1, 0]]
@@ -364,10 +370,11 @@ def tvm_opencl(tmp_path_factory):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 @pytest.mark.parametrize("ext", ["so", "tar"])
-def test_a_tvm_opencl_module_runs_on_the_tvm_free_server(tvm_opencl, private_tmpdir, monkeypatch, ext):
-    monkeypatch.setenv("WORKBENCH_NO_TVM", "1")  # the server runs it without TVM's runtime
-    srv = rpc.Server(port=0, silent=True)
+def test_a_tvm_opencl_module_runs_on_the_tvm_free_server(tvm_opencl, private_tmpdir, monkeypatch, ext, kind):
+    monkeypatch.setenv("WORKBENCH_NO_TVM", "1")  # the server runs it without TVM's runtime (minrpc never has it)
+    srv = start_server(kind)
     try:
         remote = rpc.connect("127.0.0.1", srv.port)
         remote.upload(tvm_opencl[ext])
@@ -397,3 +404,130 @@ def test_a_tvm_opencl_matmul_with_2d_launches_and_a_scalar(tvm_opencl, remote):
     y = runtime.empty((64, 48), "float32", dev)
     mod["mm"](runtime.tensor(x, dev), runtime.tensor(w, dev), 0.5, y)
     np.testing.assert_allclose(y.numpy(), (x @ w) * 0.5, rtol=1e-5)
+
+
+# -- 6. both servers alike, and what only minrpc (the C server) has to get right -------------------------------
+def test_a_third_opencl_crash_within_10_s_ends_the_session(server):
+    remote = rpc.connect("127.0.0.1", server.port)
+    mod = cc.load_source(remote, FAULT, name="fault", lang="opencl")
+    a = runtime.tensor(np.zeros(64, dtype="float32"), remote.cl(0))
+    with pytest.raises(KernelCrashedError, match="signal 11"):
+        mod["fault"](a, 1 << 40, 64)
+    with pytest.raises(KernelCrashedError, match="cannot be used any more"):
+        a.numpy()
+    from workbench.errors import SessionCrashedError
+
+    with pytest.raises(SessionCrashedError, match="cannot be used any more.*That is the 3rd crash within 10 s"):
+        a.numpy()
+    remote.close()
+
+
+def test_freed_opencl_tensors_modules_and_functions_leave_nothing_behind(server):
+    remote = rpc.connect("127.0.0.1", server.port)
+    dev = remote.cl(0)
+    worker_fds = f"/proc/{remote.info['pid']}/fd"
+
+    def round_trip(i: int) -> None:
+        mod = cc.load_source(remote, VADD, name=f"vadd{i}", lang="opencl")
+        x = runtime.tensor(np.full(1 << 16, i, dtype="float32"), dev)
+        y = runtime.empty((1 << 16,), "float32", dev)
+        mod["vadd"](x, x, y, 1 << 16, 1 << 16)
+        np.testing.assert_array_equal(y.numpy(), np.full(1 << 16, 2 * i, dtype="float32"))
+        del mod, x, y  # freed by the client's finalizers
+
+    round_trip(0)  # the platform's own descriptors are opened by the first use
+    baseline = remote.ping()
+    fds = len(os.listdir(worker_fds))
+    for i in range(1, 21):
+        round_trip(i)
+    import gc
+
+    gc.collect()
+    assert wait_until(lambda: remote.ping()["tensors"] == baseline["tensors"]), remote.ping()
+    assert remote.ping()["tensor_bytes"] == baseline["tensor_bytes"]
+    assert len(os.listdir(worker_fds)) <= fds + 2
+    remote.close()
+
+
+def test_minrpc_publishes_the_same_devices_as_the_python_server(private_tmpdir):
+    python, native = start_server("python"), start_server("minrpc")
+    try:
+        with rpc.connect("127.0.0.1", python.port) as a, rpc.connect("127.0.0.1", native.port) as b:
+            assert b.info["server"] == "minrpc"
+            assert a.info["devices"] == b.info["devices"] == [[1, 0]] + [[CL, i] for i in range(len(published_devices()))]
+            assert a.info["device_details"] == b.info["device_details"] == published_devices()
+            assert b.cl(0).device_name == published_devices()[0]["device_name"]
+    finally:
+        python.terminate()
+        native.terminate()
+
+
+def _process_status(pid: int) -> tuple[int, str]:
+    with open(f"/proc/{pid}/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    with open(f"/proc/{pid}/maps") as f:
+        return threads, f.read()
+
+
+def test_the_minrpc_listener_never_starts_an_opencl_platform(private_tmpdir):
+    srv = rpc.MinRPCServer(port=0)
+    try:
+        with rpc.connect("127.0.0.1", srv.port) as remote:  # a session that uses OpenCL (in its own worker)
+            a = runtime.tensor(np.arange(16, dtype="float32"), remote.cl(0))
+            mod = cc.load_source(remote, VADD, name="vadd", lang="opencl")
+            mod["vadd"](a, a, a, 16, 16)
+            np.testing.assert_array_equal(a.numpy(), 2 * np.arange(16, dtype="float32"))
+            worker_threads, worker_maps = _process_status(remote.info["pid"])
+            assert "libOpenCL" in worker_maps and worker_threads > 1  # the platform's threads, in the worker
+        threads, maps = _process_status(srv.pid)
+        assert threads == 1, "the listener started threads (an OpenCL platform?)"
+        assert "libOpenCL" not in maps and "pocl" not in maps  # the device list came from a forked probe
+        with rpc.connect("127.0.0.1", srv.port) as again:  # and each new session opens its own platform
+            b = runtime.tensor(np.ones(8, dtype="int32"), again.cl(0))
+            np.testing.assert_array_equal(b.numpy(), np.ones(8, dtype="int32"))
+    finally:
+        srv.terminate()
+
+
+def test_minrpc_registers_its_opencl_devices_with_a_tracker(private_tmpdir):
+    with rpc.Tracker(port=0, silent=True) as tracker, rpc.connect_tracker("127.0.0.1", tracker.port) as ts:
+        srv = rpc.MinRPCServer(port=0, key="clboard", tracker_addr=("127.0.0.1", tracker.port))
+        try:
+            assert wait_until(lambda: ts.summary().server_rows()), ts.summary()
+            (row,) = ts.summary().server_rows()
+            name = published_devices()[0]["device_name"]
+            assert row["key"] == "clboard" and "cl(0)" in row["devices"] and name[:20] in row["devices"]
+            with ts.request("clboard") as remote:
+                assert remote.info["server"] == "minrpc" and remote.cl(0).exist
+        finally:
+            srv.terminate()
+
+
+
+def test_a_kernel_outlives_its_freed_module_and_a_timer_of_nothing_measures_zero(remote):
+    dev = remote.cl(0)
+    mod = cc.load_source(remote, VADD, name="vadd_kept", lang="opencl")
+    vadd = mod["vadd"]
+    remote._request(29, [mod._wb_handle])  # FREE the module's handle (its function stays)
+    a = runtime.tensor(np.arange(32, dtype="float32"), dev)
+    c = runtime.empty((32,), "float32", dev)
+    vadd(a, a, c, 32, 32)  # the function keeps its kernel (and its module's programs)
+    np.testing.assert_array_equal(c.numpy(), 2 * np.arange(32, dtype="float32"))
+    nop = remote.get_function("workbench.nop")  # launches nothing: no profiling event, 0 s on the device's clock
+    result = nop.time_evaluator(dev, number=3, repeat=2)(a)
+    assert list(result.results) == [0.0, 0.0]
+
+
+def test_a_minrpc_stdio_session_serves_the_opencl_device_too(private_tmpdir):
+    from workbench.native import build_minrpc
+
+    session = rpc.PopenSession(build_minrpc())  # minrpc on a pipe: its probe must not write into the stream
+    try:
+        assert session.info["server"] == "minrpc" and [CL, 0] in session.info["devices"]
+        a = runtime.tensor(np.arange(8, dtype="float32"), session.cl(0))
+        mod = cc.load_source(session, "__kernel void t(__global float* a) { a[get_global_id(0)] *= 3.0f; }",
+                             name="t", lang="opencl")
+        mod["t"](a, 8)
+        np.testing.assert_array_equal(a.numpy(), 3 * np.arange(8, dtype="float32"))
+    finally:
+        session.close()

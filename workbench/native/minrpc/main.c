@@ -16,6 +16,7 @@
  */
 #include "core.h"
 #include "kernel_runtime.h"
+#include "opencl.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -797,6 +798,7 @@ int main(int argc, char** argv) {
     mr_cfg.token = take_env("WORKBENCH_RPC_TOKEN");
     mr_cfg.reg_token = take_env("WORKBENCH_REGISTRATION_TOKEN");
     if (mr_cfg.token || mr_cfg.reg_token) wb_guard_secrets(0); /* no process of this user reads ours */
+    mr_cl_probe(); /* the OpenCL devices, listed by a forked child: this process never starts a platform */
     if (mr_cfg.stdio) {
         /* the protocol goes to a copy of stdout; stdout itself goes to stderr, so a kernel's printf cannot
            corrupt the stream */

@@ -11,6 +11,7 @@
  *   elf.c      kernel and context-slot listing, ELF kind checks                  (device)
  *   tar.c      .tar modules: members checked, archive written, linked with cc    (device)
  *   tracker.c  registration with a (TVM-compatible) tracker                      (device)
+ *   opencl.c, opencl_module.c  OpenCL devices, .cl and TVM opencl modules (opencl.h; the loader is dlopen'ed)
  * and ../kernel_runtime.{c,h}: the kernel-ABI runtime shared with the Python
  * server's shim (error setter, context slots, thread pool, workspaces, timing).
  *

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "kernel_runtime.h"
+#include "opencl.h"
 
 /* ---- DLPack --------------------------------------------------------------------------------------- */
 typedef struct {
@@ -67,7 +68,7 @@ typedef struct {
 
 /* ---- session objects -------------------------------------------------------------------------------- */
 enum { OBJ_TENSOR = MP_EXT_TENSOR, OBJ_MODULE = MP_EXT_MODULE, OBJ_FUNCTION = MP_EXT_FUNCTION };
-enum { FN_KERNEL, FN_ECHO, FN_NOP, FN_SLEEP };
+enum { FN_KERNEL, FN_ECHO, FN_NOP, FN_SLEEP, FN_CL /* a kernel of a .cl module (opencl_module.c) */ };
 
 typedef struct {
     int kind;
@@ -89,6 +90,7 @@ typedef struct {
     mr_strlist kernels;
     char* name;       /* the user's file name, for messages */
     char* entry;      /* points into kernels, or NULL */
+    mr_cl_module* cl; /* a .cl module (OpenCL C): its programs; dl NULL */
 } mr_module;
 
 typedef struct {
@@ -96,6 +98,7 @@ typedef struct {
     int builtin; /* FN_* */
     WBPackedFunc fn;
     const char* name; /* the kernel or registered name (storage follows, or static) */
+    mr_cl_kernel* cl; /* FN_CL: the kernel (its module referenced) */
 } mr_function;
 
 /* id -> object: open addressing; id 0 = empty slot, obj NULL with an id = a removed one */
@@ -125,6 +128,9 @@ static struct {
     int64_t crash_ns[MR_CRASH_LIMIT - 1]; /* when the last kernels crashed, newest first */
     int end_session;                      /* the error being sent ends the session (a crash loop) */
     int no_cancel;                        /* TVM's protocol: no CANCEL frames (its client has none) */
+    /* TENSOR_READ of an OpenCL tensor: the mapping its reply is sent from, unmapped once it is sent */
+    int cl_mapped_device;
+    void *cl_mapped_mem, *cl_mapped_ptr;
 } S;
 
 static int table_grow(void) {
@@ -190,7 +196,8 @@ static void tensor_release(mr_tensor* t) {
     }
     S.tensors--;
     S.tensor_bytes -= t->nbytes;
-    munmap(t->dl.data, t->maplen);
+    if (t->dl.device.device_type == MR_CL_DEVICE_TYPE) mr_cl_free(t->dl.device.device_id, t->dl.data);
+    else munmap(t->dl.data, t->maplen);
     free(t);
 }
 
@@ -198,10 +205,15 @@ static void obj_release(mr_obj* obj) {
     if (obj->kind == OBJ_TENSOR) tensor_release((mr_tensor*)obj);
     else if (obj->kind == OBJ_MODULE) {
         mr_module* m = (mr_module*)obj;
+        if (m->cl) mr_cl_module_release(m->cl);
         mr_strlist_free(&m->kernels);
         free(m->name);
         free(m);
-    } else free(obj);
+    } else {
+        if (obj->kind == OBJ_FUNCTION && ((mr_function*)obj)->cl)
+            mr_cl_module_release(mr_cl_kernel_module(((mr_function*)obj)->cl));
+        free(obj);
+    }
 }
 
 /* ---- small helpers ---------------------------------------------------------------------------------- */
@@ -276,6 +288,33 @@ static int ends_with(const char* s, const char* suffix) {
 }
 
 
+/* ---- crashes ------------------------------------------------------------------------------------------ */
+/* Count one crash: 1 when it is the MR_CRASH_LIMIT-th within MR_CRASH_WINDOW_NS (the session ends: no crash loop). */
+static int count_crash(void) {
+    int64_t now = mr_now_ns();
+    int recent = 1;
+    for (int i = 0; i < MR_CRASH_LIMIT - 1; ++i)
+        if (S.crash_ns[i] && now - S.crash_ns[i] < MR_CRASH_WINDOW_NS) recent++;
+    for (int i = MR_CRASH_LIMIT - 2; i > 0; --i) S.crash_ns[i] = S.crash_ns[i - 1];
+    S.crash_ns[0] = now;
+    return recent >= MR_CRASH_LIMIT;
+}
+
+/* An OpenCL request failed with err: a KERNEL_CRASHED one counts as a crash, as the Python server counts it (the
+   crash-loop rule ends the session). Returns -1. */
+static int cl_failed(mr_error* err) {
+    if (err->code != MR_KERNEL_CRASHED || !count_crash()) return -1;
+    char* cut = strstr(err->msg, "; the session, ");
+    if (cut) *cut = '\0';
+    size_t used = strlen(err->msg);
+    snprintf(err->msg + used, sizeof(err->msg) - used,
+             ". That is the %drd crash within %lld s, so the server ended the session (its tensors and modules are "
+             "gone): fix the kernel, then connect again", MR_CRASH_LIMIT, (long long)(MR_CRASH_WINDOW_NS / 1000000000LL));
+    err->code = MR_WORKER_DIED;
+    S.end_session = 1;
+    return -1;
+}
+
 /* ---- bulk parts ------------------------------------------------------------------------------------ */
 static int bulk_into(void* dst, uint64_t n) {
     S.bulk_left -= n;
@@ -301,12 +340,22 @@ void mr_put_session_info(mp_buf* b, const mr_config* cfg, double session_timeout
     struct utsname u;
     if (uname(&u) != 0) strcpy(u.machine, "unknown");
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    mp_put_map(b, proof ? 10 : 9);
+    int n_cl = mr_cl_count();
+    mp_put_map(b, (proof ? 10 : 9) + (n_cl ? 1 : 0));
     mp_put_cstr(b, "devices");
-    mp_put_array(b, 1);
+    mp_put_array(b, 1 + (uint32_t)n_cl);
     mp_put_array(b, 2);
     mp_put_int(b, 1);
     mp_put_int(b, 0);
+    for (int i = 0; i < n_cl; ++i) {
+        mp_put_array(b, 2);
+        mp_put_int(b, MR_CL_DEVICE_TYPE);
+        mp_put_int(b, i);
+    }
+    if (n_cl) { /* the OpenCL devices' attributes, under TVM's names (docs/protocol.md section 14) */
+        mp_put_cstr(b, "device_details");
+        mr_cl_put_details(b);
+    }
     mp_put_cstr(b, "arch");
     mp_put_cstr(b, u.machine);
     mp_put_cstr(b, "system");
@@ -672,15 +721,42 @@ static int do_load_module(const mp_node* args, mr_error* err) {
     int rc = -1;
     int is_object = ends_with(full, ".o") || ends_with(full, ".obj");
     int is_tar = ends_with(full, ".tar") || is_object; /* linked first, one object as a .tar's members */
-    if (!is_tar && !ends_with(full, ".so") && !ends_with(full, ".dylib") && !ends_with(full, ".dll")) {
+    int is_cl = ends_with(full, ".cl");                /* OpenCL C, built for the OpenCL devices (opencl_module.c) */
+    if (!is_tar && !is_cl && !ends_with(full, ".so") && !ends_with(full, ".dylib") && !ends_with(full, ".dll")) {
         mr_fail(err, MR_UNSUPPORTED,
                 "cannot load %s: load_module takes a shared object (.so), an object file (.o) or a .tar of object "
-                "files", shown);
+                "files, or OpenCL C source (.cl)", shown);
         goto out;
     }
     struct stat st;
     if (stat(full, &st) != 0) {
         mr_fail(err, MR_NOT_FOUND, "no file %s in the session workspace; upload it first", shown);
+        goto out;
+    }
+    if (is_cl) {
+        mr_cl_module* cl = mr_cl_load_source(full, name, err);
+        if (!cl) {
+            cl_failed(err);
+            goto out;
+        }
+        mr_module* m = (mr_module*)calloc(1, sizeof(mr_module));
+        const mr_strlist* names = mr_cl_module_names(cl);
+        if (m) {
+            m->kind = OBJ_MODULE;
+            m->cl = cl;
+            m->name = strdup(name);
+            m->kernels.items = (char**)calloc((size_t)names->count + 1, sizeof(char*));
+            for (int i = 0; m->kernels.items && i < names->count; ++i)
+                if ((m->kernels.items[m->kernels.count] = strdup(names->items[i])) != NULL) m->kernels.count++;
+        }
+        if (!m || !m->name || !m->kernels.items || m->kernels.count != names->count) {
+            if (m) obj_release((mr_obj*)m);
+            else mr_cl_module_release(cl);
+            mr_fail(err, MR_REMOTE, "out of memory loading %s", name);
+            goto out;
+        }
+        m->entry = entry_of(&m->kernels);
+        rc = module_reply(m, err);
         goto out;
     }
     /* the private copy (or the library linked from a .tar) counts against the workspace's quotas until the
@@ -725,6 +801,11 @@ static int do_load_module(const mp_node* args, mr_error* err) {
         ws_charge(S.ws, stat(so, &copied) == 0 ? (int64_t)copied.st_size : 0, 1);
     }
     mr_module* m = open_library(so, name, err);
+    if (m && mr_cl_attach_tvm(m->dl, name, err) < 0) { /* TVM's OpenCL target: its kernels launched here */
+        cl_failed(err);
+        obj_release((mr_obj*)m);
+        m = NULL;
+    }
     if (m) rc = module_reply(m, err);
     if (rc) { /* a failed load keeps no copy (a library that was opened stays mapped: removing its file is safe) */
         uint64_t bytes, entries;
@@ -825,6 +906,7 @@ static int add_function(const char* name, int builtin, WBPackedFunc fn, mr_error
     f->kind = OBJ_FUNCTION;
     f->builtin = builtin;
     f->fn = fn;
+    f->cl = NULL;
     memcpy((char*)(f + 1), name, n + 1);
     f->name = (const char*)(f + 1);
     uint64_t id = table_add((mr_obj*)f);
@@ -861,6 +943,15 @@ static int do_module_function(const mp_node* args, mr_error* err) {
     if (!m) return -1;
     const char* name = get_name(&args->v.items[1], "kernel", err);
     if (!name) return -1;
+    if (m->cl) { /* a kernel of a .cl module */
+        mr_cl_kernel* k = mr_cl_get_kernel(m->cl, name, err);
+        if (!k) return cl_failed(err);
+        if (add_function(name, FN_CL, NULL, err)) return -1;
+        mr_function* f = (mr_function*)table_get(S.next_id);
+        f->cl = k;
+        mr_cl_module_retain(m->cl);
+        return 0;
+    }
     size_t n = strlen(name);
     char* sym = (char*)mp_alloc(&S.arena, n + sizeof(KERNEL_PREFIX));
     if (!sym) return mr_fail(err, MR_REMOTE, "out of memory");
@@ -972,13 +1063,7 @@ static WBAny* pack_args(const mr_arg* args, uint32_t n, mr_error* err) {
 /* A kernel that crashed (the guard in kernel_runtime.c caught it): KERNEL_CRASHED, the session goes
    on; the MR_CRASH_LIMIT-th crash within MR_CRASH_WINDOW_NS ends it (no crash loop). */
 static int kernel_crashed(const mr_function* f, const char* what, mr_error* err) {
-    int64_t now = mr_now_ns();
-    int recent = 1;
-    for (int i = 0; i < MR_CRASH_LIMIT - 1; ++i)
-        if (S.crash_ns[i] && now - S.crash_ns[i] < MR_CRASH_WINDOW_NS) recent++;
-    for (int i = MR_CRASH_LIMIT - 2; i > 0; --i) S.crash_ns[i] = S.crash_ns[i - 1];
-    S.crash_ns[0] = now;
-    if (recent >= MR_CRASH_LIMIT) {
+    if (count_crash()) {
         S.end_session = 1;
         return mr_fail(err, MR_WORKER_DIED,
                        "%s: %s. That is the %drd crash within %lld s, so the server ended the session (its tensors "
@@ -1039,6 +1124,35 @@ static int run_builtin(const mr_function* f, const mr_arg* args, uint32_t nargs,
     return 0;
 }
 
+/* The values of a .cl kernel's call (opencl_module.c). */
+static mr_cl_value* cl_values(const mr_arg* args, uint32_t n, mr_error* err) {
+    mr_cl_value* out = (mr_cl_value*)mp_alloc(&S.arena, (n ? n : 1) * sizeof(mr_cl_value));
+    if (!out) {
+        mr_fail(err, MR_REMOTE, "out of memory");
+        return NULL;
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        out[i].node = args[i].node;
+        out[i].is_tensor = args[i].tensor != NULL;
+        out[i].device_type = args[i].tensor ? args[i].tensor->dl.device.device_type : 0;
+        out[i].device_id = args[i].tensor ? args[i].tensor->dl.device.device_id : 0;
+        out[i].data = args[i].tensor ? args[i].tensor->dl.data : NULL;
+    }
+    return out;
+}
+
+/* A kernel call that may have enqueued OpenCL work ended (rc: its result): wait for that work, so that an error or
+   a crash belongs to the call that caused it. The call's own error (already in err) comes first, unless the wait
+   found a crash. Returns rc, or -1. */
+static int cl_settle_call(int rc, mr_error* err) {
+    if (!mr_cl_opened()) return rc;
+    static mr_error waited; /* 4 KiB: kept out of the stack */
+    waited.code = 0;
+    if (mr_cl_finish(-1, &waited) == 0) return rc;
+    if (rc == 0 || waited.code == MR_KERNEL_CRASHED || waited.code == MR_CANCELLED) *err = waited;
+    return cl_failed(err);
+}
+
 static int do_call(const mp_node* args, mr_error* err) {
     if (args->len != 2 || args->v.items[1].type != MP_ARRAY) {
         char shown[256];
@@ -1051,7 +1165,7 @@ static int do_call(const mp_node* args, mr_error* err) {
     mr_arg* call = resolve_args(list, err);
     if (!call) return -1;
     mp_buf* b = &S.c->out;
-    if (f->builtin != FN_KERNEL) {
+    if (f->builtin != FN_KERNEL && f->builtin != FN_CL) {
         if (check_binds(f, list->len, "_sleep", err)) return -1;
         if (run_builtin(f, call, list->len, err)) return -1;
         if (f->builtin == FN_ECHO) {
@@ -1067,11 +1181,20 @@ static int do_call(const mp_node* args, mr_error* err) {
         }
         return 0;
     }
+    if (f->builtin == FN_CL) { /* enqueued behind the gate, then run in the guarded wait */
+        mr_cl_value* values = cl_values(call, list->len, err);
+        if (!values) return -1;
+        if (mr_cl_call(f->cl, values, list->len, err)) return cl_settle_call(cl_failed(err), err);
+        if (cl_settle_call(0, err)) return -1;
+        mp_put_nil(b);
+        return 0;
+    }
     WBAny* packed = pack_args(call, list->len, err);
     if (!packed) return -1;
     WBAny ret;
     memset(&ret, 0, sizeof(ret));
-    if (wb_guarded_call((void*)f->fn, packed, (int32_t)list->len, &ret) != 0) return kernel_failed(f, err);
+    if (wb_guarded_call((void*)f->fn, packed, (int32_t)list->len, &ret) != 0) return cl_settle_call(kernel_failed(f, err), err);
+    if (cl_settle_call(0, err)) return -1;
     switch (ret.type_index) {
     case TYPE_INT: mp_put_int(b, ret.v_int64); break;
     case TYPE_BOOL: mp_put_bool(b, ret.v_int64 != 0); break;
@@ -1097,6 +1220,7 @@ static int check_device(const mp_node* type, const mp_node* id, mr_error* err) {
         return mr_fail(err, MR_BAD_REQUEST, "a device is [device_type, device_id], two ints (e.g. [1, 0]), not %s", both);
     }
     if (type->v.i == 1 && id->v.i == 0) return 0;
+    if (type->v.i == MR_CL_DEVICE_TYPE && id->v.i >= 0 && id->v.i < mr_cl_count()) return 0;
     static const char* names[17] = {NULL, "cpu", "cuda", "cuda_host", "cl", NULL, NULL, "vulkan", "metal", "vpi",
                                     "rocm", NULL, "ext_dev", NULL, NULL, "webgpu", "hexagon"};
     int64_t t = type->v.i;
@@ -1104,9 +1228,11 @@ static int check_device(const mp_node* type, const mp_node* id, mr_error* err) {
     char what[64];
     if (name) snprintf(what, sizeof(what), "%s(%lld)", name, (long long)id->v.i);
     else snprintf(what, sizeof(what), "device_type_%lld(%lld)", (long long)t, (long long)id->v.i);
-    char unknown[64] = "";
+    char unknown[64] = "", have[512] = "cpu(0)";
     if (!name) snprintf(unknown, sizeof(unknown), " (unknown device type %lld)", (long long)t);
-    return mr_fail(err, MR_NO_DEVICE, "this server has no %s; it has: cpu(0)%s", what, unknown);
+    for (int i = 0, used = 6; i < mr_cl_count() && used < (int)sizeof(have); ++i)
+        used += snprintf(have + used, sizeof(have) - (size_t)used, ", cl(%d)", i);
+    return mr_fail(err, MR_NO_DEVICE, "this server has no %s; it has: %s%s", what, have, unknown);
 }
 
 /* Tensor data travels little-endian (protocol.md section 6), as TVM's RPC has it: a big-endian device swaps each
@@ -1125,6 +1251,23 @@ static void to_wire_order(mr_tensor* t) {
 #else
     (void)t;
 #endif
+}
+
+/* The request's bulk part (its size checked) into the tensor: a CPU tensor's memory, or an OpenCL buffer mapped for
+   writing (one copy, no staging). 0, or -1 (err set, or the connection lost). */
+static int fill_tensor(mr_tensor* t, mr_error* err) {
+    if (t->dl.device.device_type != MR_CL_DEVICE_TYPE) {
+        if (bulk_into(t->dl.data, t->nbytes)) return -1;
+        to_wire_order(t);
+        return 0;
+    }
+    if (mr_cl_ready(err) || mr_cl_settle(err)) return cl_failed(err);
+    if (!t->nbytes) return 0;
+    void* ptr = mr_cl_map(t->dl.device.device_id, t->dl.data, t->nbytes, 1, err);
+    if (!ptr) return cl_failed(err);
+    int rc = bulk_into(ptr, t->nbytes);
+    mr_cl_unmap(t->dl.device.device_id, t->dl.data, ptr);
+    return rc;
 }
 
 static int do_tensor_alloc(const mp_node* args, mr_error* err) {
@@ -1216,19 +1359,27 @@ static int do_tensor_alloc(const mp_node* args, mr_error* err) {
     if (!t) return mr_fail(err, MR_REMOTE, "out of memory");
     t->kind = OBJ_TENSOR;
     t->nbytes = nbytes;
-    t->maplen = nbytes ? (size_t)nbytes : 1;
-    t->dl.data = mmap(NULL, t->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (t->dl.data == MAP_FAILED) {
+    int32_t device_type = (int32_t)args->v.items[2].v.i, device_id = (int32_t)args->v.items[3].v.i;
+    if (device_type == MR_CL_DEVICE_TYPE) { /* one cl_mem, the DLTensor's data (docs/protocol.md section 14) */
+        if (mr_cl_alloc(device_id, nbytes, S.bulk_left == 0, &t->dl.data, err)) {
+            free(t);
+            return cl_failed(err);
+        }
+    } else {
+        t->maplen = nbytes ? (size_t)nbytes : 1;
+        t->dl.data = mmap(NULL, t->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
+    if (device_type != MR_CL_DEVICE_TYPE && t->dl.data == MAP_FAILED) {
         int e = errno;
         free(t);
         return mr_fail(err, MR_REMOTE, "cannot allocate a %s tensor of %llu bytes on this device (%s); free tensors "
                                        "or use a smaller one", dname, (unsigned long long)nbytes, strerror(e));
     }
 #ifdef MADV_HUGEPAGE
-    if (nbytes >= HUGE_PAGE) madvise(t->dl.data, t->maplen, MADV_HUGEPAGE); /* fewer page faults on first write */
+    if (t->maplen && nbytes >= HUGE_PAGE) madvise(t->dl.data, t->maplen, MADV_HUGEPAGE); /* fewer page faults */
 #endif
-    t->dl.device.device_type = 1;
-    t->dl.device.device_id = 0;
+    t->dl.device.device_type = device_type;
+    t->dl.device.device_id = device_id;
     t->dl.ndim = (int32_t)shape->len;
     t->dl.dtype.code = (uint8_t)code;
     t->dl.dtype.bits = (uint8_t)bits;
@@ -1246,11 +1397,10 @@ static int do_tensor_alloc(const mp_node* args, mr_error* err) {
             return mr_fail(err, MR_BAD_REQUEST, "expected %llu bytes of data, the request carries %llu",
                            (unsigned long long)nbytes, (unsigned long long)S.bulk_left);
         }
-        if (bulk_into(t->dl.data, nbytes)) {
+        if (fill_tensor(t, err)) {
             tensor_release(t);
             return -1;
         }
-        to_wire_order(t);
     }
     uint64_t id = table_add((mr_obj*)t);
     if (!id) {
@@ -1271,8 +1421,7 @@ static int do_tensor_write(const mp_node* args, mr_error* err) {
     if (S.bulk_left != t->nbytes)
         return mr_fail(err, MR_BAD_REQUEST, "expected %llu bytes of data, the request carries %llu",
                        (unsigned long long)t->nbytes, (unsigned long long)S.bulk_left);
-    if (bulk_into(t->dl.data, t->nbytes)) return -1;
-    to_wire_order(t);
+    if (fill_tensor(t, err)) return -1;
     mp_put_nil(&S.c->out);
     return 0;
 }
@@ -1281,6 +1430,18 @@ static int do_tensor_read(const mp_node* args, mr_error* err) {
     if (arity(args, 1, "TENSOR_READ", err)) return -1;
     mr_tensor* t = (mr_tensor*)get_obj(&args->v.items[0], OBJ_TENSOR, err);
     if (!t) return -1;
+    if (t->dl.device.device_type == MR_CL_DEVICE_TYPE) { /* sent from a mapping, unmapped once it is sent */
+        void* ptr = NULL;
+        if (mr_cl_ready(err) || mr_cl_settle(err)) return cl_failed(err);
+        if (t->nbytes && !(ptr = mr_cl_map(t->dl.device.device_id, t->dl.data, t->nbytes, 0, err))) return cl_failed(err);
+        mp_put_uint(&S.c->out, t->nbytes);
+        S.reply_bulk = ptr;
+        S.reply_bulk_len = t->nbytes;
+        S.cl_mapped_device = t->dl.device.device_id;
+        S.cl_mapped_mem = t->dl.data;
+        S.cl_mapped_ptr = ptr;
+        return 0;
+    }
     mp_put_uint(&S.c->out, t->nbytes);
     S.reply_bulk = t->dl.data;
     S.reply_bulk_len = t->nbytes;
@@ -1401,10 +1562,52 @@ static int check_time_options(const mp_node* opts, time_option* o, const char** 
 }
 
 /* ns that `number` calls of f take; -1 with err when one fails. */
+/* One call of f (a kernel of a library or of a .cl module, or a registered function), nothing waited for. */
+static int run_once(const mr_function* f, const mr_arg* args, uint32_t nargs, const WBAny* packed,
+                    const mr_cl_value* values, mr_error* err) {
+    if (f->builtin == FN_CL) return mr_cl_call(f->cl, values, nargs, err) ? cl_failed(err) : 0;
+    if (f->builtin != FN_KERNEL) return run_builtin(f, args, nargs, err);
+    WBAny ret;
+    if (wb_guarded_call((void*)f->fn, packed, (int32_t)nargs, &ret) != 0) return kernel_failed(f, err);
+    return 0;
+}
+
+/* `number` calls on an OpenCL device, timed as TVM's OpenCL timer: the sum of the launches' END - START. */
+static int timed_run_cl(const mr_function* f, const mr_arg* args, uint32_t nargs, const WBAny* packed,
+                        const mr_cl_value* values, int device_id, int64_t number, int64_t flush_bytes, double* seconds,
+                        mr_error* err) {
+    if (mr_cl_ready(err) || mr_cl_check_device(device_id, err)) return cl_failed(err);
+    if (flush_bytes > 0 && wb_flush_cache(flush_bytes) != 0)
+        return mr_fail(err, MR_REMOTE, "cannot allocate the %lld-byte buffer for cache_flush_bytes on this device",
+                       (long long)flush_bytes);
+    mr_cl_timer_begin();
+    int rc = 0;
+    for (int64_t i = 0; i < number && rc == 0; ++i) rc = run_once(f, args, nargs, packed, values, err);
+    rc = cl_settle_call(rc, err);
+    static mr_error timer_err;
+    int64_t ns = 0;
+    if (mr_cl_timer_end(&ns, &timer_err) && rc == 0) {
+        *err = timer_err;
+        rc = -1;
+    }
+    *seconds = (double)ns / 1e9;
+    return rc;
+}
+
 static int timed_run(const mr_function* f, const mr_arg* args, uint32_t nargs, const WBAny* packed, int64_t number,
                      int64_t flush_bytes, double* seconds, mr_error* err) {
     int64_t elapsed = 0;
-    if (f->builtin == FN_KERNEL) {
+    if (f->builtin == FN_CL) {
+        const mr_cl_value* values = (const mr_cl_value*)packed;
+        if (flush_bytes > 0 && wb_flush_cache(flush_bytes) != 0)
+            return mr_fail(err, MR_REMOTE, "cannot allocate the %lld-byte buffer for cache_flush_bytes on this device",
+                           (long long)flush_bytes);
+        int64_t start = mr_now_ns();
+        int rc = 0;
+        for (int64_t i = 0; i < number && rc == 0; ++i) rc = run_once(f, args, nargs, NULL, values, err);
+        if (cl_settle_call(rc, err)) return -1;
+        elapsed = mr_now_ns() - start;
+    } else if (f->builtin == FN_KERNEL) {
         int rc = flush_bytes > 0
                      ? wb_time_calls_flushed((void*)f->fn, packed, (int32_t)nargs, number, flush_bytes, &elapsed)
                      : wb_time_calls((void*)f->fn, packed, (int32_t)nargs, number, &elapsed);
@@ -1449,7 +1652,7 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
     mr_arg* values = resolve_args(list, err);
     if (!values) return -1;
     uint32_t nargs = list->len;
-    mr_function preproc = {OBJ_FUNCTION, FN_NOP, NULL, preproc_name};
+    mr_function preproc = {OBJ_FUNCTION, FN_NOP, NULL, preproc_name, NULL};
     int has_preproc = 0;
     if (preproc_name) {
         int builtin = find_registered(preproc_name, err);
@@ -1461,9 +1664,13 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
         has_preproc = 1;
     }
     WBAny* packed = NULL;
+    mr_cl_value* cl = NULL;
     if (f->builtin == FN_KERNEL) {
         packed = pack_args(values, nargs, err);
         if (!packed) return -1;
+    } else if (f->builtin == FN_CL) {
+        cl = cl_values(values, nargs, err);
+        if (!cl) return -1;
     } else if (check_binds(f, nargs, "_sleep", err)) {
         return -1;
     }
@@ -1472,8 +1679,13 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
     int64_t limit_zero = (int64_t)o[3].value, repeats_to_cooldown = (int64_t)o[5].value;
     int64_t flush_bytes = (int64_t)o[6].value;
     double seconds = 0.0;
+    /* an OpenCL device times on its queue's profiling events (as TVM's OpenCL timer); the CPU by the clock */
+    int cl_device = where->v.items[0].v.i == MR_CL_DEVICE_TYPE ? (int)where->v.items[1].v.i : -1;
+#define TIMED_RUN(n, flush)                                                                                      \
+    (cl_device >= 0 ? timed_run_cl(f, values, nargs, packed, cl, cl_device, (n), (flush), &seconds, err)         \
+                    : timed_run(f, values, nargs, cl ? (const WBAny*)(const void*)cl : packed, (n), (flush), &seconds, err))
     /* one warm-up call (page faults, lazy binding, caches), without the cache flush */
-    if (timed_run(f, values, nargs, packed, 1, 0, &seconds, err)) return -1;
+    if (TIMED_RUN(1, 0)) return -1;
     mp_buf* b = &S.c->out;
     /* the calls each repeat made (min_repeat_ms may grow number): sent after the timings, as one array */
     int64_t* counts = (int64_t*)mp_alloc(&S.arena, (size_t)repeat * sizeof(int64_t));
@@ -1489,7 +1701,7 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
                 if (grown < (double)number * 1.618) grown = (double)number * 1.618;
                 number = grown >= (double)MAX_NUMBER ? MAX_NUMBER : (int64_t)grown;
             }
-            if (timed_run(f, values, nargs, packed, number, flush_bytes, &seconds, err)) return -1;
+            if (TIMED_RUN(number, flush_bytes)) return -1;
             if (seconds == 0) zero_times++;
             duration_ms = seconds * 1e3;
             if (duration_ms >= min_repeat_ms || zero_times >= limit_zero || number >= MAX_NUMBER) break;
@@ -1507,6 +1719,7 @@ static int do_time_eval(const mp_node* args, mr_error* err) {
             }
         }
     }
+#undef TIMED_RUN
     mp_put_array(b, (uint32_t)repeat);
     for (int64_t i = 0; i < repeat; ++i) mp_put_int(b, counts[i]);
     if (b->failed) return mr_fail(err, MR_REMOTE, "out of memory for %lld results", (long long)repeat);
@@ -1546,6 +1759,8 @@ static int send_reply(void) {
 }
 
 static void reply_done(void) {
+    if (S.cl_mapped_ptr) mr_cl_unmap(S.cl_mapped_device, S.cl_mapped_mem, S.cl_mapped_ptr); /* its reply is sent */
+    S.cl_mapped_ptr = S.cl_mapped_mem = NULL;
     if (S.reply_swapped) to_wire_order(S.reply_swapped); /* back to the device's order */
     S.reply_swapped = NULL;
     if (S.reply_fd >= 0) close(S.reply_fd);
@@ -1649,6 +1864,10 @@ void mr_worker_drop_view(uint64_t id) {
 }
 
 int mr_worker_check_device(int64_t device_type, int64_t device_id, mr_error* err) {
+    if (device_type == MR_CL_DEVICE_TYPE && device_id >= 0 && device_id < mr_cl_count())
+        return mr_fail(err, MR_NO_DEVICE, "minrpc serves its OpenCL devices to workbench's clients only; a session of "
+                                          "TVM's protocol has cpu(0): connect with workbench.rpc.connect for cl(%lld)",
+                       (long long)device_id);
     mp_node type = {MP_INT, 0, 0, {0}}, id = {MP_INT, 0, 0, {0}};
     type.v.i = device_type;
     id.v.i = device_id;

@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "minrpc.h"
+#include "opencl.h"
 
 #define TRACKER_MAGIC 0x2F271
 #define IO_TIMEOUT_S 2.0
@@ -627,7 +628,51 @@ static int update_info(mr_tracker* t) {
     jb_str(&msg, t->custom_addr);
     jb_raw(&msg, ",");
     jb_int(&msg, t->server_port);
-    jb_raw(&msg, "],\"devices\":[[1,0]],\"arch\":");
+    jb_raw(&msg, "],\"devices\":[[1,0]");
+    for (int i = 0; i < mr_cl_count(); ++i) {
+        jb_raw(&msg, ",[4,");
+        jb_int(&msg, i);
+        jb_raw(&msg, "]");
+    }
+    jb_raw(&msg, "]");
+    if (mr_cl_count()) { /* the OpenCL devices' attributes, as in the session info (docs/protocol.md section 14) */
+        jb_raw(&msg, ",\"device_details\":[");
+        for (int i = 0; i < mr_cl_count(); ++i) {
+            const mr_cl_info* d = mr_cl_published(i);
+            jb_raw(&msg, i ? ",{\"device\":[4," : "{\"device\":[4,");
+            jb_int(&msg, i);
+            jb_raw(&msg, "],\"exist\":true,\"device_name\":");
+            jb_str(&msg, d->device_name);
+            jb_raw(&msg, ",\"device_kind\":");
+            jb_str(&msg, d->device_kind);
+            jb_raw(&msg, ",\"vendor\":");
+            jb_str(&msg, d->vendor);
+            jb_raw(&msg, ",\"platform\":");
+            jb_str(&msg, d->platform);
+            jb_raw(&msg, ",\"compute_version\":");
+            jb_str(&msg, d->compute_version);
+            jb_raw(&msg, ",\"driver_version\":");
+            jb_str(&msg, d->driver_version);
+            jb_raw(&msg, ",\"multi_processor_count\":");
+            jb_int(&msg, (long long)d->multi_processor_count);
+            jb_raw(&msg, ",\"max_threads_per_block\":");
+            jb_int(&msg, (long long)d->max_threads_per_block);
+            jb_raw(&msg, ",\"max_thread_dimensions\":[");
+            for (uint32_t k = 0; k < d->dims; ++k) {
+                if (k) jb_raw(&msg, ",");
+                jb_int(&msg, (long long)d->max_thread_dimensions[k]);
+            }
+            jb_raw(&msg, "],\"max_shared_memory_per_block\":");
+            jb_int(&msg, (long long)d->max_shared_memory_per_block);
+            jb_raw(&msg, ",\"total_global_memory\":");
+            jb_int(&msg, (long long)d->total_global_memory);
+            jb_raw(&msg, ",\"max_clock_rate\":");
+            jb_int(&msg, (long long)d->max_clock_rate);
+            jb_raw(&msg, ",\"warp_size\":1}");
+        }
+        jb_raw(&msg, "]");
+    }
+    jb_raw(&msg, ",\"arch\":");
     jb_str(&msg, u.machine);
     jb_raw(&msg, ",\"system\":\"Linux\",\"cpu_count\":");
     jb_int(&msg, cpus > 0 ? cpus : 1);
