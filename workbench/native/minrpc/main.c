@@ -526,6 +526,7 @@ static void start_session(size_t i, const mr_connect* connect, int listen_fd) {
         close_pending(i);
         return;
     }
+    mr_cl_count(); /* the OpenCL devices, collected from the probe before the first session process inherits them */
     pid_t pid = fork();
     if (pid < 0) {
         int e = errno;
@@ -798,7 +799,8 @@ int main(int argc, char** argv) {
     mr_cfg.token = take_env("WORKBENCH_RPC_TOKEN");
     mr_cfg.reg_token = take_env("WORKBENCH_REGISTRATION_TOKEN");
     if (mr_cfg.token || mr_cfg.reg_token) wb_guard_secrets(0); /* no process of this user reads ours */
-    mr_cl_probe(); /* the OpenCL devices, listed by a forked child: this process never starts a platform */
+    mr_cl_probe(); /* the OpenCL devices, listed by a forked child while the server starts (collected when first
+                      needed): this process never starts a platform */
     if (mr_cfg.stdio) {
         /* the protocol goes to a copy of stdout; stdout itself goes to stderr, so a kernel's printf cannot
            corrupt the stream */

@@ -11,6 +11,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -312,8 +313,16 @@ static void describe(cl_pair pair, mr_cl_info* info) {
 static mr_cl_info* published;
 static int n_published;
 
-int mr_cl_count(void) { return n_published; }
+static pid_t probe_pid = -1; /* the probe mr_cl_probe started, until probe_collect reads its list */
+static int probe_fd = -1;
+static void probe_collect(void);
+
+int mr_cl_count(void) {
+    probe_collect();
+    return n_published;
+}
 const mr_cl_info* mr_cl_published(int device_id) {
+    probe_collect();
     return device_id >= 0 && device_id < n_published ? &published[device_id] : NULL;
 }
 
@@ -326,7 +335,7 @@ void mr_cl_probe(void) {
     done = 1;
     if (opencl_disabled()) return;
     int fds[2];
-    if (pipe(fds) != 0) {
+    if (pipe2(fds, O_CLOEXEC) != 0) {
         mr_log_error("cannot list OpenCL devices (pipe: %s): none listed", strerror(errno));
         return;
     }
@@ -360,6 +369,18 @@ void mr_cl_probe(void) {
         _exit(0);
     }
     close(fds[1]);
+    probe_pid = pid;
+    probe_fd = fds[0];
+}
+
+/* The started probe's list (waiting for it at most PROBE_TIMEOUT_NS); a process that forks session processes
+   collects it before the first, which inherits the list. */
+static void probe_collect(void) {
+    if (probe_fd < 0) return;
+    int fds[1] = {probe_fd};
+    pid_t pid = probe_pid;
+    probe_fd = -1;
+    probe_pid = -1;
     size_t cap = sizeof(int32_t) + PROBE_MAX_DEVICES * sizeof(mr_cl_info), got = 0;
     uint8_t* data = (uint8_t*)malloc(cap);
     int64_t deadline = mr_now_ns() + PROBE_TIMEOUT_NS;
@@ -414,6 +435,7 @@ void mr_cl_probe(void) {
 }
 
 void mr_cl_put_details(mp_buf* b) {
+    probe_collect();
     mp_put_array(b, (uint32_t)n_published);
     for (int i = 0; i < n_published; ++i) {
         const mr_cl_info* d = &published[i];

@@ -36,8 +36,9 @@ typedef struct {
     uint64_t max_thread_dimensions[MR_CL_MAX_DIMS];
 } mr_cl_info;
 
-/* List the devices (once): nothing when WORKBENCH_NO_OPENCL is set or there is no loader; else in a forked child
-   that writes them through a pipe (over 30 s, or a failed child: none). Never opens a platform in this process. */
+/* Start listing the devices (once): nothing when WORKBENCH_NO_OPENCL is set or there is no loader; else in a forked
+   child that writes them through a pipe (over 30 s, or a failed child: none), collected by the first mr_cl_count,
+   mr_cl_published or mr_cl_put_details. Never opens a platform in this process. */
 void mr_cl_probe(void);
 int mr_cl_count(void);
 const mr_cl_info* mr_cl_published(int device_id);
