@@ -38,6 +38,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sched.h>
 #include <time.h>
 
 enum {
@@ -98,6 +99,7 @@ typedef struct {
   PyObject *tensor_type; /* DeviceTensor */
   PyObject *sync;       /* device_api.SYNC: non-empty, calls end in Python (which syncs) */
   PyObject *lock;       /* the session's send lock */
+  PyObject *acquire, *release; /* its bound methods */
   PyObject *activity;   /* IdleTimer.activity, or None */
   PyObject *busy;       /* the worker's EndReport page, or None */
   PyObject *outcome;    /* handler.CallOutcome */
@@ -345,6 +347,7 @@ static Py_ssize_t receive(ServerObject *s, unsigned char *buf, Py_ssize_t cap) {
       for (;;) {
         n = recv(s->fd, buf, (size_t)cap, MSG_DONTWAIT);
         if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK) || now_us() >= until) break;
+        sched_yield(); /* a peer on this CPU (the client) runs first */
       }
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) n = recv(s->fd, buf, (size_t)cap, 0);
@@ -385,8 +388,8 @@ failed:
   return -1;
 }
 
-static int call_lock(PyObject *lock, PyObject *name) {
-  PyObject *r = PyObject_CallMethodNoArgs(lock, name);
+static int call_lock(PyObject *method) {
+  PyObject *r = PyObject_CallNoArgs(method);
   if (r == NULL) return -1;
   Py_DECREF(r);
   return 0;
@@ -449,12 +452,12 @@ static int serve_call(ServerObject *s, PyObject *fn, PyObject **args, Py_ssize_t
       uint32_t len = (uint32_t)(o.len - HEADER_SIZE);
       memset(reply, 0, HEADER_SIZE); /* kind OK, flags 0, no bulk part */
       for (int i = 0; i < 4; i++) reply[i] = (unsigned char)(len >> (8 * i));
-      if (call_lock(s->lock, str_acquire) < 0) return -1;
+      if (call_lock(s->acquire) < 0) return -1;
       int rc = send_all(s->fd, reply, o.len);
       if (rc < 0) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        int released = call_lock(s->lock, str_release);
+        int released = call_lock(s->release);
         if (released < 0) {
           Py_XDECREF(type);
           Py_XDECREF(value);
@@ -464,7 +467,7 @@ static int serve_call(ServerObject *s, PyObject *fn, PyObject **args, Py_ssize_t
         PyErr_Restore(type, value, tb);
         return -1;
       }
-      if (call_lock(s->lock, str_release) < 0) return -1;
+      if (call_lock(s->release) < 0) return -1;
       s->served++;
       return 1;
     }
@@ -616,6 +619,12 @@ static int server_init(ServerObject *s, PyObject *args, PyObject *kwargs) {
   s->objects = Py_NewRef(objects);
   s->tensor_type = Py_NewRef(tensor_type);
   s->sync = Py_NewRef(sync);
+  s->acquire = PyObject_GetAttr(lock, str_acquire);
+  s->release = s->acquire ? PyObject_GetAttr(lock, str_release) : NULL;
+  if (s->release == NULL) {
+    Py_CLEAR(s->acquire);
+    return -1;
+  }
   s->lock = Py_NewRef(lock);
   s->activity = Py_NewRef(activity);
   s->busy = Py_NewRef(busy);
@@ -629,6 +638,8 @@ static int server_traverse(ServerObject *s, visitproc visit, void *arg) {
   Py_VISIT(s->tensor_type);
   Py_VISIT(s->sync);
   Py_VISIT(s->lock);
+  Py_VISIT(s->acquire);
+  Py_VISIT(s->release);
   Py_VISIT(s->activity);
   Py_VISIT(s->busy);
   Py_VISIT(s->outcome);
@@ -641,6 +652,8 @@ static int server_clear(ServerObject *s) {
   Py_CLEAR(s->tensor_type);
   Py_CLEAR(s->sync);
   Py_CLEAR(s->lock);
+  Py_CLEAR(s->acquire);
+  Py_CLEAR(s->release);
   Py_CLEAR(s->activity);
   Py_CLEAR(s->busy);
   Py_CLEAR(s->outcome);

@@ -67,7 +67,10 @@ except ImportError:  # not built (a tree copied without pip install)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPIN_US = 0
+# After each reply the worker polls for the next request this long before it sleeps (then it takes no CPU):
+# a client calling in a loop from another CPU is served without the wake-up of a sleeping worker (tens of µs
+# on a VM), and on the client's own CPU the poll yields to it. benchmarks/run.py, "empty call round trip".
+DEFAULT_SPIN_US = 50
 
 _OK = int(Kind.OK)
 _CANCEL = int(Kind.CANCEL)
