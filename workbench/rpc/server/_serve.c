@@ -30,6 +30,7 @@
  *
  * A socket with a timeout (non-blocking underneath) is not served here: worker.fast_server says so.
  */
+#define _GNU_SOURCE /* sched_getcpu */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -51,7 +52,7 @@ enum {
   REPLY_BYTES = 64 << 10,     /* a reply larger than this is sent by the Python path */
 };
 
-static PyObject *str_buf, *str_start, *str_end, *str_recv_frame, *str_acquire, *str_release; /* interned */
+static PyObject *str_buf, *str_start, *str_end, *str_recv_frame, *str_acquire, *str_release, *str_locked; /* interned */
 
 static uint64_t get_le(const unsigned char *p, int bytes) {
   uint64_t v = 0;
@@ -99,11 +100,12 @@ typedef struct {
   PyObject *tensor_type; /* DeviceTensor */
   PyObject *sync;       /* device_api.SYNC: non-empty, calls end in Python (which syncs) */
   PyObject *lock;       /* the session's send lock */
-  PyObject *acquire, *release; /* its bound methods */
+  PyObject *acquire, *release, *locked; /* its bound methods */
   PyObject *activity;   /* IdleTimer.activity, or None */
   PyObject *busy;       /* the worker's EndReport page, or None */
   PyObject *outcome;    /* handler.CallOutcome */
   unsigned long long served; /* requests served here (for tests and benchmarks) */
+  int spin_cpu, spin_ok, spin_checks; /* whether to poll, as last decided on CPU spin_cpu (spin_worthwhile) */
 } ServerObject;
 
 /* One argument (new reference), or NULL without an exception: not one the fast path passes. */
@@ -329,6 +331,28 @@ static double now_us(void) {
 }
 
 /*
+ * Whether polling for the next request can help: only when the client's packets come from another CPU
+ * than the one this thread runs on (SO_INCOMING_CPU: on loopback, the sender's CPU).  On the client's
+ * own CPU, polling would only take turns with it.  Looked at again when this thread moves to another
+ * CPU, and every 64 waits (the client may move).  Runs without the GIL.
+ */
+static int spin_worthwhile(ServerObject *s) {
+  if (s->spin_us <= 0) return 0;
+  int cpu = sched_getcpu();
+  if (cpu != s->spin_cpu || ++s->spin_checks >= 64) {
+    int incoming = -1;
+    socklen_t size = sizeof incoming;
+#ifdef SO_INCOMING_CPU
+    if (getsockopt(s->fd, SOL_SOCKET, SO_INCOMING_CPU, &incoming, &size) < 0) incoming = -1;
+#endif
+    s->spin_ok = cpu >= 0 && incoming >= 0 && incoming != cpu;
+    s->spin_cpu = cpu;
+    s->spin_checks = 0;
+  }
+  return s->spin_ok;
+}
+
+/*
  * Receive what comes next into buf[0:cap], waiting as long as it takes: first polling for up to
  * spin_us microseconds (a request that follows its reply closely is taken without the wake-up of a
  * sleeping thread), then blocking.  The GIL is released meanwhile.  Returns the bytes received (0: the
@@ -342,7 +366,7 @@ static Py_ssize_t receive(ServerObject *s, unsigned char *buf, Py_ssize_t cap) {
     Py_BEGIN_ALLOW_THREADS
     n = -1;
     errno = EAGAIN;
-    if (s->spin_us > 0) {
+    if (spin_worthwhile(s)) {
       double until = now_us() + (double)s->spin_us;
       for (;;) {
         n = recv(s->fd, buf, (size_t)cap, MSG_DONTWAIT);
@@ -364,12 +388,10 @@ static Py_ssize_t receive(ServerObject *s, unsigned char *buf, Py_ssize_t cap) {
   }
 }
 
-/* Send all of data[:len] (as socket.sendall does); 0, or -1 with an exception set. */
-static int send_all(int fd, const unsigned char *data, size_t len) {
-  ssize_t n = send(fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL); /* a small reply fits the socket's buffer */
-  int err = n < 0 ? errno : 0;
-  size_t sent = n > 0 ? (size_t)n : 0;
-  if (n < 0 && err != EAGAIN && err != EWOULDBLOCK && err != EINTR) goto failed;
+/* Send data[sent:len] (as socket.sendall does), waiting without the GIL; 0, or -1 with an exception set. */
+static int send_rest(int fd, const unsigned char *data, size_t len, size_t sent) {
+  ssize_t n;
+  int err;
   while (sent < len) {
     Py_BEGIN_ALLOW_THREADS
     n = send(fd, data + sent, len - sent, MSG_NOSIGNAL);
@@ -424,6 +446,45 @@ static Py_ssize_t get_size(PyObject *chan, PyObject *name) {
   return v;
 }
 
+/*
+ * Send the reply data[:len] under the session's send lock: no other thread's frame (the watchdog's
+ * notice) can come between its bytes.  The lock is taken only when it has to be: while this thread
+ * holds the GIL, no other thread can take the lock or send, so a free lock and a reply that goes out
+ * whole in one send without waiting (a small reply: the socket's buffer takes it) need nothing more.
+ * A reply that does not, is finished with the lock held (taken at once: it was free, and the GIL was
+ * never let go meanwhile).  0, or -1 with an exception set.
+ */
+static int send_reply(ServerObject *s, const unsigned char *data, size_t len) {
+  PyObject *locked = PyObject_CallNoArgs(s->locked);
+  if (locked == NULL) return -1;
+  int free_now = locked == Py_False;
+  Py_DECREF(locked);
+  size_t sent = 0;
+  if (free_now) {
+    ssize_t n = send(s->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      PyErr_SetFromErrno(PyExc_OSError);
+      return -1;
+    }
+    if (n > 0) sent = (size_t)n;
+    if (sent == len) return 0;
+  }
+  if (call_lock(s->acquire) < 0) return -1;
+  if (send_rest(s->fd, data, len, sent) < 0) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (call_lock(s->release) < 0) {
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      return -1;
+    }
+    PyErr_Restore(type, value, tb);
+    return -1;
+  }
+  return call_lock(s->release);
+}
+
 /* Serve one decoded call: 1 when its reply went out, 0 when Python finishes it (*frame set: the
  * frame for serve_requests), -1 with an exception set. */
 static int serve_call(ServerObject *s, PyObject *fn, PyObject **args, Py_ssize_t nargs, PyObject **frame) {
@@ -452,22 +513,7 @@ static int serve_call(ServerObject *s, PyObject *fn, PyObject **args, Py_ssize_t
       uint32_t len = (uint32_t)(o.len - HEADER_SIZE);
       memset(reply, 0, HEADER_SIZE); /* kind OK, flags 0, no bulk part */
       for (int i = 0; i < 4; i++) reply[i] = (unsigned char)(len >> (8 * i));
-      if (call_lock(s->acquire) < 0) return -1;
-      int rc = send_all(s->fd, reply, o.len);
-      if (rc < 0) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        int released = call_lock(s->release);
-        if (released < 0) {
-          Py_XDECREF(type);
-          Py_XDECREF(value);
-          Py_XDECREF(tb);
-          return -1;
-        }
-        PyErr_Restore(type, value, tb);
-        return -1;
-      }
-      if (call_lock(s->release) < 0) return -1;
+      if (send_reply(s, reply, o.len) < 0) return -1;
       s->served++;
       return 1;
     }
@@ -615,14 +661,18 @@ static int server_init(ServerObject *s, PyObject *args, PyObject *kwargs) {
   }
   s->fd = fd;
   s->spin_us = spin_us > 0 ? spin_us : 0;
+  s->spin_cpu = -1;
   s->chan = Py_NewRef(chan);
   s->objects = Py_NewRef(objects);
   s->tensor_type = Py_NewRef(tensor_type);
   s->sync = Py_NewRef(sync);
   s->acquire = PyObject_GetAttr(lock, str_acquire);
   s->release = s->acquire ? PyObject_GetAttr(lock, str_release) : NULL;
-  if (s->release == NULL) {
+  s->locked = s->release ? PyObject_GetAttr(lock, str_locked) : NULL;
+  if (s->locked == NULL) {
     Py_CLEAR(s->acquire);
+    Py_CLEAR(s->release);
+  Py_CLEAR(s->locked);
     return -1;
   }
   s->lock = Py_NewRef(lock);
@@ -640,6 +690,7 @@ static int server_traverse(ServerObject *s, visitproc visit, void *arg) {
   Py_VISIT(s->lock);
   Py_VISIT(s->acquire);
   Py_VISIT(s->release);
+  Py_VISIT(s->locked);
   Py_VISIT(s->activity);
   Py_VISIT(s->busy);
   Py_VISIT(s->outcome);
@@ -654,6 +705,7 @@ static int server_clear(ServerObject *s) {
   Py_CLEAR(s->lock);
   Py_CLEAR(s->acquire);
   Py_CLEAR(s->release);
+  Py_CLEAR(s->locked);
   Py_CLEAR(s->activity);
   Py_CLEAR(s->busy);
   Py_CLEAR(s->outcome);
@@ -716,7 +768,7 @@ PyMODINIT_FUNC PyInit__serve(void) {
     PyObject **name;
     const char *text;
   } names[] = {{&str_buf, "_buf"}, {&str_start, "_start"}, {&str_end, "_end"}, {&str_recv_frame, "recv_frame"},
-               {&str_acquire, "acquire"}, {&str_release, "release"}};
+               {&str_acquire, "acquire"}, {&str_release, "release"}, {&str_locked, "locked"}};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
     if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) return NULL;
   if (PyType_Ready(&ServerType) < 0) return NULL;
