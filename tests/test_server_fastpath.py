@@ -25,7 +25,7 @@ from workbench.errors import KernelCrashedError, SessionCrashedError
 from workbench.rpc.server import worker
 from workbench.rpc.server.handler import SessionHandler
 from workbench.rpc.wire.protocol import FLAG_NO_REPLY, HEADER, Ext, Handle, Kind, pack
-from workbench.runtime import registry
+from workbench.runtime import device_api, registry
 
 from .test_protocol import RawPeer
 
@@ -182,6 +182,12 @@ def _serve_in_thread(script: list[bytes], fast: bool, monkeypatch, split: bool) 
     return bytes(received), [activity[0], page[1], [type(e).__name__ for e in failures]], handler.fast
 
 
+@pytest.fixture(autouse=True)
+def no_device_to_sync(monkeypatch):
+    """No device waits to be synced after each call (an OpenCL test earlier in this process may have left one)."""
+    monkeypatch.setattr(device_api, "SYNC", [])
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["frame per write", "split and pipelined"])
 @pytest.mark.parametrize("part", ["plain", "fallbacks", "errors"])
 def test_the_fast_path_replies_byte_for_byte_as_the_python_path(monkeypatch, part, split):
@@ -194,6 +200,19 @@ def test_the_fast_path_replies_byte_for_byte_as_the_python_path(monkeypatch, par
     assert server.served > 0 and not server.calling
     if part == "plain" and not split:  # every call of the script but the four whose replies are over 64 KiB
         assert server.served == len(PLAIN) - 4
+
+
+def test_calls_end_in_python_while_a_device_needs_a_sync_after_each(monkeypatch):
+    """OpenCL's calls only enqueue work: after each call the handler waits for it (device_api.SYNC), in Python."""
+    synced: list[int] = []
+    monkeypatch.setattr(device_api, "SYNC", [lambda: synced.append(1)])
+    script = SETUP + PLAIN[:10]
+    python, python_state, _ = _serve_in_thread(script, False, monkeypatch, False)
+    python_syncs = len(synced)
+    fast, fast_state, server = _serve_in_thread(script, True, monkeypatch, False)
+    assert fast == python and fast_state == python_state
+    assert python_syncs == len(synced) - python_syncs == 10
+    assert server.served == 0
 
 
 @pytest.mark.parametrize("ending", sorted(ENDINGS))

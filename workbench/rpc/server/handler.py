@@ -375,6 +375,7 @@ class SessionHandler:
             raise
         finally:
             outcome.exc = None  # no cycle through the traceback
+
     def _result(self, value: Any) -> Any:
         """A call's result as it travels: a tensor (or a host array, copied to the device) and a function (a
         closure) as handles of this session, also inside lists, tuples and dicts, as TVM returns them."""

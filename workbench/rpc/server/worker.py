@@ -40,9 +40,9 @@ from ...runtime import ffi
 from ...runtime.ffi import NativeLibrary, shim
 from ...runtime.quota import DEFAULT_WORKSPACE_BYTES, DEFAULT_WORKSPACE_FILES, Quotas, format_size
 from ...runtime.workspace import Workspace
-from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
 from ...runtime import device_api
 from ...runtime.storage import DeviceTensor
+from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
 from .handler import Bulk, CallOutcome, Reply, SessionHandler, device_info, error_text
 from .secrets import hide_from_kernels
 from ..tracker.registration import REGISTRATION_TOKEN_ENV
@@ -67,9 +67,12 @@ except ImportError:  # not built (a tree copied without pip install)
 
 log = logging.getLogger(__name__)
 
-# After each reply the worker polls for the next request this long before it sleeps (then it takes no CPU):
-# a client calling in a loop from another CPU is served without the wake-up of a sleeping worker (tens of µs
-# on a VM), and on the client's own CPU the poll yields to it. benchmarks/run.py, "empty call round trip".
+FASTPATH_ENV = "WORKBENCH_SERVER_FASTPATH"  # "0": every request takes the Python path (tests compare the two)
+SPIN_ENV = "WORKBENCH_SERVER_SPIN_US"  # how long a worker polls for the next request before it sleeps (0: never)
+# After each reply the fast path polls for the next request this long, then sleeps (an idle worker takes no
+# CPU): a client calling in a loop from another CPU is served without waking a sleeping worker (tens of µs on
+# a VM). It polls only when the client's packets come from another CPU (on the client's own CPU a poll would
+# take turns with it), yielding to whatever else wants the CPU. benchmarks/run.py, "empty call round trip".
 DEFAULT_SPIN_US = 50
 
 _OK = int(Kind.OK)
@@ -383,10 +386,6 @@ def serve_requests(
                     reply.file[0].close()
 
 
-FASTPATH_ENV = "WORKBENCH_SERVER_FASTPATH"  # "0": every request takes the Python path (tests compare the two)
-SPIN_ENV = "WORKBENCH_SERVER_SPIN_US"  # how long a worker polls for the next request before it sleeps
-
-
 def fast_server(chan: Channel, handler: SessionHandler, lock: threading.Lock, activity: list[int] | None,
                 busy: mmap.mmap | None) -> Any:
     """The C fast path for plain calls on ``chan`` (``_serve.Server``, see ``_serve.c``), or None where it does
@@ -403,8 +402,9 @@ def fast_server(chan: Channel, handler: SessionHandler, lock: threading.Lock, ac
         log.warning("%s=%r is not a whole number of microseconds; using %d", SPIN_ENV, os.environ[SPIN_ENV],
                     DEFAULT_SPIN_US)
         spin_us = DEFAULT_SPIN_US
-    return _fastpath.Server(sock.fileno(), chan, handler._objects, DeviceTensor, device_api.SYNC, lock, activity, busy,
-                         CallOutcome, spin_us)
+    # it reads the handler's objects (handles to functions and tensors) and the device sync list in place
+    return _fastpath.Server(sock.fileno(), chan, handler._objects, DeviceTensor, device_api.SYNC, lock, activity,
+                            busy, CallOutcome, spin_us)
 
 
 def _notify_and_exit(chan: Channel, lock: threading.Lock, message: str, on_expire: Callable[[], None],
