@@ -114,6 +114,11 @@ setup(
             depends=["workbench/native/kernel_runtime.h"],
             extra_compile_args=["-O2", "-pthread"],  # the runtime's thread pool
             extra_link_args=["-pthread"],
-        )
+        ),
+        Extension(  # the session worker's fast path for plain calls (worker.py, serve_requests)
+            "workbench.rpc.server._serve",
+            sources=["workbench/rpc/server/_serve.c"],
+            extra_compile_args=["-O2"],
+        ),
     ],
 )

@@ -387,6 +387,7 @@ typedef struct {
   Py_buffer buf;   /* the channel's receive buffer, exported while open */
   PyObject *chan;  /* the SocketChannel: its busy flag and buffered bytes */
   PyObject *lock;  /* the session's RLock */
+  PyObject *acquire, *release; /* its bound methods (looked up once) */
   PyObject *pending; /* the session's list of handles to free */
   PyObject *unpack;
   PyObject *handle_type;
@@ -409,7 +410,15 @@ static int caller_init(CallerObject *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_ValueError, "Caller: the socket is closed (fd -1)");
     return -1;
   }
-  if (PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE) < 0) return -1;
+  PyObject *acquire = PyObject_GetAttr(lock, str_acquire);
+  PyObject *release = acquire ? PyObject_GetAttr(lock, str_release) : NULL;
+  if (release == NULL || PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE) < 0) {
+    Py_XDECREF(acquire);
+    Py_XDECREF(release);
+    return -1;
+  }
+  Py_XSETREF(self->acquire, acquire);
+  Py_XSETREF(self->release, release);
   self->fd = fd;
   self->chan = Py_NewRef(chan);
   self->lock = Py_NewRef(lock);
@@ -433,6 +442,8 @@ static void caller_dealloc(CallerObject *self) {
   if (self->open) PyBuffer_Release(&self->buf);
   Py_XDECREF(self->chan);
   Py_XDECREF(self->lock);
+  Py_XDECREF(self->acquire);
+  Py_XDECREF(self->release);
   Py_XDECREF(self->pending);
   Py_XDECREF(self->unpack);
   Py_XDECREF(self->handle_type);
@@ -474,11 +485,11 @@ typedef struct {
 } FunctionObject;
 
 
-/* lock.release(), keeping the exception being raised (if any); -1 if the release itself failed. */
-static int release_lock(PyObject *lock) {
+/* release(), the lock's bound method, keeping the exception being raised (if any); -1 if the release itself failed. */
+static int release_lock(PyObject *release) {
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
-  PyObject *r = PyObject_CallMethodNoArgs(lock, str_release);
+  PyObject *r = PyObject_CallNoArgs(release);
   if (r == NULL) {
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -533,7 +544,7 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
   put_header(frame, (uint32_t)(o.len - HEADER_SIZE), 25 /* Kind.CALL */);
 
   Py_INCREF(caller); /* kept while the lock is waited for (the session may drop it meanwhile) */
-  PyObject *got = PyObject_CallMethodNoArgs(caller->lock, str_acquire);
+  PyObject *got = PyObject_CallNoArgs(caller->acquire);
   if (got == NULL) {
     Py_DECREF(caller);
     return NULL; /* interrupted while waiting: nothing was sent */
@@ -542,7 +553,7 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
   int ready = caller->open && PyList_GET_SIZE(caller->pending) == 0 ? buffer_empty(caller->chan) : 0;
   if (ready <= 0) {
     int failed = ready < 0;
-    if (release_lock(caller->lock) < 0) failed = 1;
+    if (release_lock(caller->release) < 0) failed = 1;
     Py_DECREF(caller);
     if (failed) return NULL;
     goto python;
@@ -581,7 +592,7 @@ static PyObject *function_call(FunctionObject *self, PyObject *args, PyObject *k
     Py_XDECREF(got);
     Py_XDECREF(sent);
   }
-  if (release_lock(caller->lock) < 0) Py_CLEAR(result);
+  if (release_lock(caller->release) < 0) Py_CLEAR(result);
   Py_DECREF(caller);
   if (fast_reply && result != NULL && !PyLong_CheckExact(result) && !PyFloat_CheckExact(result) &&
       result != Py_None && !PyUnicode_CheckExact(result) && !PyBool_Check(result) && !PyBytes_CheckExact(result)) {

@@ -96,6 +96,17 @@ class Reply:
         self.file = file
 
 
+class CallOutcome:
+    """A call the worker's fast path (``_serve.c``) made, for ``SessionHandler.handle`` to finish: the function,
+    and its result or the exception it raised. The control part of a CALL frame that ``next_request`` returns
+    when the rest is Python's (an error, a result sent as handles, a device to sync); never from the network."""
+
+    __slots__ = ("fn", "result", "exc")
+
+    def __init__(self, fn: Callable, result: Any, exc: BaseException | None):
+        self.fn, self.result, self.exc = fn, result, exc
+
+
 class SessionHandler:
     """One session's objects and workspace, and the answers to its requests.
 
@@ -147,6 +158,8 @@ class SessionHandler:
                 return op(args, None)  # the common case, kept short
             if op is None:
                 raise BadRequestError(f"unknown request kind {kind}; this server speaks protocol version 1")
+            if type(args) is CallOutcome and kind == Kind.CALL:
+                return self.finish_call(args)
             if not isinstance(args, list):
                 raise BadRequestError(f"request {Kind(kind).name}: arguments must be a list, not {type(args).__name__}")
             return op(args, bulk)
@@ -347,6 +360,24 @@ class SessionHandler:
                 raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
             raise
 
+    def finish_call(self, outcome: CallOutcome) -> Any:
+        """The reply to a call the fast path made (``_serve.c``), as ``call`` makes it from the same outcome."""
+        fn, result = outcome.fn, outcome.result
+        try:
+            if outcome.exc is not None:
+                # raised by the call itself (from C: no frame in its traceback), or inside the function; re-raised
+                # here, the traceback gains this one frame, as ``call``'s own frame heads it on the Python path
+                raise outcome.exc
+            if device_api.SYNC:
+                _sync()
+            return result if type(result) in _PLAIN_RESULTS else self._result(result)
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise BadRequestError(f"{_callable_name(fn)}: {exc}") from None
+            raise
+        finally:
+            outcome.exc = None  # no cycle through the traceback
+
     def _result(self, value: Any) -> Any:
         """A call's result as it travels: a tensor (or a host array, copied to the device) and a function (a
         closure) as handles of this session, also inside lists, tuples and dicts, as TVM returns them."""
@@ -423,6 +454,7 @@ class SessionHandler:
         return None
 
     cancel_pending: Callable[[], bool] | None = None  # set by the serving loop: did the client send CANCEL?
+    fast: Any = None  # set by the serving loop: its C fast path (``_serve.Server``: ``calling``), if it has one
 
     def _cancellable(self, preproc: Callable[[], Any] | None, name: str, counts: list[int],
                      repeat: int) -> Callable[[], Any] | None:

@@ -40,8 +40,10 @@ from ...runtime import ffi
 from ...runtime.ffi import NativeLibrary, shim
 from ...runtime.quota import DEFAULT_WORKSPACE_BYTES, DEFAULT_WORKSPACE_FILES, Quotas, format_size
 from ...runtime.workspace import Workspace
+from ...runtime import device_api
+from ...runtime.storage import DeviceTensor
 from ..wire.exits import ENDED_ON_PURPOSE, EXIT_CLEAN, EXIT_LOST, EXIT_REFUSED, EXIT_TIMED_OUT, death_notice
-from .handler import Bulk, Reply, SessionHandler, device_info, error_text
+from .handler import Bulk, CallOutcome, Reply, SessionHandler, device_info, error_text
 from .secrets import hide_from_kernels
 from ..tracker.registration import REGISTRATION_TOKEN_ENV
 from ..wire.handshake import HANDSHAKE_TIMEOUT_S, TOKEN_ENV, TVM_PROTOCOL, check_connect, hello
@@ -58,7 +60,20 @@ from ..wire.protocol import (
     SocketChannel,
 )
 
+try:  # the worker's fast path for plain calls, in C; without it, every request takes the Python path
+    from . import _serve as _fastpath
+except ImportError:  # not built (a tree copied without pip install)
+    _fastpath = None
+
 log = logging.getLogger(__name__)
+
+FASTPATH_ENV = "WORKBENCH_SERVER_FASTPATH"  # "0": every request takes the Python path (tests compare the two)
+SPIN_ENV = "WORKBENCH_SERVER_SPIN_US"  # how long a worker polls for the next request before it sleeps (0: never)
+# After each reply the fast path polls for the next request this long, then sleeps (an idle worker takes no
+# CPU): a client calling in a loop from another CPU is served without waking a sleeping worker (tens of µs on
+# a VM). It polls only when the client's packets come from another CPU (on the client's own CPU a poll would
+# take turns with it), yielding to whatever else wants the CPU. benchmarks/run.py, "empty call round trip".
+DEFAULT_SPIN_US = 50
 
 _OK = int(Kind.OK)
 _CANCEL = int(Kind.CANCEL)
@@ -153,8 +168,13 @@ class PythonCallWatch:
         self._thread = threading.Thread(target=self._run, name="python-call-watch", daemon=True)
         self._thread.start()
 
+    def _fast_call(self) -> bool:
+        """Whether the fast path (``_serve.c``) runs a function now: it has no ``SessionHandler.call`` frame."""
+        fast = self.handler.fast
+        return fast is not None and fast.calling
+
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._armed and _in_call(frame):
+        if self._armed and (_in_call(frame) or self._fast_call()):
             self._armed = False
             raise CallCancelledError(
                 f"the function was stopped: it ran past the {self.grace:g} s grace period after the client cancelled it")
@@ -162,7 +182,7 @@ class PythonCallWatch:
     def _python_call_running(self) -> bool:
         if ffi._shim is not None and ffi._shim.wb_guard_running():  # a native kernel: CallWatch's
             return False
-        return _in_call(sys._current_frames().get(self._main))
+        return self._fast_call() or _in_call(sys._current_frames().get(self._main))
 
     def _run(self) -> None:
         since = None
@@ -305,6 +325,10 @@ def serve_requests(
     recv_frame, send_frame, handle = chan.recv_frame, chan.send_frame, handler.handle
     crashes = CrashCounter()
     handler.cancel_pending = chan.cancel_pending  # TIME_EVAL polls it between repeats (docs/protocol.md section 12)
+    fast = fast_server(chan, handler, lock, activity, busy)
+    handler.fast = fast
+    if fast is not None:  # it serves plain calls itself, counting activity and busy as below, and returns the rest
+        recv_frame, activity, busy = fast.next_request, None, None
     while True:
         if activity is not None:
             activity[0] += 1
@@ -360,6 +384,27 @@ def serve_requests(
             finally:
                 if type(reply) is Reply and reply.file:
                     reply.file[0].close()
+
+
+def fast_server(chan: Channel, handler: SessionHandler, lock: threading.Lock, activity: list[int] | None,
+                busy: mmap.mmap | None) -> Any:
+    """The C fast path for plain calls on ``chan`` (``_serve.Server``, see ``_serve.c``), or None where it does
+    not apply: switched off (``WORKBENCH_SERVER_FASTPATH=0``), not built, or a connection that is not a plain
+    blocking socket (a pipe, a socket with a timeout: the server's ``timeout=``)."""
+    if _fastpath is None or os.environ.get(FASTPATH_ENV, "1") == "0":
+        return None
+    sock = getattr(chan, "sock", None)
+    if type(chan) is not SocketChannel or type(sock) is not socket.socket or sock.gettimeout() is not None:
+        return None
+    try:
+        spin_us = int(os.environ.get(SPIN_ENV) or DEFAULT_SPIN_US)
+    except ValueError:
+        log.warning("%s=%r is not a whole number of microseconds; using %d", SPIN_ENV, os.environ[SPIN_ENV],
+                    DEFAULT_SPIN_US)
+        spin_us = DEFAULT_SPIN_US
+    # it reads the handler's objects (handles to functions and tensors) and the device sync list in place
+    return _fastpath.Server(sock.fileno(), chan, handler._objects, DeviceTensor, device_api.SYNC, lock, activity,
+                            busy, CallOutcome, spin_us)
 
 
 def _notify_and_exit(chan: Channel, lock: threading.Lock, message: str, on_expire: Callable[[], None],
