@@ -115,7 +115,6 @@ ERRORS = [
 ENDINGS = {
     "trailing bytes": frame(Kind.CALL, pack([Handle(FN, NOP), []]) + b"\xc0"),
     "bad utf-8": frame(Kind.CALL, b"\x92\xd7\x03" + struct.pack("<Q", IDENTITY) + b"\x91\xa2\xff\xfe"),
-    "an int over 64 bits": frame(Kind.GET_FUNCTION, ["tests.fastpath.big"]) + call(T1 + 1),
 }
 
 
@@ -222,6 +221,15 @@ def test_a_request_that_ends_the_session_ends_it_the_same_way(monkeypatch, endin
     fast, fast_state, _ = _serve_in_thread(script, True, monkeypatch, False)
     assert fast == python and fast_state == python_state
     assert b"\x01\x00" in fast[-200:]  # an ERROR frame came last
+
+
+def test_a_result_that_cannot_be_sent_is_an_error_and_the_session_goes_on(monkeypatch):
+    script = SETUP + PLAIN[:3] + [frame(Kind.GET_FUNCTION, ["tests.fastpath.big"]), call(T1 + 1), call(TWO, 5, 3)]
+    python, python_state, _ = _serve_in_thread(script, False, monkeypatch, False)
+    fast, fast_state, _ = _serve_in_thread(script, True, monkeypatch, False)
+    assert fast == python and fast_state == python_state
+    assert b"cannot be sent back (an int over 64 bits)" in fast
+    assert fast.endswith(HEADER.pack(1, Kind.OK, 0, 0) + b"\x02")  # the next call answered: 5 - 3
 
 
 def test_the_fast_path_is_off_for_a_socket_with_a_timeout(monkeypatch):

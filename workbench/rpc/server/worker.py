@@ -379,8 +379,11 @@ def serve_requests(
                     send_frame(_OK, reply.value, reply.bulk, file=reply.file)
                 else:
                     send_frame(_OK, reply)
-            except TypeError as exc:  # the value cannot be encoded; encoding fails before anything is sent
-                send_frame(Kind.ERROR, [int(ErrorCode.BAD_REQUEST), f"the function returned a value that cannot be sent back: {exc}"])
+            except (TypeError, OverflowError, ValueError) as exc:  # cannot be encoded: fails before anything is sent
+                why = "an int over 64 bits" if isinstance(exc, OverflowError) else exc
+                send_frame(Kind.ERROR, [int(ErrorCode.BAD_REQUEST), f"the function returned a value that cannot be "
+                                        f"sent back ({why}); return numbers that fit in 64 bits, strings, bytes, "
+                                        f"tensors or lists of them"])
             finally:
                 if type(reply) is Reply and reply.file:
                     reply.file[0].close()
