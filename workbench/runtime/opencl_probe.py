@@ -43,6 +43,11 @@ def start() -> None:
         _started = fork()
 
 
+def pending_fd() -> int | None:
+    """The pipe of the probe ``start()`` forked, while nobody took it: readable once the probe is done."""
+    return _started[1] if _started is not None else None
+
+
 def take() -> Started | None:
     """The probe ``start()`` forked (its owner is the caller from now on), or None."""
     global _started, _taken

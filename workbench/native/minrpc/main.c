@@ -744,6 +744,7 @@ static int serve_tcp(void) {
                 fds[nfds++] = (struct pollfd){pending[i]->rfd, POLLIN, 0};
             }
         if (tracker && tracker_at - now < wait_ns) wait_ns = tracker_at - now;
+        if (mr_cl_probe_pending() && wait_ns > 20000000LL) wait_ns = 20000000LL; /* look again in 20 ms */
         if (!listening && backoff_until - now < wait_ns) wait_ns = backoff_until - now;
         if (wait_ns < 0) wait_ns = 0;
         int n = poll(fds, (nfds_t)nfds, (int)((wait_ns + 999999) / 1000000));

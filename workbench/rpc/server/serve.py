@@ -93,6 +93,7 @@ from .worker import EndReport, load_libraries, serve_accepted, shutdown, worker_
 log = logging.getLogger("workbench.rpc.server")
 SELF = "self"  # the one tracker slot of a server
 _HANGUP = object()  # selector data of the epoll that watches session connections for hang-ups
+_PROBE = object()  # selector data of the OpenCL probe's pipe (opencl_probe): collected once readable
 _PREAMBLE, _HEADER, _CTRL, _BULK, _WAIT = range(5)  # handshake stages
 _TVM_KEY, _TVM_LENGTH, _TVM_INIT = range(5, 8)  # TVM's handshake: its key, then its INIT_SERVER packet
 TCP_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))  # a vanished peer: ~2 min
@@ -338,6 +339,16 @@ class ServeLoop(ServiceLoop):
                 config.tracker_addr, listener.getsockname()[1], config.custom_addr, info, config.registration_token
             )
             self.registration.offer(SELF, config.key)
+        self._probe_fd = opencl_probe.pending_fd()
+        if self._probe_fd is not None:  # collected when done, even if no session ever comes
+            self._sel.register(self._probe_fd, selectors.EVENT_READ, _PROBE)
+
+    def _devices(self) -> None:
+        """List the devices now, if not yet (the OpenCL probe's list collected: its pipe leaves the loop first)."""
+        if self._probe_fd is not None:
+            self._sel.unregister(self._probe_fd)
+            self._probe_fd = None
+        device_info()
 
     def _matchkey(self) -> str | None:
         return self.registration.slots[SELF].matchkey if self.registration else None
@@ -388,6 +399,8 @@ class ServeLoop(ServiceLoop):
             self._guarded(self._read_handshake, data)
         elif data is _HANGUP:
             self._hangups()
+        elif data is _PROBE:
+            self._devices()
         elif data == "proxy":
             self._sel.unregister(key.fileobj)
             conn = self.proxy_link.take()
@@ -712,7 +725,7 @@ class ServeLoop(ServiceLoop):
             return self._refuse(hs, ERROR_BUSY, (
                 f"server busy: it cannot create a session workspace ({exc.strerror or exc}); try again later"))
         self._workspaces.add(workspace)
-        device_info()  # listed once, before the first worker, which inherits the list (the probe is collected now)
+        self._devices()  # listed once, before the first worker, which inherits the list
         try:
             worker = self._spawn(conn, workspace, opts, self._matchkey())
         except OSError as exc:

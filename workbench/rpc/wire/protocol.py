@@ -217,6 +217,7 @@ class Channel:
         self._start = 0
         self._end = 0
         self._scratch: memoryview | None = None
+        self._copy_buffer: memoryview | None = None  # for files sent by copying (_sendfile)
         # True from the first byte of a request until its reply is consumed (the client clears it): an
         # exception in between (Ctrl-C) leaves the stream out of step
         self.busy = False
@@ -230,19 +231,23 @@ class Channel:
     def _sendall(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
+    COPY_CHUNK = 256 << 10  # a file sent by copying passes through this buffer: small enough to stay in cache
+
     def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
-        """Send ``count`` bytes of ``file`` from its start (calling ``progress(n)`` after each chunk)."""
+        """Send ``count`` bytes of ``file`` from its start (calling ``progress(n)`` after each chunk), copied
+        through one reused buffer."""
+        if self._copy_buffer is None:
+            self._copy_buffer = memoryview(bytearray(self.COPY_CHUNK))
+        chunk = self._copy_buffer
         file.seek(0)
-        chunk = memoryview(bytearray(min(count, 4 << 20) or 1))
-        sent = 0
-        while sent < count:
-            n = file.readinto(chunk[: min(len(chunk), count - sent)])
-            if not n:
-                raise ProtocolError("the file shrank while it was being sent")
-            self._sendall(chunk[:n])
-            sent += n
-            if progress is not None:
-                progress(n)
+        for part in chunk_slices(count, progress):
+            sent = part.start
+            while sent < part.stop:
+                n = file.readinto(chunk[: min(len(chunk), part.stop - sent)])
+                if not n:
+                    raise ProtocolError("the file shrank while it was being sent")
+                self._sendall(chunk[:n])
+                sent += n
 
     def close(self) -> None:
         raise NotImplementedError
@@ -447,6 +452,18 @@ class Channel:
             self._sendfile(file[0], bulk_len, progress)
 
 
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether ``sock``'s peer is this machine (a loopback address, or one of this machine's own)."""
+    try:
+        peer, own = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return False
+    if not isinstance(peer, tuple):  # a Unix socket
+        return True
+    host = peer[0].removeprefix("::ffff:")
+    return host == own[0].removeprefix("::ffff:") or host.startswith("127.") or host == "::1"
+
+
 class SocketChannel(Channel):
     """A channel over a connected TCP socket."""
 
@@ -456,6 +473,7 @@ class SocketChannel(Channel):
         super().__init__()
         self.sock = sock
         self._pipe: tuple[int, int] | None = None
+        self._loopback: bool | None = None  # the peer is on this machine (found at the first file sent)
         self._recv_into = sock.recv_into  # bound directly: one Python frame less per call
         self._sendall = sock.sendall
         self._fileno = sock.fileno  # -1 once closed: exchange() then raises EBADF, as sendall would
@@ -507,6 +525,12 @@ class SocketChannel(Channel):
         return self.recv_frame()
 
     def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
+        if self._loopback is None:
+            self._loopback = _is_loopback(self.sock)
+        if self._loopback:
+            # the peer is on this machine: copying through a small buffer is faster than sendfile, whose
+            # receiver copies from page-cache pages long out of the CPU's caches (about 1.3x on loopback)
+            return super()._sendfile(file, count, progress)
         if progress is None:
             self.sock.sendfile(file, 0, count)  # zero-copy os.sendfile on Linux
             return
