@@ -8,14 +8,14 @@ asked for without data must still read as zeros.
 from __future__ import annotations
 
 import gc
-import mmap
 
 import numpy as np
 import pytest
 
 from workbench import rpc, runtime
+from workbench.errors import BadRequestError
 from workbench.runtime.buffers import Recycler
-from workbench.runtime.storage import SpareMappings
+from workbench.runtime.storage import Memory, SpareMemory
 
 MIB = 1 << 20
 
@@ -96,15 +96,38 @@ def test_the_recycler_reuses_only_what_nothing_references():
     assert sum(len(b) for b in recycler._out) <= 8 * MIB and len(held) == 4
 
 
-def test_spare_mappings_keep_only_memory_nothing_views():
-    spare = SpareMappings(limit=4 * MIB, min_bytes=MIB)
-    viewed = mmap.mmap(-1, 2 * MIB)
-    view = memoryview(viewed)
+def test_spare_memory_keeps_only_memory_nothing_views():
+    spare = SpareMemory(limit=4 * MIB, min_bytes=MIB)
+    viewed = Memory(2 * MIB, file_backed=True)
+    view = memoryview(viewed.map)
     assert not spare.keep(viewed)
     view.release()
     assert spare.keep(viewed) and spare.take(2 * MIB) is viewed
     assert spare.take(2 * MIB) is None
-    assert not spare.keep(mmap.mmap(-1, 4096))  # small: not worth keeping
+    assert not spare.keep(Memory(4096))  # small: not worth keeping
     for _ in range(3):
-        assert spare.keep(mmap.mmap(-1, 2 * MIB))
+        assert spare.keep(Memory(2 * MIB))
     assert spare.bytes <= 4 * MIB
+
+
+def test_a_tensor_made_from_data_is_filled_through_its_file_and_reads_back(remote):
+    dev = remote.cpu(0)
+    data = np.random.default_rng(2).integers(0, 255, 3 * MIB + 5, dtype="uint8")  # not a whole page
+    tensor = runtime.tensor(data, dev)
+    np.testing.assert_array_equal(tensor.numpy(), data)
+    again = data[::-1].copy()
+    tensor.copyfrom(again)
+    np.testing.assert_array_equal(tensor.numpy(), again)
+    with pytest.raises(ValueError):
+        tensor.copyfrom(np.zeros(7, dtype="uint8"))
+    np.testing.assert_array_equal(tensor.numpy(), again)
+
+
+def test_a_write_of_the_wrong_size_into_a_file_backed_tensor_is_refused_and_changes_nothing(remote):
+    data = np.arange(MIB // 2, dtype="float32")  # 2 MiB: file-backed
+    tensor = runtime.tensor(data, remote.cpu(0))
+    for size in (8, 3 * MIB):
+        with pytest.raises(BadRequestError, match=f"expected {2 * MIB} bytes of data, the request carries {size}"):
+            remote._request(27, [tensor._wb_handle], bulk=memoryview(b"\1" * size))  # TENSOR_WRITE
+    np.testing.assert_array_equal(tensor.numpy(), data)
+    assert remote.ping()["tensors"] >= 1  # the session is in step

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -13,44 +14,87 @@ from .ffi import DLDataType, DLDevice, DLTensor
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 PAGE = mmap.PAGESIZE
+# A tensor made from data (TENSOR_ALLOC with a bulk part) of at least FILE_BACKED_BYTES lives in a memfd
+# while this process holds fewer than MAX_FILE_BACKED of them: every transfer into it is spliced from the
+# socket into the file's pages (as a file upload lands), about 1.15x a receive into memory, and its first
+# one does not wait for the kernel to zero fresh pages (a fresh anonymous mapping costs as much again).
+FILE_BACKED_BYTES = 1 << 20
+MAX_FILE_BACKED = 256  # each holds a file descriptor
+_file_backed = 0
 
 
-class SpareMappings:
+class Memory:
+    """A tensor's memory: a page-rounded mapping, over a memfd (``fd``) or anonymous (zero-filled)."""
+
+    __slots__ = ("map", "fd")
+
+    def __init__(self, size: int, file_backed: bool = False):
+        global _file_backed
+        self.fd = None
+        if file_backed and _file_backed < MAX_FILE_BACKED and hasattr(os, "memfd_create"):
+            try:
+                self.fd = os.memfd_create("workbench-tensor", os.MFD_CLOEXEC)
+                os.ftruncate(self.fd, size)
+                self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+                _file_backed += 1
+                return
+            except OSError:  # out of descriptors or memory: an anonymous mapping, or the error it gives
+                if self.fd is not None:
+                    os.close(self.fd)
+                    self.fd = None
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if size >= HUGE_PAGE and hasattr(self.map, "madvise"):
+            self.map.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
+
+    def close(self) -> None:
+        """Unmap (unless something still views it: the GC unmaps it later) and close the memfd."""
+        global _file_backed
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            _file_backed -= 1
+
+
+class SpareMemory:
     """Memory of released tensors kept for the next tensor of the same size whose every byte a transfer
     writes (TENSOR_ALLOC with data), so that transfer does not wait for the kernel to fault in and zero
     fresh pages. Only this session's process reuses them; a tensor that asks for zeros never gets one.
 
-    At most ``limit`` bytes (the oldest go first) and only mappings of at least ``min_bytes``; a mapping
-    something still views (a numpy array of a registered function) is never kept.
+    At most ``limit`` bytes (the oldest go first) and only of at least ``min_bytes``; memory something
+    still views (a numpy array of a registered function) is never kept.
     """
 
     def __init__(self, limit: int = 256 << 20, min_bytes: int = 1 << 20):
         self.limit, self.min_bytes = limit, min_bytes
-        self._kept: list[mmap.mmap] = []  # oldest first
+        self._kept: list[Memory] = []  # oldest first
         self.bytes = 0
 
-    def take(self, size: int) -> mmap.mmap | None:
+    def take(self, size: int) -> Memory | None:
         for i, mem in enumerate(self._kept):
-            if len(mem) == size:
+            if len(mem.map) == size:
                 del self._kept[i]
                 self.bytes -= size
                 return mem
         return None
 
-    def keep(self, mem: mmap.mmap) -> bool:
+    def keep(self, mem: Memory) -> bool:
         """Keep ``mem`` (True), or leave it to the caller (False): too small or too large, or still viewed."""
-        size = len(mem)
-        if not self.min_bytes <= size <= self.limit or sys.getrefcount(mem) > 3:  # the caller's, the argument's
+        size = len(mem.map)
+        if not self.min_bytes <= size <= self.limit or sys.getrefcount(mem.map) > 2:  # the Memory's, the argument's
             return False
         while self.bytes + size > self.limit:
-            self.bytes -= len(self._kept[0])
+            self.bytes -= len(self._kept[0].map)
             self._kept.pop(0).close()
         self._kept.append(mem)
         self.bytes += size
         return True
 
 
-SPARE = SpareMappings()
+SPARE = SpareMemory()
 
 # DLPack dtype codes
 DL_INT, DL_UINT, DL_FLOAT, DL_BFLOAT, DL_COMPLEX, DL_BOOL = 0, 1, 2, 4, 5, 6
@@ -122,18 +166,17 @@ class DeviceTensor:
         transfer), so the memory of a released tensor may serve (``SPARE``); otherwise it is zero-filled."""
         shape, code, bits, lanes = self._describe(shape, dtype, admit)
         size = max(-(-self.nbytes // PAGE) * PAGE, PAGE)
-        mem = SPARE.take(size) if overwritten else None
-        if mem is None:
+        memory = SPARE.take(size) if overwritten else None
+        if memory is None:
             try:
-                mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                memory = Memory(size, file_backed=overwritten and self.nbytes >= FILE_BACKED_BYTES)
             except (OSError, OverflowError, ValueError) as exc:
                 raise RemoteError(
                     f"cannot allocate a {self.dtype} tensor of {self.nbytes} bytes on this device "
                     f"({getattr(exc, 'strerror', None) or exc}); free tensors or use a smaller one"
                 ) from None
-            if self.nbytes >= HUGE_PAGE and hasattr(mem, "madvise"):
-                mem.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written
-        self._mem = mem
+        self._memory = memory
+        self._mem = memory.map
         self._anchor = ctypes.c_char.from_buffer(self._mem)
         self._shape = (ctypes.c_int64 * max(len(shape), 1))(*shape)
         self.dltensor = DLTensor(
@@ -170,7 +213,14 @@ class DeviceTensor:
     # what the requests do with a tensor, whatever its device (an OpenCL tensor: runtime/opencl.py CLTensor)
     def receive(self, bulk: Any) -> None:
         """TENSOR_WRITE (and TENSOR_ALLOC with data): read the request's bulk part into the tensor."""
-        bulk.read_into(memoryview(self._mem)[: self.nbytes])
+        fd = self._memory.fd
+        if fd is None:
+            bulk.read_into(memoryview(self._mem)[: self.nbytes])
+            return
+        if bulk.size != self.nbytes:
+            raise BadRequestError(f"expected {self.nbytes} bytes of data, the request carries {bulk.size}")
+        os.lseek(fd, 0, os.SEEK_SET)
+        bulk.write_to(fd)  # spliced from the socket where it can be
 
     def contents(self) -> memoryview:
         """TENSOR_READ: the tensor's bytes, valid until the session's next request."""
@@ -185,13 +235,9 @@ class DeviceTensor:
     def release(self) -> None:
         if self._mem is not None and not self._mem.closed:
             del self._anchor
-            if SPARE.keep(self._mem):
-                self._mem = None
-                return
-            try:
-                self._mem.close()
-            except BufferError:  # a numpy view still exists; the GC frees it later
-                pass
+            memory, self._memory, self._mem = self._memory, None, None
+            if not SPARE.keep(memory):
+                memory.close()
 
     def __repr__(self) -> str:
         return f"<DeviceTensor shape={self.shape} dtype={self.dtype}>"
