@@ -131,3 +131,16 @@ def test_a_write_of_the_wrong_size_into_a_file_backed_tensor_is_refused_and_chan
             remote._request(27, [tensor._wb_handle], bulk=memoryview(b"\1" * size))  # TENSOR_WRITE
     np.testing.assert_array_equal(tensor.numpy(), data)
     assert remote.ping()["tensors"] >= 1  # the session is in step
+
+
+def test_large_numpy_results_of_a_local_session_and_a_remote_one_are_the_tensor(remote):
+    data = np.random.default_rng(3).random(MIB, dtype="float32")  # 4 MiB: received into a memfd remotely
+    with rpc.LocalSession() as local:
+        for session in (local, remote):
+            tensor = runtime.tensor(data, session.cpu(0))
+            first = tensor.numpy()
+            second = tensor.numpy()
+            assert first is not second and first.flags.writeable
+            first[:] = 0  # the program's own array: the tensor and the other result keep their values
+            np.testing.assert_array_equal(second, data)
+            np.testing.assert_array_equal(tensor.numpy(), data)
