@@ -111,13 +111,15 @@ setup(
             "workbench.runtime._shim",
             sources=["workbench/runtime/_shim.c", "workbench/native/kernel_runtime.c"],
             include_dirs=["workbench/native"],
-            depends=["workbench/native/kernel_runtime.h"],
+            depends=["workbench/native/kernel_runtime.h", "workbench/native/msgpack_out.h"],
             extra_compile_args=["-O2", "-pthread"],  # the runtime's thread pool
             extra_link_args=["-pthread"],
         ),
         Extension(  # the session worker's fast path for plain calls (worker.py, serve_requests)
             "workbench.rpc.server._serve",
             sources=["workbench/rpc/server/_serve.c"],
+            include_dirs=["workbench/native"],
+            depends=["workbench/native/msgpack_out.h"],
             extra_compile_args=["-O2"],
         ),
     ],

@@ -12,6 +12,7 @@ the server imports and binds; ``runtime.opencl.published_devices()`` collects it
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -69,8 +70,8 @@ def fork() -> Started | None:
         status = 1
         try:
             os.close(read_end)
-            from .opencl import probe
-
+            # by name, at run time: runtime.opencl imports this module, which a server imports first of all
+            probe = importlib.import_module(".opencl", __package__).probe
             view = memoryview(json.dumps(probe()).encode())
             while view:
                 view = view[os.write(write_end, view):]

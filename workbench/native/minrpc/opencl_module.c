@@ -27,6 +27,22 @@ int mr_cl_no_device_error(const char* name, mr_error* err) {
 }
 
 /* The runtime, with at least one device: 0, or -1 with err (UNSUPPORTED naming `name` when there is none). */
+/* The low `size` (1, 2, 4 or 8) bytes of `u`, in the device's (this host's) byte order. */
+static void low_bytes(uint8_t* out, uint64_t u, int size) {
+    if (size == 1) {
+        uint8_t t = (uint8_t)u;
+        memcpy(out, &t, 1);
+    } else if (size == 2) {
+        uint16_t t = (uint16_t)u;
+        memcpy(out, &t, 2);
+    } else if (size == 4) {
+        uint32_t t = (uint32_t)u;
+        memcpy(out, &t, 4);
+    } else {
+        memcpy(out, &u, 8);
+    }
+}
+
 static int runtime_with_devices(const char* name, mr_error* err) {
     if (mr_cl_count() == 0) return mr_cl_no_device_error(name, err);
     if (mr_cl_ready(err)) {
@@ -392,19 +408,7 @@ static int set_argument(const mr_cl_kernel* k, void* kernel, uint32_t i, const m
             return mr_fail(err, MR_REMOTE, "%s: %s does not fit a %s (%s..%s)", where, val, a->type_name, lo, hi);
         }
         uint64_t u = n->type == MP_UINT ? n->v.u : (uint64_t)n->v.i;
-        /* the value's low `size` bytes, in the device's (this host's) byte order */
-        if (size == 1) {
-            uint8_t t = (uint8_t)u;
-            memcpy(bytes, &t, 1);
-        } else if (size == 2) {
-            uint16_t t = (uint16_t)u;
-            memcpy(bytes, &t, 2);
-        } else if (size == 4) {
-            uint32_t t = (uint32_t)u;
-            memcpy(bytes, &t, 4);
-        } else {
-            memcpy(bytes, &u, 8);
-        }
+        low_bytes(bytes, u, size);
     }
     *cl_code = mr_cl_set_arg(kernel, i, (size_t)size, bytes);
     return 0;
@@ -793,18 +797,7 @@ static int tvm_launch(tvm_module* m, tvm_kernel* k, const WBAny* args, int32_t n
         } else {
             uint64_t u = (uint64_t)v->v_int64;
             size = bits / 8;
-            if (size == 1) {
-                uint8_t t = (uint8_t)u;
-                memcpy(bytes, &t, 1);
-            } else if (size == 2) {
-                uint16_t t = (uint16_t)u;
-                memcpy(bytes, &t, 2);
-            } else if (size == 4) {
-                uint32_t t = (uint32_t)u;
-                memcpy(bytes, &t, 4);
-            } else {
-                memcpy(bytes, &u, 8);
-            }
+            low_bytes(bytes, u, (int)size);
         }
         int rc = mr_cl_set_arg(kernel, i, size, bytes);
         if (rc) {

@@ -42,6 +42,8 @@
 #include <sched.h>
 #include <time.h>
 
+#include "msgpack_out.h"
+
 enum {
   HEADER_SIZE = 16,
   KIND_OK = 0,
@@ -53,12 +55,6 @@ enum {
 };
 
 static PyObject *str_buf, *str_start, *str_end, *str_recv_frame, *str_acquire, *str_release, *str_locked; /* interned */
-
-static uint64_t get_le(const unsigned char *p, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; i--) v = (v << 8) | p[i];
-  return v;
-}
 
 static uint64_t get_be(const unsigned char *p, int bytes) {
   uint64_t v = 0;
@@ -233,93 +229,11 @@ static int decode_call(ServerObject *s, const unsigned char *ctrl, Py_ssize_t le
 
 /* -- encoding the reply -------------------------------------------------------------------------- */
 
-typedef struct {
-  unsigned char *p;
-  size_t len, cap;
-} Out;
-
-static int out_put(Out *o, const void *src, size_t n) {
-  if (o->cap - o->len < n) return -1;
-  memcpy(o->p + o->len, src, n);
-  o->len += n;
-  return 0;
-}
-
-/* `tag`, then the `bytes` low bytes of v big-endian (msgpack's order). */
-static int out_tag(Out *o, unsigned char tag, uint64_t v, int bytes) {
-  unsigned char b[9];
-  b[0] = tag;
-  for (int i = 0; i < bytes; i++) b[1 + i] = (unsigned char)(v >> (8 * (bytes - 1 - i)));
-  return out_put(o, b, (size_t)bytes + 1);
-}
-
-/* The length prefix of a str (str_fix 1) or bin (str_fix 0) of n bytes, as msgpack-python writes it with use_bin_type. */
-static int out_len(Out *o, size_t n, int is_str) {
-  if (is_str && n < 32) return out_tag(o, (unsigned char)(0xA0 | n), 0, 0);
-  unsigned char base = is_str ? 0xD9 : 0xC4;
-  if (n <= 0xFF) return out_tag(o, base, n, 1);
-  if (n <= 0xFFFF) return out_tag(o, base + 1, n, 2);
-  if (n <= 0xFFFFFFFFu) return out_tag(o, base + 2, n, 4);
-  return -1;
-}
-
 /* A plain result, encoded as msgpack-python's Packer(use_bin_type=True) encodes it; -1 (no exception) if
  * it is of another type, does not fit, or is an int over 64 bits: the Python path sends it then. */
 static int out_result(Out *o, PyObject *v) {
-  PyTypeObject *t = Py_TYPE(v);
-  if (v == Py_None) return out_tag(o, 0xC0, 0, 0);
-  if (v == Py_True) return out_tag(o, 0xC3, 0, 0);
-  if (v == Py_False) return out_tag(o, 0xC2, 0, 0);
-  if (t == &PyLong_Type) {
-    int overflow = 0;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (overflow > 0) {
-      unsigned long long u = PyLong_AsUnsignedLongLong(v);
-      if (u == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-      }
-      return out_tag(o, 0xCF, u, 8);
-    }
-    if (overflow < 0 || (x == -1 && PyErr_Occurred())) {
-      PyErr_Clear();
-      return -1;
-    }
-    if (x >= 0) {
-      if (x < 0x80) return out_tag(o, (unsigned char)x, 0, 0);
-      if (x <= 0xFF) return out_tag(o, 0xCC, (uint64_t)x, 1);
-      if (x <= 0xFFFF) return out_tag(o, 0xCD, (uint64_t)x, 2);
-      if (x <= 0xFFFFFFFFLL) return out_tag(o, 0xCE, (uint64_t)x, 4);
-      return out_tag(o, 0xCF, (uint64_t)x, 8);
-    }
-    if (x >= -32) return out_tag(o, (unsigned char)(x & 0xFF), 0, 0);
-    if (x >= -128) return out_tag(o, 0xD0, (uint64_t)x, 1);
-    if (x >= -32768) return out_tag(o, 0xD1, (uint64_t)x, 2);
-    if (x >= -2147483648LL) return out_tag(o, 0xD2, (uint64_t)x, 4);
-    return out_tag(o, 0xD3, (uint64_t)x, 8);
-  }
-  if (t == &PyFloat_Type) {
-    double d = PyFloat_AS_DOUBLE(v);
-    uint64_t bits;
-    memcpy(&bits, &d, 8);
-    return out_tag(o, 0xCB, bits, 8);
-  }
-  if (t == &PyUnicode_Type) {
-    Py_ssize_t n;
-    const char *text = PyUnicode_AsUTF8AndSize(v, &n);
-    if (text == NULL) { /* lone surrogates: msgpack's error, on the Python path */
-      PyErr_Clear();
-      return -1;
-    }
-    if (out_len(o, (size_t)n, 1) < 0) return -1;
-    return out_put(o, text, (size_t)n);
-  }
-  if (t == &PyBytes_Type) {
-    size_t n = (size_t)PyBytes_GET_SIZE(v);
-    if (out_len(o, n, 0) < 0) return -1;
-    return out_put(o, PyBytes_AS_STRING(v), n);
-  }
-  return -1;
+  int plain = out_plain(o, v);
+  return plain == 1 ? -1 : plain;
 }
 
 /* -- the connection ------------------------------------------------------------------------------ */
