@@ -52,12 +52,18 @@ def cache_dir() -> str:
     return os.path.join(base, "workbench", "minrpc")
 
 
+WORKER_ONLY_SOURCES = frozenset({"elf.c", "opencl_module.c", "requests.c", "syslib.c", "tar.c", "tvm.c"})
+
+
 def minrpc_sources() -> list[str]:
     """The C files minrpc is built from (``native/minrpc/*.c`` and ``native/kernel_runtime.c``).
 
     A clear error when they are not there (a package installed without its C sources).
     """
-    sources = sorted(glob.glob(os.path.join(MINRPC_DIR, "*.c")))
+    # what only session workers run goes last: the listener's code then sits in fewer pages (fault-around
+    # maps 64 KiB of the binary around each page it runs, so mixed code costs the idle listener memory)
+    sources = sorted(glob.glob(os.path.join(MINRPC_DIR, "*.c")),
+                     key=lambda path: (os.path.basename(path) in WORKER_ONLY_SOURCES, path))
     runtime = os.path.join(NATIVE_DIR, "kernel_runtime.c")
     if not sources or not os.path.isfile(runtime):
         raise MinRPCBuildError(
