@@ -111,7 +111,7 @@ setup(
             "workbench.runtime._shim",
             sources=["workbench/runtime/_shim.c", "workbench/native/kernel_runtime.c"],
             include_dirs=["workbench/native"],
-            depends=["workbench/native/kernel_runtime.h", "workbench/native/msgpack_out.h"],
+            depends=["workbench/native/kernel_runtime.h", "workbench/native/wire_out.h"],
             extra_compile_args=["-O2", "-pthread"],  # the runtime's thread pool
             extra_link_args=["-pthread"],
         ),
@@ -119,7 +119,7 @@ setup(
             "workbench.rpc.server._serve",
             sources=["workbench/rpc/server/_serve.c"],
             include_dirs=["workbench/native"],
-            depends=["workbench/native/msgpack_out.h"],
+            depends=["workbench/native/wire_out.h"],
             extra_compile_args=["-O2"],
         ),
     ],

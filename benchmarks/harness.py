@@ -45,15 +45,16 @@ def reason_of(exc: BaseException) -> str:
 
 
 # -- timing -----------------------------------------------------------------------
-def run_timed(fn: Callable[[], Any], count: int, budget_s: float = LOOP_BUDGET_S) -> list[float]:
-    """Seconds taken by each of up to ``count`` calls of ``fn`` (at least one; stops once the budget is spent)."""
+def run_timed(fn: Callable[[], Any], count: int, budget_s: float = LOOP_BUDGET_S, self_timed: bool = False) -> list[float]:
+    """Seconds taken by each of up to ``count`` calls of ``fn`` (at least one; stops once the budget is spent);
+    ``self_timed``: the seconds ``fn`` returns (the part of its work it times itself)."""
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     for _ in range(max(count, 1)):
         start = time.perf_counter()
-        fn()
+        seconds = fn()
         end = time.perf_counter()
-        times.append(end - start)
+        times.append(seconds if self_timed else end - start)
         if end > deadline:
             break
     return times

@@ -299,21 +299,9 @@ def timed_block(op: Callable[[], Any], count: int) -> list[float]:
     """Seconds of each of ``count`` runs of ``op`` (what a SelfTimed op says, else the whole call), then the
     op's ``after_block()`` if it has one."""
     try:
-        return _timed_block(op, count)
+        return harness.run_timed(op, count, self_timed=isinstance(op, SelfTimed))
     finally:
         getattr(op, "after_block", lambda: None)()
-
-
-def _timed_block(op: Callable[[], Any], count: int) -> list[float]:
-    if isinstance(op, SelfTimed):
-        deadline = time.perf_counter() + harness.LOOP_BUDGET_S
-        times = []
-        for _ in range(max(count, 1)):
-            times.append(op())
-            if time.perf_counter() > deadline:
-                break
-        return times
-    return harness.run_timed(op, count)
 
 
 def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[str, Callable[[], Any]]) -> None:

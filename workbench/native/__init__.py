@@ -52,7 +52,7 @@ def cache_dir() -> str:
     return os.path.join(base, "workbench", "minrpc")
 
 
-WORKER_ONLY_SOURCES = frozenset({"elf.c", "opencl_module.c", "requests.c", "syslib.c", "tar.c", "tvm.c"})
+WORKER_ONLY_SOURCES = frozenset({"elf.c", "opencl_module.c", "requests.c", "syslib.c", "tar.c"})  # tvm.c: its handshake is the listener's
 
 
 def minrpc_sources() -> list[str]:

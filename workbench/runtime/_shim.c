@@ -28,20 +28,11 @@
 #include <sys/uio.h>
 
 #include "kernel_runtime.h"
-#include "msgpack_out.h"
+#include "wire_out.h"
 
-/* The 16-byte frame header of docs/protocol.md, little-endian: u32 ctrl_len, u16 kind, u16 flags, u64 bulk_len. */
 enum {
-  HEADER_SIZE = 16,
   SMALL_REQUEST = 64 << 10, /* up to this size, the first send is tried without releasing the GIL */
 };
-
-static void put_header(unsigned char *head, uint32_t ctrl_len, uint16_t kind) {
-  memset(head, 0, HEADER_SIZE); /* flags and bulk_len 0: a request without a bulk part, wanting a reply */
-  for (int i = 0; i < 4; i++) head[i] = (unsigned char)(ctrl_len >> (8 * i));
-  head[4] = (unsigned char)(kind & 0xFF);
-  head[5] = (unsigned char)(kind >> 8);
-}
 
 /* Whether buf[:got] is exactly one whole frame without a bulk part. */
 static int is_whole_reply(const unsigned char *buf, Py_ssize_t got) {
@@ -401,21 +392,6 @@ typedef struct {
 
 
 /* release(), the lock's bound method, keeping the exception being raised (if any); -1 if the release itself failed. */
-static int release_lock(PyObject *release) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyObject *r = PyObject_CallNoArgs(release);
-  if (r == NULL) {
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
-    return -1;
-  }
-  Py_DECREF(r);
-  PyErr_Restore(type, value, tb);
-  return 0;
-}
-
 /* Whether the channel's receive buffer holds no bytes (chan._start == chan._end); -1 on error. */
 static int buffer_empty(PyObject *chan) {
   PyObject *start = PyObject_GetAttr(chan, str_start);

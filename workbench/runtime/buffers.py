@@ -48,6 +48,18 @@ def receive_buffer(size: int) -> bytearray:
     return buf
 
 
+def memfd_map(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """A new memfd of ``size`` bytes (reading as zeros) and a shared writable mapping of it; OSError if
+    either cannot be had (nothing is left open then)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class FileBuffer:
     """A receive buffer over a memfd: a transfer is spliced into ``fd`` (into the file's pages, like a file
     upload: faster than a receive into memory), the program reads it through ``map``.
@@ -58,13 +70,7 @@ class FileBuffer:
     __slots__ = ("map", "fd")
 
     def __init__(self, size: int):
-        self.fd = os.memfd_create("workbench-receive", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self.map = memfd_map("workbench-receive", size)
 
     def fileno(self) -> int:
         os.lseek(self.fd, 0, os.SEEK_SET)  # each receive fills it from the start

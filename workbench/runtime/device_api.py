@@ -32,6 +32,12 @@ CPU, OPENCL = 1, 4
 SYNC: list[Callable[[], None]] = []
 
 
+def wait_after_calls(finish: Callable[[], None]) -> None:
+    """Make the handler call ``finish`` after each CALL from now on (once, however often it is asked)."""
+    if finish not in SYNC:
+        SYNC.append(finish)
+
+
 class DeviceAPI:
     """One device type's row of the table (the CPU's: see ``CPUAPI``)."""
 
@@ -46,9 +52,6 @@ class DeviceAPI:
                admit: Callable[[DeviceTensor], None] | None = None, zero: bool = True) -> DeviceTensor:
         """A new tensor on ``device`` (zero-filled unless ``zero`` is False: its bytes are about to arrive)."""
         raise NotImplementedError
-
-    def sync(self) -> None:
-        """Wait until the device has run what the calls so far enqueued."""
 
     def timer(self, device_id: int, calls: Callable[[int], None]) -> Callable[[int], float] | None:
         """``run(n)`` for ``time_repeats`` timing ``calls(n)`` on the device, or None for the wall clock."""
@@ -78,29 +81,17 @@ class OpenCLAPI(DeviceAPI):
     def tensor(self, shape, dtype, device, admit=None, zero=True) -> DeviceTensor:
         from .opencl import CLTensor
 
-        tensor = CLTensor(shape, dtype, device, admit, zero=zero)
-        self._watch()
-        return tensor
-
-    def _watch(self) -> None:
         from .opencl import runtime
 
-        finish = runtime().finish
-        if finish not in SYNC:
-            SYNC.append(finish)
-
-    def sync(self) -> None:
-        from .opencl import active_runtime
-
-        rt = active_runtime()
-        if rt is not None:
-            rt.finish()
+        tensor = CLTensor(shape, dtype, device, admit, zero=zero)
+        wait_after_calls(runtime().finish)
+        return tensor
 
     def timer(self, device_id: int, calls: Callable[[int], None]) -> Callable[[int], float] | None:
         from .opencl import runtime
 
         rt = runtime()
-        self._watch()
+        wait_after_calls(rt.finish)
         return rt.timed(rt.device(device_id), calls)
 
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from ..errors import BadRequestError, DeviceNotFoundError, FunctionNotFoundError, UnsupportedError
 from . import opencl
+from .device_api import wait_after_calls
 from .ffi import KernelTypeError, PackedFunc, TVMFFIAny, shim
 from .opencl import (
     CL_KERNEL_ARG_ADDRESS_CONSTANT,
@@ -82,14 +83,6 @@ def _runtime_with_devices(name: str) -> OpenCLRuntime:
         raise no_device_error(name)
     rt.check_usable()
     return rt
-
-
-def _watch(rt: OpenCLRuntime) -> None:
-    """Make the handler wait for this runtime's queues after each call (device_api.SYNC)."""
-    from .device_api import SYNC
-
-    if rt.finish not in SYNC:
-        SYNC.append(rt.finish)
 
 
 # -- scalars ------------------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ class CLSourceModule:
         self._programs = {dev.device_id: rt.build(dev, source, name, BUILD_OPTIONS) for dev in rt.devices}
         self.names = rt.kernel_names(self._programs[0])
         self._functions: dict[str, CLFunction] = {}
-        _watch(rt)
+        wait_after_calls(rt.finish)
 
     @property
     def entry_name(self) -> str | None:
@@ -413,7 +406,7 @@ class TVMOpenCLModule:
             raise BadRequestError(f"cannot load {name}: its OpenCL source has no section for {', '.join(missing)}")
         self._programs: dict[tuple[str, int], int] = {}
         self._launchers: dict[str, Callable] = {}
-        _watch(self._rt)
+        wait_after_calls(self._rt.finish)
 
     def _kernel(self, fname: str, dev: CLDevice) -> int:
         program = self._programs.get((fname, dev.device_id))

@@ -9,6 +9,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ..errors import BadRequestError, RemoteError
+from .buffers import memfd_map
 from .ffi import DLDataType, DLDevice, DLTensor
 
 HUGE_PAGE = 2 << 20
@@ -33,15 +34,11 @@ class Memory:
         self.fd = None
         if file_backed and _file_backed < MAX_FILE_BACKED and hasattr(os, "memfd_create"):
             try:
-                self.fd = os.memfd_create("workbench-tensor", os.MFD_CLOEXEC)
-                os.ftruncate(self.fd, size)
-                self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+                self.fd, self.map = memfd_map("workbench-tensor", size)
                 _file_backed += 1
                 return
             except OSError:  # out of descriptors or memory: an anonymous mapping, or the error it gives
-                if self.fd is not None:
-                    os.close(self.fd)
-                    self.fd = None
+                pass
         self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if size >= HUGE_PAGE and hasattr(self.map, "madvise"):
             self.map.madvise(MADV_HUGEPAGE)  # 512x fewer page faults when the tensor is first written

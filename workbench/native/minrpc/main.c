@@ -721,7 +721,7 @@ static int serve_tcp(void) {
                 if (due < wait_ns) wait_ns = due;
             }
         }
-        size_t want = n_children + n_pending + 2;
+        size_t want = n_children + n_pending + 3;
         if (fds_cap < want) {
             size_t cap = want * 2;
             struct pollfd* grown = (struct pollfd*)realloc(fds, cap * sizeof(struct pollfd));
@@ -743,8 +743,9 @@ static int serve_tcp(void) {
                 polled[nfds - first_pending] = i;
                 fds[nfds++] = (struct pollfd){pending[i]->rfd, POLLIN, 0};
             }
+        size_t probe_at = nfds; /* the OpenCL probe's pipe, while it runs */
+        if (mr_cl_probe_fd() >= 0 && nfds < fds_cap) fds[nfds++] = (struct pollfd){mr_cl_probe_fd(), POLLIN, 0};
         if (tracker && tracker_at - now < wait_ns) wait_ns = tracker_at - now;
-        if (mr_cl_probe_pending() && wait_ns > 20000000LL) wait_ns = 20000000LL; /* look again in 20 ms */
         if (!listening && backoff_until - now < wait_ns) wait_ns = backoff_until - now;
         if (wait_ns < 0) wait_ns = 0;
         int n = poll(fds, (nfds_t)nfds, (int)((wait_ns + 999999) / 1000000));
@@ -762,7 +763,8 @@ static int serve_tcp(void) {
                     break;
                 }
         }
-        for (size_t k = nfds; k-- > first_pending;) /* last first: a handshake that ends moves only later ones */
+        if (probe_at < nfds && fds[probe_at].revents) mr_cl_count(); /* done: its list collected, the probe reaped */
+        for (size_t k = probe_at; k-- > first_pending;) /* last first: a handshake that ends moves only later ones */
             if (fds[k].revents) advance(polled[k - first_pending], lfd);
         if (listening && (fds[1].revents & POLLIN)) {
             for (int accepted = 0; accepted < 64 && !mr_terminate; ++accepted) {

@@ -98,7 +98,7 @@ static uint64_t be(const uint8_t* p, int n) {
 }
 
 /* Strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF (as Python's decoder). */
-static int valid_utf8(const uint8_t* s, size_t n) {
+int mp_valid_utf8(const uint8_t* s, size_t n) {
     size_t i = 0;
     while (i < n) {
         uint8_t c = s[i];
@@ -128,7 +128,7 @@ static int parse_node(mp_reader* r, mp_node* n, int depth);
 static int parse_bytes(mp_reader* r, mp_node* n, size_t len, int is_str) {
     if (need(r, len)) return -1;
     if (len > 0xFFFFFFFFu) return rd_fail(r, "a string over 4 GiB");
-    if (is_str && !valid_utf8(r->p, len)) return rd_fail(r, "a str that is not valid UTF-8");
+    if (is_str && !mp_valid_utf8(r->p, len)) return rd_fail(r, "a str that is not valid UTF-8");
     char* copy = (char*)mp_alloc(r->arena, len + 1);
     if (!copy) return rd_fail(r, "out of memory");
     memcpy(copy, r->p, len);

@@ -51,6 +51,8 @@ int mp_parse(const uint8_t* data, size_t len, mp_arena* arena, mp_node** out, ch
 
 /* A map's value for a str key, or NULL. */
 const mp_node* mp_map_get(const mp_node* map, const char* key);
+/* Strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF (as Python's decoder). */
+int mp_valid_utf8(const uint8_t* s, size_t n);
 
 /* The output buffer. On allocation failure `failed` is set and further writes are dropped. */
 typedef struct {

@@ -317,12 +317,7 @@ static pid_t probe_pid = -1; /* the probe mr_cl_probe started, until probe_colle
 static int probe_fd = -1;
 static void probe_collect(void);
 
-int mr_cl_probe_pending(void) {
-    if (probe_fd < 0) return 0;
-    struct pollfd p = {probe_fd, POLLIN, 0};
-    if (poll(&p, 1, 0) > 0) probe_collect(); /* done (its list or its end is there): collected without waiting */
-    return probe_fd >= 0;
-}
+int mr_cl_probe_fd(void) { return probe_fd; }
 
 int mr_cl_count(void) {
     probe_collect();

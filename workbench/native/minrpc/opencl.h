@@ -40,9 +40,9 @@ typedef struct {
    child that writes them through a pipe (over 30 s, or a failed child: none), collected by the first mr_cl_count,
    mr_cl_published or mr_cl_put_details. Never opens a platform in this process. */
 void mr_cl_probe(void);
-/* 1 while the probe runs; collects its list once it is done, without waiting (a listener calls it each turn, so
-   the probe is reaped even when no session comes). */
-int mr_cl_probe_pending(void);
+/* The probe's pipe while it runs, else -1: a listener polls it and calls mr_cl_count once it is readable, so the
+   probe is reaped even when no session comes. */
+int mr_cl_probe_fd(void);
 int mr_cl_count(void);
 const mr_cl_info* mr_cl_published(int device_id);
 /* The session info's "device_details": an array of one map per device (TVM's attribute names). */

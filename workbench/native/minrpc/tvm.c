@@ -182,35 +182,8 @@ static void skip_rest(tvm_reader* r) {
     else if (conn_discard(r->c, n)) r->lost = 1;
 }
 
-/* Strict UTF-8, as Python's bytes.decode(). */
-static int utf8_ok(const uint8_t* p, uint64_t n) {
-    uint64_t i = 0;
-    while (i < n) {
-        uint8_t c = p[i];
-        if (c < 0x80) {
-            ++i;
-            continue;
-        }
-        int len;
-        uint32_t cp;
-        if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f;
-        else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f;
-        else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07;
-        else return 0;
-        if (n - i < (uint64_t)len) return 0;
-        for (int k = 1; k < len; ++k) {
-            if ((p[i + k] & 0xc0) != 0x80) return 0;
-            cp = (cp << 6) | (p[i + k] & 0x3f);
-        }
-        if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
-            return 0;
-        i += (uint64_t)len;
-    }
-    return 1;
-}
-
 static int text_value(tvm_value* out, const char* p, uint64_t n, int is_str, mr_error* err) {
-    if (is_str && !utf8_ok((const uint8_t*)p, n)) return mr_fail(err, MR_BAD_REQUEST, "a string argument that is not UTF-8");
+    if (is_str && !mp_valid_utf8((const uint8_t*)p, (size_t)n)) return mr_fail(err, MR_BAD_REQUEST, "a string argument that is not UTF-8");
     out->kind = is_str ? V_STR : V_BYTES;
     out->v.s.p = p;
     out->v.s.n = n;
@@ -367,7 +340,7 @@ int mr_tvm_check_key(const uint8_t* key, size_t n, const mr_config* cfg, const c
                      size_t timeout_cap, char* key_out, size_t key_cap, mr_error* err) {
     char a[300], b[300];
     timeout[0] = key_out[0] = '\0';
-    if (!utf8_ok(key, n)) return mr_fail(err, MR_KEY_MISMATCH, "the TVM handshake key is not UTF-8");
+    if (!mp_valid_utf8(key, (size_t)n)) return mr_fail(err, MR_KEY_MISMATCH, "the TVM handshake key is not UTF-8");
     size_t i = 0, first_start = 0, first_end = 0;
     int words = 0;
     while (i < n) { /* whitespace-separated words: the key, then -name=value options */

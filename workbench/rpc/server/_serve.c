@@ -42,10 +42,9 @@
 #include <sched.h>
 #include <time.h>
 
-#include "msgpack_out.h"
+#include "wire_out.h"
 
 enum {
-  HEADER_SIZE = 16,
   KIND_OK = 0,
   KIND_CALL = 25,
   EXT_TENSOR = 1,
@@ -385,15 +384,7 @@ static int send_reply(ServerObject *s, const unsigned char *data, size_t len) {
   }
   if (call_lock(s->acquire) < 0) return -1;
   if (send_rest(s->fd, data, len, sent) < 0) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (call_lock(s->release) < 0) {
-      Py_XDECREF(type);
-      Py_XDECREF(value);
-      Py_XDECREF(tb);
-      return -1;
-    }
-    PyErr_Restore(type, value, tb);
+    release_lock(s->release); /* the send's error stays, unless releasing failed */
     return -1;
   }
   return call_lock(s->release);
@@ -425,8 +416,7 @@ static int serve_call(ServerObject *s, PyObject *fn, PyObject **args, Py_ssize_t
     if (PyList_GET_SIZE(s->sync) == 0 && out_result(&o, result) == 0) {
       Py_DECREF(result);
       uint32_t len = (uint32_t)(o.len - HEADER_SIZE);
-      memset(reply, 0, HEADER_SIZE); /* kind OK, flags 0, no bulk part */
-      for (int i = 0; i < 4; i++) reply[i] = (unsigned char)(len >> (8 * i));
+      put_header(reply, len, KIND_OK);
       if (send_reply(s, reply, o.len) < 0) return -1;
       s->served++;
       return 1;

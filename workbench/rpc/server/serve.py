@@ -322,8 +322,9 @@ class ServeLoop(ServiceLoop):
         self._scratch = bytearray(64 << 10)
         self.throttle = AuthThrottle()
         tempfile.gettempdir()  # found now, while files are to spare: at the fd limit the search itself fails
-        importlib.import_module("workbench.runtime.opencl")  # imported and
-        target_triple()  # found now too: the first session's device list then needs no file (the probe's pipe is open)
+        # the first session's device list then needs no file either (the OpenCL probe's pipe is open already)
+        importlib.import_module("workbench.runtime.opencl")
+        target_triple()
         self.limit_refusal = PREAMBLE.pack(MAGIC, VERSION, 0) + error_frame(
             ERROR_BUSY, "server busy: it is out of file descriptors; try again later")
         self.system_libs = load_libraries(config.load_library)

@@ -1,14 +1,43 @@
 /*
- * msgpack_out.h: encoding plain Python values (None, bool, int up to 64 bits, float, str, bytes) as
- * msgpack-python's Packer(use_bin_type=True) encodes them, byte for byte. Shared by the two call fast
- * paths: the client's (runtime/_shim.c) and the session worker's (rpc/server/_serve.c).
+ * wire_out.h: what the two call fast paths, the client's (runtime/_shim.c) and the session worker's
+ * (rpc/server/_serve.c), write the same way: the frame header of docs/protocol.md, and plain Python
+ * values (None, bool, int up to 64 bits, float, str, bytes) as msgpack-python's
+ * Packer(use_bin_type=True) encodes them, byte for byte.
  */
-#ifndef WORKBENCH_MSGPACK_OUT_H
-#define WORKBENCH_MSGPACK_OUT_H
+#ifndef WORKBENCH_WIRE_OUT_H
+#define WORKBENCH_WIRE_OUT_H
 
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The 16-byte frame header, little-endian: u32 ctrl_len, u16 kind, u16 flags, u64 bulk_len. */
+enum { HEADER_SIZE = 16 };
+
+/* A header of `kind` with a control part of ctrl_len bytes, flags 0 and no bulk part. */
+static inline void put_header(unsigned char *head, uint32_t ctrl_len, uint16_t kind) {
+  memset(head, 0, HEADER_SIZE);
+  for (int i = 0; i < 4; i++) head[i] = (unsigned char)(ctrl_len >> (8 * i));
+  head[4] = (unsigned char)(kind & 0xFF);
+  head[5] = (unsigned char)(kind >> 8);
+}
+
+/* Call a lock's bound `release`, keeping the exception already set: -1 (with release's exception
+ * instead) if releasing failed, else 0. */
+static inline int release_lock(PyObject *release) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *r = PyObject_CallNoArgs(release);
+  if (r == NULL) {
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return -1;
+  }
+  Py_DECREF(r);
+  PyErr_Restore(type, value, tb);
+  return 0;
+}
 
 typedef struct {
   unsigned char *p;
