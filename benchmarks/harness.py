@@ -190,10 +190,14 @@ def stderr_to_devnull() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def env_var(name: str, value: str) -> Iterator[None]:
-    """Processes started inside the block see ``name=value`` (our server's workers read TVM_NUM_THREADS)."""
+def env_var(name: str, value: str | None) -> Iterator[None]:
+    """Processes started inside the block see ``name=value`` (our server's workers read TVM_NUM_THREADS), or
+    no ``name`` at all when ``value`` is None."""
     saved = os.environ.get(name)
-    os.environ[name] = value
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:

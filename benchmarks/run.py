@@ -411,19 +411,11 @@ def cached_bytecode() -> Iterator[None]:
     """Servers started inside keep their bytecode in a private cache (``PYTHONPYCACHEPREFIX``) and load it
     from there, as after ``pip install``, which compiles it, whatever ``PYTHONDONTWRITEBYTECODE`` says here;
     nothing is written into the source tree."""
-    names = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
-    saved = {name: os.environ.get(name) for name in names}
     cache = tempfile.mkdtemp(prefix="workbench-bench-pyc-")
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = cache
     try:
-        yield
+        with harness.env_var("PYTHONDONTWRITEBYTECODE", None), harness.env_var("PYTHONPYCACHEPREFIX", cache):
+            yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         shutil.rmtree(cache, ignore_errors=True)
 
 

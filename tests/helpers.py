@@ -190,12 +190,12 @@ def elf_machine(data_or_path) -> int:
     return int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")
 
 
-def emulated_board_missing() -> str | None:
-    """Why there is no emulated aarch64 board here (what to install), or None."""
+def emulated_board_missing(arch: str = "aarch64") -> str | None:
+    """Why there is no emulated ``arch`` board here (what to install), or None."""
     from workbench.native.qemu import EmulatorNotFoundError, find_emulator
 
     try:
-        find_emulator("aarch64")
+        find_emulator(arch)
     except EmulatorNotFoundError as exc:
         return str(exc)
     return None

@@ -129,15 +129,10 @@ def test_build_errors_carry_the_compiler_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["broken.c"]  # no half-written program, no temp file
 
 
-def _armhf_missing() -> str | None:
-    try:
-        find_emulator("armhf")
-    except EmulatorNotFoundError as exc:
-        return str(exc)
-    return None
+ARMHF_BOARD_MISSING = emulated_board_missing("armhf")
 
 
-@pytest.mark.skipif(_armhf_missing() is not None, reason=f"no emulated armhf board: {_armhf_missing()}")
+@pytest.mark.skipif(ARMHF_BOARD_MISSING is not None, reason=f"no emulated armhf board: {ARMHF_BOARD_MISSING}")
 def test_seed_004_on_an_emulated_armhf_board(tmp_path):
     """The 32-bit ARM board: minrpc cross-built for arm-linux-gnueabihf under qemu-arm, a .tar linked there."""
     with LocalFarm({"armhf-qemu": 1}) as farm, farm.request("armhf-qemu") as remote:

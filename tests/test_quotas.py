@@ -33,7 +33,7 @@ from workbench.runtime.quota import (
     parse_size,
 )
 
-from .conftest import ROOT, assert_clean, session_workspaces, wait_until
+from .conftest import ROOT, session_workspaces, wait_until
 from .helpers import start_server
 
 HOST = "127.0.0.1"
@@ -92,14 +92,6 @@ def server(request, private_tmpdir):
     srv = start_server(request.param, **QUOTAS)
     yield srv
     srv.terminate()
-
-
-@pytest.fixture
-def remote(server, private_tmpdir):
-    sess = rpc.connect(HOST, server.port)
-    yield sess
-    sess.close()
-    assert_clean(server, private_tmpdir)
 
 
 def first_line(pipe, timeout: float = 30.0) -> str:

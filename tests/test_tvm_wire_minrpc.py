@@ -22,6 +22,7 @@ from workbench import cc, rpc
 
 from . import test_tvm_wire as shared
 from .conftest import assert_clean
+from .helpers import emulated_board_missing
 from .test_tvm_wire import (
     HOST,
     MAGIC,
@@ -143,14 +144,7 @@ def test_keys_are_checked_in_tvms_handshake(tvm, private_tmpdir):
 
 
 # -- a big-endian board ----------------------------------------------------------------------------------
-def big_endian_board_missing() -> str | None:
-    from workbench.native.qemu import EmulatorNotFoundError, find_emulator
-
-    try:
-        find_emulator("s390x")
-    except EmulatorNotFoundError as exc:
-        return str(exc)
-    return None
+BIG_ENDIAN_BOARD_MISSING = emulated_board_missing("s390x")
 
 
 ADD_ONE_F32 = """#include <workbench_kernel.h>
@@ -164,7 +158,7 @@ WB_KERNEL(add_one) {
 """
 
 
-@pytest.mark.skipif(big_endian_board_missing() is not None, reason=f"no big-endian board: {big_endian_board_missing()}")
+@pytest.mark.skipif(BIG_ENDIAN_BOARD_MISSING is not None, reason=f"no big-endian board: {BIG_ENDIAN_BOARD_MISSING}")
 def test_tensor_copies_keep_tvms_byte_order_on_a_big_endian_board(tvm, tmp_path, private_tmpdir):
     """TVM's client sends and reads tensor bytes little-endian; minrpc for s390x (under qemu) swaps them, so its
     kernel computes on the right numbers and the client reads them back right."""

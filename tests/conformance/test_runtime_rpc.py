@@ -20,6 +20,7 @@ from workbench import cc, rpc, runtime
 from workbench.errors import RPCError, SessionTimeoutError
 
 from ..conftest import wait_until
+from ..helpers import emulated_board_missing
 from . import INIT, register_tvm_testing
 from .conftest import HOST
 
@@ -54,17 +55,10 @@ def minrpc_program(tmp_path_factory) -> str:
 
 
 # -- test_bigendian_rpc ----------------------------------------------------------------------------------------
-def big_endian_board_missing() -> str | None:
-    from workbench.native.qemu import EmulatorNotFoundError, find_emulator
-
-    try:
-        find_emulator("s390x")
-    except EmulatorNotFoundError as exc:
-        return str(exc)
-    return None
+BIG_ENDIAN_BOARD_MISSING = emulated_board_missing("s390x")
 
 
-@pytest.mark.skipif(big_endian_board_missing() is not None, reason=f"no big-endian board: {big_endian_board_missing()}")
+@pytest.mark.skipif(BIG_ENDIAN_BOARD_MISSING is not None, reason=f"no big-endian board: {BIG_ENDIAN_BOARD_MISSING}")
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int8"])
 def test_bigendian_rpc(tmp_path, dtype):
     """upstream: test_runtime_rpc.py::test_bigendian_rpc — add-one kernels of four dtypes, cross-compiled, run on a
