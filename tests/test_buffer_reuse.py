@@ -98,7 +98,7 @@ def test_the_recycler_reuses_only_what_nothing_references():
 
 def test_spare_memory_keeps_only_memory_nothing_views():
     spare = SpareMemory(limit=4 * MIB, min_bytes=MIB)
-    viewed = Memory(2 * MIB, file_backed=True)
+    viewed = Memory(2 * MIB)
     view = memoryview(viewed.map)
     assert not spare.keep(viewed)
     view.release()
@@ -110,7 +110,7 @@ def test_spare_memory_keeps_only_memory_nothing_views():
     assert spare.bytes <= 4 * MIB
 
 
-def test_a_tensor_made_from_data_is_filled_through_its_file_and_reads_back(remote):
+def test_a_large_tensor_made_from_data_reads_back_and_takes_writes(remote):
     dev = remote.cpu(0)
     data = np.random.default_rng(2).integers(0, 255, 3 * MIB + 5, dtype="uint8")  # not a whole page
     tensor = runtime.tensor(data, dev)
@@ -123,8 +123,8 @@ def test_a_tensor_made_from_data_is_filled_through_its_file_and_reads_back(remot
     np.testing.assert_array_equal(tensor.numpy(), again)
 
 
-def test_a_write_of_the_wrong_size_into_a_file_backed_tensor_is_refused_and_changes_nothing(remote):
-    data = np.arange(MIB // 2, dtype="float32")  # 2 MiB: file-backed
+def test_a_write_of_the_wrong_size_into_a_large_tensor_is_refused_and_changes_nothing(remote):
+    data = np.arange(MIB // 2, dtype="float32")  # 2 MiB: in huge pages
     tensor = runtime.tensor(data, remote.cpu(0))
     for size in (8, 3 * MIB):
         with pytest.raises(BadRequestError, match=f"expected {2 * MIB} bytes of data, the request carries {size}"):
@@ -134,7 +134,7 @@ def test_a_write_of_the_wrong_size_into_a_file_backed_tensor_is_refused_and_chan
 
 
 def test_large_numpy_results_of_a_local_session_and_a_remote_one_are_the_tensor(remote):
-    data = np.random.default_rng(3).random(MIB, dtype="float32")  # 4 MiB: received into a memfd remotely
+    data = np.random.default_rng(3).random(MIB, dtype="float32")  # 4 MiB: received into huge pages remotely
     with rpc.LocalSession() as local:
         for session in (local, remote):
             tensor = runtime.tensor(data, session.cpu(0))

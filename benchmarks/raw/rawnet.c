@@ -7,10 +7,13 @@
  *   rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR
  *       Move BYTES from this process to the peer REPS times (after one untimed
  *       warm-up), each time until the peer has every byte and answered one
- *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
- *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
+ *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory, in
+ *       256 KiB pieces), "sendfile" (from a file in DIR, in the page cache) or
+ *       "copy" (that file read and sent through one 256 KiB buffer); SINK "recv"
  *       (recv() into memory) or "splice" (socket -> pipe -> a new file in DIR
- *       per transfer, as an upload lands). Prints the seconds of each transfer.
+ *       per transfer, as an upload lands); both sinks wake once per 1 MiB
+ *       batch (SO_RCVLOWAT), as workbench's receivers do. Prints the seconds
+ *       of each transfer.
  *
  *   rawnet ping SIZE WARMUP COUNT CPU PEER_CPU
  *       SIZE-byte messages echoed by the peer over TCP_NODELAY; prints the
@@ -42,6 +45,8 @@
 #include <unistd.h>
 
 #define PIPE_BYTES (1 << 20)
+#define BATCH_BYTES (1 << 20)
+#define SEND_CHUNK ((size_t)256 << 10)
 #define IO_TIMEOUT_S 30
 #define RUN_LIMIT_S 300
 
@@ -138,6 +143,35 @@ static int recv_all(int fd, char *buf, size_t n) { /* 0 at EOF before any byte *
     return 1;
 }
 
+/* SO_RCVLOWAT on the receiving socket: it sleeps until BATCH_BYTES are queued rather than waking every few
+ * segments (as workbench's receivers do). Set only while two batches are still due, so one always comes: the
+ * kernel wakes on the queue reaching the batch, not on the call's own request being met. */
+static void wake_at(int fd, int bytes) {
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) != 0) die("setsockopt SO_RCVLOWAT");
+}
+
+static void recv_bulk(int fd, char *buf, size_t n) {
+    size_t got = 0;
+    int batched = n >= 2 * BATCH_BYTES;
+    if (batched) wake_at(fd, BATCH_BYTES);
+    while (got < n) {
+        if (batched && n - got < 2 * BATCH_BYTES) { wake_at(fd, 1); batched = 0; }
+        ssize_t k = recv(fd, buf + got, n - got, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("recv");
+        }
+        if (k == 0) { errno = ECONNRESET; die("recv (the sender closed early)"); }
+        got += (size_t)k;
+    }
+}
+
+/* bulk goes out in SEND_CHUNK pieces: the receiver starts on the first while the next is copied */
+static void send_bulk(int fd, const char *buf, size_t n) {
+    for (size_t done = 0; done < n; done += SEND_CHUNK)
+        send_all(fd, buf + done, n - done < SEND_CHUNK ? n - done : SEND_CHUNK);
+}
+
 static void sendfile_all(int sock, int file, size_t n) {
     off_t off = 0;
     while ((size_t)off < n) {
@@ -150,8 +184,27 @@ static void sendfile_all(int sock, int file, size_t n) {
     }
 }
 
+/* the file read through one SEND_CHUNK buffer, each piece sent from there (as workbench's server sends files
+ * to a peer on the same machine) */
+static void copy_all(int sock, int file, char *buf, size_t n) {
+    for (off_t off = 0; (size_t)off < n;) {
+        size_t want = n - (size_t)off < SEND_CHUNK ? n - (size_t)off : SEND_CHUNK;
+        ssize_t k = pread(file, buf, want, off);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("read the source file");
+        }
+        if (k == 0) { errno = EIO; die("read (source file too short)"); }
+        send_all(sock, buf, (size_t)k);
+        off += k;
+    }
+}
+
 static void splice_all(int sock, int pipe_rd, int pipe_wr, int file, size_t n) {
+    int batched = n >= 2 * BATCH_BYTES;
+    if (batched) wake_at(sock, BATCH_BYTES);
     while (n) {
+        if (batched && n < 2 * BATCH_BYTES) { wake_at(sock, 1); batched = 0; }
         size_t want = n < PIPE_BYTES ? n : PIPE_BYTES;
         ssize_t k = splice(sock, NULL, pipe_wr, NULL, want, SPLICE_F_MOVE);
         if (k < 0) {
@@ -196,12 +249,13 @@ static int finish(pid_t child) {
 }
 
 static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_cpu, const char *dir) {
-    int from_file = strncmp(method, "sendfile-", 9) == 0;
+    int by_sendfile = strncmp(method, "sendfile-", 9) == 0, by_copy = strncmp(method, "copy-", 5) == 0;
+    int from_file = by_sendfile || by_copy;
     const char *sink = strchr(method, '-');
     if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0) ||
         (!from_file && strncmp(method, "send-", 5) != 0)) {
-        fprintf(stderr, "rawnet: unknown bulk method %s (send-recv, send-splice, sendfile-recv, sendfile-splice)\n",
-                method);
+        fprintf(stderr, "rawnet: unknown bulk method %s (SOURCE-SINK: SOURCE send, sendfile or copy; SINK recv or "
+                "splice)\n", method);
         return 2;
     }
     int to_file = strcmp(sink, "-splice") == 0;
@@ -223,9 +277,8 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
                 if (out < 0) die("open the destination file");
                 splice_all(fd, p[0], p[1], out, bytes);
                 if (close(out) != 0) die("close the destination file");
-            } else if (!recv_all(fd, buf, bytes)) {
-                errno = ECONNRESET;
-                die("recv (the sender closed early)");
+            } else {
+                recv_bulk(fd, buf, bytes);
             }
             send_all(fd, "k", 1);
         }
@@ -244,16 +297,16 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
             done += n;
         }
         free(block);
-    } else {
-        buf = touched(bytes);
     }
+    buf = by_sendfile ? NULL : touched(by_copy ? SEND_CHUNK : bytes);
     double *times = calloc((size_t)reps + 1, sizeof *times);
     if (!times) die("calloc");
     char ack;
     for (long r = 0; r <= reps; r++) { /* r == 0: warm-up */
         double start = now();
-        if (from_file) sendfile_all(fd, src, bytes);
-        else send_all(fd, buf, bytes);
+        if (by_sendfile) sendfile_all(fd, src, bytes);
+        else if (by_copy) copy_all(fd, src, buf, bytes);
+        else send_bulk(fd, buf, bytes);
         if (!recv_all(fd, &ack, 1)) { errno = ECONNRESET; die("recv the acknowledgement"); }
         times[r] = now() - start;
     }

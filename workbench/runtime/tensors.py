@@ -74,11 +74,9 @@ class Tensor:
         """Copy the tensor to a new local numpy array."""
         if not self.nbytes:
             return np.empty(self.shape, self.dtype)
-        # spliced into a memfd's pages, reused once the program drops the array (buffers.RECYCLER)
-        buf = RECYCLER.get_file(self.nbytes)
-        out = np.frombuffer(buf if type(buf) is bytearray else buf.map, self.dtype, self.size).reshape(self.shape)
-        self.session._request(TENSOR_READ, [self._wb_handle],
-                              recv=lambda size, _v: _bytes_view(out) if type(buf) is bytearray else buf)
+        # into huge pages, reused once the program drops the array (buffers.RECYCLER)
+        out = np.frombuffer(RECYCLER.get(self.nbytes), self.dtype, self.size).reshape(self.shape)
+        self.session._request(TENSOR_READ, [self._wb_handle], recv=lambda size, _v: _bytes_view(out))
         return out
 
     def copyfrom(self, source: Any) -> "Tensor":

@@ -55,13 +55,6 @@ class LocalSession(RPCSession):
     ) -> Any:
         from ..server.handler import Bulk, Reply, error_text
 
-        if recv is not None:
-            receive = recv  # a receiver may give a FileBuffer (to splice into): here its mapping is written
-
-            def recv(size: int, value: Any) -> memoryview:
-                view = receive(size, value)
-                return memoryview(view.map) if hasattr(view, "fileno") else view
-
         with self._lock:
             self._ensure_open()
             if self._pending_free:

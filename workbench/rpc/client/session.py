@@ -36,7 +36,7 @@ from ...errors import (
     SessionTimeoutError,
     TooLargeError,
 )
-from ...progress import chunk_slices, expected_time_eval_seconds, timed_bar, transfer_bar
+from ...progress import expected_time_eval_seconds, timed_bar, transfer_bar
 from ...runtime.devices import Device, device_name, device_type_code
 from ...runtime.timer import check_time_options
 from ...runtime.buffers import RECYCLER
@@ -571,11 +571,7 @@ class RPCSession:
         if not bulk_len:
             return
         with bar(bulk_len) if bar is not None else contextlib.nullcontext() as update:
-            if hasattr(view, "fileno"):  # a FileBuffer: spliced into its file
-                fd = view.fileno()
-                for part in chunk_slices(bulk_len, update):
-                    self._chan.recv_bulk_to_fd(fd, part.stop - part.start)
-            elif update is None:
+            if update is None:
                 self._chan.recv_bulk_into(view)
             else:
                 self._chan.recv_bulk_reporting(view, update)
