@@ -34,8 +34,7 @@ LOOP_BUDGET_S = 20.0  # wall-clock cap of each timing loop
 IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
 PING_BYTES = 16
 RAW_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw", "rawnet.c")
-# rawnet's SOURCE-SINK methods (benchmarks/raw/rawnet.c)
-BULK_METHODS = ("send-recv", "sendfile-recv", "copy-recv", "send-splice", "sendfile-splice", "copy-splice")
+BULK_METHODS = ("send-recv", "sendfile-recv", "send-splice", "sendfile-splice")  # rawnet's SOURCE-SINK
 NATIVE_TIMEOUT_S = 60.0  # one rawnet run
 BUILD_TIMEOUT_S = 60.0
 

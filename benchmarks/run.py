@@ -316,13 +316,13 @@ def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[st
     rounds: dict[str, dict[str, list[float]]] = {}
     for key, op in ops.items():
         with res.attempt("ours", key):
-            op()  # warm-up
             ours: list[float] = []
             raw = windows[key] = {m: [] for m in harness.BULK_METHODS}
             per_round = rounds[key] = {m: [] for m in ["ours", *harness.BULK_METHODS]}
             for round_ in range(cfg.bulk_rounds):
                 for what in harness.rotated(["ours", *harness.BULK_METHODS], round_):
                     if what == "ours":
+                        op()  # an untimed warm-up, as each native block has its own
                         block = timed_block(op, cfg.bulk_block)
                         ours += block
                     else:
@@ -816,12 +816,12 @@ def explanations(cfg: Config, res: Results) -> list[str]:
            f"not interleaved); ours and raw move {cfg.bulk_bytes // harness.MIB} MiB."] if tvm else []),
         f"raw = the native limit, {os.path.relpath(harness.RAW_SOURCE)} (gcc -O2, both ends in C, "
         "pinned like ours). "
-        "Bulk rows: the native way that is fastest over every window (send in 256 KiB pieces, sendfile, or a file "
-        "copied through a 256 KiB buffer, into recv or splice to a file, the receiver waking per 1 MiB batch as ours "
-        "do; the info rows pool every window), its median in the row's own window; named in the statistic column.",
+        "Bulk rows: the native way that is fastest over every window (send or sendfile into recv or splice to a "
+        "file; the receiver waking per 1 MiB batch and both ends on reno, as ours on loopback; the info rows pool "
+        "every window), its median in the row's own window; named in the statistic column.",
         f"interleaved: each bulk row is timed in {cfg.bulk_rounds} rounds of a block of {cfg.bulk_block} of ours "
-        f"and a block of {cfg.bulk_block} of each native way (order rotating, each native block after its own "
-        f"warm-up), this process on CPU {cpu} and the server and its worker (the C peer) on CPU {peer_cpu}; each "
+        f"and a block of {cfg.bulk_block} of each native way (order rotating, each block after an untimed "
+        f"warm-up transfer of its own), this process on CPU {cpu} and the server and its worker (the C peer) on CPU {peer_cpu}; each "
         f"call row in {INTERLEAVE_BLOCKS} rounds of {max(cfg.calls // INTERLEAVE_BLOCKS, 1)} calls of ours, "
         "of the C ping-pong" + (" and of TVM's C++ testing.nop" if tvm else "") + " (same window, same placement).",
         f"call placements: unpinned (no target: where the scheduler puts each pair); pinned: this process, the "

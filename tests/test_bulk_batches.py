@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -178,3 +179,16 @@ def test_a_fresh_sessions_first_large_tensor_and_a_progress_bar_transfer_are_who
         np.testing.assert_array_equal(tensor.numpy(), data)
         remote.upload(data.tobytes(), target="big.bin", progress=True)
         assert bytes(remote.download("big.bin", progress=True)) == data.tobytes()
+
+
+def test_both_ends_of_a_loopback_session_send_without_pacing(server):
+    """Over loopback both ends use reno: BBR's pacing (some distributions' default) reorders loopback segments
+    into spurious retransmits. Checked on the client's socket and, with ss(8), on the server's."""
+    with rpc.connect("127.0.0.1", server.port) as remote:
+        ours = remote._chan.sock
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"reno"
+        client_port = ours.getsockname()[1]
+        out = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{client_port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+        assert out.strip(), f"ss shows no socket of the server's towards port {client_port}"
+        assert " reno " in out, f"the server's socket of this session is not on reno: {out}"

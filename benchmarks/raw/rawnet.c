@@ -7,13 +7,12 @@
  *   rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR
  *       Move BYTES from this process to the peer REPS times (after one untimed
  *       warm-up), each time until the peer has every byte and answered one
- *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory, in
- *       256 KiB pieces), "sendfile" (from a file in DIR, in the page cache) or
- *       "copy" (that file read and sent through one 256 KiB buffer); SINK "recv"
+ *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
+ *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
  *       (recv() into memory) or "splice" (socket -> pipe -> a new file in DIR
  *       per transfer, as an upload lands); both sinks wake once per 1 MiB
- *       batch (SO_RCVLOWAT), as workbench's receivers do. Prints the seconds
- *       of each transfer.
+ *       batch (SO_RCVLOWAT) and both ends use reno, as workbench's loopback
+ *       sockets do. Prints the seconds of each transfer.
  *
  *   rawnet ping SIZE WARMUP COUNT CPU PEER_CPU
  *       SIZE-byte messages echoed by the peer over TCP_NODELAY; prints the
@@ -46,7 +45,6 @@
 
 #define PIPE_BYTES (1 << 20)
 #define BATCH_BYTES (1 << 20)
-#define SEND_CHUNK ((size_t)256 << 10)
 #define IO_TIMEOUT_S 30
 #define RUN_LIMIT_S 300
 
@@ -73,6 +71,8 @@ static void tune(int fd) {
     int one = 1;
     struct timeval tv = {IO_TIMEOUT_S, 0};
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) die("TCP_NODELAY");
+    /* no congestion control's pacing on loopback (as workbench's loopback sockets): BBR's reorders segments */
+    setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, "reno", 4); /* failing that, the default stays */
     if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) die("SO_RCVTIMEO");
     if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0) die("SO_SNDTIMEO");
 }
@@ -166,12 +166,6 @@ static void recv_bulk(int fd, char *buf, size_t n) {
     }
 }
 
-/* bulk goes out in SEND_CHUNK pieces: the receiver starts on the first while the next is copied */
-static void send_bulk(int fd, const char *buf, size_t n) {
-    for (size_t done = 0; done < n; done += SEND_CHUNK)
-        send_all(fd, buf + done, n - done < SEND_CHUNK ? n - done : SEND_CHUNK);
-}
-
 static void sendfile_all(int sock, int file, size_t n) {
     off_t off = 0;
     while ((size_t)off < n) {
@@ -181,22 +175,6 @@ static void sendfile_all(int sock, int file, size_t n) {
             die("sendfile");
         }
         if (k == 0) { errno = EIO; die("sendfile (source file too short)"); }
-    }
-}
-
-/* the file read through one SEND_CHUNK buffer, each piece sent from there (as workbench's server sends files
- * to a peer on the same machine) */
-static void copy_all(int sock, int file, char *buf, size_t n) {
-    for (off_t off = 0; (size_t)off < n;) {
-        size_t want = n - (size_t)off < SEND_CHUNK ? n - (size_t)off : SEND_CHUNK;
-        ssize_t k = pread(file, buf, want, off);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            die("read the source file");
-        }
-        if (k == 0) { errno = EIO; die("read (source file too short)"); }
-        send_all(sock, buf, (size_t)k);
-        off += k;
     }
 }
 
@@ -249,13 +227,12 @@ static int finish(pid_t child) {
 }
 
 static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_cpu, const char *dir) {
-    int by_sendfile = strncmp(method, "sendfile-", 9) == 0, by_copy = strncmp(method, "copy-", 5) == 0;
-    int from_file = by_sendfile || by_copy;
+    int from_file = strncmp(method, "sendfile-", 9) == 0;
     const char *sink = strchr(method, '-');
     if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0) ||
         (!from_file && strncmp(method, "send-", 5) != 0)) {
-        fprintf(stderr, "rawnet: unknown bulk method %s (SOURCE-SINK: SOURCE send, sendfile or copy; SINK recv or "
-                "splice)\n", method);
+        fprintf(stderr, "rawnet: unknown bulk method %s (send-recv, send-splice, sendfile-recv, sendfile-splice)\n",
+                method);
         return 2;
     }
     int to_file = strcmp(sink, "-splice") == 0;
@@ -297,16 +274,16 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
             done += n;
         }
         free(block);
+    } else {
+        buf = touched(bytes);
     }
-    buf = by_sendfile ? NULL : touched(by_copy ? SEND_CHUNK : bytes);
     double *times = calloc((size_t)reps + 1, sizeof *times);
     if (!times) die("calloc");
     char ack;
     for (long r = 0; r <= reps; r++) { /* r == 0: warm-up */
         double start = now();
-        if (by_sendfile) sendfile_all(fd, src, bytes);
-        else if (by_copy) copy_all(fd, src, buf, bytes);
-        else send_bulk(fd, buf, bytes);
+        if (from_file) sendfile_all(fd, src, bytes);
+        else send_all(fd, buf, bytes);
         if (!recv_all(fd, &ack, 1)) { errno = ECONNRESET; die("recv the acknowledgement"); }
         times[r] = now() - start;
     }

@@ -12,11 +12,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define CONN_BUFFER (64 << 10)
@@ -24,12 +27,19 @@
 #define CONN_SPLICE_PIPE (1 << 20)
 #define CONN_BATCH ((uint64_t)1 << 20)
 
+static int loopback_peer(int fd);
+
 void conn_init(mr_conn* c, int rfd, int wfd, int is_socket) {
     memset(c, 0, sizeof(*c));
     c->rfd = rfd;
     c->wfd = wfd;
     c->is_socket = is_socket;
     c->splice_pipe[0] = c->splice_pipe[1] = -1;
+    /* A peer on this machine: bulk received in batches (below), and TCP sends without congestion control's
+     * pacing (reno, always there and allowed): there is no network to pace for, and BBR's pacing (some
+     * distributions' default) reorders loopback segments into spurious retransmits. */
+    c->loopback = is_socket && loopback_peer(rfd);
+    if (c->loopback) setsockopt(rfd, IPPROTO_TCP, TCP_CONGESTION, "reno", 4); /* else the default stays */
 }
 
 void conn_free(mr_conn* c) {
@@ -106,11 +116,7 @@ int conn_fill(mr_conn* c, size_t n) {
     return 0;
 }
 
-/* Bulk from a peer on this machine wakes its receiver once per CONN_BATCH bytes (SO_RCVLOWAT) rather than every
- * few segments, about 1.3x faster over loopback. The kernel wakes a sleeping receiver when the queue reaches the
- * batch, not when the receive's own request is met, so a receive only waits for a batch while more than one
- * batch is still due after what it asks for: one always comes. Elsewhere (a slow network) each wake-up would
- * wait for a whole batch, so it is left alone. */
+/* Whether the TCP socket's peer is this machine (a loopback address, or one of its own). */
 static int loopback_peer(int fd) {
     struct sockaddr_storage peer, own;
     socklen_t plen = sizeof(peer), olen = sizeof(own);
@@ -128,12 +134,17 @@ static int loopback_peer(int fd) {
     return 0;
 }
 
-/* Start waking per batch for a receive of n bytes: 1 if it did (end it with wake_at(c, 1)). */
+/* Bulk from a peer on this machine wakes its receiver once per CONN_BATCH bytes (SO_RCVLOWAT) rather than every
+ * few segments, about 1.3x faster over loopback. The kernel wakes a sleeping receiver when the queue reaches the
+ * batch, not when the receive's own request is met, so a receive only waits for a batch while more than one
+ * batch is still due after what it asks for: one always comes. Elsewhere (a slow network) each wake-up would
+ * wait for a whole batch, so it is left alone.
+ *
+ * Start waking per batch for a receive of n bytes: 1 if it did (end it with batch_end). */
 static int batch_start(mr_conn* c, uint64_t n) {
-    if (n < 2 * CONN_BATCH || !c->is_socket) return 0;
-    if (!c->batching) c->batching = loopback_peer(c->rfd) ? 1 : -1;
     int bytes = (int)CONN_BATCH;
-    return c->batching > 0 && setsockopt(c->rfd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof(bytes)) == 0;
+    if (n < 2 * CONN_BATCH || !c->loopback) return 0;
+    return setsockopt(c->rfd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof(bytes)) == 0;
 }
 
 /* Wake at the first byte again (a small frame next, or poll, must not wait for a batch). */
@@ -342,6 +353,20 @@ int conn_writev(mr_conn* c, struct iovec* iov, int n) {
 
 int conn_sendfile(mr_conn* c, int fd, uint64_t count) {
     off_t off = 0;
+    if (c->loopback && count) {
+        /* a peer on this machine: sent from a read-only mapping (one copy, into the socket), about 2x faster
+         * there than sendfile, whose receiver copies from page-cache pages long out of the CPU's caches */
+        struct stat st;
+        void* map = fstat(fd, &st) == 0 && (uint64_t)st.st_size >= count && count <= SIZE_MAX
+                        ? mmap(NULL, (size_t)count, PROT_READ, MAP_SHARED, fd, 0)
+                        : MAP_FAILED;
+        if (map != MAP_FAILED) {
+            struct iovec v = {map, (size_t)count};
+            int rc = conn_writev(c, &v, 1);
+            munmap(map, (size_t)count);
+            return rc;
+        }
+    }
     while (count) {
         size_t chunk = count > ((size_t)1 << 30) ? ((size_t)1 << 30) : (size_t)count;
         ssize_t sent = sendfile(c->wfd, fd, &off, chunk);

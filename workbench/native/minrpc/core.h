@@ -110,7 +110,7 @@ typedef struct {
     int64_t deadline_ns; /* > 0: reads wait at most until then (the handshake) */
     int err;             /* why the last call failed: 0 = the peer closed, else an errno */
     int splice_pipe[2];  /* socket -> file without a copy through user space */
-    int batching;        /* bulk receives wake per CONN_BATCH bytes: 1 yes (a peer on this machine), -1 no, 0 unknown */
+    int loopback;        /* a TCP peer on this machine: bulk receives wake per batch, sends unpaced (conn_init) */
     uint8_t* scratch;    /* bulk on its way to a file, when splice cannot be used */
     size_t scratch_cap;
     mp_buf out; /* the reply being built: MR_HEADER bytes of room, then the control part */

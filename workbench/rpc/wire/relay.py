@@ -12,6 +12,8 @@ import socket
 import threading
 from typing import Callable
 
+from .protocol import unpaced_on_loopback
+
 log = logging.getLogger("workbench.rpc.relay")
 CHUNK = 1 << 20
 
@@ -67,6 +69,8 @@ class Relay:
 
     def __init__(self, a: socket.socket, b: socket.socket, on_done: Callable[["Relay"], None] | None = None):
         self.a, self.b = a, b
+        for sock in (a, b):
+            unpaced_on_loopback(sock)
         self._on_done = on_done
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
 
