@@ -5,7 +5,8 @@ Every module of ``benchmarks/`` may import this one; it imports none of them (no
 imports the tables, the tables import this harness).
 
 * timing: ``run_timed`` (seconds of each call, under a wall-clock budget), ``rotated`` (the order of the
-  sides in each interleaved round), ``mib_s`` (a transfer's median rate), ``wait_until``;
+  sides in each interleaved round), ``mib_s`` (a transfer's median rate), ``wait_until``, ``FreshUploads``
+  (uploads to new names, removed after each block);
 * processes: ``descendants``/``children`` (from /proc), ``pin``/``pinned_here`` (CPU placement),
   ``rss_mb``, ``owned`` (every process started inside the block is killed at its end),
   ``stderr_to_devnull``, ``env_var``, ``ensure_fd_limit``, ``free_port``, ``start_tvm_server``;
@@ -15,6 +16,7 @@ imports the tables, the tables import this harness).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -78,6 +80,31 @@ def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+_upload_serial = itertools.count()
+
+
+def fresh_name() -> str:
+    """A new remote file name per upload: replacing a 64 MiB file would add the filesystem's
+    cost of freeing the old one to the transfer (the session workspace goes at its end)."""
+    return f"upload-{next(_upload_serial)}.bin"
+
+
+class FreshUploads:
+    """Uploads, each to a new remote file (replacing one would add the filesystem's cost of freeing it),
+    removed after each block, untimed, as the native program removes its files after each of its blocks."""
+
+    def __init__(self, remote: Any, data: bytes):
+        self.remote, self.data, self.names = remote, data, []
+
+    def __call__(self) -> None:
+        self.names.append(fresh_name())
+        self.remote.upload(self.data, target=self.names[-1])
+
+    def after_block(self) -> None:
+        while self.names:
+            self.remote.remove(self.names.pop())
 
 
 # -- processes --------------------------------------------------------------------

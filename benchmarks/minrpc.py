@@ -422,9 +422,8 @@ def measure_bulk(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: 
         on_device = runtime.tensor(arr, dev)
         if bytes(remote.download("bench.bin")) != data or on_device.numpy().tobytes() != data:
             figures.notes.append(f"{side}: what came back differs from what was sent")
-        serial = iter(range(1 << 30))
         ops[side] = {
-            "upload": lambda remote=remote, serial=serial: remote.upload(data, target=f"up-{next(serial)}.bin"),
+            "upload": harness.FreshUploads(remote, data),
             "download": lambda remote=remote: remote.download("bench.bin"),
             "to_device": lambda dev=dev: runtime.tensor(arr, dev),
             "from_device": on_device.numpy,
@@ -437,13 +436,14 @@ def measure_bulk(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: 
         with harness.pinned_here(cpu):
             for row in BULK_ROWS:
                 deadline.check(f"the bulk row {row}")
-                for side in ops:
-                    ops[side][row]()  # warm-up
                 raw = raw_windows[row] = {m: [] for m in harness.BULK_METHODS}
                 for rnd in range(cfg.bulk_rounds):
                     for what in harness.rotated([*ops, *harness.BULK_METHODS], rnd):
                         if what in ops:
-                            times = harness.run_timed(ops[what][row], cfg.bulk_block)
+                            op = ops[what][row]
+                            op()  # an untimed warm-up, as each native block has its own
+                            times = harness.run_timed(op, cfg.bulk_block)
+                            getattr(op, "after_block", lambda: None)()  # uploads: removed, as rawnet's are
                             figures.add(row, what, harness.mib_s(cfg.bulk_bytes, times))
                         elif native is not None:
                             with figures.attempt((row,), ("raw",)):
@@ -647,7 +647,8 @@ def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
         f"calls each; pinned: everything on CPU {cfg.cpu}{split}. The C-client rows send the same CALL's bytes "
         "from a C program on the session's own socket and read the 17-byte reply raw (the server's turnaround: "
         "our Python client's encoding and decoding left out).",
-        f"bulk: {cfg.bulk_rounds} rounds of {cfg.bulk_block} transfers per side, this process on CPU {cfg.cpu}, the "
+        f"bulk: {cfg.bulk_rounds} rounds of {cfg.bulk_block} transfers per side (each block after an untimed "
+        f"warm-up transfer), this process on CPU {cfg.cpu}, the "
         f"servers on CPU {cfg.cpu if cfg.other_cpu is None else cfg.other_cpu}; TVM's bulk figures are in the "
         "first table.",
         "RSS: VmRSS of the process that listens (minrpc; the rpc.Server process; TVM's PopenWorker), after one "

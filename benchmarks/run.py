@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import itertools
 import json
 import operator
 import os
@@ -109,13 +108,6 @@ else:  # run as a script: this directory is sys.path[0]
 IO_TIMEOUT_S = 30.0  # every socket this script opens
 REMOTE_FILE = "bench.bin"
 INTERLEAVE_BLOCKS = 10  # the calls of each placement are timed in this many blocks per side
-_upload_serial = itertools.count()
-
-
-def fresh_name() -> str:
-    """A new remote file name per upload: replacing a 64 MiB file would add the filesystem's
-    cost of freeing the old one to the transfer (the session workspace goes at its end)."""
-    return f"upload-{next(_upload_serial)}.bin"
 
 
 BULK_KEYS = ("upload", "download", "to_device", "copyfrom", "from_device")
@@ -277,22 +269,6 @@ class SelfTimed:
 
     def __call__(self) -> float:
         return self.fn()
-
-
-class FreshUploads:
-    """Uploads, each to a new remote file (replacing one would add the filesystem's cost of freeing it),
-    removed after each block, untimed, as the native program removes its files after each of its blocks."""
-
-    def __init__(self, remote: Any, data: bytes):
-        self.remote, self.data, self.names = remote, data, []
-
-    def __call__(self) -> None:
-        self.names.append(fresh_name())
-        self.remote.upload(self.data, target=self.names[-1])
-
-    def after_block(self) -> None:
-        while self.names:
-            self.remote.remove(self.names.pop())
 
 
 def timed_block(op: Callable[[], Any], count: int) -> list[float]:
@@ -467,7 +443,7 @@ def measure_ours(cfg: Config, res: Results, native: NativeRuns) -> None:
                 on_device = runtime.tensor(arr, dev)
                 check_contents("ours", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
                 ops = {
-                    "upload": FreshUploads(remote, data),
+                    "upload": harness.FreshUploads(remote, data),
                     "download": lambda: remote.download(REMOTE_FILE),
                     "to_device": lambda: runtime.tensor(arr, dev),
                     "copyfrom": lambda: on_device.copyfrom(arr),
@@ -555,7 +531,7 @@ def measure_proxy(cfg: Config, res: Results, native: NativeRuns) -> None:
                 on_device = runtime.tensor(arr, remote.cpu(0))
                 check_contents("proxy", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
                 ops = {
-                    "proxy_upload": lambda: remote.upload(data, target=fresh_name()),
+                    "proxy_upload": lambda: remote.upload(data, target=harness.fresh_name()),
                     "proxy_download": lambda: remote.download(REMOTE_FILE),
                     "proxy_copyfrom": lambda: on_device.copyfrom(arr),
                     "proxy_from_device": on_device.numpy,
@@ -619,7 +595,7 @@ def measure_tvm_servers(cfg: Config, res: Results, tvm: Any, scratch: str) -> No
         on_device = tvm.runtime.tensor(arr, dev)
         check_contents("tvm", res, remote.download(REMOTE_FILE), on_device.numpy(), bytes(data))
         ops = {
-            "upload": lambda: remote.upload(data, fresh_name()),
+            "upload": lambda: remote.upload(data, harness.fresh_name()),
             "download": lambda: remote.download(REMOTE_FILE),
             "to_device": lambda: tvm.runtime.tensor(arr, dev),
             "copyfrom": lambda: on_device.copyfrom(arr),
