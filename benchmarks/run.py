@@ -797,9 +797,9 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         "every window), its median in the row's own window; named in the statistic column.",
         f"interleaved: each bulk row is timed in {cfg.bulk_rounds} rounds of a block of {cfg.bulk_block} of ours "
         f"and a block of {cfg.bulk_block} of each native way (order rotating, each block after an untimed "
-        f"warm-up transfer of its own), this process on CPU {cpu} and the server and its worker (the C peer) on CPU {peer_cpu}; each "
-        f"call row in {INTERLEAVE_BLOCKS} rounds of {max(cfg.calls // INTERLEAVE_BLOCKS, 1)} calls of ours, "
-        "of the C ping-pong" + (" and of TVM's C++ testing.nop" if tvm else "") + " (same window, same placement).",
+        f"warm-up transfer of its own), this process on CPU {cpu} and the server and its worker (the C peer) "
+        f"on CPU {peer_cpu}; each call row in {INTERLEAVE_BLOCKS} rounds of "
+        f"{max(cfg.calls // INTERLEAVE_BLOCKS, 1)} calls of ours, of the C ping-pong" + (" and of TVM's C++ testing.nop" if tvm else "") + " (same window, same placement).",
         f"call placements: unpinned (no target: where the scheduler puts each pair); pinned: this process, the "
         f"servers and their workers (the C ping-pong's two ends) all on CPU {cfg.cpu}{split}.",
         "uploads write a new remote file each time (replacing one adds the filesystem's cost of freeing it), "

@@ -497,7 +497,7 @@ class SocketChannel(Channel):
         super().__init__()
         self.sock = sock
         self._pipe: tuple[int, int] | None = None
-        self._loopback = unpaced_on_loopback(sock)  # then bulk is received in batches, files copied to it
+        self._loopback = unpaced_on_loopback(sock)  # then bulk is received in batches, files sent from a map
         self._recv_into = sock.recv_into  # bound directly: one Python frame less per call
         self._sendall = sock.sendall
         self._fileno = sock.fileno  # -1 once closed: exchange() then raises EBADF, as sendall would
@@ -552,7 +552,8 @@ class SocketChannel(Channel):
         if self._loopback and count:
             # the peer is on this machine: sent from a read-only mapping of the file (one copy, into the
             # socket), about 1.4x faster there than copying through a buffer, and faster still than sendfile,
-            # whose receiver copies from page-cache pages long out of the CPU's caches
+            # whose receiver copies from page-cache pages long out of the CPU's caches. The files are the
+            # session's own (its workspace, or one it just linked): nothing truncates them meanwhile.
             try:
                 mapping = mmap.mmap(file.fileno(), count, prot=mmap.PROT_READ)
             except (OSError, ValueError):  # not mappable, or shorter than count: copied (which says so)
