@@ -37,6 +37,14 @@ IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
 PING_BYTES = 16
 RAW_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw", "rawnet.c")
 BULK_METHODS = ("send-recv", "sendfile-recv", "send-splice", "sendfile-splice")  # rawnet's SOURCE-SINK
+# bulk rows whose data flows from the server to this process: their native runs send the other way too (the
+# server's CPU to this one's; on a VM the two directions differ by some 10 %)
+FROM_SERVER = frozenset({"download", "from_device"})
+
+
+def bulk_ends(row: str, cpu: int | None, server_cpu: int | None) -> tuple[int | None, int | None]:
+    """(the native sender's CPU, its receiver's) for a bulk row: the direction its data goes."""
+    return (server_cpu, cpu) if row in FROM_SERVER else (cpu, server_cpu)
 NATIVE_TIMEOUT_S = 60.0  # one rawnet run
 BUILD_TIMEOUT_S = 60.0
 

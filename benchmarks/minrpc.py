@@ -447,7 +447,8 @@ def measure_bulk(cfg: MinRPCConfig, figures: Figures, servers: Servers, native: 
                             figures.add(row, what, harness.mib_s(cfg.bulk_bytes, times))
                         elif native is not None:
                             with figures.attempt((row,), ("raw",)):
-                                times = native.bulk(what, cfg.bulk_bytes, cfg.bulk_block, cpu, peer)
+                                times = native.bulk(what, cfg.bulk_bytes, cfg.bulk_block,
+                                                    *harness.bulk_ends(row, cpu, peer))
                                 raw[what].append(harness.mib_s(cfg.bulk_bytes, times))
     finally:
         harness.pin(harness.descendants(os.getpid()), set(os.sched_getaffinity(0)))
@@ -649,8 +650,8 @@ def report(cfg: MinRPCConfig, figures: Figures) -> tuple[str, dict[str, Any]]:
         "our Python client's encoding and decoding left out).",
         f"bulk: {cfg.bulk_rounds} rounds of {cfg.bulk_block} transfers per side (each block after an untimed "
         f"warm-up transfer), this process on CPU {cfg.cpu}, the "
-        f"servers on CPU {cfg.cpu if cfg.other_cpu is None else cfg.other_cpu}; TVM's bulk figures are in the "
-        "first table.",
+        f"servers on CPU {cfg.cpu if cfg.other_cpu is None else cfg.other_cpu}, rawnet's data going each row's "
+        "way; TVM's bulk figures are in the first table.",
         "RSS: VmRSS of the process that listens (minrpc; the rpc.Server process; TVM's PopenWorker), after one "
         f"session ended, over {cfg.runs} fresh starts.",
         f"board: LocalFarm({{'{BOARD}': 1}}) started in {figures.facts.get('board_farm_start_s', float('nan')):.2f} s "

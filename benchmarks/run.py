@@ -303,7 +303,7 @@ def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[st
                         ours += block
                     else:
                         block = native.run(res, key, lambda n: n.bulk(what, cfg.bulk_bytes, cfg.bulk_block,
-                                                                       cpu, peer_cpu))
+                                                                       *harness.bulk_ends(key, cpu, peer_cpu)))
                         raw[what] += block
                     if block:
                         per_round[what].append(harness.mib_s(cfg.bulk_bytes, block))
@@ -798,7 +798,7 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         f"interleaved: each bulk row is timed in {cfg.bulk_rounds} rounds of a block of {cfg.bulk_block} of ours "
         f"and a block of {cfg.bulk_block} of each native way (order rotating, each block after an untimed "
         f"warm-up transfer of its own), this process on CPU {cpu} and the server and its worker (the C peer) "
-        f"on CPU {peer_cpu}; each call row in {INTERLEAVE_BLOCKS} rounds of "
+        f"on CPU {peer_cpu}, the native data going the row's way (download, numpy: from CPU {peer_cpu}); each call row in {INTERLEAVE_BLOCKS} rounds of "
         f"{max(cfg.calls // INTERLEAVE_BLOCKS, 1)} calls of ours, of the C ping-pong" + (" and of TVM's C++ testing.nop" if tvm else "") + " (same window, same placement).",
         f"call placements: unpinned (no target: where the scheduler puts each pair); pinned: this process, the "
         f"servers and their workers (the C ping-pong's two ends) all on CPU {cfg.cpu}{split}.",
