@@ -37,6 +37,9 @@ IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
 PING_BYTES = 16
 RAW_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw", "rawnet.c")
 BULK_METHODS = ("send-recv", "sendfile-recv", "send-splice", "sendfile-splice")  # rawnet's SOURCE-SINK
+# the native ways that do a bulk row's very job, for the "(info)" row beside it: an upload lands in a new file
+# (as rawnet's splice sinks); a fresh session's first transfer is a new connection's first (rawnet first)
+SAME_JOB = {"upload": ("send-splice", "sendfile-splice"), "first_transfer": ("first",)}
 # bulk rows whose data flows from the server to this process: their native runs send the other way too (the
 # server's CPU to this one's; on a VM the two directions differ by some 10 %)
 FROM_SERVER = frozenset({"download", "from_device"})
@@ -316,6 +319,11 @@ class Native:
     def bulk(self, method: str, nbytes: int, reps: int, cpu: int | None, peer_cpu: int | None) -> list[float]:
         """Seconds of each of ``reps`` transfers of ``nbytes`` (after one untimed), by ``method`` (BULK_METHODS)."""
         return self._run("bulk", method, nbytes, reps, _cpu_arg(cpu), _cpu_arg(peer_cpu), self.scratch)
+
+    def first(self, nbytes: int, reps: int, cpu: int | None, peer_cpu: int | None) -> list[float]:
+        """Seconds of ``reps`` first transfers (send -> recv) of ``nbytes``, each on a new connection to a
+        freshly forked peer receiving into memory it has just mapped (after one untimed)."""
+        return self._run("first", nbytes, reps, _cpu_arg(cpu), _cpu_arg(peer_cpu))
 
     def ping(self, size: int, warmup: int, count: int, cpu: int | None, peer_cpu: int | None) -> list[float]:
         """Seconds of each of ``count`` round trips of ``size`` bytes, after ``warmup`` untimed ones."""

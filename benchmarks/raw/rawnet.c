@@ -14,6 +14,13 @@
  *       batch (SO_RCVLOWAT) and both ends use reno, as workbench's loopback
  *       sockets do. Prints the seconds of each transfer.
  *
+ *   rawnet first BYTES REPS CPU PEER_CPU
+ *       A new connection's first transfer, REPS times (after one untimed): each
+ *       time a freshly forked peer connects (untimed) and receives BYTES from
+ *       send() into memory it has just mapped (anonymous, huge pages advised,
+ *       as a new tensor of workbench's), batched and on reno as above. Prints
+ *       the seconds of each first transfer, until the peer's one-byte answer.
+ *
  *   rawnet ping SIZE WARMUP COUNT CPU PEER_CPU
  *       SIZE-byte messages echoed by the peer over TCP_NODELAY; prints the
  *       seconds of each of COUNT round trips after WARMUP untimed ones.
@@ -35,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -298,6 +306,34 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
     return status;
 }
 
+static int first(size_t bytes, long reps, int cpu, int peer_cpu) {
+    char *buf = touched(bytes); /* the sender's data is warm, as a client's array is */
+    double *times = calloc((size_t)reps + 1, sizeof *times);
+    if (!times) die("calloc");
+    char ack;
+    for (long r = 0; r <= reps; r++) { /* r == 0: warm-up */
+        int is_peer;
+        pid_t child;
+        int fd = connect_pair(cpu, peer_cpu, &is_peer, &child);
+        if (is_peer) {
+            char *dst = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (dst == MAP_FAILED) die("mmap");
+            madvise(dst, bytes, MADV_HUGEPAGE); /* where THP is off, plain pages */
+            recv_bulk(fd, dst, bytes);
+            send_all(fd, "k", 1);
+            _exit(0);
+        }
+        double start = now();
+        send_all(fd, buf, bytes);
+        if (!recv_all(fd, &ack, 1)) { errno = ECONNRESET; die("recv the acknowledgement"); }
+        times[r] = now() - start;
+        close(fd);
+        if (finish(child) != 0) return 1; /* untimed: the next peer starts after this one has gone */
+    }
+    print_times("first", "send-recv", times + 1, reps);
+    return 0;
+}
+
 static int ping(size_t size, long warmup, long count, int cpu, int peer_cpu) {
     int is_peer;
     pid_t child;
@@ -326,10 +362,13 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc == 8 && strcmp(argv[1], "bulk") == 0)
         return bulk(argv[2], strtoull(argv[3], NULL, 10), atol(argv[4]), atoi(argv[5]), atoi(argv[6]), argv[7]);
+    if (argc == 6 && strcmp(argv[1], "first") == 0)
+        return first(strtoull(argv[2], NULL, 10), atol(argv[3]), atoi(argv[4]), atoi(argv[5]));
     if (argc == 7 && strcmp(argv[1], "ping") == 0)
         return ping(strtoull(argv[2], NULL, 10), atol(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
     fprintf(stderr,
             "usage: rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR\n"
+            "       rawnet first BYTES REPS CPU PEER_CPU\n"
             "       rawnet ping SIZE WARMUP COUNT CPU PEER_CPU\n");
     return 2;
 }
