@@ -15,6 +15,7 @@ imports the tables, the tables import this harness).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -332,6 +333,32 @@ class Native:
 
 def _cpu_arg(cpu: int | None) -> int:
     return -1 if cpu is None else cpu
+
+
+# -- a table's own command line ---------------------------------------------------------------
+def section_main(argv: list[str] | None, module: str, doc: str | None, quick_help: str,
+                 measure: Callable[[argparse.Namespace], tuple[str, Any]],
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The command line of one table's module run on its own: ``--quick`` (``quick_help``), ``--json PATH``
+    and the module's own flags (``add_arguments``); ``measure(args)`` gives (text, figures), every process it
+    starts ended after it; prints the text, saves the figures.
+
+        >>> section_main(None, "notebook.py", __doc__, "fewer runs", lambda a: measure(a.quick))  # doctest: +SKIP
+    """
+    parser = argparse.ArgumentParser(prog=f"python benchmarks/{module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    with owned():
+        text, figures = measure(args)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
 
 
 # -- report -----------------------------------------------------------------------------

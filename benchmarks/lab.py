@@ -29,7 +29,6 @@ leftovers killed).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -398,18 +397,8 @@ def measure_lab(quick: bool) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/lab.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 pairs of runs instead of 5")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    args = parser.parse_args(argv)
-    with harness.owned():
-        text, document = measure_lab(args.quick)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=2)
-    return 0
+    return harness.section_main(argv, "lab.py", __doc__, "2 pairs of runs instead of 5",
+                                lambda args: measure_lab(args.quick))
 
 
 if __name__ == "__main__":

@@ -691,21 +691,14 @@ def measure_minrpc(quick: bool = False, tvm: bool = True, cpu: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/minrpc.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and 8 MiB transfers")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    parser.add_argument("--no-tvm", action="store_true", help="leave TVM's server out")
     allowed = sorted(os.sched_getaffinity(0))
-    parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
-    args = parser.parse_args(argv)
-    with harness.owned():
-        text, doc = measure_minrpc(args.quick, not args.no_tvm, args.cpu)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    return 0
+
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--no-tvm", action="store_true", help="leave TVM's server out")
+        parser.add_argument("--cpu", type=int, default=allowed[0], help=f"CPU of the pinned runs (default {allowed[0]})")
+
+    return harness.section_main(argv, "minrpc.py", __doc__, "fewer runs and 8 MiB transfers",
+                                lambda args: measure_minrpc(args.quick, not args.no_tvm, args.cpu), flags)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ returns.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -228,17 +226,8 @@ def measure_notebook(quick: bool = False) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/notebook.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and a 64 MiB transfer")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    args = parser.parse_args(argv)
-    text, figures = measure_notebook(args.quick)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-    return 0
+    return harness.section_main(argv, "notebook.py", __doc__, "fewer runs and a 64 MiB transfer",
+                                lambda args: measure_notebook(args.quick))
 
 
 if __name__ == "__main__":

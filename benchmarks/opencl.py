@@ -20,14 +20,12 @@ copy rows say so. apache-tvm (the ``bench`` extra) builds the matmuls in a subpr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -79,12 +77,6 @@ print(json.dumps(out))
 """
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def copy_rates(nbytes: int, rounds: int, per_round: int) -> dict[str, list[float]]:
     """MiB/s of each way, per round (the median of ``per_round`` copies), interleaved round by round."""
     import pyopencl as pcl
@@ -117,8 +109,7 @@ def copy_rates(nbytes: int, rounds: int, per_round: int) -> dict[str, list[float
         for _ in range(rounds):
             for name, fn in ways.items():
                 fn()  # warm
-                times = [_timed(fn) for _ in range(per_round)]
-                rates[name].append(nbytes / (1 << 20) / statistics.median(times))
+                rates[name].append(harness.mib_s(nbytes, harness.run_timed(fn, per_round)))
         return rates
     finally:
         remote.close()
@@ -219,17 +210,8 @@ def measure_opencl(quick: bool = False) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/opencl.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller copies, fewer rounds")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
-    args = parser.parse_args(argv)
-    text, document = measure_opencl(args.quick)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=2)
-    return 0
+    return harness.section_main(argv, "opencl.py", __doc__, "smaller copies, fewer rounds",
+                                lambda args: measure_opencl(args.quick))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import statistics
@@ -163,14 +162,8 @@ def measure_resilience(quick: bool) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/resilience.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and sessions")
-    args = parser.parse_args(argv)
-    with harness.owned():
-        text, _ = measure_resilience(args.quick)
-    print(text)
-    return 0
+    return harness.section_main(argv, "resilience.py", __doc__, "fewer rounds and sessions",
+                                lambda args: measure_resilience(args.quick))
 
 
 if __name__ == "__main__":

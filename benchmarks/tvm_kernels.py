@@ -518,18 +518,11 @@ def measure_tvm_kernels(quick: bool = False, tvm: bool = True, threads: int = 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/tvm_kernels.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    parser.add_argument("--threads", type=int, default=0, help="TVM_NUM_THREADS of both sides (default: CPUs)")
-    args = parser.parse_args(argv)
-    text, doc = measure_tvm_kernels(args.quick, threads=args.threads)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    return 0
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--threads", type=int, default=0, help="TVM_NUM_THREADS of both sides (default: CPUs)")
+
+    return harness.section_main(argv, "tvm_kernels.py", __doc__, "fewer rounds and repeats",
+                                lambda args: measure_tvm_kernels(args.quick, threads=args.threads), flags)
 
 
 if __name__ == "__main__":
