@@ -286,6 +286,8 @@ def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[st
 
     The native limit is the method fastest over every window (the pooled median: choosing the best method
     row by row would pick whichever got lucky); each row's raw figure is that method's median in its window.
+    A row of ``harness.SAME_JOB`` also times the native ways doing its very job (landing in a file, a new
+    connection's first transfer) in its rounds: the fastest of them is its "(info)" row's raw figure.
     """
     cpu, peer_cpu = cfg.bulk_placement
     windows: dict[str, dict[str, list[float]]] = {}
