@@ -50,6 +50,16 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def alive(pid: int) -> bool:
+    """The process runs: it has not ended, nor is it a zombie waiting for its parent (a process may be reaped
+    and go between any two reads of /proc, so one read decides)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

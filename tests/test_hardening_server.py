@@ -41,7 +41,7 @@ from workbench.errors import (
 from workbench.farm import LocalFarm
 from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack
 
-from .conftest import ROOT, assert_clean, children, session_workspaces, wait_until
+from .conftest import ROOT, alive, assert_clean, children, session_workspaces, wait_until
 from .test_protocol import CPU, FLOAT32, RawPeer
 from .helpers import RAW_EXIT_H, start_server
 
@@ -443,9 +443,7 @@ def test_workers_of_clients_that_do_not_read_never_stall_the_server(private_tmpd
             assert len(workers) == 20
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
-            assert wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or
-                                          open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
-                                          for p in workers))
+            assert wait_until(lambda: not any(alive(p) for p in workers))
             start = time.monotonic()
             with rpc.connect(HOST, srv.port, connect_timeout=30) as remote:
                 remote.ping()

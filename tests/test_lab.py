@@ -22,7 +22,7 @@ import pytest
 
 from workbench.rpc import connect_tracker
 
-from .conftest import wait_until
+from .conftest import alive, wait_until
 
 pytest.importorskip("jupyterlab", reason="the lab tests need JupyterLab (pip install -e '.[test]')")
 pytest.importorskip("nbclient", reason="the lab tests need nbclient (pip install -e '.[test]')")
@@ -86,13 +86,6 @@ def parent(pid: int) -> int | None:
     except (FileNotFoundError, ValueError, IndexError):
         return None
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def free_port() -> int:

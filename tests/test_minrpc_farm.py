@@ -31,7 +31,7 @@ from workbench.native.qemu import EmulatorNotFoundError, find_emulator, packages
 from workbench.results import BenchmarkResult
 from workbench.testing import EvaluatorConfig, RPCConfig, rpc_run
 
-from .conftest import wait_until
+from .conftest import alive, wait_until
 from .helpers import ADD_ONE, EM_AARCH64, EM_X86_64, RAW_EXIT_H, elf_machine, emulated_board_missing, run_export_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,13 +80,6 @@ def descendants(pid: int) -> set[int]:
         found |= frontier
     return found
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- builds ------------------------------------------------------------------------------------
