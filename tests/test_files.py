@@ -7,8 +7,10 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import PathDeniedError, RemoteNotFoundError
+from workbench.runtime.workspace import PREALLOCATE_MIN, preallocate
 
 from .conftest import assert_clean, session_workspaces
+from .helpers import start_server
 
 
 def test_upload_download_roundtrip_bytes(remote):
@@ -43,6 +45,34 @@ def test_large_upload_streams(remote, tmp_path):
     remote.upload(str(local))
     back = remote.download("big.bin")
     assert len(back) == size and back[-5:] == b"tail!" and back[:4] == b"\0\0\0\0"
+
+
+def test_preallocation_gives_the_blocks_and_keeps_the_length(tmp_path):
+    fd = os.open(tmp_path / "new.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        preallocate(fd, PREALLOCATE_MIN - 1)  # small files land as they come
+        assert os.fstat(fd).st_blocks == 0
+        preallocate(fd, 8 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 0  # nothing to read yet, and a shorter write leaves no zeros behind it
+        assert st.st_blocks * 512 >= 8 << 20
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_large_uploads_land_with_exactly_their_bytes(kind, private_tmpdir):
+    """Around and over the preallocation size, replacing longer and shorter files, on both servers."""
+    with start_server(kind) as srv, rpc.connect("127.0.0.1", srv.port) as remote:
+        for size in (5 << 20, PREALLOCATE_MIN - 1, (3 << 20) + 123, PREALLOCATE_MIN, 6 << 20):
+            data = os.urandom(size)
+            remote.upload(data, target="w.bin")
+            [workspace] = session_workspaces(private_tmpdir)
+            assert os.path.getsize(os.path.join(workspace, "files", "w.bin")) == size
+            assert remote.download("w.bin") == data
+        remote.upload(os.urandom(2 << 20), target="gone.bin")
+        remote.remove("gone.bin")
+        assert remote.listdir(".") == ["w.bin"]
 
 
 def test_remove_and_listdir(remote):

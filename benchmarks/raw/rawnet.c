@@ -10,9 +10,9 @@
  *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
  *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
  *       (recv() into memory) or "splice" (socket -> pipe -> a new file in DIR
- *       per transfer, as an upload lands); both sinks wake once per 1 MiB
- *       batch (SO_RCVLOWAT) and both ends use reno, as workbench's loopback
- *       sockets do. Prints the seconds of each transfer.
+ *       per transfer, its extent preallocated, as an upload lands); both sinks
+ *       wake once per 1 MiB batch (SO_RCVLOWAT) and both ends use reno, as
+ *       workbench's loopback sockets do. Prints the seconds of each transfer.
  *
  *   rawnet first BYTES REPS CPU PEER_CPU
  *       A new connection's first transfer, REPS times (after one untimed): each
@@ -260,6 +260,7 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
                 snprintf(path, sizeof path, "%s/dst-%ld.bin", dir, r);
                 int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
                 if (out < 0) die("open the destination file");
+                (void)fallocate(out, FALLOC_FL_KEEP_SIZE, 0, (off_t)bytes); /* as workbench lands an upload */
                 splice_all(fd, p[0], p[1], out, bytes);
                 if (close(out) != 0) die("close the destination file");
             } else {
