@@ -7,6 +7,7 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import PathDeniedError, RemoteNotFoundError
+from workbench.rpc.wire.protocol import SocketChannel
 from workbench.runtime.workspace import PREALLOCATE_MIN, preallocate
 
 from .conftest import assert_clean, session_workspaces
@@ -73,6 +74,22 @@ def test_large_uploads_land_with_exactly_their_bytes(kind, private_tmpdir):
         remote.upload(os.urandom(2 << 20), target="gone.bin")
         remote.remove("gone.bin")
         assert remote.listdir(".") == ["w.bin"]
+
+
+@pytest.mark.parametrize("io_timeout", [None, 30.0], ids=["blocking", "timeout"])
+def test_downloads_arrive_whole_around_the_piece_sizes(io_timeout, private_tmpdir):
+    """On loopback a file goes in pieces, some from a mapping and some by sendfile: every size around the
+    pieces' edges arrives whole, with and without a progress bar, on a blocking socket and on one with a
+    timeout."""
+    piece = SocketChannel.PIECE
+    sizes = [1, piece - 1, piece, piece + 1, piece * SocketChannel.SENDFILE_SHARE + 7, (9 << 20) + 3]
+    with rpc.Server(port=0, silent=True, timeout=io_timeout) as srv, rpc.connect("127.0.0.1", srv.port) as remote:
+        for size in sizes:
+            data = os.urandom(size)
+            remote.upload(data, target="f.bin")
+            for progress in (False, True):
+                assert remote.download("f.bin", progress=progress) == data, (size, progress)
+    assert_clean(srv, private_tmpdir)
 
 
 def test_remove_and_listdir(remote):
