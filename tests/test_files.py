@@ -81,7 +81,7 @@ def test_downloads_arrive_whole_around_the_piece_sizes(io_timeout, private_tmpdi
     """On loopback a file goes in pieces, some from a mapping and some by sendfile: every size around the
     pieces' edges arrives whole, with and without a progress bar, on a blocking socket and on one with a
     timeout."""
-    piece = SocketChannel.PIECE
+    piece = SocketChannel.SEND_PIECE
     sizes = [1, piece - 1, piece, piece + 1, piece * SocketChannel.SENDFILE_SHARE + 7, (9 << 20) + 3]
     with rpc.Server(port=0, silent=True, timeout=io_timeout) as srv, rpc.connect("127.0.0.1", srv.port) as remote:
         for size in sizes:

@@ -492,8 +492,7 @@ class SocketChannel(Channel):
     """A channel over a connected TCP socket."""
 
     SPLICE_PIPE = 1 << 20
-    PIECE = 2 << 20  # a file sent to a peer on this machine goes in pieces of this size ...
-    SENDFILE_SHARE = 3  # ... one in this many by sendfile, the others from a mapping (_sendfile)
+    SENDFILE_SHARE = 3  # a file sent to a peer on this machine: one SEND_PIECE in this many goes by sendfile
 
     def __init__(self, sock: socket.socket):
         super().__init__()
@@ -563,9 +562,9 @@ class SocketChannel(Channel):
                 return super()._sendfile(file, count, progress)
             with mapping, memoryview(mapping) as view:
                 for part in chunk_slices(count, progress):
-                    for start in range(part.start, part.stop, self.PIECE):
-                        stop = min(start + self.PIECE, part.stop)
-                        if start // self.PIECE % self.SENDFILE_SHARE == self.SENDFILE_SHARE - 1:
+                    for start in range(part.start, part.stop, self.SEND_PIECE):
+                        stop = min(start + self.SEND_PIECE, part.stop)
+                        if start // self.SEND_PIECE % self.SENDFILE_SHARE == self.SENDFILE_SHARE - 1:
                             self._sendfile_range(file, start, stop)
                         else:
                             self._sendall(view[start:stop])
