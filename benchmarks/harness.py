@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import itertools
 import json
 import os
@@ -169,6 +170,35 @@ def rss_mb(pids: Iterable[int]) -> float:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
             kib += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
     return kib * 1024 / 1e6
+
+
+VIRTIO_BALLOON = "0x0005"  # a virtio device id (sysfs "device")
+VIRTIO_BALLOON_F_REPORTING = 5  # its feature bit: free page reporting
+
+
+def returns_free_memory_to_host() -> bool:
+    """Whether this machine is a VM whose balloon reports free memory to the host (free page reporting).
+
+    There, memory left free for a couple of seconds is handed back to the host, and
+    the first touch of it afterwards is far slower (the host must back it again):
+    transfers that land in fresh memory (a new file's page cache, a new tensor) slow
+    down in stretches. False where sysfs does not tell.
+
+        >>> returns_free_memory_to_host()  # doctest: +SKIP
+        True
+    """
+    for device in glob.glob("/sys/bus/virtio/devices/*"):
+        try:
+            with open(os.path.join(device, "device")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(device, "features")) as f:
+                features = f.read().strip()
+        except OSError:
+            continue
+        if (kind == VIRTIO_BALLOON and features[VIRTIO_BALLOON_F_REPORTING:][:1] == "1"
+                and os.path.exists(os.path.join(device, "driver"))):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -838,6 +838,10 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         "ratio = ours / raw" + (", tvm ratio = ours / tvm" if tvm else "")
         + "; MiB/s: higher is better; µs, s, MB: lower is better; statistic: what each figure is.",
         f"RSS: VmRSS summed over the idle server's processes ({processes}).",
+        *(["this machine is a VM that hands memory free for a couple of seconds back to its host (virtio-balloon "
+           "free page reporting); the first touch of such memory is far slower, so transfers landing in fresh "
+           "memory (an upload's new file, a new tensor) slow down in stretches, ours and native alike: each "
+           "round compares the two in the same window."] if harness.returns_free_memory_to_host() else []),
     ]
 
 
@@ -864,13 +868,15 @@ def markdown_table(ms: list[Metric], values: list[dict[str, Any]], tvm_wanted: b
 
 
 def machine() -> str:
-    """This machine in one line: CPU model and count, memory, kernel, Python, the date."""
+    """This machine in one line: CPU model and count, memory (and whether free memory goes back to a VM's
+    host: harness.returns_free_memory_to_host), kernel, Python, the date."""
     model = "unknown CPU"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{model}, {len(os.sched_getaffinity(0))} CPUs, {memory:.0f} GiB, {platform.system()} "
+    vm = ", a VM returning free memory to its host" if harness.returns_free_memory_to_host() else ""
+    return (f"{model}, {len(os.sched_getaffinity(0))} CPUs, {memory:.0f} GiB{vm}, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
 
 

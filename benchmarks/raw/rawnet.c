@@ -21,6 +21,12 @@
  *       as a new tensor of workbench's), batched and on reno as above. Prints
  *       the seconds of each first transfer, until the peer's one-byte answer.
  *
+ *   rawnet refault BYTES WAIT_S
+ *       The first touch of BYTES of fresh memory (anonymous, huge pages
+ *       advised) right after the same amount was freed, and after it was left
+ *       free for WAIT_S seconds: on a VM whose balloon reports free memory to
+ *       its host, the second is far slower. Prints the seconds of each touch.
+ *
  *   rawnet ping SIZE WARMUP COUNT CPU PEER_CPU
  *       SIZE-byte messages echoed by the peer over TCP_NODELAY; prints the
  *       seconds of each of COUNT round trips after WARMUP untimed ones.
@@ -358,6 +364,28 @@ static int ping(size_t size, long warmup, long count, int cpu, int peer_cpu) {
     return status;
 }
 
+/* BYTES of fresh memory: taken and freed (munmap), WAIT_S seconds later taken again and touched */
+static double touch_after(size_t bytes, unsigned wait_s) {
+    for (int again = 0; again < 2; again++) {
+        char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) die("mmap");
+        madvise(p, bytes, MADV_HUGEPAGE);
+        double start = now();
+        memset(p, again + 1, bytes);
+        double took = now() - start;
+        munmap(p, bytes);
+        if (again) return took;
+        sleep(wait_s);
+    }
+    return 0;
+}
+
+static int refault(size_t bytes, unsigned wait_s) {
+    double t[2] = {touch_after(bytes, 0), touch_after(bytes, wait_s)};
+    print_times("refault", "freed just before, then left free WAIT_S s", t, 2);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     alarm(RUN_LIMIT_S);
     signal(SIGPIPE, SIG_IGN);
@@ -365,11 +393,14 @@ int main(int argc, char **argv) {
         return bulk(argv[2], strtoull(argv[3], NULL, 10), atol(argv[4]), atoi(argv[5]), atoi(argv[6]), argv[7]);
     if (argc == 6 && strcmp(argv[1], "first") == 0)
         return first(strtoull(argv[2], NULL, 10), atol(argv[3]), atoi(argv[4]), atoi(argv[5]));
+    if (argc == 4 && strcmp(argv[1], "refault") == 0)
+        return refault(strtoull(argv[2], NULL, 10), (unsigned)atoi(argv[3]));
     if (argc == 7 && strcmp(argv[1], "ping") == 0)
         return ping(strtoull(argv[2], NULL, 10), atol(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
     fprintf(stderr,
             "usage: rawnet bulk METHOD BYTES REPS CPU PEER_CPU DIR\n"
             "       rawnet first BYTES REPS CPU PEER_CPU\n"
+            "       rawnet refault BYTES WAIT_S\n"
             "       rawnet ping SIZE WARMUP COUNT CPU PEER_CPU\n");
     return 2;
 }
