@@ -492,7 +492,7 @@ class SocketChannel(Channel):
     """A channel over a connected TCP socket."""
 
     SPLICE_PIPE = 1 << 20
-    SENDFILE_SHARE = int(os.environ.get("WB_SHARE", 3))  # a file sent to a peer on this machine: one SEND_PIECE in this many goes by sendfile
+    SENDFILE_SHARE = 3  # a file sent to a peer on this machine: one SEND_PIECE in this many goes by sendfile
 
     def __init__(self, sock: socket.socket):
         super().__init__()
