@@ -24,9 +24,9 @@ One run measures, all on 127.0.0.1 with free ports:
   ``gcc -O2`` into a temporary directory, both ends in C and pinned like ours.
   Bulk moves the same bytes four ways: ``send`` from memory or ``sendfile``
   from a page-cached file, into ``recv`` to memory or ``splice`` (through a
-  pipe) to a new file, preallocated as ours; the raw figure of each bulk row is the way fastest over
-  the whole run, measured in the same window as ours. The round trip is a C
-  ping-pong of 16-byte messages (TCP_NODELAY).
+  pipe) to a new file, preallocated as ours; the raw figure of each bulk row
+  is the way fastest over the whole run, measured in the same window as ours.
+  The round trip is a C ping-pong of 16-byte messages (TCP_NODELAY).
 * ours: upload and download of a file, tensor copies to the device
   (``runtime.tensor`` and ``Tensor.copyfrom``) and back (``Tensor.numpy``),
   with this process on one CPU and the server and its workers on another (the
