@@ -76,20 +76,14 @@ def test_large_uploads_land_with_exactly_their_bytes(kind, private_tmpdir):
         assert remote.listdir(".") == ["w.bin"]
 
 
-SERVERS = {
-    "python": lambda: rpc.Server(port=0, silent=True),
-    "python-timeout": lambda: rpc.Server(port=0, silent=True, timeout=30.0),  # sendfile through socket.sendfile
-    "minrpc": lambda: rpc.MinRPCServer(port=0),
-}
-
-
-@pytest.mark.parametrize("kind", list(SERVERS))
-def test_downloads_arrive_whole_around_the_piece_sizes(kind, private_tmpdir):
+@pytest.mark.parametrize("kind, options", [("python", {}), ("python", {"timeout": 30.0}), ("minrpc", {})],
+                         ids=["python", "python-timeout", "minrpc"])  # with a timeout: socket.sendfile
+def test_downloads_arrive_whole_around_the_piece_sizes(kind, options, private_tmpdir):
     """On loopback a file goes in pieces (SEND_PIECE, minrpc's CONN_PIECE), some from a mapping and some
     by sendfile: every size around the pieces' edges arrives whole, with and without a progress bar."""
     piece = SocketChannel.SEND_PIECE
     sizes = [1, piece - 1, piece, piece + 1, piece * SocketChannel.SENDFILE_SHARE + 7, (9 << 20) + 3]
-    with SERVERS[kind]() as srv, rpc.connect("127.0.0.1", srv.port) as remote:
+    with start_server(kind, **options) as srv, rpc.connect("127.0.0.1", srv.port) as remote:
         for size in sizes:
             data = os.urandom(size)
             remote.upload(data, target="f.bin")
