@@ -318,8 +318,10 @@ def interleaved_bulk(cfg: Config, res: Results, native: NativeRuns, ops: dict[st
                         per_round[what].append(harness.mib_s(cfg.bulk_bytes, block))
             res.set("ours", key, harness.mib_s(cfg.bulk_bytes, ours), len(ours))
             res.rounds["ours", key] = per_round["ours"]
-    pooled = {m: [t for raw in windows.values() for t in raw.get(m, [])]
-              for m in dict.fromkeys([*harness.BULK_METHODS, *(w for ws in harness.SAME_JOB.values() for w in ws)])}
+    pooled: dict[str, list[float]] = {m: [] for m in harness.BULK_METHODS}  # each way's times over every window
+    for raw in windows.values():
+        for m, times in raw.items():
+            pooled.setdefault(m, []).extend(times)
     for key, ways in harness.SAME_JOB.items():  # the (info) rows: the same job done natively, in the row's window
         done = [w for w in ways if windows.get(key, {}).get(w)]
         if done:
