@@ -353,16 +353,18 @@ int conn_writev(mr_conn* c, struct iovec* iov, int n) {
     return 0;
 }
 
-/* bytes [off, off + n) of the file by sendfile: 0, or -1 with c->err set */
-static int sendfile_range(mr_conn* c, int fd, off_t off, size_t n) {
+/* n bytes of the file from *off by sendfile, *off advanced past what went: 0, or -1 with c->err set
+ * (EINVAL or ENOSYS: this file cannot be sent so) */
+static int sendfile_range(mr_conn* c, int fd, off_t* off, uint64_t n) {
     while (n) {
-        ssize_t sent = sendfile(c->wfd, fd, &off, n);
+        size_t chunk = n > ((size_t)1 << 30) ? ((size_t)1 << 30) : (size_t)n;
+        ssize_t sent = sendfile(c->wfd, fd, off, chunk);
         if (sent < 0 && errno == EINTR) continue;
         if (sent <= 0) {
             c->err = sent < 0 ? errno : EIO; /* 0: the file shrank under us */
             return -1;
         }
-        n -= (size_t)sent;
+        n -= (uint64_t)sent;
     }
     return 0;
 }
@@ -381,26 +383,22 @@ int conn_sendfile(mr_conn* c, int fd, uint64_t count) {
             int rc = 0;
             for (size_t at = 0, i = 0; at < count && !rc; at += CONN_PIECE, i++) {
                 size_t n = count - at < CONN_PIECE ? (size_t)count - at : CONN_PIECE;
-                struct iovec v = {(char*)map + at, n};
-                rc = i % CONN_SENDFILE_SHARE == CONN_SENDFILE_SHARE - 1 ? sendfile_range(c, fd, (off_t)at, n)
-                                                                         : conn_writev(c, &v, 1);
+                if (i % CONN_SENDFILE_SHARE == CONN_SENDFILE_SHARE - 1) {
+                    off_t from = (off_t)at;
+                    rc = sendfile_range(c, fd, &from, n);
+                } else {
+                    struct iovec v = {(char*)map + at, n};
+                    rc = conn_writev(c, &v, 1);
+                }
             }
             munmap(map, (size_t)count);
             return rc;
         }
     }
-    while (count) {
-        size_t chunk = count > ((size_t)1 << 30) ? ((size_t)1 << 30) : (size_t)count;
-        ssize_t sent = sendfile(c->wfd, fd, &off, chunk);
-        if (sent < 0 && errno == EINTR) continue;
-        if (sent < 0 && (errno == EINVAL || errno == ENOSYS)) break; /* fall back to read + write */
-        if (sent <= 0) {
-            c->err = sent < 0 ? errno : EIO; /* 0: the file shrank under us */
-            return -1;
-        }
-        count -= (uint64_t)sent;
-    }
-    if (!count) return 0;
+    if (!sendfile_range(c, fd, &off, count)) return 0;
+    if (c->err != EINVAL && c->err != ENOSYS) return -1;
+    c->err = 0; /* no sendfile for this file: read + write, from where it stopped */
+    count -= (uint64_t)off;
     if (ensure_scratch(c)) return -1;
     while (count) {
         ssize_t got = pread(fd, c->scratch, count < c->scratch_cap ? (size_t)count : c->scratch_cap, off);
