@@ -1,6 +1,7 @@
 """upload / download / remove / listdir, confined to the session workspace."""
 from __future__ import annotations
 
+import glob
 import os
 
 import pytest
@@ -8,10 +9,12 @@ import pytest
 from workbench import rpc
 from workbench.errors import PathDeniedError, RemoteNotFoundError
 from workbench.rpc.wire.protocol import SocketChannel
-from workbench.runtime.workspace import PREALLOCATE_MIN, preallocate
+from workbench.rpc.wire.protocol import HEADER, Kind, pack
+from workbench.runtime.workspace import PREALLOCATE_MIN, PREALLOCATE_WINDOW, preallocate
 
-from .conftest import assert_clean, session_workspaces
+from .conftest import assert_clean, session_workspaces, wait_until
 from .helpers import start_server
+from .test_protocol import RawPeer
 
 
 def test_upload_download_roundtrip_bytes(remote):
@@ -51,14 +54,37 @@ def test_large_upload_streams(remote, tmp_path):
 def test_preallocation_gives_the_blocks_and_keeps_the_length(tmp_path):
     fd = os.open(tmp_path / "new.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        preallocate(fd, PREALLOCATE_MIN - 1)  # small files land as they come
-        assert os.fstat(fd).st_blocks == 0
-        preallocate(fd, 8 << 20)
+        preallocate(fd, 0, 8 << 20)
         st = os.fstat(fd)
         assert st.st_size == 0  # nothing to read yet, and a shorter write leaves no zeros behind it
         assert st.st_blocks * 512 >= 8 << 20
+        preallocate(fd, 8 << 20, 4 << 20)  # the next window
+        assert os.fstat(fd).st_blocks * 512 >= 12 << 20
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["python", "minrpc"])
+def test_a_slow_upload_holds_no_more_disk_than_it_filled_and_one_window(kind, private_tmpdir):
+    """A client that declares a huge upload and sends slowly gets disk as its bytes come (a window ahead),
+    not the declared size at once; when it goes, the partial file goes with it."""
+    declared, sent = 1 << 40, 3 << 20  # 1 TiB: over any disk; quotas off, so nothing refuses it up front
+    with start_server(kind, max_workspace_bytes=0) as srv:
+        with RawPeer.connect(srv.port) as peer:
+            peer.handshake()
+            ctrl = pack(["huge.bin"])
+            peer.send(HEADER.pack(len(ctrl), Kind.UPLOAD, 0, declared) + ctrl)
+            for _ in range(sent >> 20):
+                peer.send(os.urandom(1 << 20))
+            [workspace] = session_workspaces(private_tmpdir)
+
+            def landing() -> list[os.stat_result]:
+                return [os.stat(path) for path in glob.glob(os.path.join(workspace, "files", ".upload-*"))]
+
+            assert wait_until(lambda: [st.st_size for st in landing()] == [sent])
+            [st] = landing()
+            assert st.st_blocks * 512 <= sent + PREALLOCATE_WINDOW + (1 << 20)
+        assert_clean(srv, private_tmpdir)
 
 
 @pytest.mark.parametrize("kind", ["python", "minrpc"])

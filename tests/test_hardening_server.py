@@ -40,6 +40,7 @@ from workbench.errors import (
 )
 from workbench.farm import LocalFarm
 from workbench.rpc.wire.protocol import FLAG_SERVER, HEADER, MAGIC, PREAMBLE, VERSION, Kind, pack
+from workbench.runtime.workspace import PREALLOCATE_WINDOW
 
 from .conftest import ROOT, alive, assert_clean, children, session_workspaces, wait_until
 from .test_protocol import CPU, FLOAT32, RawPeer
@@ -460,7 +461,9 @@ def test_an_upload_over_the_file_size_limit_is_drained_not_executed(private_tmpd
     """The bytes of a failed upload are read and dropped: an UPLOAD frame hidden inside them never runs."""
     hidden = pack(["evil.txt"])
     frame = HEADER.pack(len(hidden), Kind.UPLOAD, 0, 4) + hidden + b"EVIL"
-    data = bytearray(9 << 20)  # over the server's 4 MiB scratch buffer, so the failure comes mid-stream either way
+    # over the server's 4 MiB scratch buffer, so the failure comes mid-stream either way, and over a window of
+    # preallocation: the windows after the failed one are dropped too
+    data = bytearray(PREALLOCATE_WINDOW + (9 << 20))
     for offset in range(1 << 20, len(data) - len(frame), 256 << 10):  # past the limit, over and over
         data[offset:offset + len(frame)] = frame
     with rpc.Server(port=0, silent=True, timeout=io_timeout,

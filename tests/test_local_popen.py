@@ -9,6 +9,7 @@ import pytest
 
 from workbench import rpc, runtime
 from workbench.errors import ConnectionClosedError, PathDeniedError, RemoteError, SessionCrashedError
+from workbench.runtime.workspace import PREALLOCATE_WINDOW
 
 
 def exercise(remote, kernels):
@@ -36,6 +37,19 @@ def test_local_session(kernels):
     exercise(remote, kernels)
     remote.close()
     assert not os.path.exists(workspace)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_local_uploads_over_a_window_land_whole(tmp_path, progress):
+    """Over a window of preallocation an upload is written window after window, from bytes or from a file."""
+    data = os.urandom(PREALLOCATE_WINDOW + (3 << 20) + 5)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    with rpc.LocalSession() as remote:
+        remote.upload(data, target="from-bytes.bin", progress=progress)
+        remote.upload(path, target="from-file.bin", progress=progress)
+        for name in ("from-bytes.bin", "from-file.bin"):
+            assert remote.download(name, progress=False) == data
 
 
 def test_popen_session_with_the_python_server(kernels):

@@ -41,6 +41,7 @@ from .test_protocol import (
 )
 from workbench import cc, rpc, runtime
 from workbench.runtime.opencl import published_devices
+from workbench.runtime.workspace import PREALLOCATE_WINDOW
 from workbench.errors import (
     AuthenticationError,
     BadRequestError,
@@ -971,7 +972,7 @@ def test_file_size_limit_fails_the_upload_only(started):
     with rpc.connect("127.0.0.1", srv.port) as remote:
         with pytest.raises(RemoteError, match=r"while the server wrote the received data to a file \(disk full or a "
                                               r"file-size limit\?\); the data was dropped"):
-            remote.upload(os.urandom(3 << 20), "big.bin")
+            remote.upload(bytes(PREALLOCATE_WINDOW + (3 << 20)), "big.bin")  # the windows after the failed one too
         assert remote.listdir() == []  # no partial file
         remote.upload(b"small", "small.bin")
         assert remote.download("small.bin") == b"small"

@@ -84,6 +84,7 @@ typedef struct {
 #define MR_DEFAULT_WORKSPACE_BYTES ((uint64_t)4 << 30)
 #define MR_DEFAULT_WORKSPACE_FILES 10000
 #define MR_PREALLOCATE_MIN ((uint64_t)1 << 20) /* uploads from this size get their extent before they land */
+#define MR_PREALLOCATE_WINDOW ((uint64_t)64 << 20) /* ... a window at a time (workspace.PREALLOCATE_WINDOW) */
 /* A quota option's value: bytes, or a number with a binary suffix K, M, G, T, P ("iB"/"B" allowed): "512M",
    "4G", "1.5k"; 0 is no limit. 0, or -1 if malformed (workspace.c). */
 int mr_parse_size(const char* text, uint64_t* out);

@@ -442,10 +442,17 @@ static int do_upload(const mp_node* args, mr_error* err) {
     if (S.bulk_left) {
         uint64_t size = S.bulk_left;
         S.bulk_left = 0;
-        /* the whole extent at once rather than block by block as the bytes land (about 1.14x faster on ext4);
-           advice only: a failure here is left to the writes, which say what went wrong */
-        if (size >= MR_PREALLOCATE_MIN) (void)fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)size);
-        if (conn_bulk_to_fd(S.c, fd, size, &write_errno)) S.lost = 1;
+        /* each window's extent at once, just before its bytes are read, rather than block by block as they
+           land (about 1.14x faster on ext4), and never more disk than the bytes fill and one window, however
+           slowly they come; advice only: a failure here is left to the writes, which say what went wrong */
+        for (uint64_t done = 0; done < size && !S.lost && !write_errno;) {
+            uint64_t n = size - done < MR_PREALLOCATE_WINDOW ? size - done : MR_PREALLOCATE_WINDOW;
+            if (size >= MR_PREALLOCATE_MIN) (void)fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)done, (off_t)n);
+            if (conn_bulk_to_fd(S.c, fd, n, &write_errno)) S.lost = 1;
+            done += n;
+            /* a failed write dropped the rest of its window; the rest of the part goes too, to stay in step */
+            if (write_errno && !S.lost && done < size && conn_discard(S.c, size - done)) S.lost = 1;
+        }
     }
     if (!write_errno && fchmod(fd, 0644) != 0) write_errno = errno;
     if (close(fd) != 0 && !write_errno) write_errno = errno;

@@ -53,7 +53,7 @@ class LocalSession(RPCSession):
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
         bar: Callable[[int], Any] | None = None,
     ) -> Any:
-        from ..server.handler import Bulk, Reply, error_text
+        from ..server.handler import Bulk, Reply, error_text, in_order
 
         with self._lock:
             self._ensure_open()
@@ -64,11 +64,11 @@ class LocalSession(RPCSession):
             if bulk is not None:
                 src = memoryview(bulk).cast("B")
                 incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
-                                lambda fd, n: write_all(fd, src))
+                                in_order(lambda fd, start, stop: write_all(fd, src[start:stop])))
             elif file is not None:
                 f, size = file
                 incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
-                                lambda fd, n: _copy_file(f.fileno(), fd, n))
+                                in_order(lambda fd, start, stop: _copy_file(f.fileno(), fd, start, stop)))
             if bar is not None and incoming is not None:
                 sending = bar(incoming.size)
             try:
@@ -85,19 +85,15 @@ class LocalSession(RPCSession):
                                     else:
                                         _read_fully(f, view[part])
 
-                            def to_fd(fd: int, n: int) -> None:
-                                for part in chunk_slices(n, update):
+                            def write(fd: int, start: int, stop: int) -> None:
+                                for part in chunk_slices(stop - start, update):
+                                    begin, end = start + part.start, start + part.stop
                                     if bulk is not None:
-                                        write_all(fd, src[part])
-                                        continue
-                                    offset = part.start
-                                    while offset < part.stop:  # sendfile from successive offsets
-                                        sent = os.sendfile(fd, f.fileno(), offset, part.stop - offset)
-                                        if not sent:
-                                            raise ProtocolError("the file shrank while it was being copied")
-                                        offset += sent
+                                        write_all(fd, src[begin:end])
+                                    else:
+                                        _copy_file(f.fileno(), fd, begin, end)
 
-                            incoming = Bulk(incoming.size, read_into, lambda n: None, to_fd)
+                            incoming = Bulk(incoming.size, read_into, lambda n: None, in_order(write))
                         reply = self._handler.handle(kind, unpack(pack(args)), incoming)
             except RPCError:
                 raise
@@ -134,13 +130,13 @@ class LocalSession(RPCSession):
             return value
 
 
-def _copy_file(src_fd: int, dst_fd: int, count: int) -> None:
-    offset = 0
-    while offset < count:
-        sent = os.sendfile(dst_fd, src_fd, offset, count - offset)
+def _copy_file(src_fd: int, dst_fd: int, start: int, stop: int) -> None:
+    """Bytes ``start:stop`` of the file ``src_fd`` to ``dst_fd``, by sendfile(2) from successive offsets."""
+    while start < stop:
+        sent = os.sendfile(dst_fd, src_fd, start, stop - start)
         if not sent:
             raise ProtocolError("the file shrank while it was being copied")
-        offset += sent
+        start += sent
 
 
 def _read_fully(f: Any, view: memoryview) -> None:

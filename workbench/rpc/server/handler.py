@@ -26,7 +26,7 @@ from ...runtime.quota import Quotas, format_size
 from ...runtime.storage import SPARE, DeviceTensor
 from ...runtime.tvm_bridge import TVMFunction
 from ...runtime.timer import check_time_options, python_runner, time_repeats
-from ...runtime.workspace import Workspace
+from ...runtime.workspace import PREALLOCATE_MIN, PREALLOCATE_WINDOW, Workspace, preallocate
 from ..wire.protocol import Ext, Handle, Kind
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Bulk:
         size: int,
         read_into: Callable[[memoryview], None],
         discard: Callable[[int], None],
-        to_fd: Callable[[int, int], None],
+        to_fd: Callable[[int, int, int], None],
     ):
         self.size = size
         self._read_into = read_into
@@ -75,14 +75,39 @@ class Bulk:
         self._read_into(view)
 
     def write_to(self, fd: int) -> None:
-        """Stream the data into the open file ``fd``."""
+        """Stream the data into the open file ``fd``, its disk reserved a window at a time (``preallocate``)
+        just before that window's bytes are read: a declared size never holds more disk than its bytes fill
+        and one window, however slowly they come.
+
+        ``to_fd(fd, n, follow)`` writes the next ``n`` bytes; if the write fails it drops them and the
+        ``follow`` bytes after them, so the stream stays in step, and raises.
+        """
         self.consumed = True
-        self._to_fd(fd, self.size)
+        for start in range(0, self.size, PREALLOCATE_WINDOW):
+            n = min(PREALLOCATE_WINDOW, self.size - start)
+            if self.size >= PREALLOCATE_MIN:
+                preallocate(fd, start, n)
+            self._to_fd(fd, n, self.size - start - n)
 
     def drop(self) -> None:
         if not self.consumed:
             self.consumed = True
             self._discard(self.size)
+
+
+def in_order(write: Callable[[int, int, int], None]) -> Callable[[int, int, int], None]:
+    """A ``Bulk``'s ``to_fd`` over data already at hand: ``write(fd, start, stop)`` for each call's next bytes.
+
+        >>> to_fd = in_order(lambda fd, start, stop: write_all(fd, data[start:stop]))  # doctest: +SKIP
+    """
+    done = 0
+
+    def to_fd(fd: int, n: int, follow: int) -> None:
+        nonlocal done
+        write(fd, done, done + n)
+        done += n
+
+    return to_fd
 
 
 class Reply:

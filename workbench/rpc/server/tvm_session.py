@@ -63,7 +63,7 @@ from ..wire.tvm import (
     read_tensor,
     return_packet,
 )
-from .handler import Bulk, Reply, SessionHandler, error_text
+from .handler import Bulk, Reply, SessionHandler, error_text, in_order
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,12 @@ def accept_tvm_session(sock: socket.socket) -> TVMChannel:
 
 def _memory_bulk(data: bytes) -> Bulk:
     """A ``Bulk`` over bytes already read (a small upload)."""
+    view = memoryview(data)
+
     def read_into(view: memoryview) -> None:
         view[:] = data
 
-    return Bulk(len(data), read_into, lambda n: None, lambda fd, n: write_all(fd, data))
+    return Bulk(len(data), read_into, lambda n: None, in_order(lambda fd, start, stop: write_all(fd, view[start:stop])))
 
 
 def _arity(args: list, n: int, name: str) -> None:
@@ -249,9 +251,13 @@ class TVMSession:
             consumed(n)
             self.chan.discard_bulk(n)
 
-        def to_fd(fd: int, n: int) -> None:
+        def to_fd(fd: int, n: int, follow: int) -> None:
             consumed(n)
-            self.chan.recv_bulk_to_fd(fd, n)
+            try:
+                self.chan.recv_bulk_to_fd(fd, n, follow)
+            except OSError:
+                consumed(follow)  # a failed write drops the rest of the part (a lost connection ends the session)
+                raise
 
         return Bulk(size, read_into, discard, to_fd)
 

@@ -340,11 +340,12 @@ class Channel:
 
     def recv_bulk_to_fd(self, fd: int | None, count: int, follow: int = 0) -> None:
         """Write the next ``count`` stream bytes to the file ``fd`` (None: drop them), through one reused buffer
-        (``follow``: as for ``recv_bulk_into``).
+        (``follow``: the bytes of the bulk part after these, as for ``recv_bulk_into``).
 
         If writing the file fails (disk full, a file-size limit), the rest of the
-        bulk part is still read and dropped before the error is raised, so the
-        stream stays in step: no byte of a bulk part is ever read as a frame.
+        bulk part (``follow`` included) is still read and dropped before the error
+        is raised, so the stream stays in step: no byte of a bulk part is ever read
+        as a frame.
         """
         if self._scratch is None:
             self._scratch = memoryview(bytearray(self.SCRATCH))
@@ -356,7 +357,7 @@ class Channel:
                 try:
                     write_all(fd, chunk)
                 except OSError as exc:
-                    raise self._write_failed(exc, count) from None
+                    raise self._write_failed(exc, count + follow) from None
 
     def _write_failed(self, exc: OSError, still_to_come: int) -> OSError:
         """Drop the ``still_to_come`` bytes of the bulk part whose file write failed; the error to raise."""
@@ -650,19 +651,19 @@ class SocketChannel(Channel):
             try:
                 write_all(fd, self._view[start : start + have])
             except OSError as exc:
-                raise self._write_failed(exc, count) from None
+                raise self._write_failed(exc, count + follow) from None
         if not count:
             return
         if not hasattr(os, "splice") or self.sock.gettimeout() is not None:
             return super().recv_bulk_to_fd(fd, count, follow)
         with self._in_batches(count + follow) as batched:
             if batched:
-                count -= self._splice_in(fd, min(batched, count), count)
+                count -= self._splice_in(fd, min(batched, count), count + follow)
         if count:
-            self._splice_in(fd, count, count)
+            self._splice_in(fd, count, count + follow)
 
     def _splice_in(self, fd: int, count: int, due: int) -> int:
-        """Move ``count`` stream bytes to ``fd`` through a pipe (``due``: bytes of this call still to come,
+        """Move ``count`` stream bytes to ``fd`` through a pipe (``due``: bytes of the bulk part still to come,
         for the errors); returns ``count``."""
         if self._pipe is None:
             self._pipe = os.pipe()
