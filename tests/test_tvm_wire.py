@@ -29,6 +29,7 @@ import pytest
 
 from workbench import rpc
 from workbench.errors import AuthenticationError
+from workbench.runtime.workspace import PREALLOCATE_WINDOW
 
 from .conftest import assert_clean, wait_until
 from .wire import recv_exact
@@ -218,6 +219,24 @@ def test_files_upload_download_listdir_remove(tvm, any_remote, tvm_kernels):
     a = tvm.runtime.tensor(np.ones(N, dtype="float32"), dev)
     mod["add_one"](a, a)
     np.testing.assert_array_equal(a.numpy(), np.full(N, 2, dtype="float32"))
+
+
+def test_an_upload_over_the_file_size_limit_fails_and_the_session_goes_on(tvm, private_tmpdir):
+    """TVM's client uploading more than a window of preallocation to a server that cannot write it: the
+    error says why, every byte of the upload is dropped (the windows after the failed one too), and the
+    session goes on in step."""
+    srv = rpc.Server(port=0, silent=True, server_init_callback="tests.test_hardening_server:limit_file_size")
+    try:
+        remote = tvm.rpc.connect(HOST, srv.port)
+        with pytest.raises(tvm.error.RPCError, match="File too large while the server wrote the received data"):
+            remote.upload(bytearray(os.urandom(PREALLOCATE_WINDOW + (5 << 20))), "big.bin")  # read as frames: garbage
+        remote.upload(bytearray(b"small"), "small.bin")
+        assert bytes(remote.download("small.bin")) == b"small"
+        assert remote.listdir(".") == "small.bin,"
+        close(remote)
+        assert_clean(srv, private_tmpdir)
+    finally:
+        srv.terminate()
 
 
 def test_paths_stay_in_the_workspace(tvm, any_remote):
