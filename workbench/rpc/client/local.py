@@ -18,7 +18,7 @@ from ...progress import chunk_slices
 from ...runtime.ffi import sigint_stops_kernels
 from ..wire.exits import death_notice
 from ..wire.handshake import TOKEN_ENV, client_handshake
-from ..wire.protocol import Channel, Kind, PipeChannel, pack, unpack, write_all
+from ..wire.protocol import Channel, Kind, PipeChannel, pack, sendfile_range, unpack, write_all
 from .session import _CANCELLABLE, Receiver, RPCSession
 
 
@@ -53,48 +53,21 @@ class LocalSession(RPCSession):
         self, kind: int, args: list, *, bulk=None, file=None, recv: Receiver | None = None,
         bar: Callable[[int], Any] | None = None,
     ) -> Any:
-        from ..server.handler import Bulk, Reply, error_text, in_order
+        from ..server.handler import Reply, error_text
 
         with self._lock:
             self._ensure_open()
             if self._pending_free:
                 self._handler.handle(Kind.FREE, self._take_frees(), None)
-            incoming = None
-            sending = None
-            if bulk is not None:
-                src = memoryview(bulk).cast("B")
-                incoming = Bulk(len(src), lambda view: view.__setitem__(slice(None), src), lambda n: None,
-                                in_order(lambda fd, start, stop: write_all(fd, src[start:stop])))
-            elif file is not None:
-                f, size = file
-                incoming = Bulk(size, lambda view: _read_fully(f, view), lambda n: None,
-                                in_order(lambda fd, start, stop: _copy_file(f.fileno(), fd, start, stop)))
-            if bar is not None and incoming is not None:
-                sending = bar(incoming.size)
+            has_bulk = bulk is not None or file is not None
             try:
-                if sending is None:
+                if bar is None or not has_bulk:
+                    incoming = _local_bulk(bulk, file, None) if has_bulk else None
                     reply = self._handler.handle(kind, unpack(pack(args)), incoming)
                 else:
-                    with sending as update:
-                        if update is not None:  # the same copies, chunk by chunk, each reported
-
-                            def read_into(view: memoryview) -> None:
-                                for part in chunk_slices(len(view), update):
-                                    if bulk is not None:
-                                        view[part] = src[part]
-                                    else:
-                                        _read_fully(f, view[part])
-
-                            def write(fd: int, start: int, stop: int) -> None:
-                                for part in chunk_slices(stop - start, update):
-                                    begin, end = start + part.start, start + part.stop
-                                    if bulk is not None:
-                                        write_all(fd, src[begin:end])
-                                    else:
-                                        _copy_file(f.fileno(), fd, begin, end)
-
-                            incoming = Bulk(incoming.size, read_into, lambda n: None, in_order(write))
-                        reply = self._handler.handle(kind, unpack(pack(args)), incoming)
+                    size = memoryview(bulk).nbytes if bulk is not None else file[1]
+                    with bar(size) as update:  # the same copies, chunk by chunk, each reported
+                        reply = self._handler.handle(kind, unpack(pack(args)), _local_bulk(bulk, file, update))
             except RPCError:
                 raise
             except Exception as exc:
@@ -130,13 +103,38 @@ class LocalSession(RPCSession):
             return value
 
 
-def _copy_file(src_fd: int, dst_fd: int, start: int, stop: int) -> None:
-    """Bytes ``start:stop`` of the file ``src_fd`` to ``dst_fd``, by sendfile(2) from successive offsets."""
-    while start < stop:
-        sent = os.sendfile(dst_fd, src_fd, start, stop - start)
-        if not sent:
-            raise ProtocolError("the file shrank while it was being copied")
-        start += sent
+def _local_bulk(bulk: Any, file: tuple[Any, int] | None, update: Callable[[int], None] | None) -> Any:
+    """The ``Bulk`` of an in-process request: ``bulk`` (bytes-like) or ``file`` (an open file and its size),
+    copied chunk by chunk with each chunk reported to ``update`` (None: in one piece)."""
+    from ..server.handler import Bulk, in_order
+
+    if bulk is not None:
+        src = memoryview(bulk).cast("B")
+        size = len(src)
+
+        def fill(view: memoryview, start: int) -> None:
+            view[:] = src[start : start + len(view)]
+
+        def write_part(fd: int, start: int, stop: int) -> None:
+            write_all(fd, src[start:stop])
+    else:
+        f, size = file
+
+        def fill(view: memoryview, start: int) -> None:  # read in order: the file's position is where start is
+            _read_fully(f, view)
+
+        def write_part(fd: int, start: int, stop: int) -> None:
+            sendfile_range(fd, f.fileno(), start, stop, "copied")
+
+    def read_into(view: memoryview) -> None:
+        for part in chunk_slices(len(view), update):
+            fill(view[part], part.start)
+
+    def write(fd: int, start: int, stop: int) -> None:
+        for part in chunk_slices(stop - start, update):
+            write_part(fd, start + part.start, start + part.stop)
+
+    return Bulk(size, read_into, lambda n: None, in_order(write))
 
 
 def _read_fully(f: Any, view: memoryview) -> None:

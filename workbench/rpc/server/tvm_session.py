@@ -136,12 +136,12 @@ def accept_tvm_session(sock: socket.socket) -> TVMChannel:
 
 def _memory_bulk(data: bytes) -> Bulk:
     """A ``Bulk`` over bytes already read (a small upload)."""
-    view = memoryview(data)
+    src = memoryview(data)
 
     def read_into(view: memoryview) -> None:
-        view[:] = data
+        view[:] = src
 
-    return Bulk(len(data), read_into, lambda n: None, in_order(lambda fd, start, stop: write_all(fd, view[start:stop])))
+    return Bulk(len(src), read_into, lambda n: None, in_order(lambda fd, start, stop: write_all(fd, src[start:stop])))
 
 
 def _arity(args: list, n: int, name: str) -> None:

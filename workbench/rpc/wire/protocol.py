@@ -187,6 +187,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def sendfile_range(out_fd: int, in_fd: int, start: int, stop: int, doing: str = "sent") -> None:
+    """Bytes ``start:stop`` of the file ``in_fd`` to ``out_fd`` by sendfile(2), from successive offsets;
+    ProtocolError if the file ends first ("the file shrank while it was being ``doing``")."""
+    while start < stop:
+        sent = os.sendfile(out_fd, in_fd, start, stop - start)
+        if not sent:
+            raise ProtocolError(f"the file shrank while it was being {doing}")
+        start += sent
+
+
 class Frame(tuple):
     """A received frame: ``(kind, flags, ctrl, bulk_len)``; the bulk part is still on the stream."""
 
@@ -579,12 +589,11 @@ class SocketChannel(Channel):
     def _sendfile_range(self, file: BinaryIO, start: int, stop: int) -> None:
         """Send bytes ``start:stop`` of ``file`` with sendfile(2); on a blocking socket straight to the system
         call (socket.sendfile would set up a selector for every piece)."""
-        direct = self.sock.gettimeout() is None and hasattr(os, "sendfile")
+        if self.sock.gettimeout() is None and hasattr(os, "sendfile"):
+            sendfile_range(self.sock.fileno(), file.fileno(), start, stop)
+            return
         while start < stop:
-            if direct:
-                sent = os.sendfile(self.sock.fileno(), file.fileno(), start, stop - start)
-            else:
-                sent = self.sock.sendfile(file, start, stop - start)
+            sent = self.sock.sendfile(file, start, stop - start)
             if not sent:
                 raise ProtocolError("the file shrank while it was being sent")
             start += sent
