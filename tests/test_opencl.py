@@ -422,6 +422,28 @@ def test_a_third_opencl_crash_within_10_s_ends_the_session(server):
     remote.close()
 
 
+# a library that puts its own handler in front of the guard's (as an OpenCL platform's LLVM does when it compiles)
+DEFAULT_SEGV = r"""
+#include <signal.h>
+#include <workbench_kernel.h>
+WB_KERNEL(default_segv) {
+  signal(SIGSEGV, SIG_DFL);
+  return 0;
+}
+"""
+
+
+def test_an_opencl_crash_is_caught_after_a_library_replaced_the_fault_handler(server):
+    remote = rpc.connect("127.0.0.1", server.port)
+    cc.load_source(remote, DEFAULT_SEGV, name="default_segv")["default_segv"]()
+    mod = cc.load_source(remote, FAULT, name="fault", lang="opencl")
+    a = runtime.tensor(np.zeros(64, dtype="float32"), remote.cl(0))
+    with pytest.raises(KernelCrashedError, match="signal 11"):  # not the session: the device's threads faulted
+        mod["fault"](a, 1 << 40, 64)
+    assert remote.ping()
+    remote.close()
+
+
 def test_freed_opencl_tensors_modules_and_functions_leave_nothing_behind(server):
     remote = rpc.connect("127.0.0.1", server.port)
     dev = remote.cl(0)

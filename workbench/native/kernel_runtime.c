@@ -281,16 +281,20 @@ static void wb_guard_forget_after_fork(void) {
 
 static void wb_guard_find_real_functions(void); /* below, with the wrappers */
 
+static void wb_guard_action(struct sigaction* sa) {
+  memset(sa, 0, sizeof(*sa));
+  sa->sa_sigaction = wb_guard_on_signal;
+  sa->sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
+  sigemptyset(&sa->sa_mask);
+}
+
 static void wb_guard_install(void) {
   wb_guard_find_real_functions();
   pthread_key_create(&wb_guard_stack_key, wb_guard_free_stack);
   pthread_atfork(NULL, NULL, wb_guard_forget_after_fork);
   wb_guard_interrupt_signal = SIGRTMIN + 2;
   struct sigaction sa;
-  memset(&sa, 0, sizeof(sa));
-  sa.sa_sigaction = wb_guard_on_signal;
-  sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
+  wb_guard_action(&sa);
   for (int i = 0; i < WB_GUARD_NSIGNALS; ++i) sigaction(wb_guard_signals[i], &sa, &wb_guard_previous[i]);
   sigaction(wb_guard_interrupt_signal, &sa, &wb_guard_previous[WB_GUARD_NSIGNALS]);
 }
@@ -415,17 +419,42 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
    now), then fn(arg) (clFinish(queue)).  Returns the first non-zero value of the two, or 0; WB_CRASHED /
    WB_CANCELLED (error set) when a thread of that runtime faults while it waits, or the call is stopped (a
    CANCEL, Ctrl-C).  The runtime's threads are then the kernel's own threads of wb_guarded_call. */
+/* Our fault handlers in front again for a device wait: a library loaded since may have put its own there (an
+   OpenCL platform's LLVM installs crash handlers when it compiles, whose restore-and-re-raise races with the
+   device's other threads faulting on the same kernel, and the process died).  The handlers found in front
+   are saved in others[] (bit i of the result: signal wb_guard_signals[i]) for wb_guard_behind. */
+static unsigned wb_guard_in_front(struct sigaction* others) {
+  struct sigaction ours;
+  wb_guard_action(&ours);
+  unsigned moved = 0;
+  for (int i = 0; i < WB_GUARD_NFAULTS; ++i) {
+    struct sigaction now;
+    if (sigaction(wb_guard_signals[i], NULL, &now) != 0) continue;
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal) continue;
+    if (sigaction(wb_guard_signals[i], &ours, &others[i]) == 0) moved |= 1u << i;
+  }
+  return moved;
+}
+
+static void wb_guard_behind(unsigned moved, const struct sigaction* others) {
+  for (int i = 0; i < WB_GUARD_NFAULTS; ++i)
+    if (moved & (1u << i)) sigaction(wb_guard_signals[i], &others[i], NULL);
+}
+
 WB_EXPORT int wb_guarded_wait(void* fn, void* arg, void* release, void* gate) {
   WBGuard g;
+  struct sigaction others[WB_GUARD_NFAULTS];
   int sig = sigsetjmp(g.env, 0);
-  if (sig != 0) {
-    WB_STORE(&wb_guard_device_threads_lost, 1); /* the runtime's other threads may fault on the same kernel */
+  if (sig != 0) { /* ours stay in front: the runtime's other threads may still fault on the same kernel */
+    WB_STORE(&wb_guard_device_threads_lost, 1);
     return wb_guard_caught(&g, sig, "the kernel");
   }
   wb_guard_arm(&g, 1);
+  unsigned moved = wb_guard_in_front(others);
   int rc = release ? ((int (*)(void*, int32_t))release)(gate, 0) : 0;
   if (rc == 0) rc = ((int (*)(void*))fn)(arg);
   wb_guard_disarm(&g);
+  wb_guard_behind(moved, others);
   return rc;
 }
 
