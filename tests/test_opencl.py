@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -184,6 +187,82 @@ def test_a_local_session_has_the_opencl_device_too():
         np.testing.assert_array_equal(out.numpy(), np.full(8, 2, dtype="float32"))
     finally:
         session.close()
+
+
+
+# -- 2(b). the crash guard of a notebook's own process, where PoCL's LLVM has fault handlers too ----------------
+# LLVM saves the handlers it finds when it starts and puts them back on Ctrl-C: the guard's must survive that.
+KERNELS = """\
+    import ctypes, faulthandler, os, signal
+    import numpy as np
+    from workbench import rpc, runtime
+    from workbench.errors import KernelCrashedError
+    faulthandler.enable()  # as pytest and ipykernel do
+    """
+LOCAL_SESSION = """\
+    session = rpc.LocalSession()
+    {first}
+    session.upload({so!r})
+    mod = session.load_module("kernels.so")
+    a, b = (runtime.tensor(np.zeros(2, dtype="float32"), session.cpu()) for _ in range(2))
+    mod["add_one"](a, b)
+    """
+LLVM_BY_HAND = """\
+    cl = ctypes.CDLL("libOpenCL.so.1")  # as pyopencl does: PoCL starts LLVM at clGetDeviceIDs
+    platform, device = ctypes.c_void_p(), ctypes.c_void_p()
+    assert cl.clGetPlatformIDs(1, ctypes.byref(platform), None) == 0
+    assert cl.clGetDeviceIDs(platform, ctypes.c_uint64(0xFFFFFFFF), 1, ctypes.byref(device), None) == 0
+    """
+CTRL_C_THEN_CRASH = """\
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.1)
+    except KeyboardInterrupt:
+        pass
+    try:
+        mod["write_then_segfault"](a)
+    except KernelCrashedError as exc:
+        print("caught:", exc)
+    print("still here", a.numpy().tolist())
+    """
+
+
+def _python(tmp_path, *parts: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The script made of ``parts`` in a new Python, its TMPDIR in tmp_path (where a dead one's workspace stays)."""
+    script = "".join(textwrap.dedent(part) for part in parts)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+
+
+def _assert_the_crash_was_caught(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "caught: write_then_segfault: the kernel died of signal 11 (SIGSEGV" in proc.stdout
+    assert "still here [42.0, 0.0]" in proc.stdout
+
+
+def test_a_local_sessions_crash_guard_outlives_ctrl_c_after_its_opencl_device_started_llvm(kernels, tmp_path):
+    on_the_device = 'runtime.tensor(np.arange(8, dtype="int32"), session.cl(0))  # before any kernel call'
+    proc = _python(tmp_path, KERNELS, LOCAL_SESSION.format(first=on_the_device, so=str(kernels["so"])),
+                   CTRL_C_THEN_CRASH)
+    _assert_the_crash_was_caught(proc)
+
+
+def test_a_local_sessions_crash_guard_outlives_ctrl_c_after_a_library_started_llvm_first(kernels, tmp_path):
+    """The handlers LLVM puts back are not the guard's: its next call puts the guard's back in front."""
+    proc = _python(tmp_path, KERNELS, LLVM_BY_HAND, LOCAL_SESSION.format(first="", so=str(kernels["so"])), CTRL_C_THEN_CRASH)
+    _assert_the_crash_was_caught(proc)
+
+
+def test_a_fault_outside_a_kernel_still_ends_the_process_when_the_handler_behind_the_guard_steps_aside(kernels, tmp_path):
+    """LLVM starts after the guard (it saves the guard's handlers) and the next call puts the guard's back in
+    front: a fault outside a kernel goes on to LLVM's handler, which puts the guard's back and returns.  The
+    fault must then end the process (SIGSEGV), not go round between the two handlers for ever."""
+    try:
+        proc = _python(tmp_path, KERNELS, LOCAL_SESSION.format(first="", so=str(kernels["so"])), LLVM_BY_HAND,
+                       'mod["add_one"](a, b)\nprint("faulting", flush=True)\nctypes.string_at(1)\n', timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the fault went round between the handlers for 60 s: {exc.stdout!r}")
+    assert proc.stdout == "faulting\n" and proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
 
 
 # -- 3(b). hand-written OpenCL C ----------------------------------------------------------------------

@@ -213,6 +213,21 @@ static void wb_guard_end_kernel_thread(int how, int status) {
   for (;;) syscall(SYS_exit, 0);
 }
 
+/* A fault recurs when the handler it was passed to returns.  One that stepped aside by putting back the
+   handlers it had found, ours among them (LLVM's does), would send it back here for ever: the third time the
+   same fault comes back in a row, 1 (its default action is due). */
+static __thread int wb_guard_passed_sig, wb_guard_passed_times;
+static __thread void* wb_guard_passed_addr;
+
+static int wb_guard_fault_recurs(int sig, void* addr) {
+  if (sig != wb_guard_passed_sig || addr != wb_guard_passed_addr) {
+    wb_guard_passed_sig = sig;
+    wb_guard_passed_addr = addr;
+    wb_guard_passed_times = 0;
+  }
+  return ++wb_guard_passed_times >= 3;
+}
+
 static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
   WBGuard* g = wb_guard_frame;
   if (sig == SIGINT) { /* only while wb_guard_sigint(1) holds it: Ctrl-C stops the kernel that runs */
@@ -248,6 +263,10 @@ static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
   }
   if (wb_guard_slot(sig) < WB_GUARD_NFAULTS || self_sent) wb_guard_end_kernel_thread(sig, 0);
   /* No kernel of ours is running on this thread (or the signal came from outside): as without us. */
+  if (wb_guard_slot(sig) < WB_GUARD_NFAULTS && info && info->si_code > 0 && wb_guard_fault_recurs(sig, info->si_addr)) {
+    signal(sig, SIG_DFL); /* the fault recurs when this returns: the default action (the process ends) */
+    return;
+  }
   struct sigaction* old = &wb_guard_previous[wb_guard_slot(sig)];
   if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction) {
     old->sa_sigaction(sig, info, context);
@@ -436,6 +455,23 @@ static unsigned wb_guard_in_front(struct sigaction* others) {
   return moved;
 }
 
+/* Our fault handlers back in front, for good, where a library removed them since they went in: LLVM, which
+   PoCL loads, puts back on Ctrl-C the handlers it found when it started, and when it started before this
+   runtime those are not ours (wb_guard_prepare).  The handler found in front becomes the one a fault outside
+   a kernel is passed to, as it would be without us.  One system call when nothing moved. */
+static void wb_guard_reclaim(void) {
+  struct sigaction now;
+  if (sigaction(SIGSEGV, NULL, &now) != 0 || ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal))
+    return;
+  struct sigaction ours;
+  wb_guard_action(&ours);
+  for (int i = 0; i < WB_GUARD_NFAULTS; ++i) {
+    if (sigaction(wb_guard_signals[i], NULL, &now) != 0) continue;
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal) continue;
+    sigaction(wb_guard_signals[i], &ours, &wb_guard_previous[i]);
+  }
+}
+
 static void wb_guard_behind(unsigned moved, const struct sigaction* others) {
   for (int i = 0; i < WB_GUARD_NFAULTS; ++i)
     if (moved & (1u << i)) sigaction(wb_guard_signals[i], &others[i], NULL);
@@ -456,6 +492,10 @@ WB_EXPORT int wb_guarded_wait(void* fn, void* arg, void* release, void* gate) {
   wb_guard_disarm(&g);
   wb_guard_behind(moved, others);
   return rc;
+}
+
+WB_EXPORT void wb_guard_prepare(void) {
+  if (!wb_guard_thread_ready) wb_guard_prepare_thread();
 }
 
 /* How many threads the guard has ended (a thread that faulted or exited while a kernel ran on another). */
@@ -692,6 +732,7 @@ WB_EXPORT int wb_guard_interrupt(int64_t serial) {
 WB_EXPORT int wb_guard_sigint(int on) {
   static int held;
   pthread_once(&wb_guard_once, wb_guard_install);
+  if (on) wb_guard_reclaim();
   if (on && !held) {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));

@@ -107,6 +107,11 @@ int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny* ret);
    in those threads fails it like a kernel's own thread's (WB_CRASHED), a CANCEL stops it (WB_CANCELLED);
    otherwise the first non-zero value of the two calls, or 0. */
 int wb_guarded_wait(void* fn, void* arg, void* release, void* gate);
+/* Put the guard's handlers in place now (once per process) and give this thread its alternate stack.  Called
+   before anything that may load a library with handlers of its own (the OpenCL loader pulls in PoCL, which
+   pulls in LLVM): such a library saves the handlers it finds and puts them back when it steps aside (LLVM does
+   on Ctrl-C), so ours must be the ones it finds, or its stepping aside removes the guard. */
+void wb_guard_prepare(void);
 /* Threads the guard has ended so far (a thread that faulted or exited while a guarded call ran on another). */
 int64_t wb_guard_threads_lost(void);
 /* The serial number of the guarded call running now (outermost, any thread), 0 when none. */
@@ -115,7 +120,9 @@ int64_t wb_guard_running(void);
 int wb_guard_interrupt(int64_t serial);
 /* on = 1: SIGINT (Ctrl-C) stops the guarded call that runs (WB_CANCELLED, "Interrupted: ..."); outside
    one it goes to the handler it replaced.  on = 0 puts that handler back.  For a process that runs
-   kernels itself (LocalSession): around its calls.  0, or -1 from sigaction. */
+   kernels itself (LocalSession): around its calls.  on = 1 also puts the fault handlers back in front where
+   a library has removed them since (LLVM does on Ctrl-C): one system call when none has.  0, or -1 from
+   sigaction. */
 int wb_guard_sigint(int on);
 /* Around a callback from a kernel into code that must not be unwound (Python): disarm, then re-arm. */
 void* wb_guard_suspend(void);

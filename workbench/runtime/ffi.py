@@ -126,7 +126,7 @@ def _kernel_error(name: str) -> RemoteError | KeyboardInterrupt:
 _shim_lock = threading.Lock()
 _shim: ctypes.CDLL | None = None
 # The newest symbol of the shim (kernel_runtime.c): a built shim without it is stale (built before the source changed).
-_SHIM_NEWEST_SYMBOL = "wb_guard_threads_lost"
+_SHIM_NEWEST_SYMBOL = "wb_guard_prepare"
 _NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
 
 
@@ -215,6 +215,9 @@ def shim() -> ctypes.CDLL:
             lib.wb_set_function_resolver.argtypes = [_Resolver]
             lib.wb_set_function_resolver.restype = None
             lib.wb_set_function_resolver(_resolver)
+            # The guard's handlers go in now, before this process loads a library that saves the handlers it
+            # finds and later puts them back (PoCL's LLVM does on Ctrl-C): it must find ours (kernel_runtime.h).
+            lib.wb_guard_prepare()
             _shim = lib
         return _shim
 

@@ -144,6 +144,7 @@ def load_library() -> ctypes.CDLL:
     """The ICD loader with the prototypes this module uses; DeviceNotFoundError naming the packages when absent."""
     if opencl_disabled():
         raise DeviceNotFoundError(f"OpenCL is turned off on this server ({NO_OPENCL_ENV}=1)")
+    _guard()  # its handlers in place before PoCL's LLVM saves the ones it finds (kernel_runtime.h)
     last = None
     for name in LOADER_NAMES:
         try:

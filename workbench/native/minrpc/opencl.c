@@ -122,6 +122,7 @@ static int load_loader(char* why, size_t cap) {
     if (state == 0) {
         const char* names[] = {"libOpenCL.so.1", "libOpenCL.so"};
         const char* last = "not found";
+        wb_guard_prepare(); /* before PoCL's LLVM saves the handlers it finds (kernel_runtime.h) */
         for (int i = 0; i < 2 && !CL.lib; ++i) {
             CL.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
             if (!CL.lib) last = dlerror();
