@@ -348,6 +348,28 @@ def test_popen_session_survives_a_crash(kernels):
         assert a.numpy().tolist() == [42.0, 0.0]
 
 
+RESETS_FAULT_HANDLERS = r"""
+#include <signal.h>
+#include <workbench_kernel.h>
+__attribute__((constructor)) static void reset_at_load(void) { signal(SIGSEGV, SIG_DFL); }
+WB_KERNEL(null_write) {
+  volatile int* p = NULL;
+  *p = 1;
+  return 0;
+}
+"""
+
+
+def test_a_library_that_resets_the_fault_handlers_as_it_loads_still_crashes_only_its_call(any_server):
+    """Its constructor runs before the loader sees it: loading a module puts the guard's handlers back in front."""
+    remote = rpc.connect("127.0.0.1", any_server.port)
+    mod = cc.load_source(remote, RESETS_FAULT_HANDLERS, name="resets")
+    with pytest.raises(KernelCrashedError, match=r"null_write: the kernel died of signal 11 \(SIGSEGV"):
+        mod["null_write"]()
+    assert remote.ping()
+    remote.close()
+
+
 def test_local_session_survives_a_crash_in_this_process(local):
     session, mod = local
     a = runtime.tensor(np.zeros(2, dtype="float32"), session.cpu())

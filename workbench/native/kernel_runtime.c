@@ -455,10 +455,11 @@ static unsigned wb_guard_in_front(struct sigaction* others) {
   return moved;
 }
 
-/* Our fault handlers back in front, for good, where a library removed them since they went in: LLVM, which
-   PoCL loads, puts back on Ctrl-C the handlers it found when it started, and when it started before this
-   runtime those are not ours (wb_guard_prepare).  The handler found in front becomes the one a fault outside
-   a kernel is passed to, as it would be without us.  One system call when nothing moved. */
+/* Our fault handlers back in front, for good, where a library removed them since they went in: a module's
+   constructor that installs its own (wb_guard_library), or LLVM, which PoCL loads and which puts back on
+   Ctrl-C the handlers it found when it started: when it started before this runtime, not ours
+   (wb_guard_prepare, wb_guard_sigint).  The handler found in front becomes the one a fault outside a kernel
+   is passed to, as it would be without us.  One system call when nothing moved. */
 static void wb_guard_reclaim(void) {
   struct sigaction now;
   if (sigaction(SIGSEGV, NULL, &now) != 0 || ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal))
@@ -672,8 +673,9 @@ static int wb_guard_link_map(struct link_map* lm, int needed_too);
 
 WB_EXPORT int wb_guard_library(void* handle) {
   struct link_map* lm = NULL;
-  if (!handle || dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm || !lm->l_ld) return -1;
   pthread_once(&wb_guard_once, wb_guard_install);
+  wb_guard_reclaim(); /* its constructors, and its libraries', have run: they may have put handlers of their own */
+  if (!handle || dlinfo(handle, RTLD_DI_LINKMAP, &lm) != 0 || !lm || !lm->l_ld) return -1;
   return wb_guard_link_map(lm, 1);
 }
 

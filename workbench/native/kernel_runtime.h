@@ -131,7 +131,9 @@ void wb_guard_resume(void* token);
    kill(), pthread_kill() and syscall() through the guard (its GOT entries are rewritten, and those of
    the libraries it links, the C library's aside): inside a
    guarded call, those that would end the process fail the call (WB_CRASHED, "called exit(N)"),
-   elsewhere they do as before.  `handle` is what dlopen returned.  0, or -1 when the library cannot be read. */
+   elsewhere they do as before.  `handle` is what dlopen returned.  Also puts the guard's fault handlers back
+   in front where the library's constructors (or its libraries') put their own.  0, or -1 when the library
+   cannot be read. */
 int wb_guard_library(void* handle);
 /* Faults caught in this process so far (tests and logs). */
 int64_t wb_guard_faults(void);
