@@ -213,18 +213,24 @@ static void wb_guard_end_kernel_thread(int how, int status) {
   for (;;) syscall(SYS_exit, 0);
 }
 
-/* A fault recurs when the handler it was passed to returns.  One that stepped aside by putting back the
-   handlers it had found, ours among them (LLVM's does), would send it back here for ever: the third time the
-   same fault comes back in a row, 1 (its default action is due). */
+/* A fault recurs when the handler it was passed to returns.  A handler that came in front of ours after they
+   went in (wb_guard_reclaim put it behind them) may step aside by putting back the handlers it had found,
+   ours among them (LLVM's does), and would then send the fault back here for ever.  1 when the same fault
+   comes back a third time within 10 ms (its default action is due); a handler that mends the fault and
+   returns (a runtime's guard page) sees nothing of this. */
+static unsigned wb_guard_reclaimed; /* bit i: wb_guard_previous[i] is a handler wb_guard_reclaim put behind ours */
 static __thread int wb_guard_passed_sig, wb_guard_passed_times;
 static __thread void* wb_guard_passed_addr;
+static __thread int64_t wb_guard_passed_ns;
 
 static int wb_guard_fault_recurs(int sig, void* addr) {
-  if (sig != wb_guard_passed_sig || addr != wb_guard_passed_addr) {
+  int64_t now = now_ns();
+  if (sig != wb_guard_passed_sig || addr != wb_guard_passed_addr || now - wb_guard_passed_ns > 10000000LL) {
     wb_guard_passed_sig = sig;
     wb_guard_passed_addr = addr;
     wb_guard_passed_times = 0;
   }
+  wb_guard_passed_ns = now;
   return ++wb_guard_passed_times >= 3;
 }
 
@@ -263,7 +269,8 @@ static void wb_guard_on_signal(int sig, siginfo_t* info, void* context) {
   }
   if (wb_guard_slot(sig) < WB_GUARD_NFAULTS || self_sent) wb_guard_end_kernel_thread(sig, 0);
   /* No kernel of ours is running on this thread (or the signal came from outside): as without us. */
-  if (wb_guard_slot(sig) < WB_GUARD_NFAULTS && info && info->si_code > 0 && wb_guard_fault_recurs(sig, info->si_addr)) {
+  if (wb_guard_slot(sig) < WB_GUARD_NFAULTS && (WB_LOAD(&wb_guard_reclaimed) >> wb_guard_slot(sig) & 1u) && info &&
+      info->si_code > 0 && wb_guard_fault_recurs(sig, info->si_addr)) {
     signal(sig, SIG_DFL); /* the fault recurs when this returns: the default action (the process ends) */
     return;
   }
@@ -469,7 +476,8 @@ static void wb_guard_reclaim(void) {
   for (int i = 0; i < WB_GUARD_NFAULTS; ++i) {
     if (sigaction(wb_guard_signals[i], NULL, &now) != 0) continue;
     if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal) continue;
-    sigaction(wb_guard_signals[i], &ours, &wb_guard_previous[i]);
+    if (sigaction(wb_guard_signals[i], &ours, &wb_guard_previous[i]) == 0)
+      __atomic_or_fetch(&wb_guard_reclaimed, 1u << i, __ATOMIC_SEQ_CST);
   }
 }
 
