@@ -448,7 +448,8 @@ WB_EXPORT int wb_guarded_call(void* fn, const WBAny* args, int32_t nargs, WBAny*
 /* Our fault handlers in front again for a device wait: a library loaded since may have put its own there (an
    OpenCL platform's LLVM installs crash handlers when it compiles, whose restore-and-re-raise races with the
    device's other threads faulting on the same kernel, and the process died).  The handlers found in front
-   are saved in others[] (bit i of the result: signal wb_guard_signals[i]) for wb_guard_behind. */
+   are saved in others[] (bit i of the result: signal wb_guard_signals[i]) for wb_guard_behind, or, by
+   wb_guard_reclaim, as the ones a fault outside a kernel goes to. */
 static unsigned wb_guard_in_front(struct sigaction* others) {
   struct sigaction ours;
   wb_guard_action(&ours);
@@ -471,14 +472,7 @@ static void wb_guard_reclaim(void) {
   struct sigaction now;
   if (sigaction(SIGSEGV, NULL, &now) != 0 || ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal))
     return;
-  struct sigaction ours;
-  wb_guard_action(&ours);
-  for (int i = 0; i < WB_GUARD_NFAULTS; ++i) {
-    if (sigaction(wb_guard_signals[i], NULL, &now) != 0) continue;
-    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == wb_guard_on_signal) continue;
-    if (sigaction(wb_guard_signals[i], &ours, &wb_guard_previous[i]) == 0)
-      __atomic_or_fetch(&wb_guard_reclaimed, 1u << i, __ATOMIC_SEQ_CST);
-  }
+  __atomic_or_fetch(&wb_guard_reclaimed, wb_guard_in_front(wb_guard_previous), __ATOMIC_SEQ_CST);
 }
 
 static void wb_guard_behind(unsigned moved, const struct sigaction* others) {
