@@ -163,6 +163,23 @@ def test_symlink_escape_is_refused(remote, server, private_tmpdir):
         remote.upload(b"x", target="etc/evil")
 
 
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "bulk"])
+def test_upload_takes_any_bytes_like_object_in_one_piece(remote, size):
+    """A numpy array goes as its raw bytes, without tobytes(); 2-D, float, bytearray and memoryview alike."""
+    import numpy as np
+
+    arr = np.random.default_rng(1).random((size // 8 // 4, 4))  # float64, C order
+    sources = {"array": arr, "bytearray": bytearray(arr.tobytes()), "memoryview": memoryview(arr.tobytes())[8:]}
+    for name, data in sources.items():
+        remote.upload(data, target=f"{name}.bin")
+        assert remote.download(f"{name}.bin") == memoryview(data).cast("B").tobytes(), name
+    with pytest.raises(ValueError, match=r"not contiguous; pass numpy.ascontiguousarray"):
+        remote.upload(arr[:, ::2], target="strided.bin")
+    with pytest.raises(TypeError, match=r"upload takes a file path or bytes .*not int"):
+        remote.upload(123, target="x.bin")
+    assert "strided.bin" not in remote.listdir(".")
+
+
 def test_upload_bytes_needs_a_target(remote):
     with pytest.raises(ValueError, match="target="):
         remote.upload(b"abc")

@@ -617,18 +617,20 @@ class RPCSession:
     # -- files -----------------------------------------------------------------
     def upload(
         self,
-        data: str | os.PathLike | bytes | bytearray | memoryview,
+        data: str | os.PathLike | bytes | bytearray | memoryview | Any,
         target: str | None = None,
         *,
         progress: bool | None = None,
     ) -> None:
         """Upload a local file (path) or bytes into the session workspace as ``target``.
 
-        Over 8 MiB a progress bar shows once the transfer has lasted 0.2 s; ``progress=False``
-        (or ``WORKBENCH_PROGRESS=0``) hides it.
+        Bytes may be any bytes-like object in one piece: bytes, bytearray, memoryview, a
+        C-contiguous numpy array (its raw bytes, sent without a copy). Over 8 MiB a progress bar
+        shows once the transfer has lasted 0.2 s; ``progress=False`` (or ``WORKBENCH_PROGRESS=0``) hides it.
 
             >>> remote.upload("lib.so")                             # doctest: +SKIP
             >>> remote.upload(data, target="weights.bin", progress=False)  # doctest: +SKIP
+            >>> remote.upload(np.arange(16, dtype="float32"), target="x.bin")  # doctest: +SKIP
         """
         if isinstance(data, (str, os.PathLike)):
             path = os.fspath(data)
@@ -637,13 +639,21 @@ class RPCSession:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 self._request(Kind.UPLOAD, [name], file=(f, size), bar=bar)
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            if not target:
-                raise ValueError("upload(bytes) needs target=, the remote file name (e.g. target='lib.so')")
-            bar = functools.partial(transfer_bar, desc=f"upload {target}", progress=progress)
-            self._request(Kind.UPLOAD, [target], bulk=data, bar=bar)
-        else:
-            raise TypeError(f"upload takes a file path or bytes, not {type(data).__name__}")
+            return
+        try:
+            view = data if isinstance(data, bytes) else memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"upload takes a file path or bytes (or another bytes-like object: bytearray, memoryview, "
+                f"a numpy array), not {type(data).__name__}"
+            ) from None
+        if not isinstance(view, bytes) and not view.c_contiguous:
+            raise ValueError(f"upload sends bytes in one piece, and this {type(data).__name__} is not contiguous; "
+                             "pass numpy.ascontiguousarray(data) (a copy) instead")
+        if not target:
+            raise ValueError("upload(bytes) needs target=, the remote file name (e.g. target='lib.so')")
+        bar = functools.partial(transfer_bar, desc=f"upload {target}", progress=progress)
+        self._request(Kind.UPLOAD, [target], bulk=view if isinstance(view, bytes) else view.cast("B"), bar=bar)
 
     def _recv_bytes(self, kind: int, path: str, desc: str = "", progress: bool | None = None) -> bytearray:
         box: list[bytearray] = []
