@@ -152,7 +152,8 @@ def transfer_bar(total_bytes: int, desc: str, progress: bool | None = None) -> I
 
         >>> with transfer_bar(1 << 30, "upload big.bin") as update:
         ...     for _ in range(128):
-        ...         update(8 << 20)
+        ...         if update is not None:  # None: no bar (progress off, or no tqdm)
+        ...             update(8 << 20)
     """
     if total_bytes < TRANSFER_THRESHOLD or not progress_enabled(progress):
         yield None
