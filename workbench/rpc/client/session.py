@@ -640,24 +640,20 @@ class RPCSession:
                 size = os.fstat(f.fileno()).st_size
                 self._request(Kind.UPLOAD, [name], file=(f, size), bar=bar)
             return
-        if isinstance(data, bytes):
-            bulk: bytes | memoryview = data
-        else:
-            try:
-                bulk = memoryview(data)
-            except TypeError:
-                raise TypeError(
-                    f"upload takes a file path or bytes (or another bytes-like object: bytearray, memoryview, "
-                    f"a numpy array), not {type(data).__name__}"
-                ) from None
-            if not bulk.c_contiguous:
-                raise ValueError(f"upload sends bytes in one piece, and this {type(data).__name__} is not "
-                                 "contiguous; pass numpy.ascontiguousarray(data) (a copy) instead")
-            bulk = bulk.cast("B")
+        try:
+            contiguous = memoryview(data).c_contiguous
+        except TypeError:
+            raise TypeError(
+                f"upload takes a file path or bytes (or another bytes-like object: bytearray, memoryview, "
+                f"a numpy array), not {type(data).__name__}"
+            ) from None
+        if not contiguous:
+            raise ValueError(f"upload sends bytes in one piece, and this {type(data).__name__} is not "
+                             "contiguous; pass numpy.ascontiguousarray(data) (a copy) instead")
         if not target:
             raise ValueError("upload(bytes) needs target=, the remote file name (e.g. target='lib.so')")
         bar = functools.partial(transfer_bar, desc=f"upload {target}", progress=progress)
-        self._request(Kind.UPLOAD, [target], bulk=bulk, bar=bar)
+        self._request(Kind.UPLOAD, [target], bulk=data, bar=bar)  # the channel sends it as its bytes
 
     def _recv_bytes(self, kind: int, path: str, desc: str = "", progress: bool | None = None) -> bytearray:
         box: list[bytearray] = []
