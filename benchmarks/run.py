@@ -376,6 +376,7 @@ def measure_bulk(side: str, res: Results, ops: dict[str, Callable[[], Any]], nby
         with res.attempt(side, key):
             op()
             times = harness.run_timed(op, reps)
+            getattr(op, "after_block", lambda: None)()  # uploads: removed, as in the direct rows
             res.set(side, key, harness.mib_s(nbytes, times), len(times))
 
 
@@ -550,7 +551,7 @@ def measure_proxy(cfg: Config, res: Results, native: NativeRuns) -> None:
                 on_device = runtime.tensor(arr, remote.cpu(0))
                 check_contents("proxy", res, remote.download(REMOTE_FILE), on_device.numpy(), data)
                 ops = {
-                    "proxy_upload": lambda: remote.upload(data, target=harness.fresh_name()),
+                    "proxy_upload": harness.FreshUploads(remote, data),
                     "proxy_download": lambda: remote.download(REMOTE_FILE),
                     "proxy_copyfrom": lambda: on_device.copyfrom(arr),
                     "proxy_from_device": on_device.numpy,
