@@ -15,12 +15,13 @@ import subprocess
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
 from workbench import rpc, runtime
 from workbench.errors import ConnectionClosedError
-from workbench.rpc.wire.protocol import SocketChannel
+from workbench.rpc.wire.protocol import HEADER, Kind, SocketChannel
 
 from .helpers import start_server
 
@@ -81,16 +82,22 @@ def run_bounded(receive, receiver: socket.socket) -> None:
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda n: f"{n}B")
 @pytest.mark.parametrize("tail", [1, BATCH // 2, BATCH + 7], ids=["tail1", "tail-half-batch", "tail-batch"])
-@pytest.mark.parametrize("into", ["memory", "file", "memory-with-progress"])
+@pytest.mark.parametrize("into", ["memory", "file", "file-after-its-header", "memory-with-progress"])
 def test_a_bulk_part_with_nothing_after_it_arrives_whole(size, tail, into, tmp_path):
+    """"file-after-its-header": the frame's header is read first, and the bulk bytes that came with it wait in
+    the channel's buffer (the file's first bytes, not owed by the stream any more)."""
     sender_sock, receiver = tcp_pair()
     data = os.urandom(size)
     chan = SocketChannel(receiver)
-    sender = Sender(sender_sock, data, min(tail, size))
+    body = msgpack.packb(["blob.bin"])
+    head = HEADER.pack(len(body), Kind.UPLOAD, 0, size) + body if into == "file-after-its-header" else b""
+    sender = Sender(sender_sock, head + data, min(tail, size))
     sender.start()
     try:
-        if into == "file":
+        if into.startswith("file"):
             with open(tmp_path / "out", "w+b") as f:
+                if head:
+                    assert chan.recv_frame().bulk_len == size
                 run_bounded(lambda: chan.recv_bulk_to_fd(f.fileno(), size), receiver)
                 f.seek(0)
                 got = f.read()

@@ -246,6 +246,10 @@ class Channel:
     def _sendall(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
+    def _send_head(self, head: bytes) -> None:
+        """Send the header of a frame whose bulk part follows at once."""
+        self._sendall(head)
+
     COPY_CHUNK = 256 << 10  # a file sent by copying passes through this buffer: small enough to stay in cache
 
     def _sendfile(self, file: BinaryIO, count: int, progress: Callable[[int], None] | None = None) -> None:
@@ -465,7 +469,10 @@ class Channel:
         if bulk is not None and bulk_len <= self.SMALL_BULK:
             self._sendall(head + bytes(bulk))
             return
-        self._sendall(head)
+        if bulk_len:
+            self._send_head(head)
+        else:
+            self._sendall(head)
         if bulk is not None:
             view = memoryview(bulk)
             for part in chunk_slices(bulk_len, progress):
@@ -509,9 +516,13 @@ class SocketChannel(Channel):
         super().__init__()
         self.sock = sock
         self._pipe: tuple[int, int] | None = None
+        self._landing: memoryview | None = None
         self._loopback = unpaced_on_loopback(sock)  # then bulk is received in batches, files sent from a map
         self._recv_into = sock.recv_into  # bound directly: one Python frame less per call
         self._sendall = sock.sendall
+        # a bulk part's header waits for the bulk's first bytes (MSG_MORE) and goes out with them: under
+        # TCP_NODELAY it would go alone, and the lone segment slows the 64 MiB behind it by some 15 % (C, loopback)
+        self._more = getattr(socket, "MSG_MORE", 0) if type(sock) is socket.socket else 0
         self._fileno = sock.fileno  # -1 once closed: exchange() then raises EBADF, as sendall would
         # the fast path writes to the descriptor itself: a plain socket only (never one that wraps the stream)
         self._exchange = _exchange if type(sock) is socket.socket else None
@@ -543,6 +554,12 @@ class SocketChannel(Channel):
         if got.__class__ is tuple:  # the whole reply, and nothing more: the buffer stays empty
             return got
         return self.resume(got, _pack_header(len(body), kind, 0, 0) + body)
+
+    def _send_head(self, head: bytes) -> None:
+        if self._more and self._sendall == self.sock.sendall:  # (the handshake bounds _sendall in time)
+            self.sock.sendall(head, self._more)
+        else:
+            self._sendall(head)
 
     def _readable(self, timeout: float | None = 0.0) -> bool:
         return bool(select.select([self.sock], [], [], self.sock.gettimeout() if timeout is None else timeout)[0])
@@ -651,7 +668,10 @@ class SocketChannel(Channel):
             part = next(parts, None)
 
     def recv_bulk_to_fd(self, fd: int, count: int, follow: int = 0) -> None:
-        """Move stream bytes to the file with splice(2) (no copy through user space), where available."""
+        """Move stream bytes to the file: from a peer on this machine through one reused buffer (``_land``),
+        from any other with splice(2) (no copy through user space), where available."""
+        if self._loopback:
+            return self._land(fd, count, follow)
         have = min(self._end - self._start, count)
         if have:
             start = self._start
@@ -670,6 +690,42 @@ class SocketChannel(Channel):
                 count -= self._splice_in(fd, min(batched, count), count + follow)
         if count:
             self._splice_in(fd, count, count + follow)
+
+    # Over loopback, receiving into a buffer that stays in the cache and writing the file from it, LANDED bytes
+    # per write at offsets that are multiples of it, beats splicing the socket's pages to the file (whose writes
+    # start wherever the segments end): C, 64 MiB into a new file on ext4, 1.1-1.3x, and 1.1-2.6x when the
+    # memory was freed seconds before; uploads of 64 MiB, median of 5 benchmark runs, 0.67x native against
+    # 0.50x. Larger writes are not: from 512 KiB the filesystem takes the page cache in large folios, which at
+    # times run at 0.1x on memory freed seconds before (on this VM, whose balloon hands it back to its host).
+    LANDING = 1 << 20
+    LANDED = 256 << 10
+
+    def _land(self, fd: int, count: int, follow: int) -> None:
+        """Write the next ``count`` stream bytes to ``fd`` through one reused buffer, received ``LANDING`` bytes
+        at a time (the bytes already buffered first) and written ``LANDED`` at a time."""
+        if self._landing is None:
+            self._landing = memoryview(bytearray(self.LANDING))
+        received = 0
+        buffered = min(self._end - self._start, count)
+        with contextlib.ExitStack() as batches:
+            # batches while the stream owes at least two more: up to this many bytes of the count
+            batched_until = buffered + batches.enter_context(self._in_batches(count - buffered + follow))
+            batched = batched_until > buffered
+            while received < count:
+                chunk = self._landing[: min(self.LANDING, count - received)]
+                got = self._take_buffered(chunk)
+                if batched:
+                    got = self._recv_rest(chunk, got, until=max(got, min(len(chunk), batched_until - received)))
+                    if got < len(chunk):  # the last batches: woken at their first byte
+                        batches.close()
+                        batched = False
+                self._recv_rest(chunk, got)
+                received += len(chunk)
+                try:
+                    for start in range(0, len(chunk), self.LANDED):
+                        write_all(fd, chunk[start : start + self.LANDED])
+                except OSError as exc:
+                    raise self._write_failed(exc, count - received + follow) from None
 
     def _splice_in(self, fd: int, count: int, due: int) -> int:
         """Move ``count`` stream bytes to ``fd`` through a pipe (``due``: bytes of the bulk part still to come,
