@@ -832,7 +832,8 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         "connection and worker each time, its connect and close untimed, after the last one's worker has ended; "
         "the proxy rows are unpinned and compare with our direct figure.",
         "the two rows 'raw = native ...' (info) set ours beside native code doing the row's very job, in the same "
-        "window: landing the upload in a new file (the faster splice way), and a first transfer on a new "
+        "window: landing the upload in a new file (the fastest of the splice ways and recv-then-write, as ours), "
+        "and a first transfer on a new "
         "connection to a freshly forked peer receiving into memory it has just mapped (rawnet first).",
         "result: PASS when the target holds in most rounds; N/M: the rounds that met it (bulk: ours against "
         "the native way in the same round; calls: ours against TVM's C++ in the same round; start-up: each start).",

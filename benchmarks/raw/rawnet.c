@@ -9,10 +9,12 @@
  *       warm-up), each time until the peer has every byte and answered one
  *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
  *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
- *       (recv() into memory) or "splice" (socket -> pipe -> a new file in DIR
- *       per transfer, its extent preallocated, as an upload lands); both sinks
- *       wake once per 1 MiB batch (SO_RCVLOWAT) and both ends use reno, as
- *       workbench's loopback sockets do. Prints the seconds of each transfer.
+ *       (recv() into memory), "splice" (socket -> pipe -> a new file in DIR
+ *       per transfer, its extent preallocated) or "write" (recv() into a 1 MiB
+ *       buffer, written to such a file 256 KiB at a time, as an upload from
+ *       this machine lands); every sink wakes once per 1 MiB batch
+ *       (SO_RCVLOWAT) and both ends use reno, as workbench's loopback sockets
+ *       do. Prints the seconds of each transfer.
  *
  *   rawnet first BYTES REPS CPU PEER_CPU
  *       A new connection's first transfer, REPS times (after one untimed): each
@@ -58,6 +60,8 @@
 #include <unistd.h>
 
 #define PIPE_BYTES (1 << 20)
+#define LAND_BYTES (1 << 20)   /* the write sink's buffer: received into, then written out */
+#define WRITE_BYTES (256 << 10) /* ... in writes of this size, at offsets that are multiples of it */
 #define BATCH_BYTES (1 << 20)
 #define IO_TIMEOUT_S 30
 #define RUN_LIMIT_S 300
@@ -216,6 +220,32 @@ static void splice_all(int sock, int pipe_rd, int pipe_wr, int file, size_t n) {
     }
 }
 
+static void write_all(int fd, const char *buf, size_t n) {
+    while (n) {
+        ssize_t k = write(fd, buf, n);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("write to the file");
+        }
+        buf += k;
+        n -= (size_t)k;
+    }
+}
+
+/* recv() into one reused buffer, written to the file from it (as workbench lands an upload from this machine) */
+static void land_all(int sock, char *buf, int file, size_t n) {
+    int batched = n >= 2 * BATCH_BYTES;
+    if (batched) wake_at(sock, BATCH_BYTES);
+    while (n) {
+        if (batched && n < 2 * BATCH_BYTES) { wake_at(sock, 1); batched = 0; }
+        size_t want = n < LAND_BYTES ? n : LAND_BYTES;
+        if (!recv_all(sock, buf, want)) { errno = ECONNRESET; die("recv (peer closed)"); }
+        for (size_t off = 0; off < want; off += WRITE_BYTES)
+            write_all(file, buf + off, want - off < WRITE_BYTES ? want - off : WRITE_BYTES);
+        n -= want;
+    }
+}
+
 static char *touched(size_t n) {
     char *buf = malloc(n ? n : 1);
     if (!buf) die("malloc");
@@ -243,21 +273,21 @@ static int finish(pid_t child) {
 static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_cpu, const char *dir) {
     int from_file = strncmp(method, "sendfile-", 9) == 0;
     const char *sink = strchr(method, '-');
-    if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0) ||
+    if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0 && strcmp(sink, "-write") != 0) ||
         (!from_file && strncmp(method, "send-", 5) != 0)) {
-        fprintf(stderr, "rawnet: unknown bulk method %s (send-recv, send-splice, sendfile-recv, sendfile-splice)\n",
-                method);
+        fprintf(stderr, "rawnet: unknown bulk method %s (SOURCE-SINK: SOURCE send or sendfile, SINK recv, splice "
+                "or write)\n", method);
         return 2;
     }
-    int to_file = strcmp(sink, "-splice") == 0;
+    int to_file = strcmp(sink, "-recv") != 0, by_write = strcmp(sink, "-write") == 0;
     char path[4096];
     int is_peer;
     pid_t child;
     int fd = connect_pair(cpu, peer_cpu, &is_peer, &child);
     if (is_peer) { /* the receiver: take every transfer, answer one byte after each */
-        char *buf = to_file ? NULL : touched(bytes);
+        char *buf = touched(by_write ? LAND_BYTES : to_file ? 0 : bytes);
         int p[2] = {-1, -1};
-        if (to_file) {
+        if (to_file && !by_write) {
             if (pipe(p) != 0) die("pipe");
             fcntl(p[1], F_SETPIPE_SZ, PIPE_BYTES);
         }
@@ -267,7 +297,8 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
                 int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
                 if (out < 0) die("open the destination file");
                 (void)fallocate(out, FALLOC_FL_KEEP_SIZE, 0, (off_t)bytes); /* as workbench lands an upload */
-                splice_all(fd, p[0], p[1], out, bytes);
+                if (by_write) land_all(fd, buf, out, bytes);
+                else splice_all(fd, p[0], p[1], out, bytes);
                 if (close(out) != 0) die("close the destination file");
             } else {
                 recv_bulk(fd, buf, bytes);
