@@ -8,6 +8,14 @@ With ``set_quotas`` the workspace keeps count of its bytes and of its files
 and directories (the private copies of loaded modules included), and refuses a
 write that would go over a quota before any byte of it is written.
 
+A large file the client removes or replaces is kept aside (up to
+``RECYCLE_BYTES``, still counted) and the next large upload is written over it:
+its pages are still in the page cache, so nothing is allocated, and a write
+into them runs at the speed of memory, while a new file's fresh pages can be
+several times slower (on a VM whose host takes freed memory back, up to 10x).
+Only a file nothing else links to is kept (never a loaded module, whose private
+copy is a hard link); the kept files go first whenever a quota needs the room.
+
     >>> ws = Workspace()
     >>> ws.resolve("lib/add.so").startswith(ws.root)
     True
@@ -15,9 +23,11 @@ write that would go over a quota before any byte of it is written.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
+import stat
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -28,6 +38,9 @@ from .quota import Quotas, format_size
 FALLOC_FL_KEEP_SIZE = 1
 PREALLOCATE_MIN = 1 << 20  # smaller files land as they come
 PREALLOCATE_WINDOW = 64 << 20  # disk is reserved this much at a time, just before these bytes are read
+RECYCLE_MIN = 1 << 20  # removed files from this size on are kept for the next upload ...
+RECYCLE_BYTES = 256 << 20  # ... up to this many bytes of them
+RECYCLE_FILES = 8
 try:
     _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -75,15 +88,17 @@ def tree_usage(path: str) -> tuple[int, int]:
 
 
 class Workspace:
-    """``base/files`` is what the client sees; ``base/lib`` holds private copies of loaded modules."""
+    """``base/files`` is what the client sees; ``base/lib`` holds private copies of loaded modules, and the
+    files kept for uploads to write over."""
 
     def __init__(self, base: str | None = None):
         self.base = os.path.realpath(base or tempfile.mkdtemp(prefix="wb-session-"))
         self.root = os.path.join(self.base, "files")
         self.private = os.path.join(self.base, "lib")
-        os.makedirs(self.root, exist_ok=True)
-        os.makedirs(self.private, exist_ok=True)
+        for path in (self.root, self.private):
+            os.makedirs(path, exist_ok=True)
         self._serial = 0
+        self._kept: list[tuple[str, int]] = []  # (path, size) of the removed files kept for uploads, oldest first
         self.quotas = Quotas()  # no limits until set_quotas
         self.used_bytes = 0
         self.used_files = 0
@@ -98,17 +113,29 @@ class Workspace:
         self.used_files = files[1] + private[1] - 2  # the two directories themselves are not the client's
 
     def bytes_left(self) -> int | None:
-        """Bytes the workspace may still take (None: no limit)."""
+        """Bytes the workspace may still take (None: no limit); the kept files are let go first."""
         limit = self.quotas.workspace_bytes
-        return max(limit - self.used_bytes, 0) if limit else None
+        if not limit:
+            return None
+        self._let_go(len(self._kept))
+        return max(limit - self.used_bytes, 0)
 
     def check_room(self, what: tuple[str, str], add_bytes: int, add_files: int, freed_bytes: int = 0) -> None:
         """QuotaExceededError unless ``add_bytes`` more bytes (``freed_bytes`` fewer) and ``add_files`` more
-        entries fit; ``what`` names the request in the error over bytes, and in the one over files."""
+        entries fit (the kept files let go, oldest first, as long as they do not); ``what`` names the request
+        in the error over bytes, and in the one over files."""
         q = self.quotas
-        if q.workspace_bytes and self.used_bytes - freed_bytes + add_bytes > q.workspace_bytes:
+
+        def over() -> tuple[bool, bool]:
+            return (bool(q.workspace_bytes) and self.used_bytes - freed_bytes + add_bytes > q.workspace_bytes,
+                    bool(q.workspace_files and add_files) and self.used_files + add_files > q.workspace_files)
+
+        while self._kept and any(over()):
+            self._let_go(1)
+        over_bytes, over_files = over()
+        if over_bytes:
             raise q.workspace_bytes_error(what[0], self.used_bytes)
-        if q.workspace_files and add_files and self.used_files + add_files > q.workspace_files:
+        if over_files:
             raise q.workspace_files_error(what[1], self.used_files)
 
     def charge(self, add_bytes: int, add_files: int) -> None:
@@ -152,6 +179,57 @@ class Workspace:
         self.charge(os.lstat(dst).st_size, 1)
         return dst
 
+    # -- removed files kept for the next upload ------------------------------------
+    def _keep(self, full: str, link: bool = False, more_bytes: int = 0) -> bool:
+        """Set the client's file ``full`` aside for a later upload to write over (moved; ``link``: hard-linked,
+        for a file about to be replaced), if it is a large regular file nothing else links to, and there is room
+        for it (``more_bytes``: bytes about to be counted besides); whether it was. It stays counted."""
+        try:
+            st = os.lstat(full)
+        except OSError:
+            return False
+        q = self.quotas
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size < RECYCLE_MIN
+                or sum(size for _, size in self._kept) + st.st_size > RECYCLE_BYTES
+                or (link and q.workspace_bytes and self.used_bytes + more_bytes > q.workspace_bytes)
+                or (link and q.workspace_files and self.used_files + 1 > q.workspace_files)):
+            return False
+        self._serial += 1
+        aside = os.path.join(self.private, f"kept-{self._serial}")
+        try:
+            (os.link if link else os.rename)(full, aside)
+        except OSError:
+            return False
+        self._kept.append((aside, st.st_size))
+        return True
+
+    def _take_kept(self, size: int) -> tuple[int, str, int] | None:
+        """``(fd, path, its size)`` of a kept file opened for writing over: the smallest that holds ``size``
+        bytes, else the largest; None if none is kept or it cannot be opened (a running program's)."""
+        if size < RECYCLE_MIN or not self._kept:
+            return None
+        fits = [k for k in self._kept if k[1] >= size]
+        path, kept = min(fits, key=lambda k: k[1]) if fits else max(self._kept, key=lambda k: k[1])
+        self._kept.remove((path, kept))
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), path, kept
+        except OSError:
+            self._unlink_kept(path, kept)
+            return None
+
+    def _let_go(self, count: int) -> None:
+        """Remove the ``count`` oldest kept files."""
+        for path, size in self._kept[:count]:
+            self._unlink_kept(path, size)
+        del self._kept[:count]
+
+    def _unlink_kept(self, path: str, size: int) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            return  # stays counted
+        self.charge(-size, -1)
+
     def _missing_dirs(self, full: str) -> int:
         """How many directories above ``full`` (inside the workspace) do not exist yet."""
         missing, parent = 0, os.path.dirname(full)
@@ -186,10 +264,11 @@ class Workspace:
     def write(self, path: str, writer: Callable[[int], None], size: int = 0) -> str:
         """Create ``path`` with the ``size`` bytes ``writer(fd)`` writes to the open file descriptor.
 
-        The file is written beside its target and renamed over it, so a module
-        loaded from the old file is never modified under its feet. A write that
-        would take the workspace over a quota is refused first (QuotaExceededError;
-        the old file's size is credited when it is replaced).
+        The file is written beside its target (or over a kept file, see the module's
+        docstring) and renamed over it, so a module loaded from the old file is
+        never modified under its feet. A write that would take the workspace over a
+        quota is refused first (QuotaExceededError; the old file's size is credited
+        when it is replaced).
         """
         full = self.resolve(path)
         if full == self.root:
@@ -206,19 +285,35 @@ class Workspace:
             os.makedirs(os.path.dirname(full), exist_ok=True)
         finally:
             self.charge(0, new_dirs - self._missing_dirs(full))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".upload-")
+        taken = self._take_kept(size)
+        if taken is not None:  # written over from its start; the bytes past the new end are cut off
+            fd, tmp, reused = taken
+        else:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".upload-")
+            reused = 0
+        kept_old = False
         try:
             try:
                 writer(fd)
+                written = os.lseek(fd, 0, os.SEEK_CUR)
+                if taken is not None:
+                    os.ftruncate(fd, written)
                 os.fchmod(fd, 0o644)
-                written = os.fstat(fd).st_size
             finally:
                 os.close(fd)
+            kept_old = bool(old_size) and self._keep(full, link=True, more_bytes=written - reused)
             os.replace(tmp, full)
         except BaseException:
             os.unlink(tmp)
+            if kept_old:  # the link aside, not counted yet
+                with contextlib.suppress(OSError):
+                    os.unlink(self._kept.pop()[0])
+            if taken is not None:
+                self.charge(-reused, -1)
             raise
-        self.charge(written - old_size, new_entries)
+        if len(self._kept) > RECYCLE_FILES:
+            self._let_go(1)
+        self.charge(written - reused - (0 if kept_old else old_size), new_entries - (taken is not None) + kept_old)
         return full
 
     def open_read(self, path: str) -> tuple[BinaryIO, int]:
@@ -236,6 +331,10 @@ class Workspace:
             raise PathDeniedError("cannot remove the workspace directory itself")
         if not os.path.lexists(full):
             raise FileNotFoundError(f"no file {path!r} in the session workspace")
+        if self._keep(full):  # still counted, as a kept file
+            if len(self._kept) > RECYCLE_FILES:
+                self._let_go(1)
+            return
         size, entries = tree_usage(full)
         try:
             if os.path.isdir(full) and not os.path.islink(full):
