@@ -39,9 +39,10 @@ IDLE_WAIT_S = 5.0  # how long to wait for a closed session's worker to go away
 PING_BYTES = 16
 RAW_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw", "rawnet.c")
 BULK_METHODS = ("send-recv", "sendfile-recv", "send-splice", "sendfile-splice")  # rawnet's SOURCE-SINK
-# the native ways that do a bulk row's very job, for the "(info)" row beside it: an upload lands in a new file
-# (as rawnet's splice and write sinks); a fresh session's first transfer is a new connection's first (rawnet first)
-SAME_JOB = {"upload": ("send-splice", "sendfile-splice", "send-write"), "first_transfer": ("first",)}
+# the native ways that do a bulk row's very job, for the "(info)" row beside it: an upload lands in a file, a new
+# one or one removed before (as rawnet's splice, write and overwrite sinks); a fresh session's first transfer is a
+# new connection's first (rawnet first)
+SAME_JOB = {"upload": ("send-splice", "sendfile-splice", "send-write", "send-overwrite"), "first_transfer": ("first",)}
 # bulk rows whose data flows from the server to this process: their native runs send the other way too (the
 # server's CPU to this one's; on a VM the two directions differ by some 10 %)
 FROM_SERVER = frozenset({"download", "from_device"})

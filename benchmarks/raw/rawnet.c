@@ -10,9 +10,11 @@
  *       byte. METHOD is SOURCE-SINK: SOURCE "send" (send() from memory) or
  *       "sendfile" (from a file in DIR, in the page cache); SINK "recv"
  *       (recv() into memory), "splice" (socket -> pipe -> a new file in DIR
- *       per transfer, its extent preallocated) or "write" (recv() into a 1 MiB
+ *       per transfer, its extent preallocated), "write" (recv() into a 1 MiB
  *       buffer, written to such a file 256 KiB at a time, as an upload from
- *       this machine lands); every sink wakes once per 1 MiB batch
+ *       this machine lands) or "overwrite" (the same, over the pages of the
+ *       last transfer's file, as an upload after a remove lands); every sink
+ *       wakes once per 1 MiB batch
  *       (SO_RCVLOWAT) and both ends use reno, as workbench's loopback sockets
  *       do. Prints the seconds of each transfer.
  *
@@ -273,13 +275,15 @@ static int finish(pid_t child) {
 static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_cpu, const char *dir) {
     int from_file = strncmp(method, "sendfile-", 9) == 0;
     const char *sink = strchr(method, '-');
-    if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0 && strcmp(sink, "-write") != 0) ||
+    if (!sink || (strcmp(sink, "-recv") != 0 && strcmp(sink, "-splice") != 0 && strcmp(sink, "-write") != 0 &&
+                  strcmp(sink, "-overwrite") != 0) ||
         (!from_file && strncmp(method, "send-", 5) != 0)) {
         fprintf(stderr, "rawnet: unknown bulk method %s (SOURCE-SINK: SOURCE send or sendfile, SINK recv, splice "
-                "or write)\n", method);
+                "write or overwrite)\n", method);
         return 2;
     }
-    int to_file = strcmp(sink, "-recv") != 0, by_write = strcmp(sink, "-write") == 0;
+    int to_file = strcmp(sink, "-recv") != 0, over = strcmp(sink, "-overwrite") == 0;
+    int by_write = over || strcmp(sink, "-write") == 0;
     char path[4096];
     int is_peer;
     pid_t child;
@@ -293,8 +297,8 @@ static int bulk(const char *method, size_t bytes, long reps, int cpu, int peer_c
         }
         for (long r = 0; r <= reps; r++) {
             if (to_file) {
-                snprintf(path, sizeof path, "%s/dst-%ld.bin", dir, r);
-                int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+                snprintf(path, sizeof path, "%s/dst-%ld.bin", dir, over ? 0L : r);
+                int out = open(path, O_WRONLY | O_CREAT | (over ? 0 : O_TRUNC), 0644);
                 if (out < 0) die("open the destination file");
                 (void)fallocate(out, FALLOC_FL_KEEP_SIZE, 0, (off_t)bytes); /* as workbench lands an upload */
                 if (by_write) land_all(fd, buf, out, bytes);
