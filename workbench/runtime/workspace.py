@@ -201,6 +201,8 @@ class Workspace:
         except OSError:
             return False
         self._kept.append((aside, st.st_size))
+        if len(self._kept) > RECYCLE_FILES:
+            self._let_go(1)
         return True
 
     def _take_kept(self, size: int) -> tuple[int, str, int] | None:
@@ -311,8 +313,6 @@ class Workspace:
             if taken is not None:
                 self.charge(-reused, -1)
             raise
-        if len(self._kept) > RECYCLE_FILES:
-            self._let_go(1)
         self.charge(written - reused - (0 if kept_old else old_size), new_entries - (taken is not None) + kept_old)
         return full
 
@@ -332,8 +332,6 @@ class Workspace:
         if not os.path.lexists(full):
             raise FileNotFoundError(f"no file {path!r} in the session workspace")
         if self._keep(full):  # still counted, as a kept file
-            if len(self._kept) > RECYCLE_FILES:
-                self._let_go(1)
             return
         size, entries = tree_usage(full)
         try:
