@@ -828,7 +828,9 @@ def explanations(cfg: Config, res: Results) -> list[str]:
         f"call placements: unpinned (no target: where the scheduler puts each pair); pinned: this process, the "
         f"servers and their workers (the C ping-pong's two ends) all on CPU {cfg.cpu}{split}.",
         "uploads write a new remote file each time (replacing one adds the filesystem's cost of freeing it), "
-        "removed after each block as the native program removes its own; a fresh session's first transfer: a new "
+        "removed after each block as the native program removes its own (so each block after the first writes "
+        "over the pages of the files removed before it, as any upload after a remove does); a fresh session's "
+        "first transfer: a new "
         "connection and worker each time, its connect and close untimed, after the last one's worker has ended; "
         "the proxy rows are unpinned and compare with our direct figure.",
         "the two rows 'raw = native ...' (info) set ours beside native code doing the row's very job, in the same "
