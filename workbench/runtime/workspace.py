@@ -216,21 +216,18 @@ class Workspace:
         try:
             return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), path, kept
         except OSError:
-            self._unlink_kept(path, kept)
+            self._drop_kept(path)
             return None
 
     def _let_go(self, count: int) -> None:
         """Remove the ``count`` oldest kept files."""
-        for path, size in self._kept[:count]:
-            self._unlink_kept(path, size)
+        for path, _ in self._kept[:count]:
+            self._drop_kept(path)
         del self._kept[:count]
 
-    def _unlink_kept(self, path: str, size: int) -> None:
-        try:
-            os.unlink(path)
-        except OSError:
-            return  # stays counted
-        self.charge(-size, -1)
+    def _drop_kept(self, path: str) -> None:
+        with contextlib.suppress(OSError):  # a kept file that cannot be removed stays counted
+            self.release_private(path)
 
     def _missing_dirs(self, full: str) -> int:
         """How many directories above ``full`` (inside the workspace) do not exist yet."""
